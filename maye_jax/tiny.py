@@ -1,0 +1,106 @@
+"""Tiny random Qwen-VL models (transformers configs) for tests, demos and benchmarks.
+
+No hub access is needed: the configs are built in code. A small vocabulary keeps model tests
+fast; the special vision token ids then move inside it (`small_vocab_token_ids`). With the real
+152k vocabulary (`vocab_size=151936`) the real Qwen token ids are kept, so the offline
+tokenizer and the rollout engines work end to end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+QWEN_TOKEN_IDS = dict(
+    image_token_id=151655,
+    video_token_id=151656,
+    vision_start_token_id=151652,
+    vision_end_token_id=151653,
+)
+
+
+def small_vocab_token_ids(vocab_size: int) -> dict[str, int]:
+    """Vision special ids placed at the top of a small vocabulary."""
+    return dict(
+        image_token_id=vocab_size - 12,
+        video_token_id=vocab_size - 11,
+        vision_start_token_id=vocab_size - 14,
+        vision_end_token_id=vocab_size - 13,
+    )
+
+
+def tiny_hf_config(
+    family: str = "qwen2_5_vl",
+    *,
+    tied: bool = False,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    vision_depth: int = 2,
+    initializer_range: float = 0.02,
+) -> Any:
+    """A transformers Qwen2VLConfig / Qwen2_5_VLConfig of a ~tiny model (head_dim 32)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    token_ids = QWEN_TOKEN_IDS if vocab_size > 151656 else small_vocab_token_ids(vocab_size)
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 32,
+        num_key_value_heads=1,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+        initializer_range=initializer_range,
+        bos_token_id=min(151643, vocab_size - 1),
+        eos_token_id=min(151645, vocab_size - 1),
+    )
+    if family == "qwen2_vl":
+        vision = dict(
+            depth=vision_depth,
+            embed_dim=32,
+            num_heads=1,
+            mlp_ratio=2,
+            hidden_size=hidden_size,
+            initializer_range=initializer_range,
+        )
+        config = Qwen2VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tied, **token_ids
+        )
+        config.architectures = ["Qwen2VLForConditionalGeneration"]
+    elif family == "qwen2_5_vl":
+        # window_size 56 = 2 merged units per window side, so small images span several
+        # windows; the last block uses full attention.
+        vision = dict(
+            depth=vision_depth,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=1,
+            out_hidden_size=hidden_size,
+            window_size=56,
+            fullatt_block_indexes=[vision_depth - 1],
+            initializer_range=initializer_range,
+        )
+        config = Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, tie_word_embeddings=tied, **token_ids
+        )
+        config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    config.text_config.tie_word_embeddings = tied
+    return config
+
+
+def tiny_hf_model(family: str = "qwen2_5_vl", *, tied: bool = False, seed: int = 0, **kwargs):
+    """A random transformers model (fp32, eval mode) built from `tiny_hf_config`."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    config = tiny_hf_config(family, tied=tied, **kwargs)
+    cls = (
+        Qwen2VLForConditionalGeneration
+        if family == "qwen2_vl"
+        else Qwen2_5_VLForConditionalGeneration
+    )
+    torch.manual_seed(seed)
+    model = cls(config).eval()
+    return model

@@ -1,0 +1,160 @@
+"""Names and layouts between Hugging Face checkpoints and our Flax parameters.
+
+HF names are normalised to the hub file layout (`model.layers.N...`, `model.embed_tokens`,
+`model.norm`, `lm_head`, `visual...`); transformers 5's in-memory names
+(`model.language_model.*`, `model.visual.*`) are accepted too. Layout rules:
+- torch Linear `weight` [out, in] <-> our `kernel` [in, out] (transpose);
+- the patch Conv3d weight [C, 3, 2, 14, 14] <-> `visual.patch_embed.kernel` [1176, C];
+- norms, biases, the embedding and lm_head keep their layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import jax
+import numpy as np
+from flax import nnx
+
+# Our module names that differ from HF's (HF name -> ours), applied to dotted names.
+_RENAMES = (
+    ("visual.merger.mlp.0.", "visual.merger.fc1."),
+    ("visual.merger.mlp.2.", "visual.merger.fc2."),
+    ("visual.patch_embed.proj.weight", "visual.patch_embed.weight"),
+)
+
+
+def normalize_hf_name(name: str) -> str:
+    """Maps any accepted HF spelling of a tensor name to the hub file layout."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model.") :]
+    if name.startswith("model.visual."):
+        return name[len("model.") :]
+    if name.startswith("language_model.model."):  # some older exports
+        return "model." + name[len("language_model.model.") :]
+    return name
+
+
+def flax_param_paths(model: nnx.Module) -> dict[str, tuple]:
+    """Dotted name -> nnx path tuple, for every Param of the model (real or abstract)."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(str(p) for p in path): tuple(path) for path, _ in flat}
+
+
+def hf_name_for(flax_name: str) -> str:
+    """Our dotted parameter name -> the HF hub tensor name."""
+    if flax_name == "lm_head":
+        return "lm_head.weight"
+    name = flax_name
+    if name.startswith("language_model."):
+        name = "model." + name[len("language_model.") :]
+    for hf_part, ours in _RENAMES:
+        name = name.replace(ours, hf_part)
+    if name.endswith(".kernel"):
+        name = name[: -len(".kernel")] + ".weight"
+    if name == "visual.patch_embed.weight":
+        name = "visual.patch_embed.proj.weight"
+    return name
+
+
+def to_hf_layout(flax_name: str, value: np.ndarray) -> np.ndarray:
+    """Our array -> HF layout (a view where possible)."""
+    if flax_name == "visual.patch_embed.kernel":
+        patch_dim, channels = value.shape
+        temporal = 2
+        side = int(round((patch_dim / (3 * temporal)) ** 0.5))
+        return value.T.reshape(channels, 3, temporal, side, side)
+    if flax_name.endswith(".kernel"):
+        return value.T
+    return value
+
+
+def from_hf_layout(flax_name: str, value: np.ndarray) -> np.ndarray:
+    """HF array -> our layout."""
+    if flax_name == "visual.patch_embed.kernel":
+        return value.reshape(value.shape[0], -1).T
+    if flax_name.endswith(".kernel"):
+        return value.T
+    return value
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model: names the missing, unexpected or misshapen tensors."""
+
+
+def load_hf_tensors(
+    model: nnx.Module,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    *,
+    place: Callable[[str, np.ndarray], jax.Array] | None = None,
+    source: str = "checkpoint",
+) -> nnx.Module:
+    """Fills `model` (real or abstract, from build_model) with HF tensors, one at a time.
+
+    `tensors` yields (hf_name, array) lazily, so at most one full tensor is on the host at once;
+    `place(flax_name, array)` puts it on devices (default: `jax.numpy.asarray` in the param
+    dtype). Raises CheckpointMismatchError naming every missing, unexpected or misshapen tensor.
+    """
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    by_hf_name = {}
+    for path, variable in flat.items():
+        flax_name = ".".join(str(p) for p in path)
+        if isinstance(variable, nnx.Param) or getattr(variable, "type", None) is nnx.Param:
+            by_hf_name[hf_name_for(flax_name)] = (flax_name, path)
+    tied = getattr(model, "lm_head", "absent") is None
+    loaded: set[str] = set()
+    unexpected, misshapen = [], []
+    for raw_name, array in tensors:
+        hf_name = normalize_hf_name(raw_name)
+        if hf_name not in by_hf_name:
+            if not (tied and hf_name == "lm_head.weight"):  # tied checkpoints may still carry it
+                unexpected.append(raw_name)
+            continue
+        flax_name, path = by_hf_name[hf_name]
+        target = flat[path]
+        value = from_hf_layout(flax_name, np.asarray(array))
+        if tuple(value.shape) != tuple(target.get_value().shape):
+            misshapen.append(
+                f"{raw_name}: checkpoint {tuple(np.shape(array))}, model expects "
+                f"{tuple(to_hf_layout(flax_name, np.zeros(target.get_value().shape, np.int8)).shape)}"
+            )
+            continue
+        dtype = target.get_value().dtype
+        placed = place(flax_name, value) if place else jax.numpy.asarray(value, dtype=dtype)
+        flat[path] = _with_value(target, placed)
+        loaded.add(hf_name)
+    missing = sorted(set(by_hf_name) - loaded)
+    if missing or unexpected or misshapen:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
+        if unexpected:
+            parts.append(
+                f"unexpected tensors: {unexpected[:20]}{' ...' if len(unexpected) > 20 else ''}"
+            )
+        if misshapen:
+            parts.append("shape mismatches: " + "; ".join(misshapen[:20]))
+        raise CheckpointMismatchError(f"{source}: " + " | ".join(parts))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _with_value(variable, value):
+    return variable.replace(value)
+
+
+def iter_hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (hf_name, numpy array in HF layout) for every parameter, one at a time."""
+    state = nnx.state(model, nnx.Param)
+    for path, variable in nnx.to_flat_state(state):
+        flax_name = ".".join(str(p) for p in path)
+        yield (
+            hf_name_for(flax_name),
+            to_hf_layout(flax_name, np.asarray(jax.device_get(variable.get_value()))),
+        )
+
+
+def parameter_count(model: nnx.Module) -> int:
+    """Number of scalars in the model's parameters (works on abstract models)."""
+    state = nnx.state(model, nnx.Param)
+    return int(sum(np.prod(v.get_value().shape) for _, v in nnx.to_flat_state(state)))

@@ -1,0 +1,240 @@
+"""Qwen2-VL / Qwen2.5-VL for conditional generation, in Flax NNX.
+
+The text decoder is shared by both families: token embeddings (image features scattered into
+the prompt's image-pad positions), pre-norm decoder layers with GQA attention (q/k/v biases),
+3-D M-RoPE, SwiGLU MLP, final RMSNorm and a tied or untied lm_head.
+
+Inputs are arrays with static shapes; everything data-dependent (M-RoPE positions, where each
+image feature goes) is computed on the host (models/rope.py, models/vision_inputs.py).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.configs import ModelConfig, TextConfig
+from models.layers import (
+    Embed,
+    Linear,
+    RMSNorm,
+    activation,
+    apply_rotary,
+    attention,
+    matmul_precision,
+)
+from models.rope import text_rotary_tables
+from models.vision import VisionTower
+
+
+class TextAttention(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = Linear(cfg.hidden_size, q_dim, use_bias=True, **kw)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, use_bias=True, **kw)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, use_bias=True, **kw)
+        self.o_proj = Linear(q_dim, cfg.hidden_size, use_bias=False, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        )
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        """x [B, L, D]; mask [B, L, K] (K = L, or the cache length when a cache is given).
+
+        With `kv_cache` = (keys, values) [B, K, KV, head_dim], this step's keys/values are
+        written at `cache_index` and attention runs over the whole cache; the updated cache is
+        returned.
+        """
+        batch, length, _ = x.shape
+        query = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
+        key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if kv_cache is not None:
+            cached_keys, cached_values = kv_cache
+            key = jax.lax.dynamic_update_slice_in_dim(
+                cached_keys, key.astype(cached_keys.dtype), cache_index, axis=1
+            )
+            value = jax.lax.dynamic_update_slice_in_dim(
+                cached_values, value.astype(cached_values.dtype), cache_index, axis=1
+            )
+            kv_cache = (key, value)
+        out = attention(query, key.astype(query.dtype), value.astype(query.dtype), mask)
+        return self.o_proj(out.reshape(batch, length, -1)), kv_cache
+
+
+class TextMLP(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+        self.mlp = TextMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+        attn_out, kv_cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index
+        )
+        x = x + attn_out
+        return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
+
+
+class TextDecoder(nnx.Module):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, remat: bool = False):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat = remat
+        self.embed_tokens = Embed(
+            cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                for _ in range(cfg.num_layers)
+            ]
+        )
+        self.norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
+        )
+
+    def __call__(self, embeds, positions, mask, kv_caches=None, cache_index=None):
+        """embeds [B, L, D], positions [3, B, L] -> final-normed hidden states [B, L, D]."""
+        cos, sin = text_rotary_tables(
+            positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, self.dtype
+        )
+        x = embeds
+        new_caches = []
+        for index, layer in enumerate(self.layers):
+            cache = None if kv_caches is None else kv_caches[index]
+            if self.remat and kv_caches is None:
+                x, _ = nnx.remat(lambda lyr, h: lyr(h, cos, sin, mask))(layer, x)
+            else:
+                x, cache = layer(x, cos, sin, mask, cache, cache_index)
+            new_caches.append(cache)
+        return self.norm(x), (new_caches if kv_caches is not None else None)
+
+
+def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
+    """[B, L] validity -> [B, L, L] mask: causal, keys must be valid; every query sees itself."""
+    length = attention_mask.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    valid_keys = attention_mask.astype(bool)[:, None, :]
+    return (causal[None] & valid_keys) | jnp.eye(length, dtype=bool)[None]
+
+
+class QwenVLForConditionalGeneration(nnx.Module):
+    """Both families; `config.family` selects the vision tower variant."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs | None = None,
+        remat: bool = False,
+    ):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.dtype = dtype
+        self.visual = VisionTower(
+            config.vision, config.family, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
+        self.language_model = TextDecoder(
+            config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat
+        )
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            init = nnx.initializers.normal(0.02)
+            self.lm_head = nnx.Param(
+                init(rngs.params(), (config.text.vocab_size, config.text.hidden_size), param_dtype)
+            )
+
+    # -- pieces ---------------------------------------------------------------------------
+    def encode_images(self, patches, rope_hw, full_segment_ids, window_segment_ids):
+        """Packed patches -> merged image features [num_slots / 4, hidden] (vision_inputs.py)."""
+        return self.visual(patches, rope_hw, full_segment_ids, window_segment_ids)
+
+    def embed(self, input_ids, image_features=None, image_feature_index=None):
+        """Token embeddings [B, L, D]; where image_feature_index >= 0 the image feature is used."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        if image_features is None:
+            return embeds
+        safe_index = jnp.maximum(image_feature_index, 0)
+        gathered = jnp.take(image_features.astype(embeds.dtype), safe_index, axis=0)
+        return jnp.where((image_feature_index >= 0)[..., None], gathered, embeds)
+
+    def output_embedding(self) -> jax.Array:
+        """The [vocab, hidden] matrix that maps hidden states to logits."""
+        if self.lm_head is None:
+            return self.language_model.embed_tokens.weight[...]
+        return self.lm_head[...]
+
+    # -- whole model ----------------------------------------------------------------------
+    def hidden_states(
+        self, input_ids, positions, attention_mask, image_features=None, image_feature_index=None
+    ):
+        """Final hidden states [B, L, D] (after the last RMSNorm)."""
+        embeds = self.embed(input_ids, image_features, image_feature_index)
+        hidden, _ = self.language_model(embeds, positions, causal_padding_mask(attention_mask))
+        return hidden
+
+    def logits(self, hidden):
+        """Full logits [B, L, V] in fp32. Only for tests and small inputs: training and sampling
+        use models/logprobs.py, which never materialises [B, L, V]."""
+        weight = self.output_embedding().astype(self.dtype)
+        return jnp.einsum(
+            "bld,vd->blv",
+            hidden.astype(self.dtype),
+            weight,
+            precision=matmul_precision(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+
+    def __call__(
+        self, input_ids, positions, attention_mask, image_features=None, image_feature_index=None
+    ):
+        return self.logits(
+            self.hidden_states(
+                input_ids, positions, attention_mask, image_features, image_feature_index
+            )
+        )
+
+
+def build_model(
+    config: ModelConfig,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    seed: int = 0,
+    remat: bool = False,
+    abstract: bool = False,
+):
+    """A randomly initialised model, or with `abstract=True` its shapes only (no memory used)."""
+
+    def make():
+        return QwenVLForConditionalGeneration(
+            config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed), remat=remat
+        )
+
+    return nnx.eval_shape(make) if abstract else make()

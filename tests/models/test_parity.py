@@ -1,0 +1,149 @@
+"""Logits and vision-feature parity with transformers (fp32, tiny random models)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from models.rope import get_rope_index, prompt_token_types
+from models.vision_inputs import image_feature_index, pack_images
+from tests.models.conftest import make_batch
+
+LOGIT_TOL = 1e-4
+
+
+def _hf_image_features(hf, batch):
+    with torch.no_grad():
+        out = hf.model.get_image_features(
+            torch.tensor(batch["pixel_values"]),
+            torch.tensor(batch["image_grid_thw"]),
+            return_dict=True,
+        )
+    return torch.cat(out.pooler_output, dim=0).numpy()
+
+
+def _flax_logits(model, config, batch):
+    types = prompt_token_types(batch["input_ids"], batch["prompt_lengths"], config.image_token_id)
+    positions, _ = get_rope_index(
+        batch["input_ids"],
+        batch["attention_mask"],
+        types,
+        batch["image_grid_thw"],
+        config.vision.spatial_merge_size,
+    )
+    packed = pack_images(batch["pixel_values"], batch["image_grid_thw"], config.vision)
+    features = model.encode_images(*(jnp.asarray(a) for a in packed.arrays().values()))
+    index = image_feature_index(types, packed.feature_index)
+    return np.asarray(
+        model(
+            jnp.asarray(batch["input_ids"]),
+            jnp.asarray(positions),
+            jnp.asarray(batch["attention_mask"]),
+            features,
+            jnp.asarray(index),
+        )
+    )
+
+
+def _hf_logits_from_parts(hf, batch):
+    """transformers' own modules, with image features placed by the prompt's token types.
+
+    (transformers' forward places features at every image-pad id, so it cannot take a response
+    that contains a generated one; its components still define the reference numbers.)
+    """
+    input_ids = torch.tensor(batch["input_ids"])
+    mask = torch.tensor(batch["attention_mask"])
+    types = torch.tensor(batch["mm_token_type_ids"])
+    with torch.no_grad():
+        positions, _ = hf.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=types,
+            image_grid_thw=torch.tensor(batch["image_grid_thw"]),
+            attention_mask=mask,
+        )
+        embeds = hf.model.language_model.embed_tokens(input_ids)
+        features = torch.tensor(_hf_image_features(hf, batch))
+        embeds[types.bool()] = features
+        hidden = hf.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+        ).last_hidden_state
+        return hf.lm_head(hidden).numpy()
+
+
+def _max_valid_diff(a, b, mask):
+    return float(np.abs(a - b)[mask.astype(bool)].max())
+
+
+def test_vision_features_match_transformers(variant):
+    hf, model, config = variant
+    batch = make_batch(config)
+    packed = pack_images(batch["pixel_values"], batch["image_grid_thw"], config.vision)
+    ours = np.asarray(model.encode_images(*(jnp.asarray(a) for a in packed.arrays().values())))
+    ours = ours[packed.feature_index]
+    reference = _hf_image_features(hf, batch)
+    assert ours.shape == reference.shape
+    np.testing.assert_allclose(ours, reference, atol=LOGIT_TOL, rtol=0)
+
+
+def test_vision_features_independent_of_packing(variant):
+    """Row length / row count buckets change the layout, never the features."""
+    _, model, config = variant
+    batch = make_batch(config)
+    outs = []
+    for row_len, num_rows in ((64, None), (128, 2), (256, 3)):
+        packed = pack_images(
+            batch["pixel_values"],
+            batch["image_grid_thw"],
+            config.vision,
+            row_len=row_len,
+            num_rows=num_rows,
+        )
+        feats = model.encode_images(*(jnp.asarray(a) for a in packed.arrays().values()))
+        outs.append(np.asarray(feats)[packed.feature_index])
+    np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+    np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
+
+
+def test_logits_match_transformers_forward(variant):
+    """Against transformers' own forward (no generated image-pad in the responses)."""
+    hf, model, config = variant
+    batch = make_batch(config, with_generated_image_pad=False)
+    with torch.no_grad():
+        reference = hf(
+            input_ids=torch.tensor(batch["input_ids"]),
+            attention_mask=torch.tensor(batch["attention_mask"]),
+            pixel_values=torch.tensor(batch["pixel_values"]),
+            image_grid_thw=torch.tensor(batch["image_grid_thw"]),
+            mm_token_type_ids=torch.tensor(batch["mm_token_type_ids"]),
+        ).logits.numpy()
+    ours = _flax_logits(model, config, batch)
+    assert np.abs(reference).max() > 0.1  # the comparison is not between near-zero numbers
+    assert _max_valid_diff(ours, reference, batch["attention_mask"]) <= LOGIT_TOL
+
+
+def test_logits_with_generated_image_pad_in_response(variant):
+    """A generated image-pad id is text: embedded as a token, positioned as text."""
+    hf, model, config = variant
+    batch = make_batch(config, with_generated_image_pad=True)
+    reference = _hf_logits_from_parts(hf, batch)
+    ours = _flax_logits(model, config, batch)
+    assert _max_valid_diff(ours, reference, batch["attention_mask"]) <= LOGIT_TOL
+
+
+def test_text_only_batch_matches_transformers(variant):
+    hf, model, config = variant
+    rng = np.random.default_rng(3)
+    input_ids = rng.integers(0, 400, size=(2, 9))
+    mask = np.ones_like(input_ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        # transformers numbers text-only rows 0..L-1 over padding too; RoPE is relative, so
+        # the logits of valid tokens agree with our 0-based positions of valid tokens.
+        reference = hf(
+            input_ids=torch.tensor(input_ids), attention_mask=torch.tensor(mask)
+        ).logits.numpy()
+    types = np.zeros_like(input_ids)
+    positions, _ = get_rope_index(input_ids, mask, types, None, 2)
+    ours = np.asarray(model(jnp.asarray(input_ids), jnp.asarray(positions), jnp.asarray(mask)))
+    assert _max_valid_diff(ours, reference, mask) <= LOGIT_TOL
