@@ -1,0 +1,257 @@
+"""Model checkpoints: HF safetensors directories and our Orbax parameter checkpoints.
+
+An Orbax model checkpoint is a directory:
+    params/               Orbax PyTree checkpoint of the Flax parameters (nested dict, str keys)
+    config.json           the HF config of the model (so the Flax model can be rebuilt)
+    maye_jax.json         {"format": "maye-jax-params", "version": 1, "param_dtype": ...}
+    tokenizer/processor files, when the source directory had them
+Loading either kind goes through one function, `load_model`, which builds the model abstractly
+and fills it tensor by tensor (HF) or shard by shard (Orbax), so no device ever holds more
+than its own shards and the host at most one full tensor at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.configs import ModelConfig
+from models.hf_mapping import iter_hf_tensors, load_hf_tensors
+from models.qwen_vl import build_model
+
+FORMAT_NAME = "maye-jax-params"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "preprocessor_config.json",
+    "generation_config.json",
+)
+SHARD_BYTES = 2 * 1024**3  # safetensors shard size on export (bounds host memory too)
+
+Placer = Callable[[str, np.ndarray], jax.Array]
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / "maye_jax.json").is_file()
+
+
+def is_hf_directory(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+def read_hf_config(path: str | os.PathLike):
+    """The transformers config of a local model directory (never touches the network)."""
+    from transformers import AutoConfig
+
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json in the model directory")
+    return AutoConfig.from_pretrained(str(path), local_files_only=True)
+
+
+def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) for every tensor of every shard, loading one tensor at a time."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index_file = path / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    else:
+        shards = sorted(p.name for p in path.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"{path}: no *.safetensors files")
+    for shard in shards:
+        # framework="pt" reads bf16 too (NumPy has no bfloat16); converted per tensor below.
+        with safe_open(str(path / shard), framework="pt") as handle:
+            for name in handle.keys():
+                tensor = handle.get_tensor(name)
+                yield name, _torch_to_numpy(tensor)
+
+
+def _torch_to_numpy(tensor) -> np.ndarray:
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().view(jnp.bfloat16)
+    return tensor.numpy()
+
+
+def default_placer(param_dtype) -> Placer:
+    return lambda name, value: jnp.asarray(value, dtype=param_dtype)
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    place: Placer | None = None,
+    shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+    remat: bool = False,
+) -> tuple[nnx.Module, object]:
+    """(model, hf_config) from an HF model directory or an Orbax checkpoint of ours.
+
+    `place(flax_name, array)` puts an HF tensor on devices (default: a single-device array in
+    `param_dtype`); `shardings(flax_name, shape)` gives the target sharding of each parameter
+    for Orbax restores, so each device reads only its own shards.
+    """
+    hf_config = read_hf_config(path)
+    config = ModelConfig.from_hf(hf_config)
+    abstract = build_model(config, dtype=dtype, param_dtype=param_dtype, abstract=True, remat=remat)
+    if is_orbax_checkpoint(path):
+        return _restore_orbax(path, abstract, param_dtype, shardings), hf_config
+    if is_hf_directory(path):
+        placer = place or default_placer(param_dtype)
+        model = load_hf_tensors(abstract, iter_safetensors(path), place=placer, source=str(path))
+        return model, hf_config
+    raise FileNotFoundError(
+        f"{path}: neither an HF model directory (config.json + *.safetensors) nor a maye-jax "
+        "checkpoint (maye_jax.json + params/)"
+    )
+
+
+def _pure_dict_with_str_keys(tree):
+    if isinstance(tree, dict):
+        return {str(k): _pure_dict_with_str_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _restore_orbax(path, abstract_model, param_dtype, shardings):
+    import orbax.checkpoint as ocp
+
+    graphdef, state = nnx.split(abstract_model)
+    pure = _pure_dict_with_str_keys(nnx.state(abstract_model, nnx.Param).to_pure_dict())
+
+    def target(key_path, leaf):
+        name = ".".join(str(getattr(k, "key", k)) for k in key_path)
+        sharding = (
+            shardings(name, leaf.shape)
+            if shardings
+            else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        )
+        return jax.ShapeDtypeStruct(leaf.shape, param_dtype, sharding=sharding)
+
+    abstract_tree = jax.tree_util.tree_map_with_path(target, pure)
+    restored = ocp.StandardCheckpointer().restore(
+        os.path.abspath(Path(path) / "params"), abstract_tree
+    )
+    params = nnx.state(abstract_model, nnx.Param)
+    _fill_state_from_str_dict(params, restored)
+    return nnx.merge(graphdef, params, nnx.state(abstract_model, nnx.Not(nnx.Param)))
+
+
+def _fill_state_from_str_dict(state, tree):
+    flat = dict(nnx.to_flat_state(state))
+    for path, variable in flat.items():
+        node = tree
+        for key in path:
+            node = node[str(key)]
+        flat[path] = variable.replace(node)
+    state.update(nnx.from_flat_state(flat))
+
+
+def save_orbax(path: str | os.PathLike, model: nnx.Module, hf_config, source_dir=None) -> Path:
+    """Writes params/ (Orbax), config.json, maye_jax.json and the source's tokenizer files."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    pure = _pure_dict_with_str_keys(nnx.state(model, nnx.Param).to_pure_dict())
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "params", pure, force=True)
+    checkpointer.wait_until_finished()
+    hf_config.save_pretrained(str(path))
+    leaves = jax.tree_util.tree_leaves(pure)
+    meta = dict(
+        format=FORMAT_NAME,
+        version=FORMAT_VERSION,
+        param_dtype=str(leaves[0].dtype) if leaves else None,
+        architecture=list(getattr(hf_config, "architectures", None) or []),
+    )
+    (path / "maye_jax.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if source_dir is not None:
+        copy_tokenizer_files(source_dir, path)
+    return path
+
+
+def copy_tokenizer_files(source_dir, out_dir) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = Path(source_dir) / name
+        if src.is_file():
+            shutil.copyfile(src, Path(out_dir) / name)
+            copied.append(name)
+    return copied
+
+
+def export_hf(model: nnx.Module, hf_config, out_dir, *, dtype=None, tokenizer_source=None) -> Path:
+    """Writes an HF model directory (safetensors shards + index + config + tokenizer files)
+    that transformers and vLLM load as is. Shards are written as they fill, so host memory
+    stays within one shard."""
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_map, shard, shard_bytes, shard_files = {}, {}, 0, []
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if not shard:
+            return
+        name = f"model-{len(shard_files) + 1:05d}.safetensors"
+        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        for key in shard:
+            weight_map[key] = name
+        shard_files.append(name)
+        shard, shard_bytes = {}, 0
+
+    for name, array in iter_hf_tensors(model):
+        if dtype is not None:
+            array = array.astype(dtype)
+        tensor = _numpy_to_torch(np.ascontiguousarray(array))
+        shard[name] = tensor
+        shard_bytes += tensor.numel() * tensor.element_size()
+        if shard_bytes >= SHARD_BYTES:
+            flush()
+    flush()
+    # Rename to the HF convention model-0000i-of-0000n.safetensors and write the index.
+    total = len(shard_files)
+    renamed = {}
+    for i, old in enumerate(shard_files, start=1):
+        new = f"model-{i:05d}-of-{total:05d}.safetensors" if total > 1 else "model.safetensors"
+        os.replace(out_dir / old, out_dir / new)
+        renamed[old] = new
+    weight_map = {k: renamed[v] for k, v in weight_map.items()}
+    if total > 1:
+        index = dict(metadata={}, weight_map=dict(sorted(weight_map.items())))
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    hf_config.save_pretrained(str(out_dir))
+    if tokenizer_source is not None:
+        copy_tokenizer_files(tokenizer_source, out_dir)
+    return out_dir
+
+
+def _numpy_to_torch(array: np.ndarray):
+    import torch
+
+    if array.dtype == jnp.bfloat16:
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(array)

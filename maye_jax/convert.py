@@ -1,0 +1,117 @@
+"""Checkpoint conversion CLI: HF safetensors directory <-> maye-jax Orbax parameters.
+
+    python -m maye_jax.convert --input=HF_DIR --output=CKPT_DIR            # HF -> Orbax
+    python -m maye_jax.convert --input=CKPT_DIR --output=HF_DIR            # Orbax -> HF
+    python -m maye_jax.convert --input=HF_DIR --output=CKPT_DIR --fsdp=8   # written sharded
+
+The direction follows from what `--input` is. HF -> Orbax streams tensor by tensor (each one
+converted and placed on its devices before the next is read); Orbax -> HF writes safetensors
+shards as they fill, plus config and tokenizer/processor files, loadable by transformers/vLLM.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string(
+    "input", None, "HF model directory or maye-jax Orbax checkpoint.", required=True
+)
+flags.DEFINE_string("output", None, "Output directory.", required=True)
+flags.DEFINE_enum(
+    "param_dtype",
+    "float32",
+    ["float32", "bfloat16"],
+    "dtype of the Flax parameters written (HF -> Orbax).",
+)
+flags.DEFINE_enum(
+    "hf_dtype",
+    "auto",
+    ["auto", "float32", "bfloat16", "float16"],
+    "dtype of exported safetensors (Orbax -> HF); auto = the parameters' dtype.",
+)
+flags.DEFINE_integer("fsdp", 0, "Shard parameters over this many devices while converting (0: no).")
+flags.DEFINE_string(
+    "tokenizer_dir",
+    None,
+    "Where tokenizer/processor files come from on export (default: the input "
+    "directory; if it has none, the offline Qwen tokenizer is written).",
+)
+
+
+def main(argv):
+    del argv
+    import jax.numpy as jnp
+    import numpy as np
+
+    from maye_jax import checkpoint
+
+    started = time.time()
+    source = FLAGS.input
+    param_dtype = jnp.bfloat16 if FLAGS.param_dtype == "bfloat16" else jnp.float32
+    place, shardings = None, None
+    if FLAGS.fsdp:
+        from sharding.mesh import make_mesh
+        from sharding.rules import param_sharding_fn
+
+        mesh = make_mesh(fsdp=FLAGS.fsdp)
+        sharding_of = param_sharding_fn(mesh)
+        shardings = sharding_of
+        import jax
+
+        place = lambda name, value: jax.device_put(  # noqa: E731
+            np.asarray(value, dtype=param_dtype), sharding_of(name, value.shape)
+        )
+    try:
+        if checkpoint.is_orbax_checkpoint(source):
+            model, hf_config = checkpoint.load_model(
+                source, param_dtype=param_dtype, shardings=shardings
+            )
+            dtype = (
+                None
+                if FLAGS.hf_dtype == "auto"
+                else np.dtype(jnp.bfloat16 if FLAGS.hf_dtype == "bfloat16" else FLAGS.hf_dtype)
+            )
+            out = checkpoint.export_hf(
+                model,
+                hf_config,
+                FLAGS.output,
+                dtype=dtype,
+                tokenizer_source=FLAGS.tokenizer_dir or source,
+            )
+            _ensure_tokenizer(out, hf_config)
+        elif checkpoint.is_hf_directory(source):
+            model, hf_config = checkpoint.load_model(source, param_dtype=param_dtype, place=place)
+            out = checkpoint.save_orbax(FLAGS.output, model, hf_config, source_dir=source)
+        else:
+            raise FileNotFoundError(
+                f"{source}: not an HF model directory (config.json + *.safetensors) nor a "
+                "maye-jax checkpoint (maye_jax.json)"
+            )
+    except (FileNotFoundError, ValueError) as error:
+        print(f"convert: error: {error}", file=sys.stderr)
+        return 1
+    print(f"convert: wrote {out} in {time.time() - started:.1f} s")
+    return 0
+
+
+def _ensure_tokenizer(out_dir, hf_config) -> None:
+    """An exported directory must be loadable on its own: add the offline tokenizer if the
+    source carried no tokenizer files."""
+    from pathlib import Path
+
+    if (Path(out_dir) / "tokenizer_config.json").is_file():
+        return
+    if int(hf_config.text_config.vocab_size) < 151643:
+        return  # a small-vocabulary test model: the Qwen tokenizer would not fit it
+    from maye_jax.processor import load_processor
+
+    family = "qwen2_vl" if hf_config.model_type == "qwen2_vl" else "qwen2_5_vl"
+    load_processor(family=family).save_pretrained(out_dir)
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))
