@@ -1,0 +1,106 @@
+"""Teacher-forced log-probabilities of given responses (for debugging and parity checks).
+
+    python -m maye_jax.score --model=DIR --data=FILE.jsonl --output=OUT.jsonl [--dtype=float32]
+
+DIR is an HF model directory or a maye-jax Orbax checkpoint. Each input line is a MAYE record
+(`question`, optional `image` relative to the jsonl) plus a `response` string. Each output line
+is the input object plus `response_token_ids` and `response_logprobs` (one float per response
+token) under the MAYE prompt of SPEC §1. The response is tokenized alone, with no special
+tokens added and nothing appended.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "HF model directory or maye-jax checkpoint.", required=True)
+flags.DEFINE_string("data", None, "Input jsonl (MAYE records with a `response`).", required=True)
+flags.DEFINE_string("output", None, "Output jsonl.", required=True)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+flags.DEFINE_integer("batch_size", 8, "Records per forward pass.")
+flags.DEFINE_float("temperature", 1.0, "Logprobs are log_softmax(logits / temperature).")
+flags.DEFINE_integer("chunk_size", 512, "Sequence chunk of the logprob computation.")
+
+
+def score_records(
+    model, processor, config, records, *, batch_size=8, temperature=1.0, chunk_size=512
+):
+    """Yields (record, token_ids, logprobs) in input order."""
+    import jax
+    import numpy as np
+
+    from maye_jax.sequences import make_sequence_batch, score_batch
+
+    tokenizer = processor.tokenizer
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        prompts = [processor.encode(r.load_image(), r.question) for r in chunk]
+        responses = [
+            tokenizer(r.fields["response"], add_special_tokens=False)["input_ids"] for r in chunk
+        ]
+        for record, ids in zip(chunk, responses):
+            if ids and max(ids) >= config.text.vocab_size:
+                raise ValueError(
+                    f"{record.source}: response token id {max(ids)} is outside the "
+                    f"model's vocabulary ({config.text.vocab_size})"
+                )
+        batch = make_sequence_batch(
+            prompts, responses, config, pad_id=tokenizer.pad_token_id, batch_size=batch_size
+        )
+        logprobs = score_batch(
+            model,
+            batch.device_arrays(),
+            prompt_len=batch.prompt_len,
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+        logprobs = np.asarray(jax.device_get(logprobs))
+        for row, (record, ids) in enumerate(zip(chunk, responses)):
+            yield record, list(ids), logprobs[row, : len(ids)].tolist()
+
+
+def main(argv):
+    del argv
+    import jax.numpy as jnp
+
+    from maye_jax.checkpoint import load_model
+    from maye_jax.data import DataError, read_records
+    from maye_jax.processor import load_processor
+    from models.configs import ModelConfig
+
+    started = time.time()
+    dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    try:
+        records = read_records(FLAGS.data, required=("question", "response"))
+        model, hf_config = load_model(FLAGS.model, dtype=dtype)
+        config = ModelConfig.from_hf(hf_config)
+        family = "qwen2_vl" if config.family == "qwen2_vl" else "qwen2_5_vl"
+        processor = load_processor(FLAGS.model, family=family)
+        count = 0
+        with open(FLAGS.output, "w", encoding="utf-8") as out:
+            for record, ids, logprobs in score_records(
+                model,
+                processor,
+                config,
+                records,
+                batch_size=FLAGS.batch_size,
+                temperature=FLAGS.temperature,
+                chunk_size=FLAGS.chunk_size,
+            ):
+                line = dict(record.fields, response_token_ids=ids, response_logprobs=logprobs)
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                count += 1
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"score: error: {error}", file=sys.stderr)
+        return 1
+    print(f"score: {count} record(s) -> {FLAGS.output} in {time.time() - started:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(lambda argv: sys.exit(main(argv)))

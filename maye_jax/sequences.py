@@ -1,0 +1,182 @@
+"""Query + response sequences as static-shape arrays, and their teacher-forced log-probabilities.
+
+Layout of a batch (the same for scoring, trajectories and the policy update):
+
+    column:   0 ............ P-1 | P ............ P+R-1
+    row b:    [pad..pad prompt_b] [response_b  pad..pad]
+
+Prompts are left-padded to P columns and responses right-padded to R columns, so every prompt
+ends at column P-1 and response token t of every row sits at column P + t. P and R are rounded
+up to buckets so a run compiles a bounded number of shapes. All data-dependent metadata
+(M-RoPE positions, image-feature placement, packed patches) is computed here on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.configs import ModelConfig
+from models.logprobs import token_logprobs
+from models.rope import get_rope_index, prompt_token_types
+from models.vision_inputs import bucket, image_feature_index, pack_images
+
+
+@dataclasses.dataclass
+class SequenceBatch:
+    input_ids: np.ndarray  # [B, P + R] int32
+    attention_mask: np.ndarray  # [B, P + R] int32
+    positions: np.ndarray  # [3, B, P + R] int32
+    image_feature_index: np.ndarray  # [B, P + R] int32, -1 = not an image token
+    response_mask: np.ndarray  # [B, R] int32
+    prompt_len: int  # P
+    vision: dict[str, np.ndarray] | None  # packed patches (models/vision_inputs.py)
+    rope_deltas: np.ndarray  # [B] int32, for positions of tokens appended after the prompt
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def device_arrays(self) -> dict:
+        arrays = dict(
+            input_ids=self.input_ids,
+            attention_mask=self.attention_mask,
+            positions=self.positions,
+            image_feature_index=self.image_feature_index,
+            response_mask=self.response_mask,
+        )
+        if self.vision is not None:
+            arrays["vision"] = self.vision
+        return jax.tree_util.tree_map(jnp.asarray, arrays)
+
+
+def make_sequence_batch(
+    prompts: Sequence[dict],
+    responses: Sequence[Sequence[int]],
+    config: ModelConfig,
+    *,
+    pad_id: int = 151643,
+    length_multiple: int = 32,
+    min_response_len: int = 1,
+    batch_size: int | None = None,
+) -> SequenceBatch:
+    """`prompts`: processor outputs (input_ids, pixel_values, image_grid_thw) of each row;
+    `responses`: token ids of each row's response (may be empty). `batch_size` pads the batch
+    with empty rows (all padding) to a fixed size."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    rows = batch_size or len(prompts)
+    if rows < len(prompts):
+        raise ValueError(f"batch_size {rows} < {len(prompts)} rows")
+    prompt_ids = [np.asarray(p["input_ids"]).reshape(-1) for p in prompts]
+    prompt_len = _round_up(max(len(p) for p in prompt_ids), length_multiple)
+    response_len = _round_up(max([len(r) for r in responses] + [min_response_len]), length_multiple)
+    total = prompt_len + response_len
+    input_ids = np.full((rows, total), pad_id, np.int32)
+    attention_mask = np.zeros((rows, total), np.int32)
+    response_mask = np.zeros((rows, response_len), np.int32)
+    for row, (ids, response) in enumerate(zip(prompt_ids, responses)):
+        input_ids[row, prompt_len - len(ids) : prompt_len] = ids
+        attention_mask[row, prompt_len - len(ids) : prompt_len] = 1
+        input_ids[row, prompt_len : prompt_len + len(response)] = response
+        attention_mask[row, prompt_len : prompt_len + len(response)] = 1
+        response_mask[row, : len(response)] = 1
+    types = prompt_token_types(input_ids, np.full(rows, prompt_len), config.image_token_id)
+    grids = [
+        np.asarray(p["image_grid_thw"]).reshape(-1, 3)
+        for p in prompts
+        if p.get("image_grid_thw") is not None
+    ]
+    grid_thw = np.concatenate(grids) if grids else None
+    positions, rope_deltas = get_rope_index(
+        input_ids, attention_mask, types, grid_thw, config.vision.spatial_merge_size
+    )
+    vision = None
+    feature_index = np.full(input_ids.shape, -1, np.int32)
+    if grid_thw is not None:
+        pixels = np.concatenate(
+            [np.asarray(p["pixel_values"]) for p in prompts if p.get("image_grid_thw") is not None]
+        )
+        packed = pack_images(
+            pixels, grid_thw, config.vision, num_rows=bucket(len(grid_thw), minimum=1)
+        )
+        vision = packed.arrays()
+        feature_index = image_feature_index(types, packed.feature_index)
+    return SequenceBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        positions=positions,
+        image_feature_index=feature_index,
+        response_mask=response_mask,
+        prompt_len=prompt_len,
+        vision=vision,
+        rope_deltas=rope_deltas,
+    )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+def image_features(model: nnx.Module, vision: dict | None):
+    """The frozen tower's output for a batch; computed once and reused by every forward."""
+    if vision is None:
+        return None
+    return model.encode_images(
+        vision["patches"],
+        vision["rope_hw"],
+        vision["full_segment_ids"],
+        vision["window_segment_ids"],
+    )
+
+
+def response_logprobs(
+    model: nnx.Module,
+    arrays: dict,
+    features,
+    *,
+    prompt_len: int,
+    temperature: float = 1.0,
+    chunk_size: int = 512,
+    with_entropy: bool = False,
+):
+    """Teacher-forced logprobs [B, R] (and entropies) of the response tokens.
+
+    Column P-1+t predicts response token t (column P+t).
+    """
+    hidden = model.hidden_states(
+        arrays["input_ids"],
+        arrays["positions"],
+        arrays["attention_mask"],
+        features,
+        arrays["image_feature_index"],
+    )
+    predicting = hidden[:, prompt_len - 1 : -1]
+    targets = arrays["input_ids"][:, prompt_len:]
+    return token_logprobs(
+        predicting,
+        model.output_embedding(),
+        targets,
+        temperature=temperature,
+        chunk_size=chunk_size,
+        with_entropy=with_entropy,
+    )
+
+
+@nnx.jit(static_argnames=("prompt_len", "temperature", "chunk_size"))
+def score_batch(model, arrays, *, prompt_len: int, temperature: float = 1.0, chunk_size: int = 512):
+    """Jitted: image features + response logprobs for one SequenceBatch's device arrays."""
+    features = image_features(model, arrays.get("vision"))
+    return response_logprobs(
+        model,
+        arrays,
+        features,
+        prompt_len=prompt_len,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
