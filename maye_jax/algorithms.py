@@ -1,0 +1,410 @@
+"""From sequence scores and log-probabilities to per-token advantages (SPEC §3).
+
+Everything here is a pure function of arrays: jit-compatible (no Python control flow on traced
+values; names, configs and shapes are static), callable on NumPy inputs, tested against NumPy loops
+in `tests/maye_jax/test_algorithms.py`. The losses that consume the advantages live in
+`maye_jax/losses.py`.
+
+Shapes: `B` responses in the batch, `T` padded response length. A `response_mask` is `[B, T]`,
+true on the response's tokens (up to and including the first stop token) and false on the right
+padding after it; a row may be all padding. Values at padded positions are never read: they may be
+garbage (even inf or NaN) and every `[B, T]` output is exactly 0 there.
+
+The paper's Reinforce++ (`reinforce_pp`, the default estimator):
+
+    kl_t = k3(logp_ref_t - logp_t)                    (only if kl_reward_coeff != 0)
+    r_t  = -kl_reward_coeff * kl_t  (+ score at the last valid token)
+    G_t  = sum_{k >= t} gamma^(k - t) r_k
+    A_t  = whiten(G) over all valid tokens of the batch (+ mean added back if shift_mean)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+KL_CLAMP = 10.0
+"""Default clamp of the token KL estimates: values are clipped to [-KL_CLAMP, KL_CLAMP]."""
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+KlClamp = float | tuple[float, float] | None
+"""`c` clamps to [-c, c], `(low, high)` to [low, high], None disables clamping."""
+
+
+def as_float(values: ArrayLike) -> jax.Array:
+    """`values` as a floating array of at least float32 precision."""
+    values = jnp.asarray(values)
+    return values.astype(jnp.promote_types(values.dtype, jnp.float32))
+
+
+def as_mask(response_mask: ArrayLike) -> jax.Array:
+    """`response_mask` (bool, 0/1 int or float) as a bool array."""
+    return jnp.asarray(response_mask).astype(bool)
+
+
+def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """numerator / denominator, and 0 where the denominator is 0 (with finite gradients)."""
+    nonzero = denominator != 0
+    return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0.0)
+
+
+def clamp_values(values: jax.Array, clamp: KlClamp) -> jax.Array:
+    """Clips `values` to the bounds that `clamp` describes (see `KlClamp`)."""
+    if clamp is None:
+        return values
+    if isinstance(clamp, tuple):
+        low, high = clamp
+    else:
+        low, high = -clamp, clamp
+    if low > high:
+        raise ValueError(f"clamp bounds must satisfy low <= high, got ({low}, {high})")
+    return jnp.clip(values, low, high)
+
+
+# --------------------------------------------------------------------------------------------------
+# KL estimators
+# --------------------------------------------------------------------------------------------------
+
+
+def kl_estimate(
+    logprobs: ArrayLike,  # [...]
+    ref_logprobs: ArrayLike,  # [...]
+    kind: str = "k3",
+    clamp: KlClamp = KL_CLAMP,
+) -> jax.Array:  # [...]
+    """Per-token estimate of KL(policy || reference) from sampled-token log-probabilities.
+
+    With `log_ratio = logprobs - ref_logprobs` (samples drawn from the policy):
+      - k1: `log_ratio` (unbiased, high variance, can be negative);
+      - k2: `0.5 * log_ratio**2` (biased, always >= 0);
+      - k3: with `d = ref_logprobs - logprobs`, `exp(d) - 1 - d` (unbiased, always >= 0).
+    The result is clamped elementwise (default [-10, 10], as the original).
+
+    Note: k3 overflows to inf when `d` > ~88 in float32; the clamp then returns the bound but the
+    gradient through `exp` is NaN. Mask padded positions before calling (as `losses.kl_token_loss`
+    does): real log-probability differences of that size do not occur.
+    """
+    log_ratio = as_float(logprobs) - as_float(ref_logprobs)
+    if kind == "k1":
+        kl = log_ratio
+    elif kind == "k2":
+        kl = 0.5 * jnp.square(log_ratio)
+    elif kind == "k3":
+        ref_minus_policy = -log_ratio
+        kl = jnp.expm1(ref_minus_policy) - ref_minus_policy  # exp(d) - 1 - d, accurate near d = 0
+    else:
+        raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_ESTIMATORS}")
+    return clamp_values(kl, clamp)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rewards and returns
+# --------------------------------------------------------------------------------------------------
+
+
+def last_valid_index(response_mask: ArrayLike) -> jax.Array:  # [B] int32
+    """Index of each row's last valid token (its EOS position), -1 for an all-padding row."""
+    mask = as_mask(response_mask)
+    positions = jnp.arange(mask.shape[-1], dtype=jnp.int32)
+    return jnp.max(jnp.where(mask, positions, -1), axis=-1)
+
+
+def token_rewards(
+    scores: ArrayLike,  # [B]
+    kl: ArrayLike | None,  # [B, T], or None for no KL reward
+    response_mask: ArrayLike,  # [B, T]
+    kl_reward_coeff: float = 0.0,
+) -> jax.Array:  # [B, T]
+    """Per-token rewards: `r_t = -kl_reward_coeff * kl_t` on valid tokens, plus the sequence score
+    at the last valid token (the EOS position, or the last token of a truncated response).
+
+    A row with no valid token gets no reward at all: its score is not placed anywhere (there is
+    no token to hold it), so it contributes nothing to returns, whitening statistics or the loss.
+    Padded positions are 0. `kl=None` means no KL term (the paper's runs use coeff 0).
+    """
+    mask = as_mask(response_mask)
+    scores = as_float(scores)
+    if kl is None:
+        rewards = jnp.zeros(mask.shape, scores.dtype)
+    else:
+        rewards = jnp.where(mask, -kl_reward_coeff * as_float(kl), 0.0)
+    positions = jnp.arange(mask.shape[-1])
+    is_last_token = positions[None, :] == last_valid_index(mask)[:, None]  # [B, T]
+    return rewards + jnp.where(is_last_token, scores[:, None], 0.0)
+
+
+def discounted_returns(
+    rewards: ArrayLike,  # [B, T]
+    response_mask: ArrayLike,  # [B, T]
+    gamma: float = 1.0,
+) -> jax.Array:  # [B, T]
+    """Reward-to-go `G_t = sum_{k >= t, k valid} gamma^(k - t) r_k`, 0 at padded positions.
+
+    A reverse `lax.scan` over time: `G_t = r_t + gamma * G_{t+1}` on valid tokens. Padded
+    positions carry the running return through unchanged, so for a mask with holes the discount
+    counts valid tokens only (with right padding, the only layout we produce, this is exactly the
+    formula above).
+    """
+    mask = as_mask(response_mask)
+    rewards = jnp.where(mask, as_float(rewards), 0.0)
+
+    def step(future_return, rewards_and_mask_at_t):  # future_return: [B]
+        reward_t, valid_t = rewards_and_mask_at_t
+        return_t = jnp.where(valid_t, reward_t + gamma * future_return, future_return)
+        return return_t, jnp.where(valid_t, return_t, 0.0)
+
+    initial_return = jnp.zeros(rewards.shape[0], rewards.dtype)
+    _, returns_by_time = jax.lax.scan(step, initial_return, (rewards.T, mask.T), reverse=True)
+    return returns_by_time.T
+
+
+# --------------------------------------------------------------------------------------------------
+# Masked statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_sum(values: ArrayLike, mask: ArrayLike, axis: int | None = None) -> jax.Array:
+    """Sum of `values` where `mask` is true (garbage at masked-out positions is ignored)."""
+    return jnp.sum(jnp.where(as_mask(mask), as_float(values), 0.0), axis=axis)
+
+
+def masked_mean(values: ArrayLike, mask: ArrayLike, axis: int | None = None) -> jax.Array:
+    """Mean of `values` over the positions where `mask` is true; 0 where there are none."""
+    count = jnp.sum(as_mask(mask), axis=axis)
+    return safe_divide(masked_sum(values, mask, axis=axis), count)
+
+
+def masked_var(values: ArrayLike, mask: ArrayLike, unbiased: bool = True) -> jax.Array:
+    """Variance of `values` over all positions where `mask` is true (a scalar).
+
+    `unbiased=True` applies Bessel's correction (divides by count - 1) as torchtune/the original
+    do; with a count of 0 or 1 (no spread to estimate) the result is 0 instead of inf/NaN.
+    """
+    mask = as_mask(mask)
+    values = as_float(values)
+    count = jnp.sum(mask)
+    centered = jnp.where(mask, values - masked_mean(values, mask), 0.0)
+    sum_of_squares = jnp.sum(jnp.square(centered))
+    if not unbiased:
+        return safe_divide(sum_of_squares, count)
+    return jnp.where(count > 1, sum_of_squares / jnp.maximum(count - 1, 1), 0.0)
+
+
+def masked_whiten(
+    values: ArrayLike,  # [B, T]
+    mask: ArrayLike,  # [B, T]
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+) -> jax.Array:  # [B, T]
+    """Whitens `values` with the mean and unbiased variance of all valid positions of the array.
+
+    `(x - mean) / sqrt(var + eps)`, then `+ mean` if `shift_mean` (torchtune's default, which the
+    original MAYE inherits: the advantages keep the returns' mean, so with 0/1 accuracy scores
+    they stay mostly positive). `shift_mean=False` gives zero-mean advantages. 0 at masked-out
+    positions.
+    """
+    mask = as_mask(mask)
+    values = as_float(values)
+    mean = masked_mean(values, mask)
+    whitened = (values - mean) * jax.lax.rsqrt(masked_var(values, mask) + eps)
+    if shift_mean:
+        whitened = whitened + mean
+    return jnp.where(mask, whitened, 0.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantage estimators
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AdvantageConfig:
+    """Options of the advantage estimators (hashable, so it can be a static jit argument).
+
+    gamma, kl_reward_coeff, kl_estimator, kl_clamp: token rewards and returns (reinforce_pp*).
+    whiten, shift_mean, whiten_eps: the final global whitening (reinforce_pp*).
+    grpo_eps, grpo_scale_by_std: GRPO's `(score - mean) / (std + eps)`; `scale_by_std=False` is
+      Dr.GRPO (`score - mean`).
+    """
+
+    gamma: float = 1.0
+    kl_reward_coeff: float = 0.0
+    kl_estimator: str = "k3"
+    kl_clamp: KlClamp = KL_CLAMP
+    whiten: bool = True
+    shift_mean: bool = True
+    whiten_eps: float = 1e-8
+    grpo_eps: float = 1e-6
+    grpo_scale_by_std: bool = True
+
+
+AdvantageEstimator = Callable[..., jax.Array]
+"""`fn(*, scores [B], response_mask [B, T], logprobs [B, T] | None, ref_logprobs [B, T] | None,
+num_samples_per_prompt: int, config: AdvantageConfig) -> advantages [B, T]` (0 on padding)."""
+
+_ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator adding an estimator under `name`, usable by `compute_advantages(name, ...)`."""
+
+    def decorator(estimator: AdvantageEstimator) -> AdvantageEstimator:
+        if name in _ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"advantage estimator {name!r} is already registered")
+        _ADVANTAGE_ESTIMATORS[name] = estimator
+        return estimator
+
+    return decorator
+
+
+def advantage_estimator_names() -> tuple[str, ...]:
+    return tuple(sorted(_ADVANTAGE_ESTIMATORS))
+
+
+def get_advantage_estimator(name: str) -> AdvantageEstimator:
+    if name not in _ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; known: {', '.join(advantage_estimator_names())}"
+        )
+    return _ADVANTAGE_ESTIMATORS[name]
+
+
+def compute_advantages(
+    name: str,
+    *,
+    scores: ArrayLike,  # [B]
+    response_mask: ArrayLike,  # [B, T]
+    logprobs: ArrayLike | None = None,  # [B, T], needed only for a KL reward
+    ref_logprobs: ArrayLike | None = None,  # [B, T], needed only for a KL reward
+    num_samples_per_prompt: int = 1,
+    config: AdvantageConfig = AdvantageConfig(),  # noqa: B008 (frozen, immutable)
+) -> jax.Array:  # [B, T]
+    """Per-token advantages from the estimator registered as `name` (0 on padded positions).
+
+    The samples of one prompt are contiguous: rows `[i * n, (i + 1) * n)` with
+    `n = num_samples_per_prompt` form prompt `i`'s group, and `B` must be a multiple of `n`.
+    """
+    estimator = get_advantage_estimator(name)
+    scores = as_float(scores)
+    mask = as_mask(response_mask)
+    if scores.ndim != 1 or mask.ndim != 2 or mask.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"expected scores [B] and response_mask [B, T], got {scores.shape} and {mask.shape}"
+        )
+    if num_samples_per_prompt < 1 or scores.shape[0] % num_samples_per_prompt:
+        raise ValueError(
+            f"num_samples_per_prompt={num_samples_per_prompt} must be >= 1 and divide the batch "
+            f"size {scores.shape[0]} (the samples of a prompt are contiguous rows)"
+        )
+    return estimator(
+        scores=scores,
+        response_mask=mask,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        num_samples_per_prompt=num_samples_per_prompt,
+        config=config,
+    )
+
+
+def _scores_by_group(scores: jax.Array, num_samples_per_prompt: int, estimator: str) -> jax.Array:
+    """`scores` [B] as [B // n, n] prompt groups; estimators with a group baseline need n >= 2."""
+    if num_samples_per_prompt < 2:
+        raise ValueError(
+            f"advantage estimator {estimator!r} compares the samples of a prompt and needs "
+            f"num_samples_per_prompt >= 2, got {num_samples_per_prompt}"
+        )
+    return scores.reshape(-1, num_samples_per_prompt)
+
+
+def _broadcast_over_tokens(sequence_advantages: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.where(mask, sequence_advantages.reshape(-1)[:, None], 0.0)  # [B, T]
+
+
+def _reject_kl_reward(config: AdvantageConfig, estimator: str) -> None:
+    if config.kl_reward_coeff != 0:
+        raise ValueError(
+            f"advantage estimator {estimator!r} uses sequence scores only; set kl_reward_coeff=0 "
+            f"and use kl_loss_coeff for a KL penalty (got kl_reward_coeff={config.kl_reward_coeff})"
+        )
+
+
+def _returns_advantages(
+    scores: jax.Array,
+    mask: jax.Array,
+    logprobs: ArrayLike | None,
+    ref_logprobs: ArrayLike | None,
+    config: AdvantageConfig,
+) -> jax.Array:
+    """Token rewards (score + optional KL reward) -> discounted returns -> optional whitening."""
+    kl = None
+    if config.kl_reward_coeff != 0:
+        if logprobs is None or ref_logprobs is None:
+            raise ValueError("kl_reward_coeff != 0 needs both logprobs and ref_logprobs")
+        # Padding is masked before the estimate so garbage there cannot overflow exp().
+        kl = kl_estimate(
+            jnp.where(mask, as_float(logprobs), 0.0),
+            jnp.where(mask, as_float(ref_logprobs), 0.0),
+            kind=config.kl_estimator,
+            clamp=config.kl_clamp,
+        )
+    rewards = token_rewards(scores, kl, mask, config.kl_reward_coeff)
+    returns = discounted_returns(rewards, mask, config.gamma)
+    if not config.whiten:
+        return returns
+    return masked_whiten(returns, mask, shift_mean=config.shift_mean, eps=config.whiten_eps)
+
+
+@register_advantage_estimator("reinforce_pp")
+def reinforce_pp_advantages(
+    *, scores, response_mask, logprobs, ref_logprobs, num_samples_per_prompt, config
+) -> jax.Array:
+    """The paper's Reinforce++ (SPEC §3): returns of the token rewards, whitened over the batch."""
+    del num_samples_per_prompt  # one response per prompt; groups play no role
+    return _returns_advantages(scores, response_mask, logprobs, ref_logprobs, config)
+
+
+@register_advantage_estimator("reinforce_pp_baseline")
+def reinforce_pp_baseline_advantages(
+    *, scores, response_mask, logprobs, ref_logprobs, num_samples_per_prompt, config
+) -> jax.Array:
+    """Reinforce++ on baselined scores: each score minus its prompt group's mean score."""
+    groups = _scores_by_group(scores, num_samples_per_prompt, "reinforce_pp_baseline")
+    baselined = (groups - jnp.mean(groups, axis=1, keepdims=True)).reshape(-1)
+    return _returns_advantages(baselined, response_mask, logprobs, ref_logprobs, config)
+
+
+@register_advantage_estimator("grpo")
+def grpo_advantages(
+    *, scores, response_mask, logprobs, ref_logprobs, num_samples_per_prompt, config
+) -> jax.Array:
+    """GRPO: `(score - group mean) / (group std + grpo_eps)` on every valid token.
+
+    The std is the unbiased (n - 1) sample std, as the GRPO paper's reference implementations
+    (trl, verl: `torch.std`) use. `grpo_scale_by_std=False` gives Dr.GRPO's `score - group mean`.
+    A group whose samples all score the same gets advantage 0. Ignores whitening options.
+    """
+    del logprobs, ref_logprobs
+    _reject_kl_reward(config, "grpo")
+    groups = _scores_by_group(scores, num_samples_per_prompt, "grpo")  # [prompts, n]
+    advantages = groups - jnp.mean(groups, axis=1, keepdims=True)
+    if config.grpo_scale_by_std:
+        group_std = jnp.std(groups, axis=1, ddof=1, keepdims=True)
+        advantages = safe_divide(advantages, group_std + config.grpo_eps)  # 0/0 -> 0 if eps = 0
+    return _broadcast_over_tokens(advantages, response_mask)
+
+
+@register_advantage_estimator("rloo")
+def rloo_advantages(
+    *, scores, response_mask, logprobs, ref_logprobs, num_samples_per_prompt, config
+) -> jax.Array:
+    """RLOO: score minus the mean score of the prompt's other n - 1 samples, on every valid token."""
+    del logprobs, ref_logprobs
+    _reject_kl_reward(config, "rloo")
+    groups = _scores_by_group(scores, num_samples_per_prompt, "rloo")  # [prompts, n]
+    others_mean = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (num_samples_per_prompt - 1)
+    return _broadcast_over_tokens(groups - others_mean, response_mask)

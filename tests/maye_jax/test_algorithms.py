@@ -1,0 +1,377 @@
+"""maye_jax/algorithms.py against straightforward NumPy loops (float64 references)."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from maye_jax import algorithms
+from maye_jax.algorithms import (
+    AdvantageConfig,
+    compute_advantages,
+    discounted_returns,
+    kl_estimate,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    token_rewards,
+)
+
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+
+
+def random_batch(seed: int, batch: int = 8, length: int = 7, empty_rows=(2,)):
+    """Right-padded responses with random lengths, some all-padding rows, garbage on padding."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, length + 1, size=batch)
+    lengths[0] = length  # one full-length (truncated) response
+    lengths[list(empty_rows)] = 0
+    mask = np.arange(length)[None, :] < lengths[:, None]  # [B, T]
+    logprobs = -rng.exponential(1.0, size=(batch, length))
+    ref_logprobs = logprobs + rng.normal(0.0, 0.5, size=(batch, length))
+    # Padding holds garbage that must never reach a result.
+    logprobs[~mask] = 1e4
+    ref_logprobs[~mask] = -1e4
+    scores = rng.integers(0, 2, size=batch).astype(np.float64) + rng.normal(0, 0.1, size=batch)
+    return scores, mask, logprobs.astype(np.float32), ref_logprobs.astype(np.float32)
+
+
+def valid_positions(mask_row):
+    return [t for t in range(len(mask_row)) if mask_row[t]]
+
+
+# ---------------------------------------------------------------------------------------------
+# NumPy references
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_kl(logp, logp_ref, kind, low=-10.0, high=10.0):
+    logp, logp_ref = float(logp), float(logp_ref)
+    if kind == "k1":
+        value = logp - logp_ref
+    elif kind == "k2":
+        value = 0.5 * (logp - logp_ref) ** 2
+    else:
+        d = logp_ref - logp
+        value = np.exp(d) - 1.0 - d
+    return min(max(value, low), high)
+
+
+def reference_token_rewards(scores, kl, mask, coeff):
+    rewards = np.zeros(mask.shape)
+    for i in range(mask.shape[0]):
+        positions = valid_positions(mask[i])
+        for t in positions:
+            rewards[i, t] = -coeff * kl[i, t]
+        if positions:
+            rewards[i, positions[-1]] += scores[i]
+    return rewards
+
+
+def reference_returns(rewards, mask, gamma):
+    returns = np.zeros(mask.shape)
+    for i in range(mask.shape[0]):
+        positions = valid_positions(mask[i])
+        for t in positions:
+            returns[i, t] = sum(gamma ** (k - t) * rewards[i, k] for k in positions if k >= t)
+    return returns
+
+
+def reference_whiten(values, mask, shift_mean, eps=1e-8):
+    selected = np.array(
+        [values[i, t] for i in range(mask.shape[0]) for t in valid_positions(mask[i])]
+    )
+    mean = selected.mean()
+    var = selected.var(ddof=1)
+    out = np.zeros(mask.shape)
+    for i in range(mask.shape[0]):
+        for t in valid_positions(mask[i]):
+            out[i, t] = (values[i, t] - mean) / np.sqrt(var + eps) + (mean if shift_mean else 0.0)
+    return out
+
+
+def reference_reinforce_pp(scores, mask, logp, logp_ref, coeff, gamma, whiten, shift_mean):
+    kl = np.zeros(mask.shape)
+    for i in range(mask.shape[0]):
+        for t in valid_positions(mask[i]):
+            kl[i, t] = reference_kl(logp[i, t], logp_ref[i, t], "k3")
+    returns = reference_returns(reference_token_rewards(scores, kl, mask, coeff), mask, gamma)
+    return reference_whiten(returns, mask, shift_mean) if whiten else returns
+
+
+# ---------------------------------------------------------------------------------------------
+# KL estimators
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_estimate_matches_reference(kind):
+    rng = np.random.default_rng(0)
+    logp = -rng.exponential(2.0, size=(5, 6)).astype(np.float32)
+    logp_ref = (logp + rng.normal(0.0, 6.0, size=(5, 6))).astype(np.float32)
+    expected = np.vectorize(lambda a, b: reference_kl(a, b, kind))(logp, logp_ref)
+    assert np.abs(expected).max() == 10.0, "inputs should exercise the clamp"
+    np.testing.assert_allclose(kl_estimate(logp, logp_ref, kind=kind), expected, **TOLERANCE)
+    jitted = jax.jit(functools.partial(kl_estimate, kind=kind))
+    np.testing.assert_allclose(jitted(logp, logp_ref), expected, **TOLERANCE)
+
+
+def test_kl_estimate_clamp_boundaries():
+    logp = np.zeros(5, np.float32)
+    # k1 = logp - ref: 12 -> 10, -12 -> -10, exactly 10 stays, 9.5 stays, -10 stays.
+    ref = np.array([-12.0, 12.0, -10.0, -9.5, 10.0], np.float32)
+    np.testing.assert_allclose(kl_estimate(logp, ref, "k1"), [10, -10, 10, 9.5, -10], rtol=1e-6)
+    # k3 with d = ref - logp: d=3 -> e^3 - 4 = 16.09 -> 10; d=-15 -> 14 -> 10; d=-5 -> 4.0067.
+    ref = np.array([3.0, -15.0, -5.0, 0.0, 0.5], np.float32)
+    unclamped = np.exp(ref) - 1 - ref
+    np.testing.assert_allclose(
+        kl_estimate(logp, ref, "k3"), np.minimum(unclamped, 10.0), rtol=1e-6, atol=1e-7
+    )
+    np.testing.assert_allclose(kl_estimate(logp, ref, "k3", clamp=None), unclamped, rtol=1e-5)
+    np.testing.assert_allclose(
+        kl_estimate(logp, ref, "k3", clamp=(0.5, 5.0)), np.clip(unclamped, 0.5, 5.0), rtol=1e-6
+    )
+    np.testing.assert_allclose(
+        kl_estimate(logp, ref, "k3", clamp=2.0), np.clip(unclamped, -2, 2), rtol=1e-6
+    )
+    # A clamped token has no gradient; an unclamped one has d/dlogp (e^d - 1 - d) = 1 - e^d.
+    gradient = jax.grad(lambda lp: kl_estimate(lp, ref, "k3").sum())(logp)
+    np.testing.assert_allclose(gradient, [0, 0, 1 - np.exp(-5.0), 0, 1 - np.exp(0.5)], rtol=1e-5)
+
+
+def test_kl_estimate_rejects_unknown_kind_and_bad_bounds():
+    with pytest.raises(ValueError, match="k4.*k1"):
+        kl_estimate(np.zeros(2), np.zeros(2), kind="k4")
+    with pytest.raises(ValueError, match="low <= high"):
+        kl_estimate(np.zeros(2), np.zeros(2), clamp=(1.0, -1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards and returns
+# ---------------------------------------------------------------------------------------------
+
+
+def test_token_rewards_places_score_at_last_valid_token():
+    scores, mask, logp, logp_ref = random_batch(seed=1)
+    kl = np.random.default_rng(1).normal(size=mask.shape).astype(np.float32)
+    kl[~mask] = np.nan  # never read
+    rewards = np.asarray(token_rewards(scores, kl, mask, kl_reward_coeff=0.05))
+    np.testing.assert_allclose(
+        rewards, reference_token_rewards(scores, kl, mask, 0.05), **TOLERANCE
+    )
+    assert np.all(rewards[2] == 0.0), "an all-padding row gets no reward"
+    no_kl = np.asarray(jax.jit(token_rewards)(scores, None, mask))
+    lengths = mask.sum(axis=1)
+    for i in range(len(scores)):
+        expected_row = np.zeros(mask.shape[1])
+        if lengths[i]:
+            expected_row[lengths[i] - 1] = scores[i]
+        np.testing.assert_allclose(no_kl[i], expected_row, rtol=1e-6)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_discounted_returns_matches_reference(gamma):
+    _, mask, _, _ = random_batch(seed=2)
+    rewards = np.random.default_rng(2).normal(size=mask.shape)
+    rewards[~mask] = 1e6  # garbage
+    returns = jax.jit(discounted_returns, static_argnums=2)(rewards, mask, gamma)
+    np.testing.assert_allclose(returns, reference_returns(rewards, mask, gamma), **TOLERANCE)
+
+
+def test_discounted_returns_hand_computed():
+    rewards = np.array([[1.0, 2.0, 3.0, 0.0]])
+    mask = np.array([[True, True, True, False]])
+    np.testing.assert_allclose(discounted_returns(rewards, mask), [[6, 5, 3, 0]])
+    np.testing.assert_allclose(discounted_returns(rewards, mask, 0.5), [[2.75, 3.5, 3, 0]])
+    # A hole in the mask (not produced by rollouts) is skipped: the discount counts valid tokens.
+    holey_mask = np.array([[True, False, True, False]])
+    np.testing.assert_allclose(discounted_returns(rewards, holey_mask, 0.5), [[2.5, 0, 3, 0]])
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def test_masked_mean_and_var_match_numpy():
+    _, mask, logp, _ = random_batch(seed=3)
+    selected = logp[mask].astype(np.float64)
+    np.testing.assert_allclose(masked_mean(logp, mask), selected.mean(), rtol=1e-6)
+    np.testing.assert_allclose(masked_var(logp, mask), selected.var(ddof=1), rtol=1e-5)
+    np.testing.assert_allclose(masked_var(logp, mask, unbiased=False), selected.var(), rtol=1e-5)
+    row_means = [logp[i, mask[i]].mean() if mask[i].any() else 0.0 for i in range(len(mask))]
+    np.testing.assert_allclose(masked_mean(logp, mask, axis=1), row_means, rtol=1e-6)
+
+
+def test_masked_statistics_guard_small_counts():
+    values = np.array([[3.0, 7.0, np.inf]])
+    assert float(masked_mean(values, np.zeros((1, 3), bool))) == 0.0
+    one_token = np.array([[False, True, False]])
+    assert float(masked_mean(values, one_token)) == 7.0
+    assert float(masked_var(values, one_token)) == 0.0  # Bessel with one token: no spread, not inf
+    assert float(masked_var(values, np.zeros((1, 3), bool))) == 0.0
+    np.testing.assert_allclose(masked_whiten(values, one_token), [[0.0, 7.0, 0.0]])
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+def test_masked_whiten_matches_reference(shift_mean):
+    _, mask, logp, _ = random_batch(seed=4)
+    whitened = np.asarray(masked_whiten(logp, mask, shift_mean=shift_mean))
+    np.testing.assert_allclose(whitened, reference_whiten(logp, mask, shift_mean), **TOLERANCE)
+    selected = logp[mask].astype(np.float64)
+    expected_mean = selected.mean() if shift_mean else 0.0
+    np.testing.assert_allclose(whitened[mask].mean(), expected_mean, atol=1e-5)
+    np.testing.assert_allclose(whitened[mask].var(ddof=1), 1.0, rtol=1e-5)
+    assert np.all(whitened[~mask] == 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantage estimators
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "coeff, gamma, whiten, shift_mean",
+    [(0.0, 1.0, True, True), (0.1, 1.0, True, False), (0.1, 0.95, False, True)],
+)
+def test_reinforce_pp_matches_reference(coeff, gamma, whiten, shift_mean):
+    scores, mask, logp, logp_ref = random_batch(seed=5)
+    config = AdvantageConfig(
+        kl_reward_coeff=coeff, gamma=gamma, whiten=whiten, shift_mean=shift_mean
+    )
+    advantages = compute_advantages(
+        "reinforce_pp",
+        scores=scores,
+        response_mask=mask,
+        logprobs=logp,
+        ref_logprobs=logp_ref,
+        config=config,
+    )
+    expected = reference_reinforce_pp(
+        scores, mask, logp, logp_ref, coeff, gamma, whiten, shift_mean
+    )
+    np.testing.assert_allclose(advantages, expected, **TOLERANCE)
+
+
+def test_reinforce_pp_needs_logprobs_for_kl_reward():
+    scores, mask, _, _ = random_batch(seed=5)
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        compute_advantages(
+            "reinforce_pp",
+            scores=scores,
+            response_mask=mask,
+            config=AdvantageConfig(kl_reward_coeff=0.1),
+        )
+
+
+# Three prompts x four samples; the middle group all correct (no signal).
+GROUP_SCORES = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+GROUP_MASK = np.arange(5)[None, :] < np.array([5, 3, 1, 0, 5, 2, 4, 1, 2, 5, 3, 1])[:, None]
+
+
+def group_advantages(name, **config):
+    advantages = compute_advantages(
+        name,
+        scores=GROUP_SCORES,
+        response_mask=GROUP_MASK,
+        num_samples_per_prompt=4,
+        config=AdvantageConfig(**config),
+    )
+    advantages = np.asarray(advantages)
+    assert np.all(advantages[~GROUP_MASK] == 0.0)
+    for i in range(len(GROUP_SCORES)):  # one value per sequence, on every valid token
+        valid = advantages[i, GROUP_MASK[i]]
+        assert np.all(valid == valid[:1])
+    return np.array(
+        [row[m][0] if m.any() else 0.0 for row, m in zip(advantages, GROUP_MASK, strict=True)]
+    )
+
+
+def test_grpo_hand_computed_groups():
+    # Group [1, 0, 0, 1]: mean 0.5, unbiased std sqrt(1/3) -> +-0.5 * sqrt(3) = +-0.8660.
+    # Group [0, 0, 0, 1]: mean 0.25, unbiased std 0.5 -> -0.5 and 1.5.
+    a = 0.5 * np.sqrt(3.0)
+    expected = [a, -a, -a, 0.0, 0, 0, 0, 0, -0.5, -0.5, -0.5, 1.5]  # row 3 is all padding
+    np.testing.assert_allclose(group_advantages("grpo", grpo_eps=0.0), expected, rtol=1e-6)
+    # With the default eps the division is by (std + 1e-6).
+    np.testing.assert_allclose(
+        group_advantages("grpo")[8:],
+        np.array([-0.25, -0.25, -0.25, 0.75]) / (0.5 + 1e-6),
+        rtol=1e-6,
+    )
+    dr_grpo = group_advantages("grpo", grpo_scale_by_std=False)
+    np.testing.assert_allclose(dr_grpo, [0.5, -0.5, -0.5, 0, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75])
+
+
+def test_rloo_hand_computed_groups():
+    # Score minus the mean of the other three: [1, 0, 0, 1] -> 1 - 1/3, 0 - 2/3, ...
+    expected = [2 / 3, -2 / 3, -2 / 3, 0.0, 0, 0, 0, 0, -1 / 3, -1 / 3, -1 / 3, 1.0]
+    np.testing.assert_allclose(group_advantages("rloo"), expected, rtol=1e-6, atol=1e-7)
+
+
+def test_reinforce_pp_baseline_is_reinforce_pp_on_centered_scores():
+    scores, mask, logp, logp_ref = random_batch(seed=6)
+    config = AdvantageConfig(kl_reward_coeff=0.05, shift_mean=False)
+    centered = scores - scores.reshape(4, 2).mean(axis=1).repeat(2)
+    advantages = compute_advantages(
+        "reinforce_pp_baseline",
+        scores=scores,
+        response_mask=mask,
+        logprobs=logp,
+        ref_logprobs=logp_ref,
+        num_samples_per_prompt=2,
+        config=config,
+    )
+    expected = reference_reinforce_pp(centered, mask, logp, logp_ref, 0.05, 1.0, True, False)
+    np.testing.assert_allclose(advantages, expected, **TOLERANCE)
+
+
+def test_group_estimators_validate_groups():
+    with pytest.raises(ValueError, match="divide the batch size 12"):
+        compute_advantages(
+            "grpo", scores=GROUP_SCORES, response_mask=GROUP_MASK, num_samples_per_prompt=5
+        )
+    for name in ("grpo", "rloo", "reinforce_pp_baseline"):
+        with pytest.raises(ValueError, match="num_samples_per_prompt >= 2"):
+            compute_advantages(name, scores=GROUP_SCORES, response_mask=GROUP_MASK)
+    with pytest.raises(ValueError, match="kl_reward_coeff=0"):
+        group_advantages("grpo", kl_reward_coeff=0.1)
+    with pytest.raises(ValueError, match=r"expected scores \[B\]"):
+        compute_advantages("grpo", scores=GROUP_SCORES[:4], response_mask=GROUP_MASK)
+
+
+def test_unknown_estimator_lists_known_names():
+    with pytest.raises(ValueError, match="'ppo'.*grpo, reinforce_pp, reinforce_pp_baseline, rloo"):
+        compute_advantages("ppo", scores=GROUP_SCORES, response_mask=GROUP_MASK)
+
+
+def test_registering_a_new_estimator():
+    name = "test_only_score_times_position"
+
+    @algorithms.register_advantage_estimator(name)
+    def score_times_position(
+        *, scores, response_mask, logprobs, ref_logprobs, num_samples_per_prompt, config
+    ):
+        positions = np.arange(response_mask.shape[1])[None, :]
+        return np.where(response_mask, scores[:, None] * positions * config.gamma, 0.0)
+
+    try:
+        assert name in algorithms.advantage_estimator_names()
+        advantages = compute_advantages(
+            name, scores=GROUP_SCORES, response_mask=GROUP_MASK, config=AdvantageConfig(gamma=2.0)
+        )
+        expected = np.where(GROUP_MASK, GROUP_SCORES[:, None] * np.arange(5) * 2.0, 0.0)
+        np.testing.assert_allclose(advantages, expected)
+        with pytest.raises(ValueError, match="already registered"):
+            algorithms.register_advantage_estimator(name)(score_times_position)
+    finally:
+        algorithms._ADVANTAGE_ESTIMATORS.pop(name)
+
+
+def test_compute_advantages_under_jit_matches_eager():
+    for name, config in [("grpo", AdvantageConfig()), ("reinforce_pp", AdvantageConfig())]:
+        run = functools.partial(compute_advantages, name, num_samples_per_prompt=4, config=config)
+        eager = run(scores=GROUP_SCORES, response_mask=GROUP_MASK)
+        jitted = jax.jit(run)(scores=GROUP_SCORES, response_mask=GROUP_MASK)
+        np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-7)
