@@ -1,0 +1,158 @@
+"""Tests for maye_jax/synth.py: MAYE-format files, images, answers, determinism, OOD test split."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from maye_jax import rewards, synth
+
+IMAGE_SIZE = 64  # not the default, so the test sees the option honoured
+
+
+def _read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """Both flavours: {flavour: {split: records}} plus the paths, written once for the module."""
+    out_dir = tmp_path_factory.mktemp("synth")
+    paths = {
+        flavour: synth.generate(
+            out_dir, flavour, num_train=40, num_validation=8, num_test=40, image_size=IMAGE_SIZE
+        )
+        for flavour in synth.FLAVOURS
+    }
+    records = {
+        flavour: {split: _read(path) for split, path in split_paths.items()}
+        for flavour, split_paths in paths.items()
+    }
+    return paths, records
+
+
+def test_files_are_written_in_the_maye_layout(datasets):
+    paths, records = datasets
+    for flavour in synth.FLAVOURS:
+        assert list(paths[flavour]) == ["train", "validation", "test"]
+        for split, path in paths[flavour].items():
+            assert path.name == f"{flavour}_{split}.jsonl"
+            assert path.parent.name == flavour
+        assert [len(records[flavour][split]) for split in synth.SPLITS] == [40, 8, 40]
+
+
+def test_every_record_has_the_fields_and_a_decodable_image(datasets):
+    paths, records = datasets
+    for flavour in synth.FLAVOURS:
+        ids = set()
+        for split in synth.SPLITS:
+            for record in records[flavour][split]:
+                assert {"id", "question", "answer", "solution", "image"} <= set(record)
+                assert record["question"].startswith("<image>")
+                assert re.fullmatch(r"\d+", record["answer"])
+                ids.add(record["id"])
+                image_path = paths[flavour][split].parent / record["image"]
+                assert not Path(record["image"]).is_absolute()
+                with Image.open(image_path) as image:
+                    assert image.format == "PNG"
+                    assert image.mode == "RGB"
+                    assert image.size == (IMAGE_SIZE, IMAGE_SIZE)
+                    assert image.getextrema() != ((255, 255),) * 3  # something was drawn
+        assert len(ids) == 40 + 8 + 40
+
+
+def test_answer_equals_the_boxed_value_ending_the_solution(datasets):
+    _, records = datasets
+    for flavour in synth.FLAVOURS:
+        for split in synth.SPLITS:
+            for record in records[flavour][split]:
+                answer = record["answer"]
+                assert rewards.last_boxed(record["solution"]) == answer
+                assert record["solution"].endswith(f"\\boxed{{{answer}}}")
+
+
+def test_vision_dominant_questions_hold_no_numbers_and_text_dominant_ones_do(datasets):
+    _, records = datasets
+    for split in synth.SPLITS:
+        for record in records["vision_dominant"][split]:
+            assert not re.search(r"\d", record["question"]), record["question"]
+        for record in records["text_dominant"][split]:
+            numbers_in_question = re.findall(r"\d+", record["question"])
+            assert len(numbers_in_question) >= 2, record["question"]
+
+
+def test_test_split_is_out_of_distribution(datasets):
+    _, records = datasets
+    for flavour in synth.FLAVOURS:
+        train, test = records[flavour]["train"], records[flavour]["test"]
+        max_train_answer = max(int(record["answer"]) for record in train)
+        assert max(int(record["answer"]) for record in test) > max_train_answer
+        for kind in {record["kind"] for record in train}:
+            train_answers = [int(r["answer"]) for r in train if r["kind"] == kind]
+            test_answers = [int(r["answer"]) for r in test if r["kind"] == kind]
+            assert test_answers, kind  # every training kind reappears, with larger numbers
+            assert min(test_answers) > max(train_answers), kind
+        train_kinds = {record["kind"] for record in train}
+        unseen_kinds = {record["kind"] for record in test} - train_kinds
+        assert unseen_kinds == {"text_dominant": {"trapezoid_area"}}.get(
+            flavour, {"count_triangles"}
+        )
+        validation_kinds = {record["kind"] for record in records[flavour]["validation"]}
+        assert validation_kinds <= train_kinds
+
+
+def test_same_seed_gives_identical_bytes_and_other_seeds_differ(tmp_path):
+    def snapshot(out_dir: Path, seed: int) -> dict[str, bytes]:
+        synth.generate(out_dir, "vision_dominant", 6, 2, 6, seed=seed, text_only_fraction=0.3)
+        return {
+            str(path.relative_to(out_dir)): path.read_bytes()
+            for path in sorted(out_dir.rglob("*"))
+            if path.is_file()
+        }
+
+    first, again = snapshot(tmp_path / "a", 3), snapshot(tmp_path / "b", 3)
+    assert len(first) > 3
+    assert first == again
+    other_seed = snapshot(tmp_path / "c", 4)
+    jsonl = "vision_dominant/vision_dominant_train.jsonl"
+    assert other_seed[jsonl] != first[jsonl]
+
+
+def test_text_only_fraction(tmp_path):
+    none = synth.generate(tmp_path / "none", "text_dominant", 20, 0, 0, text_only_fraction=0.0)
+    assert all("image" in record for record in _read(none["train"]))
+    half = synth.generate(tmp_path / "half", "vision_dominant", 40, 0, 0, text_only_fraction=0.5)
+    text_only = [record for record in _read(half["train"]) if "image" not in record]
+    assert 5 <= len(text_only) <= 35
+    for record in text_only:
+        assert "<image>" not in record["question"]
+        assert rewards.last_boxed(record["solution"]) == record["answer"]
+    every = synth.generate(tmp_path / "all", "text_dominant", 5, 0, 0, text_only_fraction=1.0)
+    assert not any("image" in record for record in _read(every["train"]))
+    assert not list((tmp_path / "all" / "text_dominant" / "images").iterdir())
+
+
+def test_invalid_options_raise(tmp_path):
+    with pytest.raises(ValueError, match="unknown flavour 'both'"):
+        synth.generate(tmp_path, "both")
+    with pytest.raises(ValueError, match="image_size"):
+        synth.generate(tmp_path, "text_dominant", image_size=8)
+
+
+def test_command_line_writes_both_flavours(tmp_path):
+    command = [sys.executable, "-m", "maye_jax.synth", f"--out={tmp_path}", "--num_train=3"]
+    command += ["--num_validation=1", "--num_test=2", "--image_size=48"]
+    project_root = Path(__file__).resolve().parents[2]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, cwd=project_root
+    )
+    assert completed.returncode == 0, completed.stderr
+    for flavour in synth.FLAVOURS:
+        lines = (tmp_path / flavour / f"{flavour}_test.jsonl").read_text().splitlines()
+        assert len(lines) == 2
+        with Image.open(tmp_path / flavour / json.loads(lines[0])["image"]) as image:
+            assert image.size == (48, 48)
