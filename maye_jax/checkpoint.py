@@ -253,5 +253,5 @@ def _numpy_to_torch(array: np.ndarray):
     import torch
 
     if array.dtype == jnp.bfloat16:
-        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
-    return torch.from_numpy(array)
+        return torch.tensor(array.view(np.uint16)).view(torch.bfloat16)
+    return torch.tensor(array)  # a copy: device_get arrays are read-only
