@@ -44,17 +44,37 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 
 
-def build_messages(question: str, has_image: bool) -> list[dict[str, Any]]:
-    """One user turn: the image item first (if any), then the question plus the MAYE instruction."""
+# Instructions appended to the question, by name; users add theirs with register_prompt_template.
+PROMPT_TEMPLATES: dict[str, str] = {"maye": MAYE_INSTRUCTION, "plain": ""}
+
+
+def register_prompt_template(name: str, instruction: str) -> None:
+    if name in PROMPT_TEMPLATES:
+        raise ValueError(f"prompt template {name!r} already registered")
+    PROMPT_TEMPLATES[name] = instruction
+
+
+def get_prompt_template(name: str) -> str:
+    if name not in PROMPT_TEMPLATES:
+        raise ValueError(f"unknown prompt template {name!r}; known: {sorted(PROMPT_TEMPLATES)}")
+    return PROMPT_TEMPLATES[name]
+
+
+def build_messages(
+    question: str, has_image: bool, instruction: str = MAYE_INSTRUCTION
+) -> list[dict[str, Any]]:
+    """One user turn: the image item first (if any), then the question plus the instruction."""
     content: list[dict[str, Any]] = [{"type": "image"}] if has_image else []
-    content.append({"type": "text", "text": question + MAYE_INSTRUCTION})
+    content.append({"type": "text", "text": question + instruction})
     return [{"role": "user", "content": content}]
 
 
-def render_prompt(tokenizer: Any, question: str, has_image: bool) -> str:
+def render_prompt(
+    tokenizer: Any, question: str, has_image: bool, instruction: str = MAYE_INSTRUCTION
+) -> str:
     """The prompt text: chat template with its default system turn and the generation prompt."""
     return tokenizer.apply_chat_template(
-        build_messages(question, has_image), tokenize=False, add_generation_prompt=True
+        build_messages(question, has_image, instruction), tokenize=False, add_generation_prompt=True
     )
 
 
@@ -149,10 +169,12 @@ class VLProcessor:
         """How many `<|image_pad|>` tokens one image occupies: t * h * w / merge_size**2."""
         return int(np.prod(grid_thw)) // self.merge_size**2
 
-    def encode(self, image: Image.Image | None, question: str) -> dict[str, np.ndarray | None]:
+    def encode(
+        self, image: Image.Image | None, question: str, instruction: str = MAYE_INSTRUCTION
+    ) -> dict[str, np.ndarray | None]:
         """One prompt: input_ids int32 [L], attention_mask int32 [L], pixel_values float32
         [P, 1176] | None, image_grid_thw int32 [1, 3] | None."""
-        prompt = render_prompt(self.tokenizer, question, has_image=image is not None)
+        prompt = render_prompt(self.tokenizer, question, image is not None, instruction)
         prompt_ids = np.asarray(
             self.tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int32
         )
