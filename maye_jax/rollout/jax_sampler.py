@@ -1,0 +1,365 @@
+"""The in-process JAX sampler: the default rollout engine (same process, same weights, no copy).
+
+One `generate` call, for each chunk of at most `max_rows` sample rows:
+  1. host: the chunk's prompts -> a left-padded prompt batch (maye_jax/sequences.py: M-RoPE
+     positions, rope deltas, packed images); rows and lengths rounded up to buckets;
+  2. jit `_prompt_embeddings`: the image features (computed once) scattered into the prompt's
+     token embeddings;
+  3. jit `_generate`: prefill every prompt once into a KV cache, copy each prompt's cache to its
+     n sample rows, then one-token decode steps in a `lax.while_loop` that ends as soon as every
+     row has stopped (or after max_tokens).
+
+KV cache of one layer: [rows, P + R, kv_heads, head_dim]; slots 0..P-1 hold the left-padded
+prompt (padding slots are masked out), slot P + t holds response token t.
+
+    slot:    0 ........... P-1 | P ..................... P+R-1
+    row r:   [pad..pad prompt ] [token 0, token 1, ...  unused]
+
+Response token t of row r has M-RoPE position (valid prompt tokens of r) + t + rope_deltas[r] in
+all three components, as transformers generates it. Shapes are static per (prompt rows, P, sample
+rows, R, greedy, truncation): rows are powers of two (at least `batch_bucket`), P a multiple of
+`prompt_bucket`, R a multiple of `length_bucket`, so a run compiles a bounded number of programs.
+
+Randomness: the key of sample j of prompt i is `request_seed(seed, step, i, j)`, folded with the
+token index at every step, so a completion does not depend on which requests share its batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from maye_jax.rollout.engine import Completion, Prompt, Sampling, request_seed
+from maye_jax.rollout.sampling_ops import sample_tokens
+from maye_jax.sequences import image_features, make_sequence_batch
+from models.configs import ModelConfig
+from models.hf_mapping import from_hf_layout, hf_name_for, normalize_hf_name
+from models.qwen_vl import causal_padding_mask
+from models.vision_inputs import bucket
+
+# Number of times each jitted function was traced in this process (one per compiled shape).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+_NO_TOKEN = -1  # fills the output after a row has finished (never returned)
+
+
+class JaxSampler:
+    """A `RolloutEngine` (maye_jax/rollout/engine.py) that runs the Flax model in this process."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        config: ModelConfig,
+        tokenizer: Any = None,
+        *,
+        pad_id: int = 151643,
+        prompt_bucket: int = 64,
+        length_bucket: int = 128,
+        batch_bucket: int = 8,
+        max_rows: int | None = 256,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.pad_id = pad_id
+        self.prompt_bucket = prompt_bucket
+        self.length_bucket = length_bucket
+        self.batch_bucket = batch_bucket
+        self.max_rows = max_rows
+        self.weights_version = 0
+        self.set_model(model)
+
+    # -- weights ------------------------------------------------------------------------
+    def set_model(self, model: nnx.Module) -> None:
+        """Samples from `model` from now on (the in-process way to sync: no copy is made)."""
+        self._graphdef, self._state = nnx.split(model)
+
+    def sync_weights(self, named_hf_arrays: Mapping[str, np.ndarray], version: int) -> str:
+        """Replaces the named parameters (HF names and layouts; a subset, e.g. only the trainable
+        ones, is fine) and returns `weights_checksum` of what was loaded."""
+        flat = dict(nnx.to_flat_state(self._state))
+        by_hf_name = {hf_name_for(".".join(str(p) for p in path)): path for path in flat}
+        tied = self.config.tie_word_embeddings
+        for raw_name in sorted(named_hf_arrays):
+            name = normalize_hf_name(raw_name)
+            if tied and name == "lm_head.weight":
+                continue
+            if name not in by_hf_name:
+                raise KeyError(f"sync_weights: unknown tensor {raw_name!r} (version {version})")
+            path = by_hf_name[name]
+            flax_name = ".".join(str(p) for p in path)
+            old = flat[path].get_value()
+            value = from_hf_layout(flax_name, np.asarray(named_hf_arrays[raw_name]))
+            if value.shape != old.shape:
+                raise ValueError(
+                    f"sync_weights: {raw_name} has shape {np.shape(named_hf_arrays[raw_name])}; "
+                    f"the model expects {old.shape} in our layout (version {version})"
+                )
+            placed = jax.device_put(value.astype(old.dtype), old.sharding)
+            flat[path] = flat[path].replace(placed)
+        self._state = nnx.from_flat_state(flat)
+        self.weights_version = version
+        return weights_checksum(named_hf_arrays)
+
+    def close(self) -> None:
+        self._state = None
+
+    # -- sampling -----------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+    ) -> list[list[Completion]]:
+        """Per prompt, `sampling.n` completions (SPEC §3 logprobs, stop token included)."""
+        _check_sampling(sampling)
+        for index, prompt in enumerate(prompts):
+            if np.asarray(prompt.prompt_token_ids).size == 0:
+                raise ValueError(f"generate: prompt {index} has no tokens")
+        per_chunk = max(1, (self.max_rows or len(prompts) * sampling.n) // sampling.n)
+        results: list[list[Completion]] = []
+        for start in range(0, len(prompts), per_chunk):
+            chunk = list(prompts[start : start + per_chunk])
+            results.extend(self._generate_chunk(chunk, start, sampling, step))
+        return results
+
+    def _generate_chunk(
+        self, prompts: list[Prompt], first_index: int, sampling: Sampling, step: int
+    ) -> list[list[Completion]]:
+        n = sampling.n
+        batch = make_sequence_batch(
+            [
+                dict(
+                    input_ids=p.prompt_token_ids,
+                    pixel_values=p.pixel_values,
+                    image_grid_thw=p.image_grid_thw,
+                )
+                for p in prompts
+            ],
+            [[] for _ in prompts],
+            self.config,
+            pad_id=self.pad_id,
+            length_multiple=self.prompt_bucket,
+            batch_size=bucket(len(prompts), self.batch_bucket),
+        )
+        prompt_len = batch.prompt_len
+        num_rows = bucket(len(prompts) * n, self.batch_bucket)
+        row_prompt = np.zeros(num_rows, np.int32)
+        row_seed = np.zeros(num_rows, np.int32)
+        row_active = np.zeros(num_rows, bool)
+        for i in range(len(prompts)):
+            for j in range(n):
+                row = i * n + j
+                row_prompt[row] = i
+                row_seed[row] = request_seed(sampling.seed, step, first_index + i, j)
+                row_active[row] = True
+        stop_ids = np.full(bucket(len(sampling.stop_token_ids), 4), _NO_TOKEN, np.int32)
+        stop_ids[: len(sampling.stop_token_ids)] = sampling.stop_token_ids
+        vision = None if batch.vision is None else jax.tree.map(jnp.asarray, batch.vision)
+        embeds = _prompt_embeddings(
+            self._graphdef,
+            self._state,
+            jnp.asarray(batch.input_ids[:, :prompt_len]),
+            jnp.asarray(batch.image_feature_index[:, :prompt_len]),
+            vision,
+        )
+        tokens, logprobs, lengths = _generate(
+            self._graphdef,
+            self._state,
+            embeds,
+            jnp.asarray(batch.positions[:, :, :prompt_len]),
+            jnp.asarray(batch.attention_mask[:, :prompt_len]),
+            jnp.asarray(batch.rope_deltas),
+            jnp.asarray(row_prompt),
+            jnp.asarray(row_seed),
+            jnp.asarray(row_active),
+            jnp.float32(max(sampling.temperature, 0.0)),
+            jnp.int32(sampling.top_k),
+            jnp.float32(sampling.top_p),
+            jnp.int32(sampling.max_tokens),
+            jnp.asarray(stop_ids),
+            response_len=_round_up(sampling.max_tokens, self.length_bucket),
+            greedy=sampling.greedy,
+            use_top_k=0 < sampling.top_k < self.config.text.vocab_size,
+            use_top_p=sampling.top_p < 1.0,
+        )
+        tokens, logprobs, lengths = jax.device_get((tokens, logprobs, lengths))
+        stop_set = set(sampling.stop_token_ids)
+        out = []
+        for i in range(len(prompts)):
+            completions = []
+            for j in range(n):
+                row = i * n + j
+                ids = tokens[row, : lengths[row]].tolist()
+                completions.append(
+                    Completion(
+                        token_ids=ids,
+                        logprobs=logprobs[row, : lengths[row]].tolist(),
+                        text=self._decode(ids),
+                        finish_reason="stop" if ids and ids[-1] in stop_set else "length",
+                    )
+                )
+            out.append(completions)
+        return out
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+
+def weights_checksum(named_arrays: Mapping[str, np.ndarray]) -> str:
+    """CRC32 over (name, dtype, shape, bytes) of every array, in name order, as 8 hex digits."""
+    crc = 0
+    for name in sorted(named_arrays):
+        array = np.ascontiguousarray(named_arrays[name])
+        header = f"{name}|{array.dtype.str}|{array.shape}".encode()
+        crc = zlib.crc32(memoryview(array).cast("B"), zlib.crc32(header, crc))
+    return f"{crc:08x}"
+
+
+def _check_sampling(sampling: Sampling) -> None:
+    if sampling.n < 1:
+        raise ValueError(f"Sampling.n must be >= 1, got {sampling.n}")
+    if sampling.max_tokens < 1:
+        raise ValueError(f"Sampling.max_tokens must be >= 1, got {sampling.max_tokens}")
+    if not 0.0 < sampling.top_p <= 1.0:
+        raise ValueError(f"Sampling.top_p must be in (0, 1], got {sampling.top_p}")
+    if not sampling.stop_token_ids or min(sampling.stop_token_ids) < 0:
+        raise ValueError(f"Sampling.stop_token_ids must be non-negative ids, got {sampling}")
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prompt_embeddings(graphdef, state, input_ids, image_feature_index, vision):
+    """[prompt rows, P, D] token embeddings with the image features in place."""
+    TRACE_COUNTS["prompt_embeddings"] += 1
+    model = nnx.merge(graphdef, state)
+    features = image_features(model, vision)
+    return model.embed(input_ids, features, None if features is None else image_feature_index)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "response_len", "greedy", "use_top_k", "use_top_p")
+)
+def _generate(
+    graphdef,
+    state,
+    embeds,  # [Bp, P, D] prompt embeddings
+    positions,  # [3, Bp, P] M-RoPE positions of the prompt
+    prompt_mask,  # [Bp, P] 1 = prompt token, 0 = left padding
+    rope_deltas,  # [Bp]
+    row_prompt,  # [B] which prompt each sample row continues
+    row_seed,  # [B] request_seed of each row
+    row_active,  # [B] False for the rows that only pad the batch
+    temperature,
+    top_k,
+    top_p,
+    max_tokens,
+    stop_ids,  # [S] stop token ids, padded with -1
+    *,
+    response_len: int,
+    greedy: bool,
+    use_top_k: bool,
+    use_top_p: bool,
+):
+    """Prefill + decode. Returns tokens [B, R] int32, logprobs [B, R] fp32, lengths [B] int32."""
+    TRACE_COUNTS["generate"] += 1
+    # Cast the weights to the compute dtype once, not at every use inside the loop (the model
+    # casts each weight where it uses it, so the numbers are the same).
+    compute_dtype = nnx.merge(graphdef, state).dtype
+    state = jax.tree.map(
+        lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
+    )
+    model = nnx.merge(graphdef, state)
+    text = model.config.text
+    prompt_rows, prompt_len, _ = embeds.shape
+    num_rows = row_prompt.shape[0]
+
+    # Prefill: every prompt once, into a cache of P slots.
+    empty = jnp.zeros((prompt_rows, prompt_len, text.num_kv_heads, text.head_dim), model.dtype)
+    hidden, caches = model.language_model(
+        embeds,
+        positions,
+        causal_padding_mask(prompt_mask),
+        kv_caches=[(empty, empty)] * text.num_layers,
+        cache_index=0,
+    )
+    first_logits = jnp.take(model.logits(hidden[:, -1:])[:, 0], row_prompt, axis=0)  # [B, V]
+
+    # Each prompt's cache copied to its sample rows, with R response slots appended.
+    def to_rows(cache):
+        cache = jnp.take(cache, row_prompt, axis=0)
+        return jnp.pad(cache, ((0, 0), (0, response_len), (0, 0), (0, 0)))
+
+    caches = [(to_rows(keys), to_rows(values)) for keys, values in caches]
+    prompt_slots = jnp.take(prompt_mask.astype(bool), row_prompt, axis=0)  # [B, P]
+    prompt_tokens = jnp.sum(prompt_slots, axis=1, dtype=jnp.int32)  # [B]
+    row_deltas = jnp.take(rope_deltas, row_prompt)
+    row_keys = jax.vmap(jax.random.key)(row_seed)
+
+    def emit(outputs, logits, index):
+        """Samples response token `index` of every row from `logits` [B, V] and records it."""
+        tokens, logprobs, lengths, done = outputs
+        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, index)
+        token, logprob = sample_tokens(
+            logits,
+            keys,
+            temperature,
+            top_k,
+            top_p,
+            greedy=greedy,
+            use_top_k=use_top_k,
+            use_top_p=use_top_p,
+        )
+        tokens = tokens.at[:, index].set(jnp.where(done, _NO_TOKEN, token))
+        logprobs = logprobs.at[:, index].set(jnp.where(done, 0.0, logprob))
+        lengths = lengths + (~done).astype(jnp.int32)
+        stopped = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+        done = done | stopped | (index + 1 >= max_tokens)
+        return (tokens, logprobs, lengths, done), token
+
+    outputs = (
+        jnp.full((num_rows, response_len), _NO_TOKEN, jnp.int32),
+        jnp.zeros((num_rows, response_len), jnp.float32),
+        jnp.zeros((num_rows,), jnp.int32),
+        ~row_active,
+    )
+    outputs, last_token = emit(outputs, first_logits, 0)
+
+    def keep_going(carry):
+        index, outputs, _, _ = carry
+        return (index < max_tokens) & ~jnp.all(outputs[3])
+
+    def decode_step(carry):
+        """Feeds token index-1 (cache slot P+index-1) and samples token `index`."""
+        index, outputs, last_token, caches = carry
+        step_model = nnx.merge(graphdef, state)
+        position = prompt_tokens + index - 1 + row_deltas  # [B]
+        step_positions = jnp.broadcast_to(position[None, :, None], (3, num_rows, 1))
+        response_slots = jnp.broadcast_to(
+            jnp.arange(response_len) < index, (num_rows, response_len)
+        )
+        mask = jnp.concatenate([prompt_slots, response_slots], axis=1)[:, None, :]  # [B, 1, K]
+        hidden, caches = step_model.language_model(
+            step_model.embed(last_token[:, None]),
+            step_positions,
+            mask,
+            kv_caches=caches,
+            cache_index=prompt_len + index - 1,
+        )
+        outputs, last_token = emit(outputs, step_model.logits(hidden)[:, 0], index)
+        return index + 1, outputs, last_token, caches
+
+    _, outputs, _, _ = jax.lax.while_loop(
+        keep_going, decode_step, (jnp.int32(1), outputs, last_token, caches)
+    )
+    tokens, logprobs, lengths, _ = outputs
+    return tokens, logprobs, lengths
