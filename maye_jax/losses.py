@@ -132,6 +132,22 @@ def ppo_clip_loss(
     return jnp.where(mask, token_losses, 0.0), metrics
 
 
+@register_policy_loss("nll")
+def nll_loss(
+    *,
+    logprobs: ArrayLike,  # [B, T], differentiated
+    logprobs_old: ArrayLike,  # [B, T], unused
+    advantages: ArrayLike,  # [B, T], unused
+    response_mask: ArrayLike,  # [B, T]
+    config: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Negative log-likelihood per token: supervised fine-tuning (the SFT baseline, SPEC §5)
+    through the same step, aggregation and exact accumulation as the RL losses."""
+    del logprobs_old, advantages, config
+    mask = as_mask(response_mask)
+    return jnp.where(mask, -as_float(logprobs), 0.0), {}
+
+
 def kl_token_loss(
     logprobs: ArrayLike,  # [B, T], differentiated
     ref_logprobs: ArrayLike,  # [B, T]

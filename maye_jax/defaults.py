@@ -1,0 +1,156 @@
+"""Every experiment option with its default; `configs/*.py` start from `default_config()`.
+
+Batch sizes are global numbers (all devices together). SPEC §4 values are the defaults where
+the paper sets them; `paper_preset(config)` applies the original's choices explicitly.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.name = "run"
+    c.seed = 0
+    c.output_dir = "runs/run"
+    c.resume = False  # continue from the latest checkpoint in output_dir
+
+    # The policy: an HF model directory or a maye-jax checkpoint; or a tiny random model.
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""
+    c.model.tiny_family = ""  # "qwen2_vl" | "qwen2_5_vl": build a tiny random model instead
+    c.model.tiny_hidden_size = 64
+    c.model.tiny_num_layers = 2
+    c.model.tiny_seed = 0
+    c.model.dtype = "bfloat16"  # compute dtype
+    c.model.frozen_dtype = "bfloat16"
+    c.model.remat = False
+    c.model.train_vit = False
+    c.model.train_connector = False
+    c.model.train_llm = True
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_file = ""
+    c.data.validation_file = ""
+    c.data.test_file = ""
+    c.data.on_error = "fail"  # fail | skip
+    c.data.prompt_template = "maye"
+    c.data.min_pixels = 4 * 28 * 28
+    c.data.max_pixels = 16384 * 28 * 28
+    # Generate a synthetic dataset first (maye_jax/synth.py) when `synth_dir` is set.
+    c.data.synth_dir = ""
+    c.data.synth_flavour = "text_dominant"
+    c.data.synth_num_train = 64
+    c.data.synth_num_validation = 16
+    c.data.synth_num_test = 16
+    c.data.synth_image_size = 112
+
+    c.sharding = ml_collections.ConfigDict()
+    c.sharding.fsdp = 1
+    c.sharding.tp = 1
+    c.sharding.dp = 1
+    c.sharding.max_replicated_fraction = 0.05
+    c.sharding.coordinator_address = ""  # multi-host: jax.distributed
+    c.sharding.num_processes = -1
+    c.sharding.process_id = -1
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.engine = "jax"  # jax | hf | vllm
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = -1
+    c.rollout.max_tokens = 2048
+    c.rollout.num_samples = 1  # responses per prompt (GRPO/RLOO need > 1)
+    c.rollout.worker_python = ""  # the worker's interpreter (e.g. .venv-vllm/bin/python)
+    c.rollout.worker_devices = ""  # CUDA_VISIBLE_DEVICES of the worker, e.g. "7"
+    c.rollout.gpu_memory_utilization = 0.75
+    c.rollout.timeout_s = 600.0
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.num_epochs = 1
+    c.rl.batch_size = 896  # responses per generation step (global)
+    c.rl.ppo_batch_size = 28  # rows per update (global): 4 per rank x 7 ranks
+    c.rl.ppo_epochs = 1
+    c.rl.micro_batch_size = 28  # rows per micro-batch (gradient accumulation inside an update)
+    c.rl.forward_batch_size = 112  # rows per logprob forward when building trajectories
+    c.rl.advantage_estimator = "reinforce_pp"
+    c.rl.gamma = 1.0
+    c.rl.kl_reward_coeff = 0.0
+    c.rl.kl_loss_coeff = 0.001
+    c.rl.kl_estimator = "k3"
+    c.rl.whiten = True
+    c.rl.shift_mean = True
+    c.rl.policy_loss = "ppo_clip"
+    c.rl.clip_eps_low = 0.2
+    c.rl.clip_eps_high = 0.2
+    c.rl.loss_agg = "token_mean"
+    c.rl.rollout_is_cap = 0.0  # > 0 turns on truncated importance sampling (SPEC §3)
+    c.rl.logprob_chunk_size = 512
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 5e-6
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.eps = 1e-5
+    c.optim.weight_decay = 0.01
+    c.optim.max_grad_norm = 1.0
+    c.optim.schedule = "warmup_cosine"
+    c.optim.warmup_fraction = 0.1
+
+    c.rewards = ml_collections.ConfigDict()
+    c.rewards.names = ("accuracy", "language")
+    c.rewards.language_char_class = "cjk"
+    c.rewards.timeout_s = 5.0
+    c.rewards.penalty = False  # the original's optional no-EOS / too-short penalty
+    c.rewards.min_response_length = 0
+    c.rewards.reward_penalty = -0.1
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.enabled = True
+    c.eval.at_start = True  # epoch 0: the untrained model
+    c.eval.every_epochs = 1
+    c.eval.max_tokens = 2048
+    c.eval.splits = ("validation", "test")
+    c.eval.settings = ("pass@8_t1.0", "pass@1_t0.6", "pass@1_t0.01")
+    c.eval.save_responses = False
+    c.eval.batch_size = 64
+
+    c.sft = ml_collections.ConfigDict()
+    c.sft.num_epochs = 0  # > 0: SFT warm-up before RL (the demo), or the SFT baseline's epochs
+    c.sft.batch_size = 16
+    c.sft.micro_batch_size = 16
+    c.sft.learning_rate = 1e-5
+    c.sft.warmup_fraction = 0.1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 10
+    c.checkpoint.keep = 2
+    c.checkpoint.export_hf = True  # write the final policy as an HF directory
+
+    c.logging = ml_collections.ConfigDict()
+    c.logging.tensorboard = False
+    c.logging.wandb = False
+    c.logging.wandb_project = "maye-jax"
+    c.logging.save_rollouts = True
+    c.logging.progress_bar = True
+    return c
+
+
+def paper_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The original MAYE's choices (SPEC §4): shift_mean on, token-mean loss, KL in the loss only."""
+    c.rl.advantage_estimator = "reinforce_pp"
+    c.rl.shift_mean = True
+    c.rl.whiten = True
+    c.rl.loss_agg = "token_mean"
+    c.rl.kl_reward_coeff = 0.0
+    c.rl.kl_loss_coeff = 0.001
+    c.rl.clip_eps_low = c.rl.clip_eps_high = 0.2
+    c.rl.batch_size = 896
+    c.rl.ppo_batch_size = 28
+    c.rl.ppo_epochs = 1
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.max_tokens = 2048
+    c.optim.learning_rate = 5e-6
+    return c

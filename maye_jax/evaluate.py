@@ -1,0 +1,180 @@
+"""The MAYE evaluation scheme (SPEC §6): accuracy under three generation settings.
+
+    pass@8_t1.0   8 samples, temperature 1.0, top_p 1.0; a prompt counts if any is correct
+    pass@1_t0.6   1 sample,  temperature 0.6, top_p 1.0
+    pass@1_t0.01  1 sample,  temperature 0.01, top_p 0.001
+
+The trainer calls `evaluate_split` after every epoch and at epoch 0; the CLI evaluates any
+checkpoint or HF model offline with the same code:
+
+    python -m maye_jax.evaluate --model=DIR --data=FILE.jsonl [--engine=jax|hf|vllm]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from absl import app, flags
+
+from maye_jax.data import Record
+from maye_jax.rollout.engine import Prompt, Sampling
+
+SETTINGS: dict[str, dict] = {
+    "pass@8_t1.0": dict(n=8, temperature=1.0, top_p=1.0),
+    "pass@1_t0.6": dict(n=1, temperature=0.6, top_p=1.0),
+    "pass@1_t0.01": dict(n=1, temperature=0.01, top_p=0.001),
+}
+
+
+def sampling_for(setting: str, *, max_tokens: int, seed: int, stop_token_ids) -> Sampling:
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown evaluation setting {setting!r}; known: {sorted(SETTINGS)}")
+    return Sampling(
+        max_tokens=max_tokens, seed=seed, stop_token_ids=tuple(stop_token_ids), **SETTINGS[setting]
+    )
+
+
+def encode_prompts(
+    processor, records: Sequence[Record], instruction: str
+) -> tuple[list[dict], list[Prompt]]:
+    encoded = [processor.encode(r.load_image(), r.question, instruction) for r in records]
+    prompts = [Prompt(e["input_ids"], e["pixel_values"], e["image_grid_thw"]) for e in encoded]
+    return encoded, prompts
+
+
+def evaluate_split(
+    engine,
+    processor,
+    records: Sequence[Record],
+    *,
+    split: str,
+    settings: Sequence[str],
+    max_tokens: int,
+    seed: int,
+    step: int,
+    instruction: str,
+    batch_size: int = 64,
+    stop_token_ids=(151645, 151643),
+    reward_timeout_s: float = 5.0,
+):
+    """Returns ({f"eval/{split}/{setting}": accuracy}, [response rows]) for one split."""
+    from maye_jax.rewards import accuracy_rewards
+    from maye_jax.scheme import pass_at_k
+
+    metrics, rows = {}, []
+    for setting in settings:
+        sampling = sampling_for(
+            setting, max_tokens=max_tokens, seed=seed, stop_token_ids=stop_token_ids
+        )
+        correct_matrix = []
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            _, prompts = encode_prompts(processor, chunk, instruction)
+            # A distinct step per (split, setting) keeps the evaluation draws independent of
+            # the training draws of the same generation step.
+            completions = engine.generate(prompts, sampling, step=_eval_step(step, split, setting))
+            texts = [c.text for samples in completions for c in samples]
+            solutions = [r.solution for r, samples in zip(chunk, completions) for _ in samples]
+            answers = [r.answer for r, samples in zip(chunk, completions) for _ in samples]
+            scores = accuracy_rewards(texts, solutions, answers, timeout_s=reward_timeout_s)
+            offset = 0
+            for record, samples in zip(chunk, completions):
+                flags_ = [s >= 1.0 for s in scores[offset : offset + len(samples)]]
+                correct_matrix.append(flags_)
+                for completion, ok in zip(samples, flags_):
+                    rows.append(
+                        dict(
+                            split=split,
+                            setting=setting,
+                            id=record.id,
+                            response=completion.text,
+                            correct=bool(ok),
+                            finish_reason=completion.finish_reason,
+                        )
+                    )
+                offset += len(samples)
+        metrics[f"eval/{split}/{setting}"] = pass_at_k(correct_matrix)
+    return metrics, rows
+
+
+def _eval_step(step: int, split: str, setting: str) -> int:
+    import zlib
+
+    return 1_000_000 + step * 1000 + zlib.crc32(f"{split}/{setting}".encode()) % 997
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+    flags.DEFINE_string("model", None, "HF model directory or maye-jax checkpoint.")
+    flags.DEFINE_string("data", None, "MAYE jsonl file to evaluate on.")
+    flags.DEFINE_string("split", "test", "Name of the split in the metric keys.")
+    flags.DEFINE_enum("engine", "jax", ["jax", "hf", "vllm"], "Rollout engine.")
+    flags.DEFINE_string("worker_python", "", "Interpreter of the hf/vllm worker.")
+    flags.DEFINE_list("settings", list(SETTINGS), "Evaluation settings.")
+    flags.DEFINE_integer("max_tokens", 2048, "Max new tokens.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
+    flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype (jax engine).")
+    flags.DEFINE_string("output", "", "Optional jsonl of every response with its correctness.")
+    flags.DEFINE_string("prompt_template", "maye", "Prompt template name.")
+
+
+def main(argv):
+    del argv
+    import jax.numpy as jnp
+
+    from maye_jax.data import DataError, read_records
+    from maye_jax.processor import get_prompt_template, load_processor
+    from maye_jax.rollout.factory import make_engine
+    from models.configs import ModelConfig
+
+    if not FLAGS.model or not FLAGS.data:
+        print("evaluate: --model and --data are required", file=sys.stderr)
+        return 2
+    try:
+        records = read_records(FLAGS.data)
+        dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+        from maye_jax.checkpoint import load_model
+
+        model, hf_config = load_model(FLAGS.model, dtype=dtype)
+        config = ModelConfig.from_hf(hf_config)
+        processor = load_processor(FLAGS.model, family=config.family)
+        engine = make_engine(
+            FLAGS.engine,
+            model=model,
+            config=config,
+            tokenizer=processor.tokenizer,
+            model_dir=FLAGS.model,
+            worker_python=FLAGS.worker_python,
+        )
+        try:
+            metrics, rows = evaluate_split(
+                engine,
+                processor,
+                records,
+                split=FLAGS.split,
+                settings=FLAGS.settings,
+                max_tokens=FLAGS.max_tokens,
+                seed=FLAGS.seed,
+                step=0,
+                instruction=get_prompt_template(FLAGS.prompt_template),
+            )
+        finally:
+            engine.close()
+    except (DataError, FileNotFoundError, ValueError) as error:
+        print(f"evaluate: error: {error}", file=sys.stderr)
+        return 1
+    if FLAGS.output:
+        Path(FLAGS.output).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    _define_flags()
+    app.run(lambda argv: sys.exit(main(argv)))

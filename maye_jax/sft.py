@@ -1,0 +1,265 @@
+"""Supervised fine-tuning on the golden `solution` (SPEC §5): the paper's SFT baseline, and the
+demo's warm-up before RL.
+
+The loss is the token-mean negative log-likelihood of the response tokens only (the solution
+followed by `<|im_end|>`); prompt tokens carry no loss. It runs through the same sharded,
+jitted update step as RL (policy loss "nll"), with the same checkpoints, the same evaluation
+after every epoch (and at epoch 0) and the same metrics file format.
+
+    python -m maye_jax.sft --config=configs/<name>.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from maye_jax import runtime
+from maye_jax.data import epoch_order
+from maye_jax.evaluate import evaluate_split
+from maye_jax.losses import LossConfig
+from maye_jax.metrics import MetricsWriter, write_run_json
+from maye_jax.processor import get_prompt_template, load_processor
+from maye_jax.rollout.factory import make_engine
+from maye_jax.sequences import make_sequence_batch
+from maye_jax.tokenizer import IM_END_ID
+from maye_jax.trajectory import _features
+from maye_jax.update import (
+    UpdateConfig,
+    check_finite,
+    make_minibatch,
+    make_train_step,
+    per_row_image_features,
+)
+from models.vision_inputs import bucket
+
+log = logging.getLogger("maye_jax")
+
+
+def sft_targets(tokenizer, records) -> list[list[int]]:
+    """Response ids of each record: its solution, tokenized alone, then <|im_end|>."""
+    return [
+        tokenizer(r.solution, add_special_tokens=False)["input_ids"] + [IM_END_ID] for r in records
+    ]
+
+
+class SFTRunner:
+    """Trains `policy` (runtime.Policy) on the solutions of `records` for `num_epochs`."""
+
+    def __init__(
+        self,
+        config,
+        policy,
+        processor,
+        data,
+        *,
+        num_epochs: int,
+        writer: MetricsWriter | None,
+        eval_engine=None,
+    ):
+        c = config
+        self.config, self.policy, self.processor, self.data = c, policy, processor, data
+        self.num_epochs = num_epochs
+        self.batch_size = c.sft.batch_size
+        self.steps_per_epoch = max(1, len(data["train"]) // self.batch_size)
+        total_updates = self.steps_per_epoch * num_epochs
+        self.optimizer, self.schedule = runtime.optimizer_for(
+            c,
+            total_updates,
+            learning_rate=c.sft.learning_rate,
+            warmup_fraction=c.sft.warmup_fraction,
+        )
+        from maye_jax.train import _rebuild_with_optimizer
+
+        self.policy = _rebuild_with_optimizer(c, policy, self.optimizer)
+        self.policy.ref_params = None  # SFT needs no reference model
+        self.update_config = UpdateConfig(
+            loss=LossConfig(policy_loss="nll", kl_loss_coeff=0.0, loss_agg="token_mean"),
+            temperature=1.0,
+            logprob_chunk_size=c.rl.logprob_chunk_size,
+        )
+        self.step_fn = make_train_step(
+            self.policy.model_def,
+            self.optimizer,
+            self.schedule,
+            self.policy.layout,
+            self.update_config,
+        )
+        self.writer = writer
+        self.instruction = get_prompt_template(c.data.prompt_template)
+        self.eval_engine = eval_engine
+
+    def batch_arrays(self, records):
+        tokenizer = self.processor.tokenizer
+        encoded = [
+            self.processor.encode(r.load_image(), r.question, self.instruction) for r in records
+        ]
+        batch = make_sequence_batch(
+            encoded,
+            sft_targets(tokenizer, records),
+            self.policy.model_config,
+            pad_id=tokenizer.pad_token_id,
+            batch_size=self.batch_size,
+            length_multiple=16,
+        )
+        zeros = np.zeros(batch.response_mask.shape, np.float32)
+        rows = dict(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            positions=batch.positions,
+            response_mask=batch.response_mask,
+            advantages=zeros,
+            logprobs_old=zeros,
+        )
+        if batch.vision is not None:
+            features = _features(self.policy.model(), jax.tree.map(jnp.asarray, batch.vision))
+            per_row = int((batch.image_feature_index >= 0).sum(axis=1).max())
+            rows["image_features"], rows["image_feature_index"] = per_row_image_features(
+                features, batch.image_feature_index, features_per_row=bucket(per_row, 4)
+            )
+        return rows
+
+    def evaluate(self, epoch: int) -> dict:
+        if self.eval_engine is None:
+            return {}
+        c = self.config
+        self.eval_engine.set_model(self.policy.model())
+        metrics = {}
+        for split in c.eval.splits:
+            if split in self.data:
+                split_metrics, _ = evaluate_split(
+                    self.eval_engine,
+                    self.processor,
+                    self.data[split],
+                    split=split,
+                    settings=list(c.eval.settings),
+                    max_tokens=c.eval.max_tokens,
+                    seed=c.seed,
+                    step=epoch,
+                    instruction=self.instruction,
+                    batch_size=c.eval.batch_size,
+                    reward_timeout_s=c.rewards.timeout_s,
+                )
+                metrics.update(split_metrics)
+        return metrics
+
+    def run(self, *, evaluate_at_start: bool, evaluate_every_epoch: bool) -> runtime.Policy:
+        c = self.config
+        num_micro = c.sft.batch_size // c.sft.micro_batch_size
+        step = 0
+        if evaluate_at_start and self.writer is not None:
+            self.writer.write(self.evaluate(0), generation_step=0, epoch=0)
+        train = self.data["train"]
+        for epoch in range(1, self.num_epochs + 1):
+            order = epoch_order(len(train), c.seed + 1000, epoch)
+            losses = []
+            for index in range(self.steps_per_epoch):
+                step += 1
+                started = time.perf_counter()
+                records = [
+                    train[i] for i in order[index * self.batch_size : (index + 1) * self.batch_size]
+                ]
+                minibatch = make_minibatch(self.batch_arrays(records), num_micro)
+                self.policy.state, metrics, finite = self.step_fn(
+                    self.policy.state, self.policy.frozen, minibatch
+                )
+                check_finite(finite, metrics, step=f"SFT {step}")
+                metrics = {
+                    f"sft/{k.replace('loss/policy', 'loss')}": float(v)
+                    for k, v in jax.device_get(metrics).items()
+                    if k in ("loss/policy", "grad_norm", "lr")
+                }
+                metrics["time/update_seconds"] = time.perf_counter() - started
+                losses.append(metrics["sft/loss"])
+                if index == self.steps_per_epoch - 1 and evaluate_every_epoch:
+                    metrics.update(self.evaluate(epoch))
+                if self.writer is not None:
+                    self.writer.write(metrics, generation_step=step, epoch=epoch)
+            log.info("SFT epoch %d: mean loss %.4f", epoch, float(np.mean(losses)))
+        return self.policy
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> int:
+    """The SFT baseline: evaluated at epoch 0 and after every epoch, like RL."""
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    c = FLAGS.config
+    output_dir = Path(c.output_dir).absolute()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    data = runtime.prepare_data(c)
+    mesh = runtime.build_mesh(c)
+    source = runtime.materialize_start_model(c)
+    optimizer, _ = runtime.optimizer_for(c, 1)
+    policy = runtime.build_policy(c, mesh, source, optimizer, with_reference=False)
+    processor = load_processor(
+        str(source),
+        family=policy.model_config.family,
+        min_pixels=c.data.min_pixels,
+        max_pixels=c.data.max_pixels,
+    )
+    write_run_json(
+        output_dir,
+        name=c.name,
+        seed=c.seed,
+        kind="sft",
+        config=c.to_dict(),
+        devices=[str(d) for d in jax.devices()],
+    )
+    writer = MetricsWriter(
+        output_dir,
+        tensorboard=c.logging.tensorboard,
+        wandb=c.logging.wandb,
+        run_name=c.name,
+        config=c.to_dict(),
+    )
+    engine = make_engine(
+        "jax", model=policy.model(), config=policy.model_config, tokenizer=processor.tokenizer
+    )
+    try:
+        runner = SFTRunner(
+            c,
+            policy,
+            processor,
+            data,
+            num_epochs=c.sft.num_epochs,
+            writer=writer,
+            eval_engine=engine if c.eval.enabled else None,
+        )
+        policy = runner.run(
+            evaluate_at_start=c.eval.enabled and c.eval.at_start,
+            evaluate_every_epoch=c.eval.enabled,
+        )
+        if c.checkpoint.export_hf:
+            from maye_jax.checkpoint import export_hf
+
+            export_hf(
+                policy.model(), policy.hf_config, output_dir / "final_hf", tokenizer_source=source
+            )
+    finally:
+        writer.close()
+    from maye_jax.train import summarize
+
+    print(json.dumps(summarize(output_dir), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file(
+        "config", None, "Experiment config file (configs/*.py).", lock_config=True
+    )
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,71 @@
+"""Training checkpoints for exact resume: the train state plus where the run stands.
+
+`OUTPUT_DIR/checkpoints/<generation_step>/` holds the sharded train state (trainable params,
+AdamW moments, update counter; Orbax) and `meta` (JSON: generation step, epoch, number of
+updates, the run seed). Data order and every random draw derive from (seed, generation step),
+so this is all a resumed run needs to continue exactly where it stopped. The reference model is
+the run's start model (`OUTPUT_DIR/start_model`), reloaded on resume.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+
+class TrainCheckpointer:
+    def __init__(self, output_dir, *, keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = Path(output_dir).absolute() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, generation_step: int, state, meta: dict) -> None:
+        ocp = self._ocp
+        self._manager.save(
+            generation_step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        self._manager.wait_until_finished()
+
+    def restore(self, generation_step: int, abstract_state):
+        """(state, meta); `abstract_state` has ShapeDtypeStructs with the target shardings, so
+        each device reads only its own shards."""
+        ocp = self._ocp
+        restored = self._manager.restore(
+            generation_step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["meta"])
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs of `tree` placed with `shardings` (a tree of the same structure)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        tree,
+        shardings,
+    )
+
+
+def start_model_dir(output_dir) -> Path:
+    return Path(output_dir).absolute() / "start_model"
+
+
+def has_start_model(output_dir) -> bool:
+    return os.path.isfile(start_model_dir(output_dir) / "maye_jax.json")

@@ -1,0 +1,198 @@
+"""Step 3 of MAYE: from prompts and sampled responses to everything the update needs.
+
+Queries and responses are concatenated in the layout of `maye_jax/sequences.py`, masks and
+M-RoPE positions recomputed on the host, the frozen vision tower run once for the batch, and
+the policy (`logprobs_old`, SPEC §3: recomputed by the trainer) and reference log-probabilities
+computed in chunks of `forward_batch_size` rows. Rewards are scored on the decoded texts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from maye_jax import rewards as rewards_lib
+from maye_jax.data import Record
+from maye_jax.rollout.engine import Completion
+from maye_jax.sequences import SequenceBatch, image_features, make_sequence_batch, response_logprobs
+from models.configs import ModelConfig
+
+
+@dataclasses.dataclass
+class Trajectory:
+    batch: SequenceBatch  # host arrays, rows = prompts x samples (+ padding rows)
+    features: jax.Array | None  # [N, D] frozen tower output of the batch
+    num_rows: int  # real rows (the rest of the batch is padding)
+    logprobs_old: np.ndarray  # [B, R] float32
+    ref_logprobs: np.ndarray  # [B, R] float32
+    rollout_logprobs: np.ndarray  # [B, R] float32, from the rollout engine
+    scores: np.ndarray  # [B] total reward (0 on padding rows)
+    reward_components: dict[str, np.ndarray]  # name -> [B]
+    correct: np.ndarray  # [B] bool, accuracy reward == 1
+    response_lengths: np.ndarray  # [B] int
+    finished: np.ndarray  # [B] bool, ended with a stop token
+    texts: list[str]
+    prompt_ids: list[str]
+
+
+@functools.partial(nnx.jit, static_argnames=("prompt_len", "temperature", "chunk_size"))
+def _logprobs(model, arrays, features, *, prompt_len, temperature, chunk_size):
+    return response_logprobs(
+        model,
+        arrays,
+        features,
+        prompt_len=prompt_len,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+
+
+@nnx.jit
+def _features(model, vision):
+    return image_features(model, vision)
+
+
+def forward_logprobs(
+    model,
+    batch: SequenceBatch,
+    features,
+    *,
+    temperature: float,
+    forward_batch_size: int,
+    chunk_size: int,
+) -> np.ndarray:
+    """Response logprobs [B, R] in row chunks (features index the whole batch's tower output)."""
+    arrays = batch.device_arrays()
+    arrays.pop("vision", None)
+    rows = batch.input_ids.shape[0]
+    step = min(forward_batch_size, rows)
+    out = []
+    for start in range(0, rows, step):
+        chunk = jax.tree.map(
+            lambda a, s=start: (
+                a[:, s : s + step] if a.ndim == 3 and a.shape[0] == 3 else a[s : s + step]
+            ),
+            arrays,
+        )
+        out.append(
+            np.asarray(
+                _logprobs(
+                    model,
+                    chunk,
+                    features,
+                    prompt_len=batch.prompt_len,
+                    temperature=temperature,
+                    chunk_size=chunk_size,
+                )
+            )
+        )
+    return np.concatenate(out, axis=0)
+
+
+def build_trajectory(
+    *,
+    policy: nnx.Module,
+    reference: nnx.Module | None,
+    config: ModelConfig,
+    records: Sequence[Record],
+    prompts: Sequence[dict],
+    completions: Sequence[Sequence[Completion]],
+    reward_names: Sequence[str],
+    reward_options: dict,
+    penalty: dict | None,
+    temperature: float,
+    forward_batch_size: int,
+    chunk_size: int,
+    rows_multiple: int,
+    pad_id: int,
+    reference_shares_vision: bool = True,
+) -> Trajectory:
+    """`completions[i]` are the samples of `prompts[i]` (of `records[i]`); rows are laid out
+    prompt-major (all samples of prompt 0, then prompt 1, ...), as GRPO/RLOO expect.
+
+    `reward_options[name]` are the keyword options of each reward; `penalty` (None: off) holds
+    `min_response_length` and `reward_penalty` of the original's no-EOS / too-short penalty.
+    When the vision tower is frozen the reference shares it, so its features are reused."""
+    row_prompts, row_records, responses, rollout_lp, texts, finished = [], [], [], [], [], []
+    for record, prompt, samples in zip(records, prompts, completions):
+        for completion in samples:
+            row_prompts.append(prompt)
+            row_records.append(record)
+            responses.append(list(completion.token_ids))
+            rollout_lp.append(list(completion.logprobs))
+            texts.append(completion.text)
+            finished.append(completion.finish_reason == "stop")
+    num_rows = len(responses)
+    batch_size = -(-num_rows // rows_multiple) * rows_multiple
+    batch = make_sequence_batch(
+        row_prompts, responses, config, pad_id=pad_id, batch_size=batch_size, length_multiple=16
+    )
+    features = _features(policy, batch.device_arrays().get("vision")) if batch.vision else None
+    logprobs_old = forward_logprobs(
+        policy,
+        batch,
+        features,
+        temperature=temperature,
+        forward_batch_size=forward_batch_size,
+        chunk_size=chunk_size,
+    )
+    if reference is not None:
+        ref_features = features
+        if batch.vision and not reference_shares_vision:
+            ref_features = _features(reference, batch.device_arrays().get("vision"))
+        ref_logprobs = forward_logprobs(
+            reference,
+            batch,
+            ref_features,
+            temperature=temperature,
+            forward_batch_size=forward_batch_size,
+            chunk_size=chunk_size,
+        )
+    else:
+        ref_logprobs = np.zeros_like(logprobs_old)
+    rollout = np.zeros_like(logprobs_old)
+    for row, values in enumerate(rollout_lp):
+        rollout[row, : len(values)] = values
+
+    lengths = batch.response_mask.sum(axis=1).astype(np.int64)
+    components = rewards_lib.compute_rewards(
+        list(reward_names),
+        texts,
+        [r.solution for r in row_records],
+        answers=[r.answer for r in row_records],
+        options=reward_options,
+        finished_with_eos=finished if penalty is not None else None,
+        response_lengths=lengths[:num_rows].tolist(),
+        **(penalty or {}),
+    )
+    padded = {
+        name: _pad(np.asarray(values, np.float32), batch_size)
+        for name, values in components.items()
+    }
+    accuracy = padded.get("accuracy", np.zeros(batch_size, np.float32))
+    return Trajectory(
+        batch=batch,
+        features=features,
+        num_rows=num_rows,
+        logprobs_old=logprobs_old,
+        ref_logprobs=ref_logprobs,
+        rollout_logprobs=rollout,
+        scores=padded["total"],
+        reward_components={k: v for k, v in padded.items() if k != "total"},
+        correct=accuracy >= 1.0,
+        response_lengths=lengths,
+        finished=_pad(np.asarray(finished), batch_size),
+        texts=texts,
+        prompt_ids=[r.id for r in row_records],
+    )
+
+
+def _pad(values: np.ndarray, size: int) -> np.ndarray:
+    out = np.zeros((size,) + values.shape[1:], values.dtype)
+    out[: len(values)] = values
+    return out
