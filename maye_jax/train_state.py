@@ -1,0 +1,272 @@
+"""The policy's training state: trainable vs frozen parameters, sharded layout, reference model.
+
+Parameters live in flat dicts `{dotted name: array}` (names as in `models/hf_mapping.py`, e.g.
+`language_model.layers.3.mlp.up_proj.kernel`, `lm_head`, `visual.merger.fc1.kernel`):
+
+- `TrainState` (donated to every update): the trainable parameters in fp32 (master weights),
+  the optax state (AdamW `mu`/`nu` in fp32, sharded exactly like the parameters) and the number
+  of updates applied. Frozen parameters are not in it: no gradient, no optimizer state.
+- `frozen`: the frozen parameters (by default the vision tower and its merger), stored in bf16,
+  never donated and never written. Because they are immutable arrays, the policy, the reference
+  model and the image-feature computation all use the same `frozen` arrays.
+- the reference model: its own bf16 copy of the trainable parameters (taken at start-up; the
+  policy's arrays are donated and overwritten by every update, so sharing them is impossible)
+  plus the shared `frozen` arrays.
+
+Sharding is data (`sharding/rules.py`): parameters, gradients and both AdamW moments get the
+same PartitionSpec per name, and start-up fails when too much of the trainable state would be
+replicated on every device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sharding.rules import (
+    DEFAULT_RULES,
+    ReplicationReport,
+    check_replication,
+    replication_report,
+    spec_for,
+)
+
+Params = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainableConfig:
+    """Which parts of the model train (the original MAYE's flags).
+
+    train_vit: the vision transformer (`visual.*` except the merger);
+    train_connector: the patch merger that maps image features to the text width
+    (`visual.merger.*`); train_llm: the text decoder, its embeddings and `lm_head`.
+    """
+
+    train_vit: bool = False
+    train_connector: bool = False
+    train_llm: bool = True
+
+    def is_trainable(self, name: str) -> bool:
+        if name.startswith("visual.merger."):
+            return self.train_connector
+        if name.startswith("visual."):
+            return self.train_vit
+        return self.train_llm
+
+    @property
+    def trains_vision(self) -> bool:
+        """True when the vision tower must run inside the update (its output changes)."""
+        return self.train_vit or self.train_connector
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ModelDef:
+    """The static half of a split model: its graph and where each named parameter goes."""
+
+    graphdef: Any
+    paths: Mapping[str, tuple]  # dotted name -> nnx path
+    compute_dtype: Any  # the dtype the model computes in (its modules' `dtype`)
+
+    def merge(self, *param_dicts: Mapping[str, jax.Array]) -> nnx.Module:
+        """A model from flat parameter dicts that together name every parameter."""
+        flat = {self.paths[name]: value for params in param_dicts for name, value in params.items()}
+        if len(flat) != len(self.paths):
+            missing = sorted(set(self.paths) - {n for p in param_dicts for n in p})
+            raise ValueError(f"parameters missing to build the model: {missing[:10]}")
+        return nnx.merge(self.graphdef, nnx.from_flat_state(flat))
+
+
+def split_model(model: nnx.Module, trainable: TrainableConfig) -> tuple[ModelDef, Params, Params]:
+    """(definition, trainable parameters, frozen parameters) of a real or abstract model."""
+    graphdef, state = nnx.split(model)
+    flat = list(nnx.to_flat_state(state))
+    non_params = [path for path, v in flat if not isinstance(v, nnx.Param)]
+    if non_params:
+        raise ValueError(f"the model holds non-parameter state, unsupported here: {non_params[:5]}")
+    paths = {".".join(str(k) for k in path): tuple(path) for path, _ in flat}
+    values = {".".join(str(k) for k in path): v.get_value() for path, v in flat}
+    model_def = ModelDef(graphdef, paths, model.dtype)
+    train = {n: v for n, v in values.items() if trainable.is_trainable(n)}
+    frozen = {n: v for n, v in values.items() if not trainable.is_trainable(n)}
+    if not train:
+        raise ValueError(f"{trainable} leaves no parameter to train")
+    return model_def, train, frozen
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 [], number of updates applied so far
+    params: Params  # trainable parameters, fp32 master weights
+    opt_state: optax.OptState  # sharded like `params`
+
+
+def init_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    """Pure; jit it with `out_shardings=layout.state` to create the state sharded. The
+    parameters are copied: the state is donated to every update, the model's arrays are not."""
+    params = {name: jnp.array(value, jnp.float32, copy=True) for name, value in params.items()}
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded layout
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Layout:
+    """Where everything lives: shardings of the train state, the frozen and reference params."""
+
+    mesh: Mesh
+    state: TrainState  # a TrainState whose leaves are NamedShardings
+    params: dict[str, NamedSharding]  # trainable parameters (and their grads, mu, nu)
+    frozen: dict[str, NamedSharding]
+    report: ReplicationReport
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+def param_shardings(
+    shapes: Mapping[str, Any], mesh: Mesh, rules=DEFAULT_RULES
+) -> dict[str, NamedSharding]:
+    """NamedSharding per parameter name (values: anything with a `.shape`)."""
+    return {
+        name: NamedSharding(mesh, spec_for(name, tuple(value.shape), mesh, rules))
+        for name, value in shapes.items()
+    }
+
+
+def plan_layout(
+    mesh: Mesh,
+    params: Mapping[str, Any],
+    frozen: Mapping[str, Any],
+    optimizer: optax.GradientTransformation,
+    *,
+    frozen_dtype=jnp.bfloat16,
+    rules=DEFAULT_RULES,
+    max_replicated_fraction: float | None = 0.05,
+) -> Layout:
+    """Shardings of the state, and the replication check (raises when > the fraction of the
+    trainable state (fp32 params, grads, mu, nu) would be replicated; None skips the check)."""
+    trainable_shardings = param_shardings(params, mesh, rules)
+    frozen_shardings = param_shardings(frozen, mesh, rules)
+    shapes = {n: (tuple(v.shape), np.float32) for n, v in params.items()}
+    shapes.update({n: (tuple(v.shape), frozen_dtype) for n, v in frozen.items()})
+    report = replication_report(shapes, mesh, lambda name: name in params, rules)
+    if max_replicated_fraction is not None:
+        check_replication(report, max_replicated_fraction)
+
+    abstract = {n: jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for n, v in params.items()}
+    abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def like_params(key_path, leaf):
+        # mu / nu are dicts keyed by parameter name, exactly like `params`.
+        name = next(
+            (k.key for k in reversed(key_path) if isinstance(k, jax.tree_util.DictKey)), None
+        )
+        if name in trainable_shardings and tuple(leaf.shape) == tuple(params[name].shape):
+            return trainable_shardings[name]
+        return replicated
+
+    state_shardings = jax.tree_util.tree_map_with_path(like_params, abstract_state)
+    return Layout(mesh, state_shardings, trainable_shardings, frozen_shardings, report)
+
+
+def create_train_state(
+    model: nnx.Module,
+    mesh: Mesh,
+    optimizer: optax.GradientTransformation,
+    *,
+    trainable: TrainableConfig = TrainableConfig(),  # noqa: B008 (frozen dataclass)
+    frozen_dtype=jnp.bfloat16,
+    rules=DEFAULT_RULES,
+    max_replicated_fraction: float | None = 0.05,
+) -> tuple[ModelDef, TrainState, Params, Layout]:
+    """Splits a (preferably already sharded, see `load_sharded_model`) model into the sharded
+    train state and the frozen parameters. Returns (model_def, state, frozen, layout)."""
+    model_def, params, frozen = split_model(model, trainable)
+    layout = plan_layout(
+        mesh,
+        params,
+        frozen,
+        optimizer,
+        frozen_dtype=frozen_dtype,
+        rules=rules,
+        max_replicated_fraction=max_replicated_fraction,
+    )
+    state = jax.jit(lambda p: init_train_state(p, optimizer), out_shardings=layout.state)(params)
+    frozen = jax.jit(
+        lambda f: {n: v.astype(frozen_dtype) for n, v in f.items()}, out_shardings=layout.frozen
+    )(frozen)
+    return model_def, state, frozen, layout
+
+
+def load_sharded_model(
+    path,
+    mesh: Mesh,
+    *,
+    trainable: TrainableConfig = TrainableConfig(),  # noqa: B008
+    dtype=jnp.bfloat16,
+    frozen_dtype=jnp.bfloat16,
+    remat: bool = False,
+    rules=DEFAULT_RULES,
+):
+    """(model, hf_config) with every tensor placed straight onto its shards: trainable ones in
+    fp32, frozen ones in `frozen_dtype`. The host holds one full tensor at a time (HF), or only
+    the shards (Orbax); no device ever holds a full copy of a sharded tensor."""
+    from maye_jax.checkpoint import load_model
+
+    def place(name: str, value: np.ndarray) -> jax.Array:
+        target = jnp.float32 if trainable.is_trainable(name) else frozen_dtype
+        sharding = NamedSharding(mesh, spec_for(name, value.shape, mesh, rules))
+        return jax.device_put(np.asarray(value).astype(target), sharding)
+
+    def shardings(name: str, shape) -> NamedSharding:
+        return NamedSharding(mesh, spec_for(name, tuple(shape), mesh, rules))
+
+    return load_model(
+        path,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        place=place,
+        shardings=shardings,
+        remat=remat,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The reference model
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_params(state: TrainState, layout: Layout, dtype=jnp.bfloat16) -> Params:
+    """A copy of the current trainable parameters in `dtype`, sharded like them: new buffers,
+    so the donated train state can be overwritten while the reference stays fixed."""
+    copy = jax.jit(
+        lambda p: {n: jnp.array(v, dtype=dtype, copy=True) for n, v in p.items()},
+        out_shardings=layout.params,
+    )
+    return copy(state.params)
+
+
+def reference_model(model_def: ModelDef, ref_params: Params, frozen: Params) -> nnx.Module:
+    """The frozen reference policy (frozen tower arrays shared with the policy: immutable)."""
+    return model_def.merge(ref_params, frozen)
+
+
+def policy_model(model_def: ModelDef, state: TrainState, frozen: Params) -> nnx.Module:
+    """The current policy as a module (for logprobs_old); invalid after the next update, which
+    donates `state`."""
+    return model_def.merge(state.params, frozen)

@@ -1,0 +1,422 @@
+"""The jitted policy update: exact accumulation, sharded == unsharded, gradients and AdamW steps
+against a straightforward reference, frozen parameters, learning, NaN detection.
+
+A tiny Qwen2.5-VL (vocab 256, 2 layers, 2-block vision tower) in fp32, a batch of 8 rows (half
+with an image), 8 fake CPU devices. Every jitted function is compiled once per module.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec
+
+from maye_jax.losses import LossConfig
+from maye_jax.optim import OptimizerConfig, make_optimizer
+from maye_jax.sequences import image_features, make_sequence_batch, response_logprobs
+from maye_jax.tiny import preset_hf_config, tiny_hf_config, tiny_hf_model
+from maye_jax.train_state import (
+    TrainableConfig,
+    create_train_state,
+    load_sharded_model,
+    plan_layout,
+    reference_model,
+    reference_params,
+    split_model,
+)
+from maye_jax.update import (
+    UpdateConfig,
+    accumulate_gradients,
+    check_finite,
+    make_minibatch,
+    make_train_step,
+    per_row_image_features,
+)
+from models.configs import ModelConfig
+from models.qwen_vl import build_model
+from sharding.mesh import make_mesh
+
+ROWS = 8
+LR = 1e-3
+MAX_GRAD_NORM = 0.005  # below the test gradients' norm (~0.01), so clipping is exercised
+OPTIMIZER = OptimizerConfig(learning_rate=LR, schedule="constant", max_grad_norm=MAX_GRAD_NORM)
+CONFIG = UpdateConfig(loss=LossConfig(kl_loss_coeff=0.01), logprob_chunk_size=8)
+METRIC_KEYS = {
+    "loss/policy",
+    "loss/kl",
+    "loss/total",
+    "kl/k3",
+    "clip_frac/low",
+    "clip_frac/high",
+    "ratio/mean",
+    "approx_kl",
+    "entropy",
+    "grad_norm",
+    "lr",
+}
+
+
+def host(tree):
+    """A NumPy copy (states are donated, so compare copies)."""
+    return jax.tree.map(lambda v: np.array(jax.device_get(v)), tree)
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def assert_trees_close(actual: dict, expected: dict, tolerance: float, what: str):
+    assert actual.keys() == expected.keys()
+    errors = {n: relative_error(actual[n], expected[n]) for n in expected}
+    worst = max(errors, key=errors.get)
+    assert errors[worst] <= tolerance, f"{what}: {worst} relative error {errors[worst]:.2e}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+def make_model(dtype=jnp.float32, remat=False):
+    config = ModelConfig.from_hf(tiny_hf_config("qwen2_5_vl", vocab_size=256))
+    return build_model(config, dtype=dtype, seed=3, remat=remat), config
+
+
+@pytest.fixture(scope="module")
+def data():
+    """The model, a SequenceBatch and the mini-batch arrays (all rows), fp32."""
+    model, config = make_model()
+    rng = np.random.default_rng(0)
+
+    def prompt(with_image: bool) -> dict:
+        ids = list(rng.integers(0, 200, 3))
+        out = {}
+        if with_image:
+            ids += [config.vision_start_token_id, *[config.image_token_id] * 4]
+            ids += [config.vision_end_token_id]
+            out["pixel_values"] = rng.standard_normal((16, config.vision.patch_dim), np.float32)
+            out["image_grid_thw"] = np.array([[1, 4, 4]])
+        out["input_ids"] = np.array(ids + list(rng.integers(0, 200, 2)))
+        return out
+
+    prompts = [prompt(row % 2 == 0) for row in range(ROWS)]
+    responses = [list(rng.integers(0, 200, n)) for n in (3, 8, 5, 1, 7, 2, 8, 4)]
+    batch = make_sequence_batch(prompts, responses, config, pad_id=0, length_multiple=8)
+    arrays = batch.device_arrays()
+    features = image_features(model, arrays["vision"])  # [N, D], the frozen tower's output
+    logprobs = response_logprobs(model, arrays, features, prompt_len=batch.prompt_len)
+    noise = lambda: jnp.asarray(rng.normal(0, 0.1, logprobs.shape), jnp.float32)  # noqa: E731
+    rows, local_index = per_row_image_features(
+        features, arrays["image_feature_index"], features_per_row=8
+    )
+    minibatch = dict(
+        input_ids=arrays["input_ids"],
+        attention_mask=arrays["attention_mask"],
+        positions=arrays["positions"],
+        response_mask=arrays["response_mask"],
+        advantages=jnp.asarray(rng.standard_normal(logprobs.shape), jnp.float32),
+        logprobs_old=logprobs + noise(),
+        ref_logprobs=logprobs + noise(),
+        image_feature_index=local_index,
+        image_features=rows,
+    )
+    return dict(model=model, batch=batch, arrays=arrays, features=features, rows=minibatch)
+
+
+class Setup:
+    """State, frozen params, layout and the jitted step/gradient functions on one mesh."""
+
+    def __init__(self, model, mesh, trainable=TrainableConfig(), config=CONFIG):  # noqa: B008
+        optimizer, schedule = make_optimizer(OPTIMIZER, total_updates=100)
+        self.model_def, self.state, self.frozen, self.layout = create_train_state(
+            model, mesh, optimizer, trainable=trainable, frozen_dtype=jnp.float32
+        )
+        self.step = make_train_step(self.model_def, optimizer, schedule, self.layout, config)
+        self.grads = jax.jit(
+            functools.partial(
+                accumulate_gradients, model_def=self.model_def, config=config, layout=self.layout
+            )
+        )
+
+
+@pytest.fixture(scope="module")
+def unsharded(data):
+    return Setup(data["model"], make_mesh(fsdp=1))
+
+
+def run_steps(setup: Setup, minibatch: dict, num_steps: int):
+    """Fresh state from the model, `num_steps` updates; returns (parameter changes, metrics
+    of each). Changes, not parameters, are compared: they are ~lr per step, far smaller than
+    the parameters."""
+    state, all_metrics = setup.state, []
+    # Copy the initial state: the step donates it and the fixture's state is reused.
+    state = jax.tree.map(
+        lambda v, s: jax.device_put(np.array(v), s), host(state), setup.layout.state
+    )
+    for _ in range(num_steps):
+        state, metrics, finite = setup.step(state, setup.frozen, minibatch)
+        assert bool(finite)
+        all_metrics.append(host(metrics))
+    initial = host(setup.state.params)
+    return {n: v - initial[n] for n, v in host(state.params).items()}, all_metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# The straightforward reference: whole batch at once, global feature table, loss written out
+# --------------------------------------------------------------------------------------------------
+
+
+def reference_loss(params, frozen, model_def, arrays, features, rows):
+    model = model_def.merge(params, frozen)
+    prompt_len = arrays["input_ids"].shape[1] - arrays["response_mask"].shape[1]
+    logprobs = response_logprobs(model, arrays, features, prompt_len=prompt_len, chunk_size=8)
+    mask = rows["response_mask"].astype(jnp.float32)
+    advantages = rows["advantages"]
+    ratio = jnp.exp(logprobs - rows["logprobs_old"])
+    policy = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 0.8, 1.2))
+    log_ratio_ref = rows["ref_logprobs"] - logprobs
+    kl = jnp.clip(jnp.exp(log_ratio_ref) - 1 - log_ratio_ref, -10, 10)
+    token_loss = policy + CONFIG.loss.kl_loss_coeff * kl
+    return jnp.sum(mask * token_loss) / jnp.sum(mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tests
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gradient_and_adamw_steps_match_straightforward_reference(data, unsharded):
+    setup = unsharded
+    rows, arrays, features = data["rows"], data["arrays"], data["features"]
+    params0 = host(setup.state.params)
+    grad_fn = jax.jit(
+        jax.value_and_grad(
+            lambda p: reference_loss(p, setup.frozen, setup.model_def, arrays, features, rows)
+        )
+    )
+    loss, expected = grad_fn(params0)
+    grads, metric_sums = setup.grads(params0, setup.frozen, make_minibatch(rows, 2))
+    total, count = metric_sums["loss/total"]
+    assert relative_error(total / count, loss) <= 1e-6
+    assert_trees_close(host(grads), host(expected), 1e-5, "gradient")
+
+    # Several steps at a constant lr against optax written out here.
+    reference = optax.chain(
+        optax.clip_by_global_norm(MAX_GRAD_NORM),
+        optax.adamw(LR, b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.01),
+    )
+    params, opt_state = params0, reference.init(params0)
+    for _ in range(3):
+        _, g = grad_fn(params)
+        updates, opt_state = reference.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    ours, metrics = run_steps(setup, make_minibatch(rows, 2), 3)
+    expected_change = {n: v - params0[n] for n, v in host(params).items()}
+    assert_trees_close(ours, expected_change, 1e-4, "parameter change")
+    assert metrics[0]["grad_norm"] > MAX_GRAD_NORM  # clipping was active
+    assert metrics[0]["lr"] == pytest.approx(LR)
+    assert set(metrics[0]) == METRIC_KEYS
+
+
+def test_accumulation_is_exact(data, unsharded):
+    """1 x 8 == 8 x 1 == 2 x 4: loss, every gradient, parameters after steps."""
+    setup, rows = unsharded, data["rows"]
+    results = {}
+    for num_micro in (1, 8, 2):
+        minibatch = make_minibatch(rows, num_micro)
+        grads, metric_sums = setup.grads(setup.state.params, setup.frozen, minibatch)
+        changes, metrics = run_steps(setup, minibatch, 2) if num_micro != 2 else (None, None)
+        results[num_micro] = (host(grads), host(metric_sums), changes, metrics)
+    grads1, sums1, changes1, metrics1 = results[1]
+    for num_micro in (8, 2):
+        grads, sums, changes, metrics = results[num_micro]
+        assert_trees_close(grads, grads1, 1e-5, f"gradients {num_micro} micro-batches")
+        for name in sums1:
+            assert (
+                relative_error(sums[name][0] / sums[name][1], sums1[name][0] / sums1[name][1])
+                <= 1e-5
+            )
+        if changes is not None:
+            assert_trees_close(changes, changes1, 1e-4, f"param changes {num_micro} micro-batches")
+            for name in METRIC_KEYS:
+                assert metrics[1][name] == pytest.approx(metrics1[1][name], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.parametrize("fsdp,tp", [(8, 1), (4, 2)])
+def test_sharded_equals_unsharded(data, unsharded, fsdp, tp):
+    sharded = Setup(data["model"], make_mesh(fsdp=fsdp, tp=tp))
+    lm_head = sharded.state.params["lm_head"]
+    assert len(lm_head.sharding.device_set) == 8
+    assert lm_head.addressable_shards[0].data.size == lm_head.size // 8
+    mu = sharded.state.opt_state[1][0].mu  # (clip, (adam, ...))
+    assert all(mu[n].sharding == sharded.layout.params[n] for n in mu)
+    minibatch = make_minibatch(data["rows"], 1)
+    grads, _ = sharded.grads(sharded.state.params, sharded.frozen, minibatch)
+    expected, _ = unsharded.grads(unsharded.state.params, unsharded.frozen, minibatch)
+    assert_trees_close(host(grads), host(expected), 1e-5, "sharded gradient")
+    changes, metrics = run_steps(sharded, minibatch, 3)
+    expected_changes, expected_metrics = run_steps(unsharded, minibatch, 3)
+    assert_trees_close(changes, expected_changes, 1e-4, "sharded param changes")
+    assert metrics[-1]["loss/total"] == pytest.approx(expected_metrics[-1]["loss/total"], rel=1e-5)
+
+
+def test_scanned_layers_equal_the_model_loop(data, unsharded):
+    """UpdateConfig.scan_layers (the default) computes what the model's own layer loop does."""
+    looped = Setup(data["model"], make_mesh(fsdp=1), config=replace(CONFIG, scan_layers=False))
+    minibatch = make_minibatch(data["rows"], 2)
+    grads, sums = looped.grads(looped.state.params, looped.frozen, minibatch)
+    expected, expected_sums = unsharded.grads(unsharded.state.params, unsharded.frozen, minibatch)
+    assert_trees_close(host(grads), host(expected), 1e-5, "looped-layer gradient")
+    assert relative_error(sums["loss/total"][0], expected_sums["loss/total"][0]) <= 1e-6
+
+
+def test_frozen_untouched_and_every_trainable_tensor_changes(data, unsharded):
+    setup = unsharded
+    frozen_before = host(setup.frozen)
+    assert frozen_before and all(n.startswith("visual.") for n in frozen_before)
+    assert not any(n.startswith("visual.") for n in setup.state.params)
+    initial = host(setup.state.params)
+    ref = reference_params(setup.state, setup.layout, dtype=jnp.float32)
+    changes, _ = run_steps(setup, make_minibatch(data["rows"], 1), 2)
+    unchanged = [n for n in changes if np.max(np.abs(changes[n])) == 0]
+    assert not unchanged
+    for name, value in host(setup.frozen).items():
+        np.testing.assert_array_equal(value, frozen_before[name])
+    # The reference keeps its own copy: intact and equal to the initial parameters.
+    for name, value in host(ref).items():
+        np.testing.assert_array_equal(value, initial[name])
+    model = reference_model(setup.model_def, ref, setup.frozen)
+    assert model.lm_head[...].shape == initial["lm_head"].shape
+
+
+def test_positive_advantage_raises_logprob_negative_lowers(data, unsharded):
+    setup, rows, arrays = unsharded, data["rows"], data["arrays"]
+    prompt_len = data["batch"].prompt_len
+
+    @jax.jit
+    def logprobs_of(params):
+        model = setup.model_def.merge(params, setup.frozen)
+        return response_logprobs(model, arrays, data["features"], prompt_len=prompt_len)
+
+    mask = np.asarray(rows["response_mask"], bool)
+    sign = np.where(np.arange(ROWS) < ROWS // 2, 1.0, -1.0)[:, None]
+    advantages = jnp.asarray(np.broadcast_to(sign, mask.shape), jnp.float32)
+    state = jax.tree.map(
+        lambda v, s: jax.device_put(np.array(v), s), host(setup.state), setup.layout.state
+    )
+    sequence_logprob = lambda lp: np.sum(np.where(mask, np.asarray(lp), 0), axis=1)  # noqa: E731
+    before = sequence_logprob(logprobs_of(state.params))
+    for _ in range(4):
+        logprobs_old = logprobs_of(state.params)
+        minibatch = dict(rows, advantages=advantages, logprobs_old=logprobs_old)
+        state, _, _ = setup.step(state, setup.frozen, make_minibatch(minibatch, 1))
+    after = sequence_logprob(logprobs_of(state.params))
+    assert np.all(after[: ROWS // 2] > before[: ROWS // 2] + 0.1), (before, after)
+    assert np.all(after[ROWS // 2 :] < before[ROWS // 2 :] - 0.1), (before, after)
+
+
+def test_nan_is_flagged_named_and_not_applied(data, unsharded):
+    setup, rows = unsharded, data["rows"]
+    advantages = np.array(rows["advantages"])
+    advantages[1, 0] = np.nan  # a valid token
+    minibatch = make_minibatch(dict(rows, advantages=jnp.asarray(advantages)), 1)
+    state = jax.tree.map(
+        lambda v, s: jax.device_put(np.array(v), s), host(setup.state), setup.layout.state
+    )
+    before = host(state)
+    state, metrics, finite = setup.step(state, setup.frozen, minibatch)
+    assert not bool(finite)
+    with pytest.raises(FloatingPointError, match="update step 7"):
+        check_finite(finite, metrics, step=7)
+    after = host(state)
+    assert after.step == before.step
+    for name in before.params:
+        np.testing.assert_array_equal(after.params[name], before.params[name])
+
+
+def test_tower_runs_inside_the_step_when_the_connector_trains(data, unsharded):
+    trainable = TrainableConfig(train_connector=True)
+    setup = Setup(data["model"], make_mesh(fsdp=1), trainable)
+    assert any(n.startswith("visual.merger.") for n in setup.state.params)
+    assert not any(n.startswith("visual.merger.") for n in setup.frozen)
+    rows, batch = data["rows"], data["batch"]
+    with pytest.raises(ValueError, match="vision"):
+        setup.grads(setup.state.params, setup.frozen, make_minibatch(rows, 1))
+    in_step = dict(rows, image_feature_index=data["arrays"]["image_feature_index"])
+    del in_step["image_features"]
+    minibatch = make_minibatch(in_step, 1)
+    minibatch["vision"] = {k: jnp.asarray(v)[None] for k, v in batch.vision.items()}
+    frozen_before = host(setup.frozen)
+    changes, metrics = run_steps(setup, minibatch, 1)
+    # Same loss as with the precomputed features (same initial parameters).
+    _, expected = run_steps(unsharded, make_minibatch(rows, 1), 1)
+    assert metrics[0]["loss/total"] == pytest.approx(expected[0]["loss/total"], rel=1e-5)
+    merger = [n for n in changes if n.startswith("visual.merger.")]
+    assert all(np.max(np.abs(changes[n])) > 0 for n in merger)
+    for name, value in host(setup.frozen).items():
+        np.testing.assert_array_equal(value, frozen_before[name])
+
+
+@pytest.mark.parametrize("preset", ["qwen2_5_vl_7b", "qwen2_vl_7b"])
+def test_7b_layout_over_7_devices(preset):
+    """Abstract 7B: AdamW moments sharded like the parameters, ~1/7 of the trainable state per
+    device, and a refusal when training the (unshardable) tower would replicate too much."""
+    model = build_model(ModelConfig.from_hf(preset_hf_config(preset)), abstract=True)
+    model_def, params, frozen = split_model(model, TrainableConfig())
+    optimizer, _ = make_optimizer(OptimizerConfig(), total_updates=100)
+    mesh = make_mesh(fsdp=7)
+    layout = plan_layout(mesh, params, frozen, optimizer)
+    mu, nu = layout.state.opt_state[1][0].mu, layout.state.opt_state[1][0].nu
+    assert mu == layout.params and nu == layout.params
+    per_device = sum(np.prod(s.shard_shape(params[n].shape)) for n, s in layout.params.items())
+    total = sum(np.prod(v.shape) for v in params.values())
+    assert total / per_device > 6.5
+    assert layout.report.trainable_replicated_fraction < 0.001
+    assert layout.report.frozen_replicated_bytes > 0.9 * layout.report.frozen_bytes
+    _, params, frozen = split_model(model, TrainableConfig(train_vit=True, train_connector=True))
+    with pytest.raises(ValueError, match="replicated"):
+        plan_layout(mesh, params, frozen, optimizer)
+    plan_layout(mesh, params, frozen, optimizer, max_replicated_fraction=None)  # overridden
+
+
+def test_checkpoint_loads_straight_onto_shards(tmp_path):
+    hf = tiny_hf_model("qwen2_5_vl", seed=2, vocab_size=256)
+    hf.save_pretrained(str(tmp_path))
+    mesh = make_mesh(fsdp=8)
+    model, _ = load_sharded_model(tmp_path, mesh, dtype=jnp.float32)
+    model_def, params, frozen = split_model(model, TrainableConfig())
+    expected = hf.state_dict()
+    lm_head = params["lm_head"]
+    assert lm_head.dtype == jnp.float32 and lm_head.sharding.spec == PartitionSpec(None, "fsdp")
+    assert lm_head.addressable_shards[0].data.shape == (256, 64 // 8)
+    np.testing.assert_array_equal(np.asarray(lm_head), expected["lm_head.weight"].numpy())
+    assert all(v.dtype == jnp.bfloat16 for v in frozen.values())
+
+
+def test_bf16_remat_default_optimizer(data):
+    """The training configuration: bf16 compute, fp32 master weights and moments, remat,
+    warmup (step-0 lr is 0, so the first update changes nothing)."""
+    model, _ = make_model(dtype=jnp.bfloat16, remat=True)
+    optimizer, schedule = make_optimizer(OptimizerConfig(), total_updates=10)
+    model_def, state, frozen, layout = create_train_state(model, make_mesh(fsdp=8), optimizer)
+    assert all(v.dtype == jnp.float32 for v in state.params.values())
+    assert all(v.dtype == jnp.float32 for v in state.opt_state[1][0].mu.values())
+    assert all(v.dtype == jnp.bfloat16 for v in frozen.values())
+    step = make_train_step(model_def, optimizer, schedule, layout, CONFIG)
+    initial = host(state.params)
+    minibatch = make_minibatch(data["rows"], 2)
+    state, metrics0, _ = step(state, frozen, minibatch)
+    after_first = host(state.params)
+    state, metrics1, finite = step(state, frozen, minibatch)
+    assert bool(finite) and set(metrics1) == METRIC_KEYS
+    assert float(metrics0["lr"]) == 0.0 and float(metrics1["lr"]) == pytest.approx(5e-6)
+    for name in initial:
+        np.testing.assert_array_equal(after_first[name], initial[name])
+    assert int(state.step) == 2
