@@ -31,6 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.train_llm = True
 
     c.data = ml_collections.ConfigDict()
+    c.data.root = ""  # relative data files are resolved against this directory
     c.data.train_file = ""
     c.data.validation_file = ""
     c.data.test_file = ""

@@ -59,6 +59,8 @@ def prepare_data(config: ml_collections.ConfigDict) -> dict[str, list[Record]]:
     out = {}
     for split, path in files.items():
         if path:
+            if data.root and not Path(path).is_absolute():
+                path = str(Path(data.root) / path)
             out[split] = read_records(path, on_error=data.on_error)
     if "train" not in out:
         raise ValueError("config.data.train_file (or config.data.synth_dir) is required")

@@ -37,6 +37,7 @@ def tiny_hf_config(
     num_layers: int = 2,
     vision_depth: int = 2,
     initializer_range: float = 0.02,
+    intermediate_size: int | None = None,
 ) -> Any:
     """A transformers Qwen2VLConfig / Qwen2_5_VLConfig of a ~tiny model (head_dim 32)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
@@ -45,7 +46,7 @@ def tiny_hf_config(
     text = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=hidden_size // 32,
         num_key_value_heads=1,

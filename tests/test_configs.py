@@ -1,0 +1,39 @@
+"""Every experiment config loads and is consistent."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.py"))
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_loads_with_consistent_batch_sizes(path):
+    c = load(path)
+    assert c.rl.batch_size % c.rollout.num_samples == 0
+    assert c.rl.batch_size % c.rl.ppo_batch_size == 0
+    assert c.rl.ppo_batch_size % c.rl.micro_batch_size == 0
+    assert c.rollout.engine in ("jax", "hf", "vllm")
+
+
+def test_paper_configs_follow_spec():
+    for path in CONFIGS:
+        if path.stem == "demo":
+            continue
+        c = load(path)
+        assert c.rl.batch_size == 896 and c.rl.ppo_batch_size == 28  # 128 x 7 ranks; 4 x 7
+        assert c.sharding.fsdp == 7 and c.rollout.worker_devices == "7"
+        assert c.rl.kl_loss_coeff == 0.001 and c.rl.shift_mean and c.rl.loss_agg == "token_mean"
+        assert c.optim.learning_rate == 5e-6 and c.optim.b2 == 0.95 and c.optim.eps == 1e-5
+        assert c.rollout.max_tokens == 2048 and c.rollout.temperature == 1.0
+        assert c.rl.num_epochs == (50 if "geo3k" in path.stem else 30)
