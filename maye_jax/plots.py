@@ -1,0 +1,237 @@
+"""The report's figures: every curve as the mean over seeds with a ±std band (ddof=0).
+
+x-axis (SPEC §6): epochs for accuracy curves, generation steps for length and reflection curves.
+Figures are built with `matplotlib.figure.Figure` (Agg canvas), so no pyplot state is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from maye_jax.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
+
+log = logging.getLogger(__name__)
+
+RL_COLOR = "tab:blue"
+SFT_COLOR = "tab:orange"
+UNTRAINED_COLOR = "black"
+
+Series = Mapping[int, float]  # {epoch or generation step: value}
+
+SETTING_LABELS = {
+    "pass@8_t1.0": "pass@8 T=1.0",
+    "pass@1_t0.6": "pass@1 T=0.6",
+    "pass@1_t0.01": "pass@1 T=0.01",
+}
+
+
+def per_epoch(lines: Sequence[Mapping], key: str) -> dict[int, float]:
+    """{epoch: value} of the metrics lines carrying `key` (the last line of an epoch wins)."""
+    return {int(line["epoch"]): float(line[key]) for line in lines if line.get(key) is not None}
+
+
+def per_step(lines: Sequence[Mapping], key: str) -> dict[int, float]:
+    """{generation_step: value} of the metrics lines carrying `key`."""
+    return {
+        int(line["generation_step"]): float(line[key])
+        for line in lines
+        if line.get(key) is not None
+    }
+
+
+def seed_band(series_per_seed: Sequence[Series]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x, mean, std) over seeds at the x values every seed has (std with ddof=0)."""
+    present = [set(series) for series in series_per_seed if series]
+    if not present:
+        return np.array([]), np.array([]), np.array([])
+    common = sorted(set.intersection(*present))
+    if len(present) < len(series_per_seed) or set.union(*present) != set(common):
+        log.warning(
+            "seeds cover different x values; the curve keeps the %d present in all seeds",
+            len(common),
+        )
+    values = np.array([[series[x] for x in common] for series in series_per_seed if series])
+    # values: [seed, x]
+    return np.array(common), values.mean(axis=0), values.std(axis=0)
+
+
+def _draw_band(ax, group, series_of_run: Callable, *, color: str, label: str, scale: float) -> bool:
+    """Draws one group's mean ± std curve; False when no seed has the series."""
+    if group is None:
+        return False
+    x, mean, std = seed_band([series_of_run(run) for run in group.runs])
+    if not len(x):
+        return False
+    mean, std = scale * mean, scale * std
+    label = f"{label} {group.name} ({len(group.runs)} seeds)"
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.plot(x, mean, color=color, marker="o" if len(x) < 30 else None, markersize=3, label=label)
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
+    return True
+
+
+def _grid(num_panels: int, num_columns: int, panel_size=(3.6, 2.6)) -> tuple[Figure, list]:
+    """A figure of `num_panels` axes; fixed margins in inches (tight_layout costs seconds)."""
+    num_rows = -(-num_panels // num_columns)
+    width, height = panel_size[0] * num_columns, panel_size[1] * num_rows + 0.4
+    fig = Figure(figsize=(width, height), dpi=100)
+    axes = fig.subplots(num_rows, num_columns, squeeze=False).ravel().tolist()
+    fig.subplots_adjust(
+        left=0.75 / width,
+        right=1 - 0.2 / width,
+        bottom=0.55 / height,
+        top=1 - 0.75 / height,
+        wspace=0.35,
+        hspace=0.6,
+    )
+    for ax in axes[num_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:num_panels]
+
+
+def _save(fig: Figure, path: Path, title: str) -> Path:
+    fig.suptitle(title, fontsize=10)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def _group_title(group) -> str:
+    return f"{group.kind.upper()} {group.name}: mean ± std over {len(group.runs)} seed(s)"
+
+
+def _step_panels(group, keys: Sequence[str], titles: Sequence[str], ylabel: str, num_columns):
+    """One panel per metric key of an RL group, against generation steps; None if all empty."""
+    fig, axes = _grid(len(keys), num_columns)
+    drawn = False
+    for ax, key, title in zip(axes, keys, titles, strict=True):
+        drawn |= _draw_band(
+            ax,
+            group,
+            lambda run, key=key: per_step(run.lines, key),
+            color=RL_COLOR,
+            label="RL",
+            scale=1.0,
+        )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("generation step", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    return fig if drawn else None
+
+
+def _eval_figure(comparison, split: str, settings: Sequence[str]) -> Figure | None:
+    """Accuracy per epoch under each setting: RL vs SFT, with the untrained (epoch 0) level."""
+    fig, axes = _grid(len(settings), len(settings), panel_size=(4.2, 3.2))
+    drawn = False
+    for ax, setting in zip(axes, settings, strict=True):
+        key = f"eval/{split}/{setting}"
+        for group, color, label in (
+            (comparison.rl, RL_COLOR, "RL"),
+            (comparison.sft, SFT_COLOR, "SFT"),
+        ):
+            drawn |= _draw_band(
+                ax,
+                group,
+                lambda run, key=key: per_epoch(run.lines, key),
+                color=color,
+                label=label,
+                scale=100.0,
+            )
+        start_group = comparison.rl or comparison.sft
+        untrained = [per_epoch(run.lines, key).get(0) for run in start_group.runs]
+        untrained = [value for value in untrained if value is not None]
+        if untrained:
+            level = 100 * float(np.mean(untrained))
+            ax.axhline(
+                level,
+                color=UNTRAINED_COLOR,
+                linestyle="--",
+                linewidth=1,
+                label=f"untrained (epoch 0) {level:.1f}",
+            )
+        ax.set_title(f"{split}: {SETTING_LABELS.get(setting, setting)}", fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("accuracy (%)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=6)
+    return fig if drawn else None
+
+
+def plot_comparison(
+    comparison, folder: Path, *, splits: Sequence[str], settings: Sequence[str]
+) -> list[Path]:
+    """Writes every figure the comparison's runs have data for; returns their paths.
+
+    `comparison` is a `report.Comparison` (an RL and an SFT group, either may be None).
+    """
+    title = comparison.title.replace("`", "") + ": mean ± std over seeds"
+    written = []
+    rl = comparison.rl
+    if rl is not None:
+        fig, (ax,) = _grid(1, 1, panel_size=(5.0, 3.4))
+        if _draw_band(
+            ax,
+            rl,
+            lambda run: per_epoch(run.lines, "train/epoch_accuracy"),
+            color=RL_COLOR,
+            label="RL",
+            scale=100.0,
+        ):
+            ax.set(xlabel="epoch", ylabel="training accuracy (%)", title="training accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            written.append(_save(fig, folder / "train_accuracy.png", _group_title(rl)))
+        fig = _step_panels(
+            rl, ["response_length/mean"], ["mean response length"], "tokens", num_columns=1
+        )
+        if fig is not None:
+            written.append(_save(fig, folder / "response_length.png", _group_title(rl)))
+        fig = _step_panels(
+            rl,
+            [f"reflection/{name}" for name in REFLECTION_RATIO_NAMES],
+            [name.replace("_", " ") for name in REFLECTION_RATIO_NAMES],
+            "ratio",
+            num_columns=3,
+        )
+        if fig is not None:
+            written.append(_save(fig, folder / "reflection_ratios.png", _group_title(rl)))
+        fig = _step_panels(
+            rl,
+            [f"reflection/count/{word}" for word in REFLECTION_WORDS],
+            [f"'{word}'" for word in REFLECTION_WORDS],
+            "count",
+            num_columns=5,
+        )
+        if fig is not None:
+            written.append(_save(fig, folder / "reflection_counts.png", _group_title(rl)))
+    if comparison.sft is not None:
+        fig, (ax,) = _grid(1, 1, panel_size=(5.0, 3.4))
+        if _draw_band(
+            ax,
+            comparison.sft,
+            lambda run: per_step(run.lines, "sft/loss"),
+            color=SFT_COLOR,
+            label="SFT",
+            scale=1.0,
+        ):
+            ax.set(xlabel="step", ylabel="loss", title="SFT loss")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            written.append(_save(fig, folder / "sft_loss.png", _group_title(comparison.sft)))
+    for split in splits:
+        fig = _eval_figure(comparison, split, settings)
+        if fig is not None:
+            written.append(_save(fig, folder / f"eval_{split}.png", title))
+    if not written:
+        log.warning("%s: no curve to plot", title)
+    return written

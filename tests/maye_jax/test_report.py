@@ -1,0 +1,383 @@
+"""Tests for maye_jax/report.py and maye_jax/plots.py on small fixture run directories.
+
+The fixtures are written in the trainer's format (run.json + metrics.jsonl, ARCHITECTURE.md):
+an RL group of three seeds and an SFT group of two, with hand-chosen evaluation numbers.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from maye_jax import plots, report
+from maye_jax.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SETTINGS = ("pass@8_t1.0", "pass@1_t0.6", "pass@1_t0.01")
+STEPS_PER_EPOCH = 2
+
+# test / pass@1_t0.6, epochs 0..E: the hand-computed cells of test_table_hand_computed_row.
+RL_TEST_T06 = {
+    0: [0.20, 0.30, 0.50, 0.40],
+    1: [0.20, 0.40, 0.40, 0.40],
+    2: [0.26, 0.10, 0.40, 0.70],
+}
+SFT_TEST_T06 = {0: [0.22, 0.10, 0.30], 1: [0.22, 0.20, 0.20]}
+
+
+def config_for(*, report_group="", validation="geo_val.jsonl", test="geo_test.jsonl"):
+    """The part of the trainer's config that the report reads."""
+    return {
+        "report_group": report_group,
+        "data": {
+            "train_file": "geo_train.jsonl",
+            "validation_file": validation,
+            "test_file": test,
+            "synth_dir": "",
+            "synth_flavour": "text_dominant",
+        },
+        "model": {"path": "/models/Qwen2.5-VL-7B-Instruct", "tiny_family": ""},
+    }
+
+
+def eval_values(kind, seed, split, setting, num_epochs):
+    """Accuracy per epoch 0..E: the hand table for test/T0.6, a seed-dependent pattern otherwise."""
+    hand = (RL_TEST_T06 if kind == "rl" else SFT_TEST_T06).get(seed, [])
+    if (split, setting) == ("test", "pass@1_t0.6") and len(hand) == num_epochs + 1:
+        return hand
+    offset = 0.1 * SETTINGS.index(setting) + (0.05 if split == "test" else 0.0)
+    return [
+        round(offset + 0.03 * epoch + 0.01 * ((seed * 7 + epoch * 3) % 5), 4)
+        for epoch in range(num_epochs + 1)
+    ]
+
+
+def eval_line(kind, seed, epoch, num_epochs):
+    return {
+        f"eval/{split}/{setting}": eval_values(kind, seed, split, setting, num_epochs)[epoch]
+        for split in ("validation", "test")
+        for setting in SETTINGS
+    }
+
+
+def rl_lines(seed, num_epochs):
+    lines = [{"generation_step": 0, "epoch": 0, **eval_line("rl", seed, 0, num_epochs)}]
+    for step in range(1, num_epochs * STEPS_PER_EPOCH + 1):
+        epoch = (step - 1) // STEPS_PER_EPOCH + 1
+        line = {
+            "generation_step": step,
+            "epoch": epoch,
+            "train/accuracy": 0.1 * step,
+            "response_length/mean": 100.0 + 10 * step + seed,
+            "loss/policy": 0.5,
+        }
+        for index, name in enumerate(REFLECTION_RATIO_NAMES):
+            line[f"reflection/{name}"] = 0.1 * index + 0.02 * step + 0.01 * seed
+        for index, word in enumerate(REFLECTION_WORDS):
+            line[f"reflection/count/{word}"] = float(index + step + seed)
+        if step % STEPS_PER_EPOCH == 0:
+            line["train/epoch_accuracy"] = 0.2 + 0.1 * epoch + 0.02 * seed
+            line.update(eval_line("rl", seed, epoch, num_epochs))
+        lines.append(line)
+    return lines
+
+
+def sft_lines(seed, num_epochs):
+    lines = [{"generation_step": 0, "epoch": 0, **eval_line("sft", seed, 0, num_epochs)}]
+    for step in range(1, num_epochs * STEPS_PER_EPOCH + 1):
+        epoch = (step - 1) // STEPS_PER_EPOCH + 1
+        line = {
+            "generation_step": step,
+            "epoch": epoch,
+            "sft/loss": 2.0 / step + 0.1 * seed,
+            "sft/grad_norm": 1.0,
+            "sft/lr": 1e-5,
+        }
+        if step % STEPS_PER_EPOCH == 0:
+            line.update(eval_line("sft", seed, epoch, num_epochs))
+        lines.append(line)
+    return lines
+
+
+def write_run(run_dir, *, name, seed, kind, lines, config=None):
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True)
+    record = dict(name=name, seed=seed, kind=kind, config=config or config_for())
+    record.update(git_sha=None, versions={}, devices=["cpu"])
+    (run_dir / "run.json").write_text(json.dumps(record))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return run_dir
+
+
+def write_paper_runs(root, *, with_sft=True, rl_name="geo", sft_name="geo_sft", config=None):
+    """RL seeds 0-2 (named per seed, 3 epochs) and SFT seeds 0-1 (one name, 2 epochs)."""
+    for seed in range(3):
+        write_run(
+            Path(root) / f"{rl_name}_seed{seed}",
+            name=f"{rl_name}_seed{seed}",
+            seed=seed,
+            kind="rl",
+            lines=rl_lines(seed, 3),
+            config=config,
+        )
+    if with_sft:
+        for seed in range(2):
+            write_run(
+                Path(root) / "sft" / f"s{seed}",
+                name=sft_name,
+                seed=seed,
+                kind="sft",
+                lines=sft_lines(seed, 2),
+                config=config,
+            )
+    return Path(root)
+
+
+def table_row(markdown, split, setting_label):
+    prefix = f"| {split} | {setting_label} |"
+    rows = [line for line in markdown.splitlines() if line.startswith(prefix)]
+    assert len(rows) == 1, markdown
+    return [cell.strip() for cell in rows[0].strip("|").split("|")][2:]
+
+
+def test_table_hand_computed_row(tmp_path):
+    """test / pass@1 T=0.6: the cells worked out by hand from RL_TEST_T06 and SFT_TEST_T06."""
+    root = write_paper_runs(tmp_path / "runs")
+    result = report.build_report([root], tmp_path / "report", plots=False)
+    # Untrained: RL epoch 0 = 0.20, 0.20, 0.26 -> mean 0.22, std sqrt(0.0008) = 0.0283.
+    # RL per-seed mean over epochs 1-3: 0.40, 0.40, 0.40 -> 0.40 +- 0.
+    # RL per-seed max: 0.50, 0.40, 0.70 -> mean 0.5333, std sqrt(0.04667 / 3) = 0.1247.
+    # SFT per-seed mean over epochs 1-2: 0.20, 0.20; max 0.30, 0.20 -> 0.25 +- 0.05.
+    assert table_row(result["markdown"], "test", "pass@1 T=0.6") == [
+        "22.0 ± 2.8",
+        "40.0 ± 0.0",
+        "53.3 ± 12.5",
+        "20.0 ± 0.0",
+        "25.0 ± 5.0",
+    ]
+    (comparison,) = json.loads((tmp_path / "report" / "summary.json").read_text())["comparisons"]
+    cells = comparison["table"]["test"]["pass@1_t0.6"]
+    assert cells["Untrained"]["mean"] == pytest.approx(0.22)
+    assert cells["Untrained"]["std"] == pytest.approx(math.sqrt(0.0008))
+    assert cells["RL max"]["mean"] == pytest.approx(1.6 / 3)
+    # deviations from 16/30: -1/30, -4/30, 5/30 -> variance 42/900/3
+    assert cells["RL max"]["std"] == pytest.approx(math.sqrt(14) / 30)
+    assert cells["RL max"]["per_seed"] == pytest.approx([0.5, 0.4, 0.7])
+    assert cells["SFT untrained"]["mean"] == pytest.approx(0.22)
+    assert comparison["rl"]["seeds"] == [0, 1, 2]
+    assert comparison["sft"]["seeds"] == [0, 1]
+    assert (tmp_path / "report" / "table.md").read_text() == result["markdown"]
+
+
+def test_every_cell_is_the_seed_mean_of_per_seed_epoch_statistics(tmp_path):
+    root = write_paper_runs(tmp_path / "runs")
+    summary = report.build_report([root], tmp_path / "report", plots=False)["summary"]
+    table = summary["comparisons"][0]["table"]
+    for split in ("validation", "test"):
+        for setting in SETTINGS:
+            for kind, seeds, epochs in (("rl", range(3), 3), ("sft", range(2), 2)):
+                values = np.array([eval_values(kind, s, split, setting, epochs) for s in seeds])
+                # values: [seed, epoch 0..E]
+                expected = {
+                    f"{kind.upper()} mean": values[:, 1:].mean(axis=1),
+                    f"{kind.upper()} max": values[:, 1:].max(axis=1),
+                }
+                if kind == "rl":
+                    expected["Untrained"] = values[:, 0]
+                for column, per_seed in expected.items():
+                    cell = table[split][setting][column]
+                    assert cell["mean"] == pytest.approx(per_seed.mean()), (split, setting, column)
+                    assert cell["std"] == pytest.approx(per_seed.std(ddof=0))
+                    assert cell["num_seeds"] == len(per_seed)
+
+
+def test_without_sft_the_sft_columns_are_dashes(tmp_path):
+    root = write_paper_runs(tmp_path / "runs", with_sft=False)
+    markdown = report.build_report([root], tmp_path / "report", plots=False)["markdown"]
+    row = table_row(markdown, "validation", "pass@8 T=1.0")
+    assert row[3:] == [report.MISSING, report.MISSING]
+    assert all("±" in cell for cell in row[:3])
+    assert not (tmp_path / "report" / "geo").exists()  # plots=False
+
+
+def test_a_seed_without_epoch_0_is_left_out_of_the_untrained_cell_and_marked(tmp_path):
+    root = write_paper_runs(tmp_path / "runs", with_sft=False)
+    metrics = root / "geo_seed2" / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[1:]))
+    markdown = report.build_report([root], tmp_path / "report", plots=False)["markdown"]
+    # RL epoch 0 of seeds 0 and 1 only: 0.20, 0.20.
+    assert table_row(markdown, "test", "pass@1 T=0.6")[:2] == [
+        "20.0 ± 0.0 (2/3 seeds)",
+        "40.0 ± 0.0",
+    ]
+
+
+def test_seed_band_keeps_the_steps_every_seed_has():
+    x, mean, std = plots.seed_band([{1: 1.0, 2: 2.0, 3: 5.0}, {1: 3.0, 2: 4.0}])
+    np.testing.assert_array_equal(x, [1, 2])
+    np.testing.assert_allclose(mean, [2.0, 3.0])
+    np.testing.assert_allclose(std, [1.0, 1.0])
+
+
+def colored_fraction(path):
+    """Fraction of pixels with a saturated colour: plotted data, not axes, text or background."""
+    rgb = mpimg.imread(path)[..., :3]
+    saturation = rgb.max(axis=-1) - rgb.min(axis=-1)
+    return float((saturation > 0.3).mean())
+
+
+PLOTS = (
+    "train_accuracy.png",
+    "response_length.png",
+    "reflection_ratios.png",
+    "reflection_counts.png",
+    "sft_loss.png",
+    "eval_validation.png",
+    "eval_test.png",
+)
+
+
+def test_every_plot_is_written_and_shows_data(cli_report):
+    out = cli_report["out"]
+    assert sorted(p.name for p in (out / "geo").iterdir()) == sorted(PLOTS)
+    for name in PLOTS:
+        assert colored_fraction(out / "geo" / name) > 0.002, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["comparisons"][0]["plots"] == [f"geo/{name}" for name in PLOTS]
+
+
+def test_colored_fraction_of_a_blank_image_is_zero(tmp_path):
+    blank = tmp_path / "blank.png"
+    mpimg.imsave(blank, np.ones((50, 50, 3)))
+    assert colored_fraction(blank) == 0.0
+
+
+def test_group_name_drops_only_a_suffix_equal_to_the_seed():
+    def run(name, seed):
+        return report.Run(Path("."), name=name, seed=seed, kind="rl", config={}, lines=[])
+
+    assert run("geo_seed1", 1).group_name == "geo"
+    assert run("geo-s2", 2).group_name == "geo"
+    assert run("geo.seed=3", 3).group_name == "geo"
+    assert run("geo_seed1", 2).group_name == "geo_seed1"
+    assert run("geo", 0).group_name == "geo"
+    assert run("seed4", 4).group_name == "seed4"
+
+
+def test_duplicate_seed_in_a_group_is_an_error(tmp_path):
+    root = write_paper_runs(tmp_path / "runs")
+    write_run(root / "again", name="geo", seed=1, kind="rl", lines=rl_lines(1, 3))
+    with pytest.raises(report.ReportError, match="seed 1 appears twice"):
+        report.build_report([root], tmp_path / "report", plots=False)
+
+
+def test_the_same_run_given_twice_is_counted_once(tmp_path):
+    root = write_paper_runs(tmp_path / "runs")
+    comparisons = report.pair_groups(
+        report.group_runs([report.load_run(p) for p in report.find_run_dirs([root, root / "sft"])])
+    )
+    assert [c.sft.seeds for c in comparisons] == [[0, 1]]
+
+
+def test_comparison_key():
+    assert report.comparison_key(config_for(report_group="paper-geo")) == "paper-geo"
+    assert report.comparison_key(config_for()) == "geo_val+geo_test | Qwen2.5-VL-7B-Instruct"
+    synth = {
+        "data": {"synth_dir": "runs/x/data", "synth_flavour": "text_dominant"},
+        "model": {"path": "", "tiny_family": "qwen2_vl"},
+    }
+    assert report.comparison_key(synth) == "synth-text_dominant | tiny-qwen2_vl"
+
+
+def test_seeds_of_a_group_must_share_the_comparison_key(tmp_path):
+    root = write_paper_runs(tmp_path / "runs", with_sft=False)
+    write_run(
+        root / "geo_seed3",
+        name="geo_seed3",
+        seed=3,
+        kind="rl",
+        lines=rl_lines(3, 3),
+        config=config_for(test="other_test.jsonl"),
+    )
+    with pytest.raises(report.ReportError, match="config.report_group"):
+        report.build_report([root], tmp_path / "report", plots=False)
+
+
+def test_two_rl_groups_share_the_sft_group_and_two_sft_groups_are_an_error(tmp_path):
+    root = write_paper_runs(tmp_path / "runs")
+    write_run(root / "grpo", name="geo_grpo", seed=0, kind="rl", lines=rl_lines(0, 3))
+    result = report.build_report([root], tmp_path / "report", plots=False)
+    titles = [c["title"] for c in result["summary"]["comparisons"]]
+    assert titles == ["RL `geo` vs SFT `geo_sft`", "RL `geo_grpo` vs SFT `geo_sft`"]
+
+    write_run(root / "sft2", name="geo_sft_long", seed=0, kind="sft", lines=sft_lines(0, 3))
+    with pytest.raises(report.ReportError, match="at most one SFT group"):
+        report.build_report([root], tmp_path / "report2", plots=False)
+
+
+def test_report_group_separates_tables(tmp_path):
+    write_paper_runs(tmp_path / "runs", config=config_for(report_group="a"))
+    write_paper_runs(
+        tmp_path / "runs" / "b",
+        rl_name="other",
+        sft_name="other_sft",
+        config=config_for(report_group="b"),
+    )
+    summary = report.build_report([tmp_path / "runs"], tmp_path / "report", plots=False)["summary"]
+    pairs = {
+        c["comparison_key"]: (c["rl"]["name"], c["sft"]["name"]) for c in summary["comparisons"]
+    }
+    assert pairs == {"a": ("geo", "geo_sft"), "b": ("other", "other_sft")}
+
+
+def test_run_json_without_seed_is_an_error_naming_the_file(tmp_path):
+    run_dir = tmp_path / "runs" / "bad"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"name": "x", "kind": "rl"}))
+    with pytest.raises(report.ReportError, match=r"bad/run.json: field 'seed' missing"):
+        report.build_report([tmp_path / "runs"], tmp_path / "report", plots=False)
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "maye_jax.report", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_report(tmp_path_factory):
+    """The CLI run once on the paper fixture (run directories and a parent folder, mixed)."""
+    root = write_paper_runs(tmp_path_factory.mktemp("runs"))
+    out = tmp_path_factory.mktemp("report")
+    done = run_cli(*sorted(root.glob("geo_seed*")), root / "sft", f"--out={out}")
+    return {"root": root, "out": out, "done": done}
+
+
+def test_cli_end_to_end(cli_report):
+    done, out = cli_report["done"], cli_report["out"]
+    assert done.returncode == 0, done.stderr
+    assert (
+        "| test | pass@1 T=0.6 | 22.0 ± 2.8 | 40.0 ± 0.0 | 53.3 ± 12.5 | 20.0 ± 0.0 | 25.0 ± 5.0 |"
+        in done.stdout
+    )
+    assert (out / "table.md").read_text().strip() == done.stdout.strip()
+    comparison = json.loads((out / "summary.json").read_text())["comparisons"][0]
+    assert (comparison["rl"]["seeds"], comparison["sft"]["seeds"]) == ([0, 1, 2], [0, 1])
+
+
+def test_cli_reports_a_duplicate_seed_as_an_error(tmp_path):
+    root = write_paper_runs(tmp_path / "runs", with_sft=False)
+    write_run(root / "again", name="geo", seed=0, kind="rl", lines=rl_lines(0, 3))
+    failed = run_cli(root, f"--out={tmp_path / 'report'}")
+    assert failed.returncode == 1
+    assert "report: error:" in failed.stderr and "seed 0 appears twice" in failed.stderr
+    assert not (tmp_path / "report").exists()
