@@ -13,6 +13,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.name = "run"
     c.seed = 0
+    c.report_group = ""  # runs with the same report_group share a table (maye_jax/report.py)
     c.output_dir = "runs/run"
     c.resume = False  # continue from the latest checkpoint in output_dir
 
@@ -41,6 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.max_pixels = 16384 * 28 * 28
     # Generate a synthetic dataset first (maye_jax/synth.py) when `synth_dir` is set.
     c.data.synth_dir = ""
+    c.data.synth_seed = 0  # the dataset stays the same across run seeds
     c.data.synth_flavour = "text_dominant"
     c.data.synth_num_train = 64
     c.data.synth_num_validation = 16

@@ -63,19 +63,27 @@ def make_sequence_batch(
     pad_id: int = 151643,
     length_multiple: int = 32,
     min_response_len: int = 1,
+    prompt_multiple: int | None = None,
+    response_len: int | None = None,
     batch_size: int | None = None,
 ) -> SequenceBatch:
     """`prompts`: processor outputs (input_ids, pixel_values, image_grid_thw) of each row;
     `responses`: token ids of each row's response (may be empty). `batch_size` pads the batch
-    with empty rows (all padding) to a fixed size."""
+    with empty rows (all padding) to a fixed size. Fixed shapes mean fewer compilations of the
+    jitted steps: `response_len` fixes R (e.g. to max_tokens), `prompt_multiple` rounds P
+    more coarsely than `length_multiple`."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     rows = batch_size or len(prompts)
     if rows < len(prompts):
         raise ValueError(f"batch_size {rows} < {len(prompts)} rows")
     prompt_ids = [np.asarray(p["input_ids"]).reshape(-1) for p in prompts]
-    prompt_len = _round_up(max(len(p) for p in prompt_ids), length_multiple)
-    response_len = _round_up(max([len(r) for r in responses] + [min_response_len]), length_multiple)
+    prompt_len = _round_up(max(len(p) for p in prompt_ids), prompt_multiple or length_multiple)
+    longest = max([len(r) for r in responses] + [min_response_len])
+    if response_len is None:
+        response_len = _round_up(longest, length_multiple)
+    elif longest > response_len:
+        raise ValueError(f"a response has {longest} tokens, more than response_len {response_len}")
     total = prompt_len + response_len
     input_ids = np.full((rows, total), pad_id, np.int32)
     attention_mask = np.zeros((rows, total), np.int32)

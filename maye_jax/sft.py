@@ -97,6 +97,9 @@ class SFTRunner:
         self.writer = writer
         self.instruction = get_prompt_template(c.data.prompt_template)
         self.eval_engine = eval_engine
+        # One response length for every batch (the longest target), so the step compiles once.
+        longest = max(len(t) for t in sft_targets(processor.tokenizer, data["train"]))
+        self.response_len = -(-longest // 16) * 16
 
     def batch_arrays(self, records):
         tokenizer = self.processor.tokenizer

@@ -185,6 +185,7 @@ class Trainer:
             chunk_size=c.rl.logprob_chunk_size,
             rows_multiple=c.rl.ppo_batch_size,
             pad_id=self.processor.tokenizer.pad_token_id,
+            max_tokens=c.rollout.max_tokens,
             reference_shares_vision=not (c.model.train_vit or c.model.train_connector),
         )
 

@@ -110,6 +110,7 @@ def build_trajectory(
     chunk_size: int,
     rows_multiple: int,
     pad_id: int,
+    max_tokens: int,
     reference_shares_vision: bool = True,
 ) -> Trajectory:
     """`completions[i]` are the samples of `prompts[i]` (of `records[i]`); rows are laid out
@@ -190,6 +191,10 @@ def build_trajectory(
         texts=texts,
         prompt_ids=[r.id for r in row_records],
     )
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def _pad(values: np.ndarray, size: int) -> np.ndarray:
