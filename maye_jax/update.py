@@ -354,7 +354,7 @@ def make_train_step(
     return run
 
 
-def check_finite(finite, metrics: Mapping[str, jax.Array], step: int) -> None:
+def check_finite(finite, metrics: Mapping[str, jax.Array], step: int | str) -> None:
     """Host-side: raises FloatingPointError naming the update step when the step reported a
     non-finite loss or gradient (the state was left unchanged)."""
     if bool(jax.device_get(finite)):

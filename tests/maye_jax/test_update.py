@@ -44,7 +44,7 @@ from sharding.mesh import make_mesh
 
 ROWS = 8
 LR = 1e-3
-MAX_GRAD_NORM = 0.005  # below the test gradients' norm (~0.01), so clipping is exercised
+MAX_GRAD_NORM = 1.0  # below the test gradients' norm (~2.6), so clipping is exercised
 OPTIMIZER = OptimizerConfig(learning_rate=LR, schedule="constant", max_grad_norm=MAX_GRAD_NORM)
 CONFIG = UpdateConfig(loss=LossConfig(kl_loss_coeff=0.01), logprob_chunk_size=8)
 METRIC_KEYS = {
@@ -217,7 +217,7 @@ def test_gradient_and_adamw_steps_match_straightforward_reference(data, unsharde
         _, g = grad_fn(params)
         updates, opt_state = reference.update(g, opt_state, params)
         params = optax.apply_updates(params, updates)
-    ours, metrics = run_steps(setup, make_minibatch(rows, 2), 3)
+    ours, metrics = run_steps(setup, make_minibatch(rows, 1), 3)
     expected_change = {n: v - params0[n] for n, v in host(params).items()}
     assert_trees_close(ours, expected_change, 1e-4, "parameter change")
     assert metrics[0]["grad_norm"] > MAX_GRAD_NORM  # clipping was active
@@ -251,6 +251,8 @@ def test_accumulation_is_exact(data, unsharded):
 
 @pytest.mark.parametrize("fsdp,tp", [(8, 1), (4, 2)])
 def test_sharded_equals_unsharded(data, unsharded, fsdp, tp):
+    """Same loss, gradient norm (a scale error in a sharded reduction would show) and parameter
+    changes after 3 steps."""
     sharded = Setup(data["model"], make_mesh(fsdp=fsdp, tp=tp))
     lm_head = sharded.state.params["lm_head"]
     assert len(lm_head.sharding.device_set) == 8
@@ -258,13 +260,13 @@ def test_sharded_equals_unsharded(data, unsharded, fsdp, tp):
     mu = sharded.state.opt_state[1][0].mu  # (clip, (adam, ...))
     assert all(mu[n].sharding == sharded.layout.params[n] for n in mu)
     minibatch = make_minibatch(data["rows"], 1)
-    grads, _ = sharded.grads(sharded.state.params, sharded.frozen, minibatch)
-    expected, _ = unsharded.grads(unsharded.state.params, unsharded.frozen, minibatch)
-    assert_trees_close(host(grads), host(expected), 1e-5, "sharded gradient")
     changes, metrics = run_steps(sharded, minibatch, 3)
     expected_changes, expected_metrics = run_steps(unsharded, minibatch, 3)
     assert_trees_close(changes, expected_changes, 1e-4, "sharded param changes")
-    assert metrics[-1]["loss/total"] == pytest.approx(expected_metrics[-1]["loss/total"], rel=1e-5)
+    for ours, expected in zip(metrics, expected_metrics):
+        for name in ("loss/total", "loss/policy", "loss/kl", "grad_norm", "entropy"):
+            # abs: the loss shrinks to ~0.005 by cancellation after the first step
+            assert ours[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
 
 
 def test_scanned_layers_equal_the_model_loop(data, unsharded):
@@ -364,8 +366,7 @@ def test_tower_runs_inside_the_step_when_the_connector_trains(data, unsharded):
         np.testing.assert_array_equal(value, frozen_before[name])
 
 
-@pytest.mark.parametrize("preset", ["qwen2_5_vl_7b", "qwen2_vl_7b"])
-def test_7b_layout_over_7_devices(preset):
+def test_7b_layout_over_7_devices(preset="qwen2_5_vl_7b"):
     """Abstract 7B: AdamW moments sharded like the parameters, ~1/7 of the trainable state per
     device, and a refusal when training the (unshardable) tower would replicate too much."""
     model = build_model(ModelConfig.from_hf(preset_hf_config(preset)), abstract=True)
