@@ -16,7 +16,7 @@ def get_config():
 
     c.model.tiny_family = "qwen2_vl"
     c.model.tiny_hidden_size = 128
-    c.model.tiny_num_layers = 2
+    c.model.tiny_num_layers = 4
     c.model.dtype = "float32"
     c.model.frozen_dtype = "float32"
 
@@ -26,28 +26,29 @@ def get_config():
     c.data.synth_num_validation = 32
     c.data.synth_num_test = 32
     c.data.synth_image_size = 56
+    c.data.synth_solution_style = "short"
     c.data.min_pixels = 4 * 28 * 28
     c.data.max_pixels = 4 * 28 * 28
 
-    c.sft.num_epochs = 5
+    c.sft.num_epochs = 8
     c.sft.batch_size = 16
     c.sft.micro_batch_size = 16
-    c.sft.learning_rate = 1e-2
+    c.sft.learning_rate = 3e-3
     c.sft.warmup_fraction = 0.05
 
-    c.rollout.max_tokens = 48
-    c.rollout.num_samples = 4
-    c.rl.num_epochs = 2
+    c.rollout.max_tokens = 32
+    c.rollout.num_samples = 1
+    c.rl.num_epochs = 3
     c.rl.batch_size = 64
     c.rl.ppo_batch_size = 16
     c.rl.micro_batch_size = 16
     c.rl.forward_batch_size = 64
     c.rl.kl_loss_coeff = 0.0  # no reference forward: halves the trajectory cost on CPU
-    c.optim.learning_rate = 1e-3
+    c.optim.learning_rate = 3e-4
     c.optim.warmup_fraction = 0.05
 
-    c.eval.max_tokens = 48
-    c.eval.splits = ("validation", "test")
+    c.eval.max_tokens = 32
+    c.eval.splits = ("validation",)
     c.checkpoint.every_steps = 4
     c.checkpoint.keep = 1
     return c

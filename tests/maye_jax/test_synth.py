@@ -156,3 +156,22 @@ def test_command_line_writes_both_flavours(tmp_path):
         assert len(lines) == 2
         with Image.open(tmp_path / flavour / json.loads(lines[0])["image"]) as image:
             assert image.size == (48, 48)
+
+
+def test_short_solutions_keep_the_computation_and_the_box(tmp_path):
+    from maye_jax.synth import generate, shorten_solution
+
+    assert (
+        shorten_solution(
+            "The area is $AB \\times BC = 4 \\times 7 = 28$. Therefore, the answer is \\boxed{28}"
+        )
+        == "$4 \\times 7 = 28$. \\boxed{28}"
+    )
+    assert shorten_solution("Counting gives 5. Therefore, the answer is \\boxed{5}") == "\\boxed{5}"
+    paths = generate(
+        tmp_path, "text_dominant", num_train=8, num_validation=2, num_test=2, solution_style="short"
+    )
+    for line in paths["train"].read_text().splitlines():
+        record = json.loads(line)
+        assert record["solution"].endswith(f"\\boxed{{{record['answer']}}}")
+        assert "Therefore" not in record["solution"]
