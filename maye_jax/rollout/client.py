@@ -1,0 +1,370 @@
+"""The trainer's side of the rollout worker: `WorkerEngine`, a RolloutEngine in another process.
+
+    engine = WorkerEngine("vllm", model_dir, python=".venv-vllm/bin/python",
+                          env={"VLLM_CPU_KVCACHE_SPACE": "1"}, devices="7")
+    engine.sync_weights(named_hf_arrays, version=step)      # -> checksum the worker verified
+    completions = engine.generate(prompts, Sampling(n=1, temperature=1.0), step=step)
+    engine.close()
+
+The worker (worker.py) is started with `python -m maye_jax.rollout.worker` in its own process
+group, with the project on PYTHONPATH, its stdout and stderr going to a log file, and one end of
+a socket pair as its channel (protocol.py). Weights go through one shared-memory segment
+(shm.py) that is allocated on the first sync and rewritten in place afterwards; the frozen
+tensors (`frozen_prefixes`, the vision tower by default) are written by the first sync only.
+
+Failures are raised here, never swallowed: the worker exiting or being killed
+(WorkerDiedError), not answering within `timeout_s` (WorkerTimeoutError, the worker is killed),
+an engine error (WorkerRequestError, with the worker's traceback), or a sync whose version or
+checksum does not come back as sent (SyncError). Each message carries the last lines of the
+worker's log. Generation requests name the weights version the trainer last synced; the worker
+refuses any other, so a rollout can never silently use stale weights. The segment is unlinked
+and the worker stopped on `close()`, at interpreter exit and on SIGTERM.
+
+This module imports no JAX: `sync_weights` takes any mapping of HF names to arrays that
+`numpy.asarray` accepts (JAX arrays are fetched one at a time while being written).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from maye_jax.rollout import protocol
+from maye_jax.rollout.engine import Completion, Prompt, Sampling
+from maye_jax.rollout.shm import (
+    FROZEN_PREFIXES,
+    WeightSegment,
+    register_cleanup,
+    unregister_cleanup,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+POLL_SECONDS = 0.2
+
+
+class WorkerError(RuntimeError):
+    """A rollout worker failed; the message ends with the worker's last log lines."""
+
+
+class WorkerDiedError(WorkerError):
+    pass
+
+
+class WorkerTimeoutError(WorkerError):
+    pass
+
+
+class WorkerRequestError(WorkerError):
+    pass
+
+
+class SyncError(WorkerError):
+    pass
+
+
+class WorkerEngine:
+    """A rollout engine (`hf` or `vllm` backend) running in a worker process."""
+
+    def __init__(
+        self,
+        backend: str = "hf",
+        model_dir: str | os.PathLike = "",
+        *,
+        python: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        devices: str | Sequence[int] | None = None,
+        dtype: str = "float32",
+        engine_args: Mapping[str, Any] | None = None,
+        gpu_memory_utilization: float | None = None,
+        max_model_len: int | None = None,
+        timeout_s: float = 600.0,
+        start_timeout_s: float = 900.0,
+        frozen_prefixes: Iterable[str] = FROZEN_PREFIXES,
+        max_batch_rows: int = 64,
+        log_lines: int = 40,
+    ):
+        import json
+
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.log_lines = log_lines
+        self.version: int | None = None
+        self.last_sync: dict[str, float] = {}
+        self._frozen_sent = False
+        self._closed = False
+        self._proc: subprocess.Popen | None = None
+        self.segment = WeightSegment(frozen_prefixes)
+        self._log_dir = tempfile.mkdtemp(prefix="maye-worker-")
+        self.log_path = os.path.join(self._log_dir, "worker.log")
+
+        child_env = dict(os.environ)
+        child_env.update(env or {})
+        child_env["PYTHONPATH"] = os.pathsep.join(
+            [str(PROJECT_ROOT)] + [p for p in [child_env.get("PYTHONPATH")] if p]
+        )
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        if devices is not None:
+            if not isinstance(devices, str):
+                devices = ",".join(str(d) for d in devices)
+            child_env["CUDA_VISIBLE_DEVICES"] = devices
+        engine_args = dict(engine_args or {})
+        if backend == "vllm":  # shorthands for the two vllm.LLM arguments every run sets
+            for name, value in (
+                ("gpu_memory_utilization", gpu_memory_utilization),
+                ("max_model_len", max_model_len),
+            ):
+                if value is not None:
+                    engine_args.setdefault(name, value)
+        self._sock, child_sock = socket.socketpair()
+        command = [
+            str(python or sys.executable),
+            "-m",
+            "maye_jax.rollout.worker",
+            f"--backend={backend}",
+            f"--model={model_dir}",
+            f"--fd={child_sock.fileno()}",
+            f"--dtype={dtype}",
+            f"--engine-args={json.dumps(engine_args)}",
+            f"--max-batch-rows={max_batch_rows}",
+        ]
+        self._cleanup_token = register_cleanup(self._terminate)
+        with open(self.log_path, "wb") as log_file:
+            self._proc = subprocess.Popen(
+                command,
+                pass_fds=(child_sock.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                cwd=str(PROJECT_ROOT),
+                start_new_session=True,  # its own process group: close() reaches engine children
+            )
+        child_sock.close()
+        try:
+            self.info = self._receive(start_timeout_s, "start")
+        except BaseException:
+            self._terminate()
+            raise
+
+    # -- RolloutEngine ------------------------------------------------------------------------
+
+    def sync_weights(self, named_hf_arrays: Mapping[str, Any] | Iterable, version: int) -> str:
+        """Writes the weights into the segment and has the worker load them; returns the
+        checksum both sides computed. The first call must hold every tensor; later calls
+        need only the trainable ones (frozen tensors in them are skipped, never fetched)."""
+        started = time.perf_counter()
+        arrays = named_hf_arrays if isinstance(named_hf_arrays, Mapping) else dict(named_hf_arrays)
+        record = self.segment.write(arrays, int(version), include_frozen=not self._frozen_sent)
+        reply, _ = self._request(
+            dict(
+                op="sync",
+                path=record.path,
+                version=record.version,
+                checksum=record.checksum,
+                data_bytes=record.data_bytes,
+                num_tensors=record.num_tensors,
+            ),
+            [],
+            f"sync of version {version}",
+        )
+        if reply.get("version") != record.version or reply.get("checksum") != record.checksum:
+            raise SyncError(
+                self._with_log(
+                    f"worker reported version {reply.get('version')} / checksum "
+                    f"{reply.get('checksum')}, trainer wrote {record.version} / {record.checksum}"
+                )
+            )
+        self._frozen_sent = self._frozen_sent or record.includes_frozen
+        self.version = record.version
+        self.last_sync = dict(
+            write_seconds=record.write_seconds,
+            worker_seconds=float(reply.get("seconds", 0.0)),
+            total_seconds=time.perf_counter() - started,
+            bytes=float(record.data_bytes),
+            tensors=float(record.num_tensors),
+        )
+        return record.checksum
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+    ) -> list[list[Completion]]:
+        buffers = protocol.BufferList()
+        header = dict(
+            op="generate",
+            version=self.version,
+            step=int(step),
+            sampling=protocol.encode_sampling(sampling),
+            prompts=[protocol.encode_prompt(prompt, buffers) for prompt in prompts],
+        )
+        reply, arrays = self._request(header, buffers.arrays, f"generate (step {step})")
+        return [
+            [
+                Completion(
+                    token_ids=arrays[c["tokens"]].tolist(),
+                    logprobs=arrays[c["logprobs"]].tolist(),
+                    text=c["text"],
+                    finish_reason=c["finish_reason"],
+                )
+                for c in row
+            ]
+            for row in reply["completions"]
+        ]
+
+    def score(
+        self,
+        prompts: Sequence[Prompt],
+        responses: Sequence[Sequence[int]],
+        temperature: float = 1.0,
+    ) -> list[np.ndarray]:
+        """Teacher forcing: per prompt, log_softmax(logits / T) of each given response token."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        buffers = protocol.BufferList()
+        items = []
+        for prompt, response in zip(prompts, responses):
+            item = protocol.encode_prompt(prompt, buffers)
+            item["response"] = buffers.add(np.asarray(response).reshape(-1), "int32")
+            items.append(item)
+        header = dict(op="score", version=self.version, temperature=float(temperature), items=items)
+        reply, arrays = self._request(header, buffers.arrays, "score")
+        return [arrays[index] for index in reply["logprobs"]]
+
+    def close(self) -> None:
+        """Stops the worker (politely, then by force) and unlinks the segment."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self._proc is not None and self._proc.poll() is None:
+                try:
+                    protocol.send_message(self._sock, dict(op="shutdown"))
+                    self._receive(30.0, "shutdown")
+                    self._proc.wait(timeout=30.0)
+                except (WorkerError, OSError, subprocess.TimeoutExpired):
+                    pass
+        finally:
+            self._terminate()
+
+    def __enter__(self) -> WorkerEngine:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _terminate(self, force: bool = False) -> None:
+        """Stops the worker's process group if it still runs (SIGTERM, or SIGKILL when `force`
+        or after 10 s); unlinks the segment; idempotent."""
+        self._closed = True
+        if self._proc is not None and self._proc.poll() is None:
+            _signal_group(self._proc.pid, signal.SIGKILL if force else signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10.0)
+            except subprocess.TimeoutExpired:
+                _signal_group(self._proc.pid, signal.SIGKILL)
+                self._proc.wait()
+        if self._proc is not None:
+            _signal_group(self._proc.pid, signal.SIGKILL)  # engine children left behind, if any
+        self.segment.close()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        shutil.rmtree(self._log_dir, ignore_errors=True)
+        unregister_cleanup(self._cleanup_token)
+
+    def _request(self, header: dict, buffers: list, what: str) -> tuple[dict, list]:
+        if self._closed:
+            raise WorkerError(f"{what}: the worker engine is closed")
+        try:
+            protocol.send_message(self._sock, header, buffers)
+        except OSError as error:
+            self._raise_dead(what, error)
+        reply, arrays = self._receive(self.timeout_s, what, with_buffers=True)
+        return reply, arrays
+
+    def _receive(self, timeout_s: float, what: str, with_buffers: bool = False):
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                tail = self._log_tail()
+                self._terminate(force=True)
+                raise WorkerTimeoutError(
+                    f"{self.backend} worker gave no answer to {what} within {timeout_s:.0f} s "
+                    f"(killed)\n--- last worker log lines ---\n{tail}"
+                )
+            readable, _, _ = select.select([self._sock], [], [], min(POLL_SECONDS, remaining))
+            if readable:
+                self._sock.settimeout(max(remaining, 1.0))
+                try:
+                    reply, arrays = protocol.recv_message(self._sock)
+                except (protocol.ConnectionClosed, OSError) as error:
+                    self._raise_dead(what, error)
+                finally:
+                    try:
+                        self._sock.settimeout(None)
+                    except OSError:
+                        pass
+                if not reply.get("ok", False):
+                    raise WorkerRequestError(
+                        self._with_log(
+                            f"{self.backend} worker failed during {what}: {reply.get('error')}\n"
+                            f"{reply.get('traceback', '')}"
+                        )
+                    )
+                return (reply, arrays) if with_buffers else reply
+            if self._proc.poll() is not None:
+                self._raise_dead(what, None)
+
+    def _raise_dead(self, what: str, error: BaseException | None):
+        try:
+            code = self._proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            code = None
+        tail = self._log_tail()
+        self._terminate()
+        cause = f"exit code {code}" if code is not None else f"connection lost ({error!r})"
+        if code is not None and code < 0:
+            cause = f"killed by signal {-code}"
+        raise WorkerDiedError(
+            f"{self.backend} worker (pid {self._proc.pid}) died during {what}: {cause}\n"
+            f"--- last worker log lines ---\n{tail}"
+        ) from error
+
+    def _with_log(self, message: str) -> str:
+        return f"{message}\n--- last worker log lines ---\n{self._log_tail()}"
+
+    def _log_tail(self) -> str:
+        try:
+            with open(self.log_path, "rb") as file:
+                file.seek(0, os.SEEK_END)
+                file.seek(max(0, file.tell() - 64 * 1024))
+                lines = file.read().decode(errors="replace").splitlines()
+        except OSError:
+            return "(no worker log)"
+        return "\n".join(lines[-self.log_lines :])
+
+
+def _signal_group(pid: int, signum: int) -> None:
+    try:
+        os.killpg(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass

