@@ -587,8 +587,10 @@ def main(argv) -> int:
     print(json.dumps(summary, indent=2))
     for key in sorted(k for k in summary if k.startswith("eval/validation/")):
         row = summary[key]
-        print(f"{key}: start of RL {100 * row['first']:.1f}%, best during RL {100 * row['best']:.1f}%, "
-              f"last {100 * row['last']:.1f}%")
+        print(
+            f"{key}: start of RL {100 * row['first']:.1f}%, best during RL {100 * row['best']:.1f}%, "
+            f"last {100 * row['last']:.1f}%"
+        )
     print(f"metrics: {Path(config.output_dir).absolute() / 'metrics.jsonl'}")
     return 0
 

@@ -23,7 +23,8 @@ def make_engine(
     if kind == "jax":
         from maye_jax.rollout.jax_sampler import JaxSampler
 
-        return JaxSampler(model, config, tokenizer, pad_id=tokenizer.pad_token_id or 151643)
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        return JaxSampler(model, config, tokenizer, pad_id=151643 if pad_id is None else pad_id)
     if kind in ("hf", "vllm"):
         from maye_jax.rollout.client import WorkerEngine
 

@@ -118,3 +118,33 @@ def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     for ours, theirs in zip(resumed, reference):
         keys = {k for k in theirs if not k.startswith(("time/", "memory/"))}
         assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+def _vllm_available() -> bool:
+    import os
+
+    return os.path.isfile(".venv-vllm/bin/python")
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_two_generation_steps_with_a_worker_engine(engine, tmp_path, uninterrupted):
+    """The same loop with the torch-side worker: the trainer's logprobs of the worker's samples
+    agree with the worker's own (weights synced through shared memory)."""
+    import os
+
+    if engine == "vllm" and not _vllm_available():
+        if os.environ.get("MAYE_REQUIRE_VLLM") == "1":
+            pytest.fail("MAYE_REQUIRE_VLLM=1 but .venv-vllm is missing (scripts/setup_vllm_env.sh)")
+        pytest.skip("vLLM environment not installed (run scripts/setup_vllm_env.sh)")
+    config = tiny_config(tmp_path)
+    config.rollout.engine = engine
+    config.rl.num_epochs = 1
+    config.rl.batch_size = 8  # 4 prompts x 2 samples: the two train records... x2 steps below
+    config.data.synth_num_train = 8
+    config.eval.enabled = False
+    Trainer(config).run()
+    lines = read_metrics(tmp_path / "run")
+    assert [m["generation_step"] for m in lines] == [1, 2]
+    for line in lines:
+        assert not [k for k in REQUIRED_KEYS if k not in line]
+        assert line["mismatch/logprob_abs_max"] < 1e-3, line["mismatch/logprob_abs_max"]
