@@ -26,7 +26,6 @@ def get_config():
     c.data.synth_num_validation = 32
     c.data.synth_num_test = 32
     c.data.synth_image_size = 56
-    c.data.synth_solution_style = "short"
     c.data.min_pixels = 4 * 28 * 28
     c.data.max_pixels = 4 * 28 * 28
 
@@ -36,7 +35,7 @@ def get_config():
     c.sft.learning_rate = 3e-3
     c.sft.warmup_fraction = 0.05
 
-    c.rollout.max_tokens = 32
+    c.rollout.max_tokens = 48
     c.rollout.num_samples = 1
     c.rl.num_epochs = 3
     c.rl.batch_size = 64
@@ -44,10 +43,10 @@ def get_config():
     c.rl.micro_batch_size = 16
     c.rl.forward_batch_size = 64
     c.rl.kl_loss_coeff = 0.0  # no reference forward: halves the trajectory cost on CPU
-    c.optim.learning_rate = 3e-4
+    c.optim.learning_rate = 1e-4
     c.optim.warmup_fraction = 0.05
 
-    c.eval.max_tokens = 32
+    c.eval.max_tokens = 48
     c.eval.splits = ("validation",)
     c.checkpoint.every_steps = 4
     c.checkpoint.keep = 1

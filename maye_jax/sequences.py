@@ -78,6 +78,7 @@ def make_sequence_batch(
     if rows < len(prompts):
         raise ValueError(f"batch_size {rows} < {len(prompts)} rows")
     prompt_ids = [np.asarray(p["input_ids"]).reshape(-1) for p in prompts]
+    _check_vocabulary(prompt_ids, responses, pad_id, config.text.vocab_size)
     prompt_len = _round_up(max(len(p) for p in prompt_ids), prompt_multiple or length_multiple)
     longest = max([len(r) for r in responses] + [min_response_len])
     if response_len is None:
@@ -125,6 +126,20 @@ def make_sequence_batch(
         vision=vision,
         rope_deltas=rope_deltas,
     )
+
+
+def _check_vocabulary(prompt_ids, responses, pad_id: int, vocab_size: int) -> None:
+    """An id outside the embedding table would silently embed as NaN under jit: refuse it."""
+    if not 0 <= pad_id < vocab_size:
+        raise ValueError(f"pad id {pad_id} is outside the model's vocabulary ({vocab_size})")
+    for row, (prompt, response) in enumerate(zip(prompt_ids, responses)):
+        for name, ids in (("prompt", prompt), ("response", response)):
+            ids = np.asarray(ids)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+                raise ValueError(
+                    f"row {row}: {name} token id {int(ids.max())} is outside the "
+                    f"model's vocabulary ({vocab_size})"
+                )
 
 
 def _round_up(n: int, multiple: int) -> int:
