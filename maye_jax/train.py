@@ -61,6 +61,14 @@ class Trainer:
         self.output_dir = Path(c.output_dir).absolute()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.data = data or runtime.prepare_data(c)
+        if c.model.train_vit or c.model.train_connector:
+            # The update step supports a training tower (tested in tests/maye_jax/test_update.py),
+            # but the loop does not yet pack each micro-batch's images for it: refuse up front
+            # rather than fail at the first update.
+            raise ValueError(
+                "config.model.train_vit / train_connector: the RL loop trains the LLM "
+                "only for now (the paper's setting); set both to False"
+            )
         self.prompts_per_step = c.rl.batch_size // c.rollout.num_samples
         _check_batch_sizes(c, len(self.data["train"]))
         self.steps_per_epoch = len(self.data["train"]) // self.prompts_per_step
