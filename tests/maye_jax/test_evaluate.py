@@ -76,3 +76,49 @@ def test_pass_at_k_is_any_of_k():
     assert metrics["eval/validation/pass@1_t0.6"] == 1 / 3
     assert len(rows) == 3 * 8 + 3
     assert sum(r["correct"] for r in rows if r["setting"] == "pass@8_t1.0") == 2 + 0 + 4
+
+
+def test_evaluate_cli_on_an_hf_directory(tmp_path):
+    """`python -m maye_jax.evaluate` on a tiny HF model: every setting's key, accuracy in [0, 1],
+    and the responses file (one line per sample)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from maye_jax.processor import load_processor
+    from maye_jax.synth import generate
+    from maye_jax.tiny import tiny_hf_model
+
+    model_dir = tmp_path / "model"
+    tiny_hf_model("qwen2_vl", vocab_size=151936, seed=0, initializer_range=0.2).save_pretrained(
+        str(model_dir)
+    )
+    load_processor(family="qwen2_vl").save_pretrained(model_dir)
+    data = generate(
+        tmp_path / "data", "text_dominant", num_train=1, num_validation=2, num_test=1, image_size=56
+    )["validation"]
+    out = tmp_path / "responses.jsonl"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maye_jax.evaluate",
+            f"--model={model_dir}",
+            f"--data={data}",
+            "--split=validation",
+            "--max_tokens=4",
+            "--dtype=float32",
+            f"--output={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads(result.stdout[result.stdout.index("{") :])
+    assert set(metrics) == {f"eval/validation/{s}" for s in SETTINGS}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 * (8 + 1 + 1)
