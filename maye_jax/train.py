@@ -369,8 +369,10 @@ class Trainer:
             config=c.to_dict(),
             append=bool(start),
         )
-        previous = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
-        signal.signal(signal.SIGTERM, self._request_stop)
+        # Preemption (SIGTERM) or Ctrl-C (SIGINT): finish the generation step, checkpoint, stop.
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        for sig in previous:
+            signal.signal(sig, self._request_stop)
         last_saved = start
         try:
             if start == 0 and c.eval.enabled and c.eval.at_start:
@@ -435,7 +437,8 @@ class Trainer:
             writer.close()
             self.checkpointer.close()
             self.engine.close()
-            signal.signal(signal.SIGTERM, previous[signal.SIGTERM])
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         return summarize(self.output_dir)
 
     def _request_stop(self, signum, frame):

@@ -285,3 +285,56 @@ def test_modules_import_no_jax():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert completed.stdout.strip() == "False", completed.stderr
+
+
+def _boxed(x: str) -> str:
+    return "\\boxed{" + x + "}"
+
+
+# A second table (fractions vs decimals, \\frac, \\sqrt, degrees, units, several boxes, nested
+# braces, no box, empty, 100 kB of garbage); with ACCURACY_CASES more than 40 cases.
+MORE_ACCURACY_CASES = [
+    (_boxed("0.25"), _boxed("\\frac{1}{4}"), 1.0),
+    (_boxed("\\frac{3}{4}"), _boxed("0.75"), 1.0),
+    (_boxed("\\dfrac{1}{3}"), _boxed("\\frac{1}{3}"), 1.0),
+    (_boxed("0.33"), _boxed("\\frac{1}{3}"), 0.0),
+    (_boxed("2\\sqrt{3}"), _boxed("\\sqrt{12}"), 1.0),
+    (_boxed("\\sqrt{2}"), _boxed("1.4142"), 0.0),
+    (_boxed("3\\sqrt{2}"), _boxed("\\sqrt{18}"), 1.0),
+    (_boxed("60^\\circ"), _boxed("60"), 1.0),
+    (_boxed("60^{\\circ}"), _boxed("60^\\circ"), 1.0),
+    (_boxed("45"), _boxed("60^\\circ"), 0.0),
+    (_boxed("12 \\text{ cm}"), _boxed("12"), 1.0),
+    (_boxed("12\\,\\text{cm}^2"), _boxed("12"), 1.0),
+    (_boxed("13"), _boxed("12 \\text{ cm}"), 0.0),
+    ("first " + _boxed("5") + " then " + _boxed("7"), _boxed("7"), 1.0),
+    ("first " + _boxed("7") + " then " + _boxed("5"), _boxed("7"), 0.0),
+    (_boxed("\\frac{\\sqrt{3}}{2}"), _boxed("\\frac{\\sqrt3}{2}"), 1.0),
+    (_boxed("{{12}}"), _boxed("12"), 1.0),
+    ("The answer is 12.", _boxed("12"), 0.0),
+    ("", _boxed("12"), 0.0),
+    (_boxed(""), _boxed("12"), 0.0),
+    ("x" * 100_000 + _boxed("12"), _boxed("12"), 1.0),
+    ("\\boxed{" * 20000, _boxed("12"), 0.0),
+    (_boxed("-3"), _boxed("-3"), 1.0),
+    (_boxed("-3"), _boxed("3"), 0.0),
+    (_boxed("1,000"), _boxed("1000"), 1.0),
+    # math-verify compares numerically within a small relative tolerance:
+    (_boxed("2\\pi"), _boxed("6.283185"), 1.0),
+    (_boxed("2\\pi"), _boxed("2 \\pi"), 1.0),
+    (_boxed("x = 5"), _boxed("5"), 1.0),
+    (_boxed("50\\%"), _boxed("0.5"), 1.0),
+    (_boxed("\\frac{8}{2}"), _boxed("4"), 1.0),
+]
+
+
+def test_accuracy_reward_second_table():
+    responses, solutions, expected = zip(*MORE_ACCURACY_CASES, strict=True)
+    scores = rewards.accuracy_rewards(list(responses), list(solutions), timeout_s=5.0)
+    wrong = [
+        (r[:40], s, want, got)
+        for r, s, want, got in zip(responses, solutions, expected, scores)
+        if got != want
+    ]
+    assert not wrong
+    assert len(ACCURACY_CASES) + len(MORE_ACCURACY_CASES) >= 40
