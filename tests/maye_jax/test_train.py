@@ -148,3 +148,66 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path, uninterrupt
     for line in lines:
         assert not [k for k in REQUIRED_KEYS if k not in line]
         assert line["mismatch/logprob_abs_max"] < 1e-3, line["mismatch/logprob_abs_max"]
+
+
+def test_validation_accuracy_rises_with_rl(tmp_path):
+    """A short deterministic run that must learn: SFT leaves the model split between two final
+    answers (half the golden solutions say 3, half say 7); every question's answer is 7, so RL
+    with the accuracy reward moves validation accuracy up."""
+    from maye_jax import runtime
+    from maye_jax.data import read_records
+    from maye_jax.processor import load_processor
+    from maye_jax.sft import SFTRunner
+
+    def write(path, n, mixed):
+        lines = []
+        for i in range(n):
+            solution = "\\boxed{3}" if mixed and i % 2 else "\\boxed{7}"
+            lines.append(
+                json.dumps(
+                    dict(
+                        id=f"{path.stem}-{i}",
+                        question=f"Question {i}: what is it?",
+                        answer="7",
+                        solution=solution,
+                    )
+                )
+            )
+        path.write_text("\n".join(lines) + "\n")
+        return read_records(path)
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    config = tiny_config(tmp_path)
+    config.data.synth_dir = ""
+    config.rl.num_epochs = 3
+    config.rl.batch_size, config.rollout.num_samples = 8, 2
+    config.rl.kl_loss_coeff = 0.0
+    config.optim.learning_rate = 3e-3
+    config.optim.warmup_fraction = 0.0
+    config.sft.batch_size = config.sft.micro_batch_size = 8
+    config.sft.learning_rate = 2e-2
+    config.rollout.max_tokens = config.eval.max_tokens = 8
+    config.eval.splits = ("validation",)
+    config.eval.settings = ("pass@1_t0.6",)
+    config.checkpoint.export_hf = False
+    sft_data = {
+        "train": write(data_dir / "sft.jsonl", 16, mixed=True),
+        "validation": write(data_dir / "validation.jsonl", 16, mixed=False),
+    }
+    rl_data = {
+        "train": write(data_dir / "train.jsonl", 8, mixed=False),
+        "validation": sft_data["validation"],
+    }
+    mesh = runtime.build_mesh(config)
+    source = runtime.materialize_start_model(config)
+    optimizer, _ = runtime.optimizer_for(config, 1)
+    policy = runtime.build_policy(config, mesh, source, optimizer, with_reference=False)
+    processor = load_processor(str(source), family="qwen2_vl")
+    policy = SFTRunner(config, policy, processor, sft_data, num_epochs=16, writer=None).run(
+        evaluate_at_start=False, evaluate_every_epoch=False
+    )
+    summary = Trainer(config, policy=policy, data=rl_data, processor=processor).run()
+    accuracy = summary["eval/validation/pass@1_t0.6"]
+    assert 0.2 <= accuracy["first"] <= 0.8, accuracy  # SFT left the model undecided
+    assert accuracy["best"] >= accuracy["first"] + 0.15, accuracy
