@@ -29,10 +29,10 @@ def get_config():
     c.data.min_pixels = 4 * 28 * 28
     c.data.max_pixels = 4 * 28 * 28
 
-    c.sft.num_epochs = 8
+    c.sft.num_epochs = 6
     c.sft.batch_size = 16
     c.sft.micro_batch_size = 16
-    c.sft.learning_rate = 3e-3
+    c.sft.learning_rate = 2e-2
     c.sft.warmup_fraction = 0.05
 
     c.rollout.max_tokens = 48

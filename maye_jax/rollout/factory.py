@@ -33,6 +33,11 @@ def make_engine(
         env = {}
         if worker_devices:
             env["CUDA_VISIBLE_DEVICES"] = worker_devices
+        elif kind == "vllm":
+            # vLLM on CPU reads gpu_memory_utilization as a fraction of host RAM to reserve
+            # (and fails when other processes hold it): size its KV cache in GiB instead.
+            env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+            gpu_memory_utilization = None
         return WorkerEngine(
             backend=kind,
             model_dir=str(model_dir),
