@@ -26,13 +26,14 @@ def get_config():
     c.data.synth_num_validation = 32
     c.data.synth_num_test = 32
     c.data.synth_image_size = 56
+    c.data.synth_max_number = 4  # a small multiplication table a tiny model can learn on a CPU
     c.data.min_pixels = 4 * 28 * 28
     c.data.max_pixels = 4 * 28 * 28
 
-    c.sft.num_epochs = 6
+    c.sft.num_epochs = 4
     c.sft.batch_size = 16
     c.sft.micro_batch_size = 16
-    c.sft.learning_rate = 2e-2
+    c.sft.learning_rate = 5e-3
     c.sft.warmup_fraction = 0.05
 
     c.rollout.max_tokens = 48
@@ -43,7 +44,7 @@ def get_config():
     c.rl.micro_batch_size = 16
     c.rl.forward_batch_size = 64
     c.rl.kl_loss_coeff = 0.0  # no reference forward: halves the trajectory cost on CPU
-    c.optim.learning_rate = 1e-4
+    c.optim.learning_rate = 2e-4
     c.optim.warmup_fraction = 0.05
 
     c.eval.max_tokens = 48

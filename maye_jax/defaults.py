@@ -48,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.synth_num_validation = 16
     c.data.synth_num_test = 16
     c.data.synth_image_size = 112
+    c.data.synth_max_number = 9  # text-dominant side lengths 2..max_number (smaller: easier)
     c.data.synth_solution_style = "full"  # "short": computation + box only (cheaper CPU demo)
 
     c.sharding = ml_collections.ConfigDict()

@@ -268,10 +268,12 @@ def _sum_problem(rng: random.Random, low: int, high: int) -> Problem:
     )
 
 
-def make_problem(rng: random.Random, flavour: str, out_of_distribution: bool) -> Problem:
+def make_problem(
+    rng: random.Random, flavour: str, out_of_distribution: bool, max_number: int = 9
+) -> Problem:
     """One random problem; out-of-distribution problems use larger numbers and an unseen shape."""
     if flavour == "text_dominant":
-        low, high = (10, 30) if out_of_distribution else (2, 9)
+        low, high = (10, 30) if out_of_distribution else (2, max_number)
         makers = [
             lambda: _rectangle_problem(rng, low, high, numbers_in_text=True),
             lambda: _right_triangle_problem(rng, low, high),
@@ -316,12 +318,15 @@ def generate(
     image_size: int = 112,
     text_only_fraction: float = 0.0,
     solution_style: str = "full",
+    max_number: int = 9,
 ) -> dict[str, Path]:
     """Writes one flavour's three splits and images; returns ``{split: jsonl path}``."""
     if flavour not in FLAVOURS:
         raise ValueError(f"synth.generate: unknown flavour {flavour!r}; expected one of {FLAVOURS}")
     if image_size < 32:
         raise ValueError(f"synth.generate: image_size must be >= 32 pixels, got {image_size}")
+    if not 2 <= max_number <= 9:
+        raise ValueError(f"synth.generate: max_number must be in [2, 9], got {max_number}")
     if solution_style not in SOLUTION_STYLES:
         raise ValueError(f"synth.generate: solution_style must be one of {SOLUTION_STYLES}")
     if not 0.0 <= text_only_fraction <= 1.0:
@@ -334,7 +339,9 @@ def generate(
         rng = random.Random(f"maye_jax.synth/{seed}/{flavour}/{split}")
         lines = []
         for index in range(sizes[split]):
-            problem = make_problem(rng, flavour, out_of_distribution=split == "test")
+            problem = make_problem(
+                rng, flavour, out_of_distribution=split == "test", max_number=max_number
+            )
             record_id = f"{flavour}_{split}_{index:05d}"
             image_path = None
             if rng.random() >= text_only_fraction:
