@@ -359,7 +359,7 @@ class Trainer:
         )
         start = self.restore_checkpoint() if c.resume else 0
         if start:
-            _truncate_metrics(self.output_dir, start, self.steps_per_epoch)
+            _truncate_metrics(self.output_dir, start)
         writer = MetricsWriter(
             self.output_dir,
             tensorboard=c.logging.tensorboard,
@@ -551,7 +551,7 @@ def _rebuild_with_optimizer(c, policy, optimizer):
     )
 
 
-def _truncate_metrics(output_dir: Path, step: int, steps_per_epoch: int) -> None:
+def _truncate_metrics(output_dir: Path, step: int) -> None:
     """Drops metric lines written after the checkpoint a resumed run continues from."""
     path = output_dir / "metrics.jsonl"
     if not path.is_file():

@@ -127,7 +127,7 @@ def _vllm_available() -> bool:
 
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
-def test_two_generation_steps_with_a_worker_engine(engine, tmp_path, uninterrupted):
+def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
     """The same loop with the torch-side worker: the trainer's logprobs of the worker's samples
     agree with the worker's own (weights synced through shared memory)."""
     import os
@@ -139,7 +139,7 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path, uninterrupt
     config = tiny_config(tmp_path)
     config.rollout.engine = engine
     config.rl.num_epochs = 1
-    config.rl.batch_size = 8  # 4 prompts x 2 samples: the two train records... x2 steps below
+    config.rl.batch_size = 8  # 4 prompts x 2 samples per step; 8 records: 2 steps
     config.data.synth_num_train = 8
     config.eval.enabled = False
     Trainer(config).run()
