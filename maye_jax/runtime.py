@@ -52,8 +52,10 @@ def prepare_data(config: ml_collections.ConfigDict) -> dict[str, list[Record]]:
             num_train=data.synth_num_train,
             num_validation=data.synth_num_validation,
             num_test=data.synth_num_test,
-            seed=config.seed,
+            seed=data.synth_seed,
             image_size=data.synth_image_size,
+            solution_style=data.synth_solution_style,
+            max_number=data.synth_max_number,
         )
         files = {split: files[split] or str(paths[split]) for split in files}
     out = {}
