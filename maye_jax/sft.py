@@ -112,7 +112,8 @@ class SFTRunner:
             self.policy.model_config,
             pad_id=tokenizer.pad_token_id,
             batch_size=self.batch_size,
-            length_multiple=16,
+            prompt_multiple=64,
+            response_len=self.response_len,
         )
         zeros = np.zeros(batch.response_mask.shape, np.float32)
         rows = dict(

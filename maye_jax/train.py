@@ -108,6 +108,7 @@ class Trainer:
             worker_devices=c.rollout.worker_devices,
             timeout_s=c.rollout.timeout_s,
             gpu_memory_utilization=c.rollout.gpu_memory_utilization,
+            dtype=c.model.dtype,
         )
         self.update_config = UpdateConfig(
             loss=LossConfig(
@@ -467,9 +468,13 @@ def build_trainer(c) -> Trainer:
         max_pixels=c.data.max_pixels,
     )
     started = time.perf_counter()
-    policy = SFTRunner(c, policy, processor, data, num_epochs=c.sft.num_epochs, writer=None).run(
-        evaluate_at_start=False, evaluate_every_epoch=False
-    )
+    writer = MetricsWriter(output_dir / "sft_warmup")  # the warm-up's own loss curve
+    try:
+        policy = SFTRunner(
+            c, policy, processor, data, num_epochs=c.sft.num_epochs, writer=writer
+        ).run(evaluate_at_start=False, evaluate_every_epoch=False)
+    finally:
+        writer.close()
     log.info("SFT warm-up: %d epochs in %.0f s", c.sft.num_epochs, time.perf_counter() - started)
     return Trainer(c, policy=policy, data=data, processor=processor)
 

@@ -130,8 +130,15 @@ def build_trajectory(
             finished.append(completion.finish_reason == "stop")
     num_rows = len(responses)
     batch_size = -(-num_rows // rows_multiple) * rows_multiple
+    # R fixed to max_tokens and P rounded to 64: the update step compiles once per prompt bucket.
     batch = make_sequence_batch(
-        row_prompts, responses, config, pad_id=pad_id, batch_size=batch_size, length_multiple=16
+        row_prompts,
+        responses,
+        config,
+        pad_id=pad_id,
+        batch_size=batch_size,
+        prompt_multiple=64,
+        response_len=_round_up(max_tokens, 16),
     )
     features = _features(policy, batch.device_arrays().get("vision")) if batch.vision else None
     logprobs_old = forward_logprobs(

@@ -56,12 +56,12 @@ def request_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> 
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
-                 ) -> list[list[Completion]]:
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+    ) -> list[list[Completion]]:
         """Per prompt, `sampling.n` completions."""
 
     def sync_weights(self, named_hf_arrays: Mapping[str, np.ndarray], version: int) -> str:
         """Loads new weights (HF names and layouts); returns the checksum the engine verified."""
 
-    def close(self) -> None:
-        ...
+    def close(self) -> None: ...

@@ -17,6 +17,7 @@ def make_engine(
     timeout_s: float = 600.0,
     gpu_memory_utilization: float = 0.75,
     max_model_len: int = 4096,
+    dtype: str = "float32",
 ):
     """kind: "jax" (default, in-process) | "hf" | "vllm" (a worker process owning the engine,
     fed weights through shared memory; it loads `model_dir` first)."""
@@ -47,5 +48,6 @@ def make_engine(
             timeout_s=timeout_s,
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
+            dtype=dtype,
         )
     raise ValueError(f"unknown rollout engine {kind!r}; known: jax, hf, vllm")
