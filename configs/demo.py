@@ -30,7 +30,7 @@ def get_config():
     c.data.min_pixels = 4 * 28 * 28
     c.data.max_pixels = 4 * 28 * 28
 
-    c.sft.num_epochs = 4
+    c.sft.num_epochs = 8
     c.sft.batch_size = 16
     c.sft.micro_batch_size = 16
     c.sft.learning_rate = 5e-3
@@ -44,7 +44,7 @@ def get_config():
     c.rl.micro_batch_size = 16
     c.rl.forward_batch_size = 64
     c.rl.kl_loss_coeff = 0.0  # no reference forward: halves the trajectory cost on CPU
-    c.optim.learning_rate = 2e-4
+    c.optim.learning_rate = 5e-5
     c.optim.warmup_fraction = 0.05
 
     c.eval.max_tokens = 48
