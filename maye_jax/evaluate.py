@@ -100,6 +100,36 @@ def evaluate_split(
     return metrics, rows
 
 
+def evaluate_configured_splits(
+    engine, processor, data, config, *, step: int, instruction: str, responses_path=None
+) -> dict:
+    """Every split of `config.eval.splits` present in `data` (RL and SFT share this); with
+    `responses_path(split)` given and `eval.save_responses` on, writes each split's responses."""
+    metrics = {}
+    for split in config.eval.splits:
+        if split not in data:
+            continue
+        split_metrics, rows = evaluate_split(
+            engine,
+            processor,
+            data[split],
+            split=split,
+            settings=list(config.eval.settings),
+            max_tokens=config.eval.max_tokens,
+            seed=config.seed,
+            step=step,
+            instruction=instruction,
+            batch_size=config.eval.batch_size,
+            reward_timeout_s=config.rewards.timeout_s,
+        )
+        metrics.update(split_metrics)
+        if responses_path is not None and config.eval.save_responses:
+            path = Path(responses_path(split))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return metrics
+
+
 def _eval_step(step: int, split: str, setting: str) -> int:
     import zlib
 

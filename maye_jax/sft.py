@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 from maye_jax import runtime
 from maye_jax.data import epoch_order
-from maye_jax.evaluate import evaluate_split
+from maye_jax.evaluate import evaluate_configured_splits
 from maye_jax.losses import LossConfig
 from maye_jax.metrics import MetricsWriter, write_run_json
 from maye_jax.processor import get_prompt_template, load_processor
@@ -135,26 +135,15 @@ class SFTRunner:
     def evaluate(self, epoch: int) -> dict:
         if self.eval_engine is None:
             return {}
-        c = self.config
         self.eval_engine.set_model(self.policy.model())
-        metrics = {}
-        for split in c.eval.splits:
-            if split in self.data:
-                split_metrics, _ = evaluate_split(
-                    self.eval_engine,
-                    self.processor,
-                    self.data[split],
-                    split=split,
-                    settings=list(c.eval.settings),
-                    max_tokens=c.eval.max_tokens,
-                    seed=c.seed,
-                    step=epoch,
-                    instruction=self.instruction,
-                    batch_size=c.eval.batch_size,
-                    reward_timeout_s=c.rewards.timeout_s,
-                )
-                metrics.update(split_metrics)
-        return metrics
+        return evaluate_configured_splits(
+            self.eval_engine,
+            self.processor,
+            self.data,
+            self.config,
+            step=epoch,
+            instruction=self.instruction,
+        )
 
     def run(self, *, evaluate_at_start: bool, evaluate_every_epoch: bool) -> runtime.Policy:
         c = self.config

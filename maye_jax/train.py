@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from maye_jax import runtime
 from maye_jax.algorithms import AdvantageConfig, compute_advantages
 from maye_jax.data import epoch_order
-from maye_jax.evaluate import evaluate_split
+from maye_jax.evaluate import evaluate_configured_splits
 from maye_jax.losses import LossConfig
 from maye_jax.metrics import MetricsWriter, read_metrics, write_rollouts, write_run_json
 from maye_jax.processor import get_prompt_template, load_processor
@@ -277,33 +277,17 @@ class Trainer:
         self.engine.sync_weights(arrays, self.weights_version)
 
     def evaluate(self, epoch: int, step: int) -> dict:
-        c = self.config
-        metrics = {}
         self.sync_weights()
-        for split in c.eval.splits:
-            if split not in self.data:
-                continue
-            split_metrics, rows = evaluate_split(
-                self.engine,
-                self.processor,
-                self.data[split],
-                split=split,
-                settings=list(c.eval.settings),
-                max_tokens=c.eval.max_tokens,
-                seed=c.seed,
-                step=step,
-                instruction=self.instruction,
-                batch_size=c.eval.batch_size,
-                reward_timeout_s=c.rewards.timeout_s,
-            )
-            metrics.update(split_metrics)
-            if c.eval.save_responses:
-                folder = self.output_dir / "eval_responses"
-                folder.mkdir(exist_ok=True)
-                (folder / f"epoch_{epoch}_{split}.jsonl").write_text(
-                    "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-                )
-        return metrics
+        folder = self.output_dir / "eval_responses"
+        return evaluate_configured_splits(
+            self.engine,
+            self.processor,
+            self.data,
+            self.config,
+            step=step,
+            instruction=self.instruction,
+            responses_path=lambda split: folder / f"epoch_{epoch}_{split}.jsonl",
+        )
 
     def save_checkpoint(self, step: int) -> None:
         meta = dict(
