@@ -188,6 +188,25 @@ def optimizer_for(config, total_updates: int, *, learning_rate=None, warmup_frac
     )
 
 
+def start_for_sft(config):
+    """(data, policy without reference, processor) of a run that begins with SFT: the SFT
+    baseline, or the RL demo's warm-up. The optimizer is rebuilt by the SFT runner."""
+    from maye_jax.processor import load_processor
+
+    data = prepare_data(config)
+    mesh = build_mesh(config)
+    source = materialize_start_model(config)
+    optimizer, _ = optimizer_for(config, 1)
+    policy = build_policy(config, mesh, source, optimizer, with_reference=False)
+    processor = load_processor(
+        str(source),
+        family=policy.model_config.family,
+        min_pixels=config.data.min_pixels,
+        max_pixels=config.data.max_pixels,
+    )
+    return data, policy, processor
+
+
 def save_start_model(output_dir, policy: Policy) -> Path:
     """Writes the RL start point (the reference model) so a resumed run can reload it."""
     path = start_model_dir(output_dir)

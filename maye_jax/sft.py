@@ -28,7 +28,7 @@ from maye_jax.data import epoch_order
 from maye_jax.evaluate import evaluate_configured_splits
 from maye_jax.losses import LossConfig
 from maye_jax.metrics import MetricsWriter, write_run_json
-from maye_jax.processor import get_prompt_template, load_processor
+from maye_jax.processor import get_prompt_template
 from maye_jax.rollout.factory import make_engine
 from maye_jax.sequences import make_sequence_batch
 from maye_jax.tokenizer import IM_END_ID
@@ -194,17 +194,8 @@ def main(argv) -> int:
     c = FLAGS.config
     output_dir = Path(c.output_dir).absolute()
     output_dir.mkdir(parents=True, exist_ok=True)
-    data = runtime.prepare_data(c)
-    mesh = runtime.build_mesh(c)
-    source = runtime.materialize_start_model(c)
-    optimizer, _ = runtime.optimizer_for(c, 1)
-    policy = runtime.build_policy(c, mesh, source, optimizer, with_reference=False)
-    processor = load_processor(
-        str(source),
-        family=policy.model_config.family,
-        min_pixels=c.data.min_pixels,
-        max_pixels=c.data.max_pixels,
-    )
+    data, policy, processor = runtime.start_for_sft(c)
+    source = policy.source_dir
     write_run_json(
         output_dir,
         name=c.name,

@@ -440,17 +440,7 @@ def build_trainer(c) -> Trainer:
         return Trainer(c)
     from maye_jax.sft import SFTRunner
 
-    data = runtime.prepare_data(c)
-    mesh = runtime.build_mesh(c)
-    source = runtime.materialize_start_model(c)
-    optimizer, _ = runtime.optimizer_for(c, 1)
-    policy = runtime.build_policy(c, mesh, source, optimizer, with_reference=False)
-    processor = load_processor(
-        str(source),
-        family=policy.model_config.family,
-        min_pixels=c.data.min_pixels,
-        max_pixels=c.data.max_pixels,
-    )
+    data, policy, processor = runtime.start_for_sft(c)
     started = time.perf_counter()
     writer = MetricsWriter(output_dir / "sft_warmup")  # the warm-up's own loss curve
     try:

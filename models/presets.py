@@ -17,6 +17,24 @@ _QWEN2_TEXT_7B = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
 )
 
+
+def _qwen2_5_vision(out_hidden_size: int) -> dict:
+    """The Qwen2.5-VL vision tower (the same at 3B and 7B but for the merger's output width)."""
+    return dict(
+        depth=32,
+        hidden_size=1280,
+        intermediate_size=3420,
+        num_heads=16,
+        out_hidden_size=out_hidden_size,
+        window_size=112,
+        fullatt_block_indexes=[7, 15, 23, 31],
+        hidden_act="silu",
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
 PRESETS: dict[str, dict] = {
     "qwen2_vl_7b": dict(
         family="qwen2_vl",
@@ -38,19 +56,7 @@ PRESETS: dict[str, dict] = {
         family="qwen2_5_vl",
         tie_word_embeddings=False,
         text=_QWEN2_TEXT_7B,
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=3584,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-            hidden_act="silu",
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+        vision=_qwen2_5_vision(out_hidden_size=3584),
     ),
     "qwen2_5_vl_3b": dict(
         family="qwen2_5_vl",
@@ -69,18 +75,6 @@ PRESETS: dict[str, dict] = {
                 "mrope_section": [16, 24, 24],
             },
         ),
-        vision=dict(
-            depth=32,
-            hidden_size=1280,
-            intermediate_size=3420,
-            num_heads=16,
-            out_hidden_size=2048,
-            window_size=112,
-            fullatt_block_indexes=[7, 15, 23, 31],
-            hidden_act="silu",
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+        vision=_qwen2_5_vision(out_hidden_size=2048),
     ),
 }
