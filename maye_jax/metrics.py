@@ -108,6 +108,15 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def truncate_metrics(output_dir, step: int) -> None:
+    """Drops the metric lines written after the checkpoint a resumed run continues from."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [m for m in read_metrics(path) if m["generation_step"] <= step]
+    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+
+
 def git_sha(directory=None) -> str | None:
     try:
         out = subprocess.run(

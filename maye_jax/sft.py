@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -27,11 +28,12 @@ from maye_jax import runtime
 from maye_jax.data import epoch_order
 from maye_jax.evaluate import evaluate_configured_splits
 from maye_jax.losses import LossConfig
-from maye_jax.metrics import MetricsWriter, write_run_json
+from maye_jax.metrics import MetricsWriter, truncate_metrics, write_run_json
 from maye_jax.processor import get_prompt_template
 from maye_jax.rollout.factory import make_engine
 from maye_jax.sequences import make_sequence_batch
 from maye_jax.tokenizer import IM_END_ID
+from maye_jax.train_checkpoint import TrainCheckpointer, abstract_like
 from maye_jax.trajectory import _features
 from maye_jax.update import (
     UpdateConfig,
@@ -65,6 +67,7 @@ class SFTRunner:
         num_epochs: int,
         writer: MetricsWriter | None,
         eval_engine=None,
+        checkpointer: TrainCheckpointer | None = None,
     ):
         c = config
         self.config, self.policy, self.processor, self.data = c, policy, processor, data
@@ -97,6 +100,9 @@ class SFTRunner:
         self.writer = writer
         self.instruction = get_prompt_template(c.data.prompt_template)
         self.eval_engine = eval_engine
+        self.checkpointer = checkpointer  # None: no train checkpoints (e.g. the RL warm-up)
+        self.stop_requested = False  # set by a signal handler: checkpoint and stop
+        self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
         # One response length for every batch (the longest target), so the step compiles once.
         longest = max(len(t) for t in sft_targets(processor.tokenizer, data["train"]))
         self.response_len = -(-longest // 16) * 16
@@ -145,53 +151,86 @@ class SFTRunner:
             instruction=self.instruction,
         )
 
-    def run(self, *, evaluate_at_start: bool, evaluate_every_epoch: bool) -> runtime.Policy:
+    def save_checkpoint(self, step: int) -> None:
+        meta = dict(generation_step=step, seed=self.config.seed, kind="sft")
+        self.checkpointer.save(step, self.policy.state, meta)
+
+    def restore_checkpoint(self) -> int:
+        """The SFT step of the latest checkpoint (0: none); the state is restored in place."""
+        latest = self.checkpointer.latest_step()
+        if latest is None:
+            return 0
+        abstract = abstract_like(self.policy.state, self.policy.layout.state)
+        self.policy.state, meta = self.checkpointer.restore(latest, abstract)
+        log.info("SFT resumed from step %d", latest)
+        return int(meta["generation_step"])
+
+    def run(
+        self, *, evaluate_at_start: bool, evaluate_every_epoch: bool, resume: bool = False
+    ) -> runtime.Policy:
+        """Trains; with `resume` (and a checkpointer) continues after its latest checkpoint.
+        The batch order derives from (seed, epoch), so a resumed run sees the same batches."""
         c = self.config
         num_micro = c.sft.batch_size // c.sft.micro_batch_size
-        step = 0
-        if evaluate_at_start and self.writer is not None:
+        total_steps = self.steps_per_epoch * self.num_epochs
+        start = self.restore_checkpoint() if resume and self.checkpointer is not None else 0
+        if start == 0 and evaluate_at_start and self.writer is not None:
             self.writer.write(self.evaluate(0), generation_step=0, epoch=0)
         train = self.data["train"]
-        for epoch in range(1, self.num_epochs + 1):
+        losses = []
+        for step in range(start + 1, total_steps + 1):
+            epoch, index = divmod(step - 1, self.steps_per_epoch)
+            epoch += 1
             order = epoch_order(len(train), c.seed + 1000, epoch)
-            losses = []
-            for index in range(self.steps_per_epoch):
-                step += 1
-                started = time.perf_counter()
-                records = [
-                    train[i] for i in order[index * self.batch_size : (index + 1) * self.batch_size]
-                ]
-                minibatch = make_minibatch(self.batch_arrays(records), num_micro)
-                self.policy.state, metrics, finite = self.step_fn(
-                    self.policy.state, self.policy.frozen, minibatch
-                )
-                check_finite(finite, metrics, step=f"SFT {step}")
-                metrics = {
-                    f"sft/{k.replace('loss/policy', 'loss')}": float(v)
-                    for k, v in jax.device_get(metrics).items()
-                    if k in ("loss/policy", "grad_norm", "lr")
-                }
-                metrics["time/update_seconds"] = time.perf_counter() - started
-                losses.append(metrics["sft/loss"])
-                if index == self.steps_per_epoch - 1 and evaluate_every_epoch:
-                    metrics.update(self.evaluate(epoch))
-                if self.writer is not None:
-                    self.writer.write(metrics, generation_step=step, epoch=epoch)
-            log.info("SFT epoch %d: mean loss %.4f", epoch, float(np.mean(losses)))
+            started = time.perf_counter()
+            records = [
+                train[i] for i in order[index * self.batch_size : (index + 1) * self.batch_size]
+            ]
+            minibatch = make_minibatch(self.batch_arrays(records), num_micro)
+            self.policy.state, metrics, finite = self.step_fn(
+                self.policy.state, self.policy.frozen, minibatch
+            )
+            check_finite(finite, metrics, step=f"SFT {step}")
+            metrics = {
+                f"sft/{k.replace('loss/policy', 'loss')}": float(v)
+                for k, v in jax.device_get(metrics).items()
+                if k in ("loss/policy", "grad_norm", "lr")
+            }
+            metrics["time/update_seconds"] = time.perf_counter() - started
+            losses.append(metrics["sft/loss"])
+            end_of_epoch = index == self.steps_per_epoch - 1
+            if end_of_epoch and evaluate_every_epoch:
+                metrics.update(self.evaluate(epoch))
+            if self.writer is not None:
+                self.writer.write(metrics, generation_step=step, epoch=epoch)
+            if end_of_epoch:
+                log.info("SFT epoch %d: mean loss %.4f", epoch, float(np.mean(losses)))
+                losses = []
+            if self.stop_after_step == step:
+                self.stop_requested = True
+            if self.checkpointer is not None and (
+                step % c.checkpoint.every_steps == 0 or step == total_steps or self.stop_requested
+            ):
+                self.save_checkpoint(step)
+            if self.stop_requested:
+                log.warning("SFT stopping at step %d (signal); checkpoint saved", step)
+                break
         return self.policy
+
+    def request_stop(self, signum, frame):
+        del frame
+        log.warning("signal %d: will checkpoint and stop after this SFT step", signum)
+        self.stop_requested = True
 
 
 FLAGS = flags.FLAGS
 
 
-def main(argv) -> int:
-    """The SFT baseline: evaluated at epoch 0 and after every epoch, like RL."""
-    del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    c = FLAGS.config
+def run_sft(c) -> dict:
+    """The SFT baseline run of config `c`: evaluated at epoch 0 and after every epoch like RL,
+    Orbax train checkpoints every `checkpoint.every_steps` SFT steps (and at the end, and on
+    SIGTERM/SIGINT), `c.resume` continues from the latest; the final policy exported to HF.
+    Returns the summary of its validation accuracy (train.summarize)."""
     output_dir = Path(c.output_dir).absolute()
     output_dir.mkdir(parents=True, exist_ok=True)
     data, policy, processor = runtime.start_for_sft(c)
@@ -204,16 +243,24 @@ def main(argv) -> int:
         config=c.to_dict(),
         devices=[str(d) for d in jax.devices()],
     )
+    checkpointer = TrainCheckpointer(output_dir, keep=c.checkpoint.keep)
+    start = (checkpointer.latest_step() or 0) if c.resume else 0
+    if start:
+        truncate_metrics(output_dir, start)
     writer = MetricsWriter(
         output_dir,
         tensorboard=c.logging.tensorboard,
         wandb=c.logging.wandb,
+        wandb_project=c.logging.wandb_project,
         run_name=c.name,
         config=c.to_dict(),
+        append=bool(start),
     )
     engine = make_engine(
         "jax", model=policy.model(), config=policy.model_config, tokenizer=processor.tokenizer
     )
+    # Preemption (SIGTERM) or Ctrl-C (SIGINT): finish the step, checkpoint, stop.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         runner = SFTRunner(
             c,
@@ -223,12 +270,16 @@ def main(argv) -> int:
             num_epochs=c.sft.num_epochs,
             writer=writer,
             eval_engine=engine if c.eval.enabled else None,
+            checkpointer=checkpointer,
         )
+        for sig in previous:
+            signal.signal(sig, runner.request_stop)
         policy = runner.run(
             evaluate_at_start=c.eval.enabled and c.eval.at_start,
             evaluate_every_epoch=c.eval.enabled,
+            resume=c.resume,
         )
-        if c.checkpoint.export_hf:
+        if c.checkpoint.export_hf and not runner.stop_requested:
             from maye_jax.checkpoint import export_hf
 
             export_hf(
@@ -236,9 +287,21 @@ def main(argv) -> int:
             )
     finally:
         writer.close()
+        checkpointer.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     from maye_jax.train import summarize
 
-    print(json.dumps(summarize(output_dir), indent=2))
+    return summarize(output_dir)
+
+
+def main(argv) -> int:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    print(json.dumps(run_sft(FLAGS.config), indent=2))
     return 0
 
 

@@ -28,7 +28,13 @@ from maye_jax.algorithms import AdvantageConfig, compute_advantages
 from maye_jax.data import epoch_order
 from maye_jax.evaluate import evaluate_configured_splits
 from maye_jax.losses import LossConfig
-from maye_jax.metrics import MetricsWriter, read_metrics, write_rollouts, write_run_json
+from maye_jax.metrics import (
+    MetricsWriter,
+    read_metrics,
+    truncate_metrics,
+    write_rollouts,
+    write_run_json,
+)
 from maye_jax.processor import get_prompt_template, load_processor
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_engine
@@ -291,7 +297,11 @@ class Trainer:
 
     def save_checkpoint(self, step: int) -> None:
         meta = dict(
-            generation_step=step, seed=self.config.seed, weights_version=self.weights_version
+            generation_step=step,
+            seed=self.config.seed,
+            weights_version=self.weights_version,
+            # this epoch's correctness so far: train/epoch_accuracy of a run resumed mid-epoch
+            epoch_correct=[bool(x) for x in self.epoch_correct],
         )
         self.checkpointer.save(step, self.policy.state, meta)
 
@@ -301,6 +311,7 @@ class Trainer:
             return 0
         abstract = abstract_like(self.policy.state, self.policy.layout.state)
         self.policy.state, meta = self.checkpointer.restore(latest, abstract)
+        self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
         log.info("resumed from generation step %d", latest)
         return int(meta["generation_step"])
 
@@ -344,7 +355,7 @@ class Trainer:
         )
         start = self.restore_checkpoint() if c.resume else 0
         if start:
-            _truncate_metrics(self.output_dir, start)
+            truncate_metrics(self.output_dir, start)
         writer = MetricsWriter(
             self.output_dir,
             tensorboard=c.logging.tensorboard,
@@ -528,15 +539,6 @@ def _rebuild_with_optimizer(c, policy, optimizer):
         policy.hf_config,
         policy.source_dir,
     )
-
-
-def _truncate_metrics(output_dir: Path, step: int) -> None:
-    """Drops metric lines written after the checkpoint a resumed run continues from."""
-    path = output_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    kept = [m for m in read_metrics(path) if m["generation_step"] <= step]
-    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
 
 
 def _progress(c, start, total):
