@@ -1,0 +1,141 @@
+"""The paper's experiment (SPEC §5/§6) as one command: RL vs SFT from the same start model,
+several seeds each, then the multi-seed report.
+
+    python -m maye_jax.experiment --config=configs/demo_paper.py
+
+The config is an ordinary run config (its `rl`, `sft`, `rollout`, `eval`... sections configure
+the arms) plus an `experiment` section:
+  - `seeds`: the seeds of each arm, e.g. (0, 1, 2);
+  - `warmup_epochs`: > 0 first fine-tunes `model` on the golden solutions for that many epochs
+    (one run, seed `c.seed`) and starts both arms from the result, so that rewards are not all
+    zero for a tiny model; 0 starts both arms from `model` itself;
+  - `sft_epochs`, `sft_learning_rate`: the SFT arm (default: as many epochs as RL).
+
+Layout of `output_dir`: `start/` (the warm-up run; `start/final_hf` is the arms' start model),
+`rl_seed<s>/`, `sft_seed<s>/` and `report/` (maye_jax.report: table.md, summary.json, plots).
+Every run is started with `resume`, so re-running the command after an interruption skips the
+finished runs (those with `final_hf/`) and continues the interrupted one from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from pathlib import Path
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+log = logging.getLogger("maye_jax")
+
+
+def default_experiment() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    e.seeds = (0, 1, 2)
+    e.warmup_epochs = 0
+    e.sft_epochs = -1  # -1: rl.num_epochs
+    e.sft_learning_rate = -1.0  # -1: sft.learning_rate
+    return e
+
+
+def _base(c) -> ml_collections.ConfigDict:
+    c = copy.deepcopy(c)
+    if "experiment" in c:
+        del c["experiment"]
+    c.resume = True
+    c.checkpoint.export_hf = True  # final_hf marks a finished run, and is the warm-up's output
+    return c
+
+
+def warmup_config(c) -> ml_collections.ConfigDict:
+    w = _base(c)
+    w.name = f"{c.name}_start"
+    w.output_dir = str(Path(c.output_dir) / "start")
+    w.sft.num_epochs = c.experiment.warmup_epochs
+    w.eval.enabled = False  # each arm evaluates the start model as its epoch 0
+    return w
+
+
+def arm_config(c, kind: str, seed: int, start_model: str) -> ml_collections.ConfigDict:
+    """The config of one arm's run: RL (`kind="rl"`) or SFT, from `start_model`."""
+    a = _base(c)
+    a.name = f"{c.name}_{kind}"
+    a.seed = seed
+    a.report_group = c.report_group or c.name
+    a.output_dir = str(Path(c.output_dir) / f"{kind}_seed{seed}")
+    if start_model:
+        a.model.path = start_model
+        a.model.tiny_family = ""
+    if kind == "rl":
+        a.sft.num_epochs = 0
+    else:
+        e = c.experiment
+        a.sft.num_epochs = e.sft_epochs if e.sft_epochs > 0 else c.rl.num_epochs
+        if e.sft_learning_rate > 0:
+            a.sft.learning_rate = e.sft_learning_rate
+    return a
+
+
+def finished(run_config) -> bool:
+    return (Path(run_config.output_dir) / "final_hf" / "config.json").is_file()
+
+
+def run_experiment(c) -> dict:
+    """Runs what is not finished yet, then the report; returns build_report's result."""
+    from maye_jax.report import build_report
+    from maye_jax.sft import run_sft
+    from maye_jax.train import build_trainer
+
+    start_model = c.model.path
+    if c.experiment.warmup_epochs > 0:
+        w = warmup_config(c)
+        if not finished(w):
+            log.info("experiment: SFT warm-up of the start model -> %s", w.output_dir)
+            run_sft(w)
+        start_model = str(Path(w.output_dir).absolute() / "final_hf")
+    run_dirs = []
+    for seed in c.experiment.seeds:
+        for kind in ("rl", "sft"):
+            a = arm_config(c, kind, seed, start_model)
+            run_dirs.append(a.output_dir)
+            if finished(a):
+                log.info("experiment: %s seed %d finished earlier: %s", kind, seed, a.output_dir)
+                continue
+            log.info("experiment: %s seed %d -> %s", kind, seed, a.output_dir)
+            if kind == "rl":
+                build_trainer(a).run()
+            else:
+                run_sft(a)
+    return build_report(run_dirs, Path(c.output_dir) / "report")
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv) -> int:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    c = FLAGS.config
+    if "experiment" not in c:
+        print(
+            f"experiment: the config has no 'experiment' section (see {__name__}.__doc__)",
+            file=sys.stderr,
+        )
+        return 2
+    report = run_experiment(c)
+    print(report["markdown"])
+    print(json.dumps({"report": str(Path(c.output_dir) / "report")}))
+    return 0
+
+
+if __name__ == "__main__":
+    config_flags.DEFINE_config_file(
+        "config", None, "Experiment config file (configs/*.py).", lock_config=True
+    )
+    app.run(lambda argv: sys.exit(main(argv)))
