@@ -14,7 +14,7 @@ The persistent state (the step's arguments) is exact. Temporaries are backend-de
 overstated on CPU: XLA's CPU backend runs bf16 dots in f32 (so gathered weights and their
 gradients appear in f32) and has no reduce-scatter (each gradient is all-reduced at full size,
 then sliced). `--no_scan_layers` compiles the model's own unrolled layer loop instead of the
-scanned layers (maye_jax/layer_scan.py), to show what the scan saves.
+scanned layers (models/layer_scan.py), to show what the scan saves.
 """
 
 from __future__ import annotations

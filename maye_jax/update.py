@@ -50,7 +50,6 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from maye_jax.algorithms import masked_sum
-from maye_jax.layer_scan import scanned_decoder, stack_layers
 from maye_jax.losses import (
     LossConfig,
     MetricSums,
@@ -60,6 +59,7 @@ from maye_jax.losses import (
     sum_metrics,
 )
 from maye_jax.train_state import Layout, ModelDef, Params, TrainState
+from models.layer_scan import scanned_decoder, stack_layers
 from models.logprobs import token_logprobs
 from models.qwen_vl import causal_padding_mask
 
@@ -72,7 +72,7 @@ class UpdateConfig:
     """loss: the objective (losses.py); temperature: of the sampling distribution, so logprobs
     are those of `log_softmax(logits / temperature)`; logprob_chunk_size: sequence chunk for the
     logits (memory); scan_layers: run the decoder layers as one scan over stacked weights
-    (`maye_jax/layer_scan.py`), which bounds FSDP's gathered weights and full-size gradients to
+    (`models/layer_scan.py`), which bounds FSDP's gathered weights and full-size gradients to
     one layer at a time."""
 
     loss: LossConfig = LossConfig()

@@ -28,7 +28,7 @@ def test_config_loads_with_consistent_batch_sizes(path):
 
 def test_paper_configs_follow_spec():
     for path in CONFIGS:
-        if path.stem == "demo":
+        if path.stem.startswith("demo"):
             continue
         c = load(path)
         assert c.rl.batch_size == 896 and c.rl.ppo_batch_size == 28  # 128 x 7 ranks; 4 x 7
@@ -37,3 +37,14 @@ def test_paper_configs_follow_spec():
         assert c.optim.learning_rate == 5e-6 and c.optim.b2 == 0.95 and c.optim.eps == 1e-5
         assert c.rollout.max_tokens == 2048 and c.rollout.temperature == 1.0
         assert c.rl.num_epochs == (50 if "geo3k" in path.stem else 30)
+
+
+def test_demo_paper_is_the_demo_recipe_three_seeds_rl_vs_sft():
+    demo, paper = (load(p) for p in CONFIGS if p.stem in ("demo", "demo_paper"))
+    e = paper.experiment
+    assert tuple(e.seeds) == (0, 1, 2)
+    assert e.warmup_epochs == demo.sft.num_epochs > 0
+    assert e.sft_epochs == paper.rl.num_epochs == demo.rl.num_epochs
+    assert paper.rl.to_dict() == demo.rl.to_dict()
+    assert paper.rollout.to_dict() == demo.rollout.to_dict()
+    assert tuple(paper.eval.splits) == ("validation", "test")

@@ -8,7 +8,9 @@ gathers its layer, and its gradient is reduced back to shards before the next on
 
 Numerically the same computation as `TextDecoder.__call__` without a KV cache (rotary tables,
 the layers in order, the final norm); the equality is tested in tests/maye_jax/test_update.py.
-The natural home of this is a `scan_layers` option of the model itself.
+It works on the flat parameter dict of the update (`{"language_model.layers.<i>.<...>": array}`),
+so the update step chooses it (`UpdateConfig.scan_layers`, the default) without changing the
+module tree that checkpoints, HF conversion and the sampler share.
 """
 
 from __future__ import annotations
