@@ -17,7 +17,9 @@ writes ``OUT/<flavour>/<flavour>_{train,validation,test}.jsonl`` and ``OUT/<flav
 from __future__ import annotations
 
 import functools
+import io
 import json
+import os
 import random
 import re
 from collections.abc import Callable
@@ -308,6 +310,14 @@ def make_record(problem: Problem, record_id: str, image_path: str | None) -> dic
     return record
 
 
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Writes through a temporary file renamed into place: a run reading the dataset while
+    another run regenerates it (same seed, same bytes) never sees a half-written file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
 def generate(
     out_dir: str | Path,
     flavour: str,
@@ -348,13 +358,15 @@ def generate(
                 image_path = f"images/{record_id}.png"
                 image = Image.new("RGB", (image_size, image_size), "white")
                 problem.draw(ImageDraw.Draw(image), image_size, rng)
-                image.save(flavour_dir / image_path, format="PNG")
+                png = io.BytesIO()
+                image.save(png, format="PNG")
+                _write_atomically(flavour_dir / image_path, png.getvalue())
             record = make_record(problem, record_id, image_path)
             if solution_style == "short":
                 record["solution"] = shorten_solution(record["solution"])
             lines.append(json.dumps(record, ensure_ascii=False))
         paths[split] = flavour_dir / f"{flavour}_{split}.jsonl"
-        paths[split].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        _write_atomically(paths[split], "".join(line + "\n" for line in lines).encode("utf-8"))
     return paths
 
 
