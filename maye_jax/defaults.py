@@ -30,6 +30,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.train_vit = False
     c.model.train_connector = False
     c.model.train_llm = True
+    c.model.train_embeddings = True  # with train_llm: also the token embeddings and lm_head
 
     c.data = ml_collections.ConfigDict()
     c.data.root = ""  # relative data files are resolved against this directory

@@ -55,6 +55,7 @@ def warmup_config(c) -> ml_collections.ConfigDict:
     w.name = f"{c.name}_start"
     w.output_dir = str(Path(c.output_dir) / "start")
     w.sft.num_epochs = c.experiment.warmup_epochs
+    w.model.train_embeddings = True  # the warm-up teaches the format: the whole LLM trains
     w.eval.enabled = False  # each arm evaluates the start model as its epoch 0
     return w
 

@@ -133,6 +133,7 @@ def trainable_config(config) -> TrainableConfig:
         train_vit=config.model.train_vit,
         train_connector=config.model.train_connector,
         train_llm=config.model.train_llm,
+        train_embeddings=config.model.train_embeddings,
     )
 
 

@@ -10,6 +10,7 @@ python -m maye_jax.train --config=configs/demo.py [--config.rl.kl_loss_coeff=0.0
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import signal
@@ -451,12 +452,16 @@ def build_trainer(c) -> Trainer:
         return Trainer(c)
     from maye_jax.sft import SFTRunner
 
-    data, policy, processor = runtime.start_for_sft(c)
+    # The warm-up teaches a (possibly random) model the answer format: it trains the whole LLM,
+    # embeddings included, whatever the RL stage freezes.
+    warmup = copy.deepcopy(c)
+    warmup.model.train_embeddings = True
+    data, policy, processor = runtime.start_for_sft(warmup)
     started = time.perf_counter()
     writer = MetricsWriter(output_dir / "sft_warmup")  # the warm-up's own loss curve
     try:
         policy = SFTRunner(
-            c, policy, processor, data, num_epochs=c.sft.num_epochs, writer=writer
+            warmup, policy, processor, data, num_epochs=c.sft.num_epochs, writer=writer
         ).run(evaluate_at_start=False, evaluate_every_epoch=False)
     finally:
         writer.close()

@@ -41,6 +41,7 @@ from sharding.rules import (
 )
 
 Params = dict[str, jax.Array]
+EMBEDDING_PREFIXES = ("language_model.embed_tokens.", "lm_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,18 +50,25 @@ class TrainableConfig:
 
     train_vit: the vision transformer (`visual.*` except the merger);
     train_connector: the patch merger that maps image features to the text width
-    (`visual.merger.*`); train_llm: the text decoder, its embeddings and `lm_head`.
+    (`visual.merger.*`); train_llm: the text decoder, its embeddings and `lm_head`;
+    train_embeddings (with train_llm): the token embeddings and `lm_head` too. Freezing them
+    keeps Adam from moving every one of the ~152k vocabulary rows by about the learning rate on
+    gradients that are almost pure noise (each row's softmax share of a few sampled tokens),
+    which is what broke RL on the tiny CPU demo model.
     """
 
     train_vit: bool = False
     train_connector: bool = False
     train_llm: bool = True
+    train_embeddings: bool = True
 
     def is_trainable(self, name: str) -> bool:
         if name.startswith("visual.merger."):
             return self.train_connector
         if name.startswith("visual."):
             return self.train_vit
+        if name.startswith(EMBEDDING_PREFIXES):
+            return self.train_llm and self.train_embeddings
         return self.train_llm
 
     @property

@@ -387,6 +387,20 @@ def test_7b_layout_over_7_devices(preset="qwen2_5_vl_7b"):
     plan_layout(mesh, params, frozen, optimizer, max_replicated_fraction=None)  # overridden
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_train_embeddings_false_freezes_embeddings_and_lm_head_only(tied):
+    hf = tiny_hf_config("qwen2_vl", vocab_size=256)
+    hf.tie_word_embeddings = tied
+    hf.text_config.tie_word_embeddings = tied
+    model = build_model(ModelConfig.from_hf(hf), abstract=True)
+    _, params, frozen = split_model(model, TrainableConfig(train_embeddings=False))
+    embeddings = {"language_model.embed_tokens.weight"} | (set() if tied else {"lm_head"})
+    assert embeddings <= set(frozen) and not embeddings & set(params)
+    _, all_params, _ = split_model(model, TrainableConfig())
+    assert set(params) == set(all_params) - embeddings
+    assert any(name.startswith("language_model.layers.") for name in params)
+
+
 def test_checkpoint_loads_straight_onto_shards(tmp_path):
     hf = tiny_hf_model("qwen2_5_vl", seed=2, vocab_size=256)
     hf.save_pretrained(str(tmp_path))
