@@ -70,6 +70,13 @@ class SFTRunner:
         checkpointer: TrainCheckpointer | None = None,
     ):
         c = config
+        if c.model.train_vit or c.model.train_connector:
+            # batch_arrays computes the tower's features once per batch (frozen tower), so a
+            # training tower would silently get no gradient: refuse, as the RL loop does.
+            raise ValueError(
+                "config.model.train_vit / train_connector: SFT trains the LLM only for now "
+                "(the paper's setting); set both to False"
+            )
         self.config, self.policy, self.processor, self.data = c, policy, processor, data
         self.num_epochs = num_epochs
         self.batch_size = c.sft.batch_size
