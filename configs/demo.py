@@ -1,6 +1,13 @@
 """The embedded-default demo: tiny Qwen2-VL-architecture model, real tokenizer, synthetic
 text-dominant data, in-process JAX sampler, CPU. SFT warm-up on the synthetic solutions, then
-Reinforce++; validation accuracy is logged before RL (epoch 0) and after every RL epoch.
+RL; validation accuracy is logged before RL (epoch 0) and after every RL epoch.
+
+The RL recipe differs from the paper's 7B one where the tiny model needs it (README, Results):
+- token embeddings and lm_head frozen during RL: Adam moves every one of the 152k vocabulary
+  rows by about the learning rate on near-pure-noise gradients, which collapsed the policy;
+- GRPO with 8 samples per prompt (per-prompt baselines) instead of batch-whitened Reinforce++;
+- rollouts at temperature 0.6 (the trainer's logprobs use the same temperature, so this is the
+  tempered policy's exact policy gradient): at T=1 the tiny model's samples are mostly noise.
 
     python -m maye_jax.train --config=configs/demo.py
 """
@@ -36,19 +43,22 @@ def get_config():
     c.sft.learning_rate = 5e-3
     c.sft.warmup_fraction = 0.05
 
+    c.model.train_embeddings = False  # in RL; the SFT warm-up always trains them
     c.rollout.max_tokens = 48
-    c.rollout.num_samples = 1
-    c.rl.num_epochs = 3
-    c.rl.batch_size = 64
-    c.rl.ppo_batch_size = 16
+    c.rollout.temperature = 0.6
+    c.rollout.num_samples = 8
+    c.rl.advantage_estimator = "grpo"
+    c.rl.num_epochs = 2
+    c.rl.batch_size = 64  # 8 prompts x 8 samples per generation step
+    c.rl.ppo_batch_size = 64
     c.rl.micro_batch_size = 16
     c.rl.forward_batch_size = 64
     c.rl.kl_loss_coeff = 0.0  # no reference forward: halves the trajectory cost on CPU
-    c.optim.learning_rate = 5e-5
+    c.optim.learning_rate = 3e-4
     c.optim.warmup_fraction = 0.05
 
     c.eval.max_tokens = 48
     c.eval.splits = ("validation",)
-    c.checkpoint.every_steps = 4
+    c.checkpoint.every_steps = 8
     c.checkpoint.keep = 1
     return c
