@@ -43,6 +43,7 @@ def default_experiment() -> ml_collections.ConfigDict:
 
 def _base(c) -> ml_collections.ConfigDict:
     c = copy.deepcopy(c)
+    c.unlock()  # the command line locks its config; each run's copy changes fields
     if "experiment" in c:
         del c["experiment"]
     c.resume = True

@@ -22,6 +22,7 @@ def _experiment_config(tmp_path):
     c.experiment = default_experiment()
     c.experiment.seeds = (0, 1)
     c.experiment.warmup_epochs = 1
+    c.lock()  # as the command line's config_flags does
     return c
 
 
@@ -56,7 +57,7 @@ def test_experiment_runs_both_arms_from_one_start_and_reports(tmp_path):
 
 def test_sft_arm_defaults_to_the_rl_epochs(tmp_path):
     c = _experiment_config(tmp_path)
-    c.rl.num_epochs = 3
+    c.rl.num_epochs = 3  # a locked config still accepts changes to existing fields
     arm = arm_config(c, "sft", 2, "/models/start")
     assert arm.sft.num_epochs == 3 and arm.seed == 2 and arm.model.path == "/models/start"
     assert arm.model.tiny_family == "" and "experiment" not in arm
