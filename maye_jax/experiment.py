@@ -119,14 +119,14 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> int:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from absl import logging as absl_logging
+    from maye_jax import runtime
 
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    runtime.setup_cli_logging()
     c = FLAGS.config
     if "experiment" not in c:
         print(
-            f"experiment: the config has no 'experiment' section (see {__name__}.__doc__)",
+            "experiment: the config has no 'experiment' section (see maye_jax/experiment.py; "
+            "configs/demo_paper.py is an example)",
             file=sys.stderr,
         )
         return 2

@@ -33,6 +33,14 @@ log = logging.getLogger("maye_jax")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def setup_cli_logging() -> None:
+    """Our INFO logs with timestamps; absl's (Orbax, JAX) only from WARNING up."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def dtype_of(name: str):
     if name not in DTYPES:
         raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPES)}")

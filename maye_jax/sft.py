@@ -33,7 +33,7 @@ from maye_jax.processor import get_prompt_template
 from maye_jax.rollout.factory import make_engine
 from maye_jax.sequences import make_sequence_batch
 from maye_jax.tokenizer import IM_END_ID
-from maye_jax.train_checkpoint import TrainCheckpointer, abstract_like
+from maye_jax.train_checkpoint import TrainCheckpointer
 from maye_jax.trajectory import _features
 from maye_jax.update import (
     UpdateConfig,
@@ -164,12 +164,11 @@ class SFTRunner:
 
     def restore_checkpoint(self) -> int:
         """The SFT step of the latest checkpoint (0: none); the state is restored in place."""
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        restored = self.checkpointer.restore_latest(self.policy.state, self.policy.layout.state)
+        if restored is None:
             return 0
-        abstract = abstract_like(self.policy.state, self.policy.layout.state)
-        self.policy.state, meta = self.checkpointer.restore(latest, abstract)
-        log.info("SFT resumed from step %d", latest)
+        self.policy.state, meta = restored
+        log.info("SFT resumed from step %d", meta["generation_step"])
         return int(meta["generation_step"])
 
     def run(
@@ -304,10 +303,7 @@ def run_sft(c) -> dict:
 
 def main(argv) -> int:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    runtime.setup_cli_logging()
     print(json.dumps(run_sft(FLAGS.config), indent=2))
     return 0
 

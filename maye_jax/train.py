@@ -42,7 +42,6 @@ from maye_jax.rollout.factory import make_engine
 from maye_jax.scheme import reflection_metrics
 from maye_jax.train_checkpoint import (
     TrainCheckpointer,
-    abstract_like,
     has_start_model,
     start_model_dir,
 )
@@ -307,13 +306,12 @@ class Trainer:
         self.checkpointer.save(step, self.policy.state, meta)
 
     def restore_checkpoint(self) -> int:
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+        restored = self.checkpointer.restore_latest(self.policy.state, self.policy.layout.state)
+        if restored is None:
             return 0
-        abstract = abstract_like(self.policy.state, self.policy.layout.state)
-        self.policy.state, meta = self.checkpointer.restore(latest, abstract)
+        self.policy.state, meta = restored
         self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
-        log.info("resumed from generation step %d", latest)
+        log.info("resumed from generation step %d", meta["generation_step"])
         return int(meta["generation_step"])
 
     def step_metrics(self, trajectory, update_metrics, timings) -> dict:
@@ -574,10 +572,7 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> int:
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    runtime.setup_cli_logging()
     config = FLAGS.config
     trainer = build_trainer(config)
     summary = trainer.run()

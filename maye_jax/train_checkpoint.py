@@ -50,6 +50,14 @@ class TrainCheckpointer:
         )
         return restored["state"], dict(restored["meta"])
 
+    def restore_latest(self, state, state_shardings):
+        """(state, meta) of the latest checkpoint, read onto `state`'s shapes and
+        `state_shardings`; None when there is none."""
+        latest = self.latest_step()
+        if latest is None:
+            return None
+        return self.restore(latest, abstract_like(state, state_shardings))
+
     def close(self) -> None:
         self._manager.close()
 
