@@ -191,6 +191,8 @@ class WorkerEngine:
         self.last_sync = dict(
             write_seconds=record.write_seconds,
             worker_seconds=float(reply.get("seconds", 0.0)),
+            worker_read_seconds=float(reply.get("read_seconds", 0.0)),
+            worker_load_seconds=float(reply.get("load_seconds", 0.0)),
             total_seconds=time.perf_counter() - started,
             bytes=float(record.data_bytes),
             tensors=float(record.num_tensors),

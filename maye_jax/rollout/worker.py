@@ -487,16 +487,34 @@ class VLLMBackend:
 
 
 class NullBackend:
-    """Maps and verifies weights only (benchmarks, protocol tests)."""
+    """Maps and verifies weights only (benchmarks, protocol tests). With `device` (engine args
+    `{"device": "cuda"}`), it also copies every tensor into a torch tensor of its own on that
+    device, allocated on the first sync and overwritten by later ones, as an engine's weight
+    load would (benchmarks/gpu_sync.py)."""
 
-    def __init__(self):
-        self.values: dict[str, np.ndarray] = {}
+    def __init__(self, device: str | None = None):
+        self.device = device
+        self.values: dict[str, Any] = {}
 
     def load_weights(self, view: SegmentView) -> None:
-        self.values = {name: torch_view(a, view.dtypes[name]) for name, a in view.tensors.items()}
+        views = {name: torch_view(a, view.dtypes[name]) for name, a in view.tensors.items()}
+        if self.device is None:
+            self.values = views
+            return
+        import torch
+
+        for name, source in views.items():
+            target = self.values.get(name)
+            if target is None or target.shape != source.shape or target.dtype != source.dtype:
+                target = self.values[name] = torch.empty_like(source, device=self.device)
+            target.copy_(source)
+        if torch.device(self.device).type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def engine_values(self, names):
-        return {name: self.values[name].float().numpy() for name in names if name in self.values}
+        return {
+            name: self.values[name].float().cpu().numpy() for name in names if name in self.values
+        }
 
     def close(self) -> None:
         self.values = {}
@@ -553,10 +571,12 @@ class Worker:
         started = time.perf_counter()
         self.segment_directory = os.path.dirname(header["path"])
         view = self.reader.read(header["path"], int(header["version"]), header["checksum"])
+        read_seconds = time.perf_counter() - started
         if isinstance(self.backend, VLLMBackend):
             self.backend.load_weights(view, self.segment_directory)
         else:
             self.backend.load_weights(view)
+        load_seconds = time.perf_counter() - started - read_seconds
         probes = [name for name in view.tensors if is_norm_weight(name)]
         engine = self.backend.engine_values(probes)
         stale = [
@@ -576,6 +596,8 @@ class Worker:
             num_tensors=int(header["num_tensors"]),
             probed=len(probes),
             seconds=time.perf_counter() - started,
+            read_seconds=read_seconds,  # map + checksum + views of the segment
+            load_seconds=load_seconds,  # the engine's copy into its own tensors
         )
 
     def close(self) -> None:
@@ -604,7 +626,7 @@ def make_backend(name: str, model_dir: str, dtype: str, engine_args: dict, max_b
     if name == "vllm":
         return VLLMBackend(model_dir, dtype, engine_args)
     if name == "null":
-        return NullBackend()
+        return NullBackend(**engine_args)
     raise ValueError(f"unknown backend {name!r}")
 
 
