@@ -55,6 +55,11 @@ class SequenceBatch:
         return jax.tree_util.tree_map(jnp.asarray, arrays)
 
 
+# The fixed response length R of the RL and SFT steps is rounded up to this: every padding
+# position still costs a full-vocabulary logit row (152k x hidden) in each forward and backward.
+RESPONSE_LEN_MULTIPLE = 8
+
+
 def make_sequence_batch(
     prompts: Sequence[dict],
     responses: Sequence[Sequence[int]],

@@ -31,7 +31,7 @@ from maye_jax.losses import LossConfig
 from maye_jax.metrics import MetricsWriter, truncate_metrics, write_run_json
 from maye_jax.processor import get_prompt_template
 from maye_jax.rollout.factory import make_engine
-from maye_jax.sequences import make_sequence_batch
+from maye_jax.sequences import RESPONSE_LEN_MULTIPLE, make_sequence_batch
 from maye_jax.tokenizer import IM_END_ID
 from maye_jax.train_checkpoint import TrainCheckpointer
 from maye_jax.trajectory import _features
@@ -112,7 +112,7 @@ class SFTRunner:
         self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
         # One response length for every batch (the longest target), so the step compiles once.
         longest = max(len(t) for t in sft_targets(processor.tokenizer, data["train"]))
-        self.response_len = -(-longest // 16) * 16
+        self.response_len = -(-longest // RESPONSE_LEN_MULTIPLE) * RESPONSE_LEN_MULTIPLE
 
     def batch_arrays(self, records):
         tokenizer = self.processor.tokenizer

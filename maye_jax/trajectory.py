@@ -19,7 +19,13 @@ from flax import nnx
 from maye_jax import rewards as rewards_lib
 from maye_jax.data import Record
 from maye_jax.rollout.engine import Completion
-from maye_jax.sequences import SequenceBatch, image_features, make_sequence_batch, response_logprobs
+from maye_jax.sequences import (
+    RESPONSE_LEN_MULTIPLE,
+    SequenceBatch,
+    image_features,
+    make_sequence_batch,
+    response_logprobs,
+)
 from models.configs import ModelConfig
 
 
@@ -138,7 +144,7 @@ def build_trajectory(
         pad_id=pad_id,
         batch_size=batch_size,
         prompt_multiple=64,
-        response_len=_round_up(max_tokens, 16),
+        response_len=_round_up(max_tokens, RESPONSE_LEN_MULTIPLE),
     )
     features = _features(policy, batch.device_arrays().get("vision")) if batch.vision else None
     logprobs_old = forward_logprobs(
