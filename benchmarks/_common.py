@@ -25,14 +25,13 @@ import platform  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from types import SimpleNamespace  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from maye_jax.sequences import SequenceBatch, make_sequence_batch  # noqa: E402
-from maye_jax.tiny import QWEN_TOKEN_IDS, small_vocab_token_ids  # noqa: E402
+from maye_jax.tiny import preset_hf_config, small_vocab_token_ids  # noqa: E402
 from maye_jax.train_state import (  # noqa: E402
     TrainableConfig,
     init_train_state,
@@ -40,7 +39,6 @@ from maye_jax.train_state import (  # noqa: E402
     split_model,
 )
 from models.configs import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from models.presets import PRESETS  # noqa: E402
 from models.qwen_vl import build_model  # noqa: E402
 
 GIB = 1024**3
@@ -59,19 +57,8 @@ TINY_VOCAB = 1024
 
 
 def preset_config(name: str) -> ModelConfig:
-    """ModelConfig of a published model (models/presets.py) without transformers: the preset's
-    fields in an object shaped like a transformers config (HF's defaults for what it omits)."""
-    preset = PRESETS[name]
-    text = SimpleNamespace(hidden_act="silu", **preset["text"])
-    hf_like = SimpleNamespace(
-        model_type=preset["family"],
-        architectures=None,
-        text_config=text,
-        vision_config=SimpleNamespace(**preset["vision"]),
-        tie_word_embeddings=preset["tie_word_embeddings"],
-        **QWEN_TOKEN_IDS,
-    )
-    return ModelConfig.from_hf(hf_like)
+    """ModelConfig of a published model (models/presets.py), through its transformers config."""
+    return ModelConfig.from_hf(preset_hf_config(name))
 
 
 def tiny_config(family: str = "qwen2_5_vl") -> ModelConfig:
