@@ -34,11 +34,12 @@ from maye_jax.rollout.factory import make_engine
 from maye_jax.sequences import RESPONSE_LEN_MULTIPLE, make_sequence_batch
 from maye_jax.tokenizer import IM_END_ID
 from maye_jax.train_checkpoint import TrainCheckpointer
-from maye_jax.trajectory import _features
+from maye_jax.trajectory import _features, prompt_images
 from maye_jax.update import (
     UpdateConfig,
     check_finite,
     make_minibatch,
+    make_tower_minibatch,
     make_train_step,
     per_row_image_features,
 )
@@ -70,13 +71,8 @@ class SFTRunner:
         checkpointer: TrainCheckpointer | None = None,
     ):
         c = config
-        if c.model.train_vit or c.model.train_connector:
-            # batch_arrays computes the tower's features once per batch (frozen tower), so a
-            # training tower would silently get no gradient: refuse, as the RL loop does.
-            raise ValueError(
-                "config.model.train_vit / train_connector: SFT trains the LLM only for now "
-                "(the paper's setting); set both to False"
-            )
+        # A training tower runs inside the step on each micro-batch's own images.
+        self.tower_trains = bool(c.model.train_vit or c.model.train_connector)
         self.config, self.policy, self.processor, self.data = c, policy, processor, data
         self.num_epochs = num_epochs
         self.batch_size = c.sft.batch_size
@@ -114,7 +110,9 @@ class SFTRunner:
         longest = max(len(t) for t in sft_targets(processor.tokenizer, data["train"]))
         self.response_len = -(-longest // RESPONSE_LEN_MULTIPLE) * RESPONSE_LEN_MULTIPLE
 
-    def batch_arrays(self, records):
+    def minibatch(self, records, num_micro: int) -> dict:
+        """The step's mini-batch for `records`: their prompts with the solutions as responses,
+        in `num_micro` micro-batches."""
         tokenizer = self.processor.tokenizer
         encoded = [
             self.processor.encode(r.load_image(), r.question, self.instruction) for r in records
@@ -137,13 +135,24 @@ class SFTRunner:
             advantages=zeros,
             logprobs_old=zeros,
         )
-        if batch.vision is not None:
-            features = _features(self.policy.model(), jax.tree.map(jnp.asarray, batch.vision))
-            per_row = int((batch.image_feature_index >= 0).sum(axis=1).max())
-            rows["image_features"], rows["image_feature_index"] = per_row_image_features(
-                features, batch.image_feature_index, features_per_row=bucket(per_row, 4)
+        if batch.vision is None:
+            return make_minibatch(rows, num_micro)
+        if self.tower_trains:
+            row_prompt = np.full(self.batch_size, -1, np.int32)  # one row per record
+            row_prompt[: len(records)] = np.arange(len(records))
+            return make_tower_minibatch(
+                dict(rows, image_feature_index=batch.image_feature_index),
+                num_micro,
+                prompt_images=[prompt_images(e) for e in encoded],
+                row_prompt=row_prompt,
+                vision_config=self.policy.model_config.vision,
             )
-        return rows
+        features = _features(self.policy.model(), jax.tree.map(jnp.asarray, batch.vision))
+        per_row = int((batch.image_feature_index >= 0).sum(axis=1).max())
+        rows["image_features"], rows["image_feature_index"] = per_row_image_features(
+            features, batch.image_feature_index, features_per_row=bucket(per_row, 4)
+        )
+        return make_minibatch(rows, num_micro)
 
     def evaluate(self, epoch: int) -> dict:
         if self.eval_engine is None:
@@ -192,7 +201,7 @@ class SFTRunner:
             records = [
                 train[i] for i in order[index * self.batch_size : (index + 1) * self.batch_size]
             ]
-            minibatch = make_minibatch(self.batch_arrays(records), num_micro)
+            minibatch = self.minibatch(records, num_micro)
             self.policy.state, metrics, finite = self.step_fn(
                 self.policy.state, self.policy.frozen, minibatch
             )

@@ -50,10 +50,11 @@ from maye_jax.update import (
     UpdateConfig,
     check_finite,
     make_minibatch,
+    make_tower_minibatch,
     make_train_step,
     per_row_image_features,
 )
-from models.hf_mapping import iter_hf_tensors
+from models.hf_mapping import hf_name_for, iter_hf_tensors
 from models.vision_inputs import bucket
 
 log = logging.getLogger("maye_jax")
@@ -67,14 +68,9 @@ class Trainer:
         self.output_dir = Path(c.output_dir).absolute()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.data = data or runtime.prepare_data(c)
-        if c.model.train_vit or c.model.train_connector:
-            # The update step supports a training tower (tested in tests/maye_jax/test_update.py),
-            # but the loop does not yet pack each micro-batch's images for it: refuse up front
-            # rather than fail at the first update.
-            raise ValueError(
-                "config.model.train_vit / train_connector: the RL loop trains the LLM "
-                "only for now (the paper's setting); set both to False"
-            )
+        # A training tower runs inside the update on each micro-batch's own images; a frozen
+        # one runs once per generation step (the paper's setting, the default).
+        self.tower_trains = bool(c.model.train_vit or c.model.train_connector)
         self.prompts_per_step = c.rl.batch_size // c.rollout.num_samples
         _check_batch_sizes(c, len(self.data["train"]))
         self.steps_per_epoch = len(self.data["train"]) // self.prompts_per_step
@@ -115,6 +111,7 @@ class Trainer:
             timeout_s=c.rollout.timeout_s,
             gpu_memory_utilization=c.rollout.gpu_memory_utilization,
             dtype=c.model.dtype,
+            frozen_hf_names={hf_name_for(name) for name in policy.frozen},
         )
         self.update_config = UpdateConfig(
             loss=LossConfig(
@@ -201,7 +198,7 @@ class Trainer:
             rows_multiple=c.rl.ppo_batch_size,
             pad_id=self.processor.tokenizer.pad_token_id,
             max_tokens=c.rollout.max_tokens,
-            reference_shares_vision=not (c.model.train_vit or c.model.train_connector),
+            reference_shares_vision=not self.tower_trains,
         )
 
     def policy_update(self, trajectory, step: int) -> dict:
@@ -238,7 +235,9 @@ class Trainer:
             rows["ref_logprobs"] = trajectory.ref_logprobs
         if c.rl.rollout_is_cap:
             rows["logprobs_rollout"] = trajectory.rollout_logprobs
-        if trajectory.features is not None:
+        if self.tower_trains:
+            rows["image_feature_index"] = batch.image_feature_index
+        elif trajectory.features is not None:
             per_row = int((batch.image_feature_index >= 0).sum(axis=1).max())
             features, local_index = per_row_image_features(
                 trajectory.features, batch.image_feature_index, features_per_row=bucket(per_row, 4)
@@ -257,7 +256,16 @@ class Trainer:
                     name: (value[:, picked] if name == "positions" else value[picked])
                     for name, value in rows.items()
                 }
-                minibatch = make_minibatch(chosen, num_micro)
+                if self.tower_trains:
+                    minibatch = make_tower_minibatch(
+                        chosen,
+                        num_micro,
+                        prompt_images=trajectory.prompt_images,
+                        row_prompt=trajectory.row_prompt[picked],
+                        vision_config=self.policy.model_config.vision,
+                    )
+                else:
+                    minibatch = make_minibatch(chosen, num_micro)
                 self.policy.state, metrics, finite = self.step_fn(
                     self.policy.state, self.policy.frozen, minibatch
                 )
@@ -270,7 +278,7 @@ class Trainer:
     # -- around the steps ---------------------------------------------------------------------
     def sync_weights(self) -> None:
         """Gives the rollout engine the current policy (in process: no copy; workers: shm).
-        The frozen tower is sent with the first sync only."""
+        The frozen tensors (the tower by default) are sent with the first sync only."""
         self.weights_version += 1
         if self.config.rollout.engine == "jax":
             self.engine.set_model(self.policy.model())
@@ -469,7 +477,7 @@ def build_trainer(c) -> Trainer:
 
 def _named_hf_arrays(model, trainable: set[str], include_frozen: bool):
     """(hf_name, array) for the trainable tensors, and the frozen ones too on the first sync."""
-    from models.hf_mapping import flax_param_paths, hf_name_for
+    from models.hf_mapping import flax_param_paths
 
     wanted = {
         hf_name_for(name) for name in flax_param_paths(model) if include_frozen or name in trainable

@@ -44,6 +44,10 @@ class Trajectory:
     finished: np.ndarray  # [B] bool, ended with a stop token
     texts: list[str]
     prompt_ids: list[str]
+    # For a tower that trains inside the update (`update.micro_batch_images`): the prompt of
+    # each row (-1 on padding rows) and each prompt's (pixel_values, image_grid_thw) or None.
+    row_prompt: np.ndarray  # [B] int
+    prompt_images: list[tuple[np.ndarray, np.ndarray] | None]
 
 
 @functools.partial(nnx.jit, static_argnames=("prompt_len", "temperature", "chunk_size"))
@@ -126,8 +130,10 @@ def build_trajectory(
     `min_response_length` and `reward_penalty` of the original's no-EOS / too-short penalty.
     When the vision tower is frozen the reference shares it, so its features are reused."""
     row_prompts, row_records, responses, rollout_lp, texts, finished = [], [], [], [], [], []
-    for record, prompt, samples in zip(records, prompts, completions):
+    row_prompt = []
+    for prompt_index, (record, prompt, samples) in enumerate(zip(records, prompts, completions)):
         for completion in samples:
+            row_prompt.append(prompt_index)
             row_prompts.append(prompt)
             row_records.append(record)
             responses.append(list(completion.token_ids))
@@ -203,14 +209,23 @@ def build_trajectory(
         finished=_pad(np.asarray(finished), batch_size),
         texts=texts,
         prompt_ids=[r.id for r in row_records],
+        row_prompt=_pad(np.asarray(row_prompt, np.int32), batch_size, fill=-1),
+        prompt_images=[prompt_images(p) for p in prompts],
     )
+
+
+def prompt_images(prompt: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(pixel_values, image_grid_thw) of a processor output, None when it has no image."""
+    if prompt.get("image_grid_thw") is None:
+        return None
+    return np.asarray(prompt["pixel_values"]), np.asarray(prompt["image_grid_thw"]).reshape(-1, 3)
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _pad(values: np.ndarray, size: int) -> np.ndarray:
-    out = np.zeros((size,) + values.shape[1:], values.dtype)
+def _pad(values: np.ndarray, size: int, fill=0) -> np.ndarray:
+    out = np.full((size,) + values.shape[1:], fill, values.dtype)
     out[: len(values)] = values
     return out

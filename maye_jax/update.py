@@ -28,7 +28,7 @@ Mini-batch arrays (leading [M, b] = micro-batches x rows per micro-batch; column
     vision                        {patches, rope_hw, full_segment_ids, window_segment_ids}, each
                                   [M, ...]: packed images of each micro-batch, when the tower
                                   trains and so must run inside the step; index = position in
-                                  that micro-batch's tower output
+                                  that micro-batch's tower output (`micro_batch_images`)
 
 Metrics (ARCHITECTURE.md keys): loss/{policy,kl,total}, kl/k3, clip_frac/{low,high}, ratio/mean,
 approx_kl, entropy (true entropy of the sampling distribution over the whole vocabulary, chunked),
@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,9 +59,11 @@ from maye_jax.losses import (
     sum_metrics,
 )
 from maye_jax.train_state import Layout, ModelDef, Params, TrainState
+from models.configs import VisionConfig
 from models.layer_scan import scanned_decoder, stack_layers
 from models.logprobs import token_logprobs
 from models.qwen_vl import causal_padding_mask
+from models.vision_inputs import bucket, pack_images
 
 BATCH_AXES = ("dp", "fsdp")  # mesh axes the rows of a micro-batch are split over
 ROW_AXIS = {"positions": 2}  # the row dimension of each mini-batch array (default 1)
@@ -122,6 +124,96 @@ def per_row_image_features(
     )
     per_row = per_row.at[rows, slot].set(gathered, mode="drop")
     return per_row, local_index.astype(jnp.int32)
+
+
+def micro_batch_images(
+    prompt_images: Sequence[tuple[np.ndarray, np.ndarray] | None],
+    row_prompt: np.ndarray,  # [B] the prompt of each mini-batch row; -1 on padding rows
+    is_image_token: np.ndarray,  # [B, L] bool
+    num_micro: int,
+    vision_config: VisionConfig,
+    *,
+    row_len: int | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Each micro-batch's own packed images, for a tower that trains inside the step.
+
+    `prompt_images[p]` = (pixel_values [patches, patch_dim], image_grid_thw [k, 3]) of prompt p,
+    or None for a text-only prompt. Micro-batch m holds rows [m*b, (m+1)*b) (as `make_minibatch`
+    splits them); it packs each of its distinct prompts' images once (the samples of one prompt
+    share the tower's output, and its gradient sums over them). Returns `vision` {name: [M, rows,
+    row_len, ...]} (rows = the most any micro-batch needs, bucketed, so steps compile a bounded
+    number of shapes) and `image_feature_index` [B, L]: per row, the index of each image token's
+    feature in its own micro-batch's tower output, -1 on text tokens. `row_len` defaults to the
+    bucket of the largest image of all prompts."""
+    row_prompt = np.asarray(row_prompt)
+    is_image_token = np.asarray(is_image_token, bool)
+    rows_total = len(row_prompt)
+    if rows_total % num_micro:
+        raise ValueError(f"{rows_total} rows do not split into {num_micro} micro-batches")
+    micro_rows = rows_total // num_micro
+    merge_unit = vision_config.spatial_merge_size**2
+    sizes = [
+        int(np.asarray(grids).reshape(-1, 3).prod(axis=1).max())
+        for _, grids in filter(None, prompt_images)
+    ]
+    row_len = row_len or bucket(max(sizes, default=merge_unit))
+    packs, index = [], np.full(is_image_token.shape, -1, np.int32)
+    for m in range(num_micro):
+        rows = range(m * micro_rows, (m + 1) * micro_rows)
+        prompts = [p for p in dict.fromkeys(int(row_prompt[r]) for r in rows) if p >= 0]
+        prompts = [p for p in prompts if prompt_images[p] is not None]
+        if not prompts:
+            packs.append(None)
+            continue
+        pixels = [np.asarray(prompt_images[p][0]) for p in prompts]
+        grids = [np.asarray(prompt_images[p][1]).reshape(-1, 3) for p in prompts]
+        packed = pack_images(
+            np.concatenate(pixels), np.concatenate(grids), vision_config, row_len=row_len
+        )
+        packs.append(packed.arrays())
+        # Features of prompt p are packed.feature_index[start : start + count], in LLM order.
+        counts = [int(g.prod(axis=1).sum()) // merge_unit for g in grids]
+        starts = dict(zip(prompts, np.cumsum([0] + counts[:-1]).tolist()))
+        for r in rows:
+            p = int(row_prompt[r])
+            expected = counts[prompts.index(p)] if p in starts else 0
+            if int(is_image_token[r].sum()) != expected:
+                raise ValueError(
+                    f"row {r} (prompt {p}) holds {int(is_image_token[r].sum())} image tokens "
+                    f"but its images give {expected} features"
+                )
+            if expected:
+                index[r, is_image_token[r]] = packed.feature_index[starts[p] : starts[p] + expected]
+    tower_rows = bucket(max((p["patches"].shape[0] for p in packs if p), default=1), minimum=1)
+    vision = {
+        "patches": np.zeros((num_micro, tower_rows, row_len, vision_config.patch_dim), np.float32),
+        "rope_hw": np.zeros((num_micro, tower_rows, row_len, 2), np.int32),
+        "full_segment_ids": np.full((num_micro, tower_rows, row_len), -1, np.int32),
+        "window_segment_ids": np.full((num_micro, tower_rows, row_len), -1, np.int32),
+    }
+    for m, pack in enumerate(packs):
+        for name, value in (pack or {}).items():
+            vision[name][m, : value.shape[0]] = value
+    return vision, index
+
+
+def make_tower_minibatch(
+    arrays: Mapping[str, np.ndarray | jax.Array],
+    num_micro: int,
+    *,
+    prompt_images: Sequence[tuple[np.ndarray, np.ndarray] | None],
+    row_prompt: np.ndarray,
+    vision_config: VisionConfig,
+) -> dict:
+    """`make_minibatch` for a tower that trains: `arrays["image_feature_index"]` only marks the
+    image tokens (>= 0); each micro-batch gets its own packed images (`micro_batch_images`)."""
+    is_image = np.asarray(arrays["image_feature_index"]) >= 0
+    vision, index = micro_batch_images(
+        prompt_images, row_prompt, is_image, num_micro, vision_config
+    )
+    minibatch = make_minibatch(dict(arrays, image_feature_index=index), num_micro)
+    minibatch["vision"] = vision
+    return minibatch
 
 
 def batch_sharding(layout: Layout, name: str, shape: tuple[int, ...]) -> NamedSharding:

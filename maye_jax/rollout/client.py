@@ -10,7 +10,8 @@ The worker (worker.py) is started with `python -m maye_jax.rollout.worker` in it
 group, with the project on PYTHONPATH, its stdout and stderr going to a log file, and one end of
 a socket pair as its channel (protocol.py). Weights go through one shared-memory segment
 (shm.py) that is allocated on the first sync and rewritten in place afterwards; the frozen
-tensors (`frozen_prefixes`, the vision tower by default) are written by the first sync only.
+tensors (`frozen_names` exactly, when given; else those under `frozen_prefixes`, the vision
+tower) are written by the first sync only.
 
 Failures are raised here, never swallowed: the worker exiting or being killed
 (WorkerDiedError), not answering within `timeout_s` (WorkerTimeoutError, the worker is killed),
@@ -92,6 +93,7 @@ class WorkerEngine:
         timeout_s: float = 600.0,
         start_timeout_s: float = 900.0,
         frozen_prefixes: Iterable[str] = FROZEN_PREFIXES,
+        frozen_names: Iterable[str] | None = None,
         max_batch_rows: int = 64,
         log_lines: int = 40,
     ):
@@ -105,7 +107,11 @@ class WorkerEngine:
         self._frozen_sent = False
         self._closed = False
         self._proc: subprocess.Popen | None = None
-        self.segment = WeightSegment(frozen_prefixes)
+        self.segment = (
+            WeightSegment(frozen_prefixes)
+            if frozen_names is None
+            else WeightSegment(frozen_prefixes=(), frozen_names=frozen_names)
+        )
         self._log_dir = tempfile.mkdtemp(prefix="maye-worker-")
         self.log_path = os.path.join(self._log_dir, "worker.log")
 

@@ -18,9 +18,11 @@ def make_engine(
     gpu_memory_utilization: float = 0.75,
     max_model_len: int = 4096,
     dtype: str = "float32",
+    frozen_hf_names=None,
 ):
     """kind: "jax" (default, in-process) | "hf" | "vllm" (a worker process owning the engine,
-    fed weights through shared memory; it loads `model_dir` first)."""
+    fed weights through shared memory; it loads `model_dir` first). `frozen_hf_names`: the
+    tensors that never change, sent to a worker with the first sync only (None: the tower)."""
     if kind == "jax":
         from maye_jax.rollout.jax_sampler import JaxSampler
 
@@ -49,5 +51,6 @@ def make_engine(
             gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len,
             dtype=dtype,
+            frozen_names=frozen_hf_names,
         )
     raise ValueError(f"unknown rollout engine {kind!r}; known: jax, hf, vllm")

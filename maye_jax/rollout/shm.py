@@ -7,7 +7,8 @@ checkpoint directory (`reload_weights(weights_path=...)`). Layout:
     u64 header_length | JSON header, padded with spaces to a fixed reserved size | data
 
 The header region is reserved once, so the data offset never moves. In the data, trainable
-tensors come first and frozen ones (the vision tower, `visual.*`) last: the first sync writes
+tensors come first and frozen ones (by default the vision tower, `visual.*`; the trainer names
+its frozen tensors exactly) last: the first sync writes
 all of them; later syncs rewrite only the trainable prefix, and the file is truncated to it (a
 safetensors file may have no unlisted bytes). The segment is allocated once, with its pages
 populated up front, and rewritten in place every step: first-touch page faults on fresh memory
@@ -235,8 +236,17 @@ class SyncRecord:
 class WeightSegment:
     """The trainer's end: one segment, laid out on the first write and rewritten in place."""
 
-    def __init__(self, frozen_prefixes: Iterable[str] = FROZEN_PREFIXES, root: str = SHM_ROOT):
+    def __init__(
+        self,
+        frozen_prefixes: Iterable[str] = FROZEN_PREFIXES,
+        root: str = SHM_ROOT,
+        frozen_names: Iterable[str] = (),
+    ):
+        """Frozen tensors (written by the first sync only): names under `frozen_prefixes` and
+        the names in `frozen_names` (the trainer passes exactly its frozen tensors, and no
+        prefixes, so a training tower or frozen embeddings are laid out right)."""
         self.frozen_prefixes = tuple(frozen_prefixes)
+        self.frozen_names = frozenset(frozen_names)
         self.root = root
         self.directory: str | None = None
         self.path: str | None = None
@@ -249,7 +259,9 @@ class WeightSegment:
         self._cleanup_token: int | None = None
 
     def is_frozen(self, name: str) -> bool:
-        return any(name.startswith(prefix) for prefix in self.frozen_prefixes)
+        return name in self.frozen_names or any(
+            name.startswith(prefix) for prefix in self.frozen_prefixes
+        )
 
     @property
     def data_offset(self) -> int:

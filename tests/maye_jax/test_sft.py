@@ -32,7 +32,7 @@ def test_first_step_loss_is_the_response_nll(setup):
     config, data, policy, processor = setup
     runner = SFTRunner(config, policy, processor, data, num_epochs=1, writer=None)
     records = data["train"][:4]
-    rows = runner.batch_arrays(records)
+    minibatch = runner.minibatch(records, 1)
     encoded = [processor.encode(r.load_image(), r.question) for r in records]
     targets = sft_targets(processor.tokenizer, records)
     assert all(t[-1] == 151645 for t in targets)  # the solution, then <|im_end|>
@@ -48,12 +48,8 @@ def test_first_step_loss_is_the_response_nll(setup):
         score_batch(runner.policy.model(), batch.device_arrays(), prompt_len=batch.prompt_len)
     )
     expected = -logprobs[batch.response_mask.astype(bool)].mean()
-    assert rows["response_mask"].sum() == sum(len(t) for t in targets)
-    from maye_jax.update import make_minibatch
-
-    _, metrics, _ = runner.step_fn(
-        runner.policy.state, runner.policy.frozen, make_minibatch(rows, 1)
-    )
+    assert minibatch["response_mask"].sum() == sum(len(t) for t in targets)
+    _, metrics, _ = runner.step_fn(runner.policy.state, runner.policy.frozen, minibatch)
     np.testing.assert_allclose(float(metrics["loss/policy"]), expected, rtol=1e-5)
 
 
@@ -70,6 +66,30 @@ def test_loss_decreases(setup):
     losses = [m["sft/loss"] for m in read_metrics(out)]
     assert len(losses) == 6
     assert losses[-1] < losses[1] - 0.5
+
+
+def test_sft_trains_the_tower_when_asked(tmp_path):
+    """train_vit + train_connector: each micro-batch packs its own images into the step, and
+    the tower's weights move."""
+    config = tiny_config(tmp_path)
+    config.model.train_vit = config.model.train_connector = True
+    config.sft.batch_size, config.sft.micro_batch_size = 4, 2
+    data = runtime.prepare_data(config)
+    source = runtime.materialize_start_model(config)
+    optimizer, _ = runtime.optimizer_for(config, 1)
+    policy = runtime.build_policy(
+        config, runtime.build_mesh(config), source, optimizer, with_reference=False
+    )
+    processor = load_processor(str(source), family="qwen2_vl", max_pixels=config.data.max_pixels)
+    runner = SFTRunner(config, policy, processor, data, num_epochs=1, writer=None)
+    tower = [n for n in runner.policy.state.params if n.startswith("visual.")]
+    assert tower
+    minibatch = runner.minibatch(data["train"][:4], 2)
+    assert minibatch["vision"]["patches"].shape[0] == 2 and "image_features" not in minibatch
+    before = {n: np.array(runner.policy.state.params[n]) for n in tower}
+    runner.run(evaluate_at_start=False, evaluate_every_epoch=False)
+    after = runner.policy.state.params
+    assert all(np.max(np.abs(np.asarray(after[n]) - before[n])) > 0 for n in tower)
 
 
 def _sft_config(tmp_path):

@@ -150,6 +150,34 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
         assert line["mismatch/logprob_abs_max"] < 1e-3, line["mismatch/logprob_abs_max"]
 
 
+def test_tower_and_merger_train_in_the_loop_and_reach_the_worker(tmp_path):
+    """train_vit + train_connector: the tower runs inside the update on each micro-batch's
+    images, its weights change, and the torch worker samples with them (its logprobs agree with
+    the trainer's after the first update). The shared-memory segment lays out exactly the
+    trainer's frozen tensors (here the embeddings, not the tower) as sent once."""
+    import numpy as np
+
+    config = tiny_config(tmp_path)
+    config.model.train_vit = config.model.train_connector = True
+    config.model.train_embeddings = False  # frozen embeddings: sent with the first sync only
+    config.rollout.engine = "hf"
+    config.rl.num_epochs = 1
+    config.data.synth_num_train = 8  # 4 prompts x 2 samples per step: 2 steps
+    config.eval.enabled = False
+    config.checkpoint.export_hf = False
+    trainer = Trainer(config)
+    tower = [n for n in trainer.policy.state.params if n.startswith("visual.")]
+    assert tower and not any(n.startswith("visual.") for n in trainer.policy.frozen)
+    before = {n: np.array(trainer.policy.state.params[n]) for n in tower}
+    trainer.run()
+    after = {n: np.array(trainer.policy.state.params[n]) for n in tower}
+    assert all(np.max(np.abs(after[n] - before[n])) > 0 for n in tower)
+    lines = read_metrics(tmp_path / "run")
+    assert [m["generation_step"] for m in lines] == [1, 2]
+    for line in lines:
+        assert line["mismatch/logprob_abs_max"] < 1e-3, line["mismatch/logprob_abs_max"]
+
+
 def test_validation_accuracy_rises_with_rl(tmp_path):
     """A short deterministic run that must learn: SFT leaves the model split between two final
     answers (half the golden solutions say 3, half say 7); every question's answer is 7, so RL

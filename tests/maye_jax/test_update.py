@@ -30,12 +30,15 @@ from maye_jax.train_state import (
     reference_params,
     split_model,
 )
+from maye_jax.trajectory import prompt_images
 from maye_jax.update import (
     UpdateConfig,
     accumulate_gradients,
     check_finite,
     make_minibatch,
+    make_tower_minibatch,
     make_train_step,
+    micro_batch_images,
     per_row_image_features,
 )
 from models.configs import ModelConfig
@@ -127,7 +130,15 @@ def data():
         image_feature_index=local_index,
         image_features=rows,
     )
-    return dict(model=model, batch=batch, arrays=arrays, features=features, rows=minibatch)
+    return dict(
+        model=model,
+        batch=batch,
+        arrays=arrays,
+        features=features,
+        rows=minibatch,
+        prompts=prompts,
+        config=config,
+    )
 
 
 class Setup:
@@ -364,6 +375,77 @@ def test_tower_runs_inside_the_step_when_the_connector_trains(data, unsharded):
     assert all(np.max(np.abs(changes[n])) > 0 for n in merger)
     for name, value in host(setup.frozen).items():
         np.testing.assert_array_equal(value, frozen_before[name])
+
+
+def test_micro_batch_images_map_each_token_to_its_prompts_features(data):
+    """Prompts of different image sizes (one text-only), repeated over rows as samples are, and
+    a padding row: every image token's index points at its own prompt's feature in its own
+    micro-batch's tower output, each distinct prompt packed once per micro-batch."""
+    model, config = data["model"], data["config"]
+    rng = np.random.default_rng(5)
+    grids = [np.array([[1, 4, 4]]), np.array([[1, 2, 4]]), None, np.array([[1, 4, 2], [1, 2, 2]])]
+    images = [
+        None if g is None else (rng.standard_normal((int(g.prod(1).sum()), 1176)), g) for g in grids
+    ]
+    tokens = [0 if g is None else int(g.prod(1).sum()) // 4 for g in grids]
+    row_prompt = np.array([0, 1, 0, 2, 3, 1, 3, -1])
+    is_image = np.zeros((8, 12), bool)
+    for row, prompt in enumerate(row_prompt):
+        if prompt >= 0:
+            is_image[row, 2 : 2 + tokens[prompt]] = True
+    vision, index = micro_batch_images(images, row_prompt, is_image, 2, config.vision)
+    # 16-slot tower rows (the largest image); micro-batch 0 packs 16 + 8 patches (prompt 0's
+    # two rows share one packing), micro-batch 1 packs 8 + 4 + 8: two tower rows each.
+    assert vision["patches"].shape[:3] == (2, 2, 16)
+    assert set(vision["full_segment_ids"][0].ravel()) == {-1, 0, 1}  # prompts 0 and 1, once each
+    tower = jax.jit(lambda v: image_features(model, v))
+    for m in range(2):
+        features = np.asarray(tower({k: jnp.asarray(v[m]) for k, v in vision.items()}))
+        for row in range(4 * m, 4 * m + 4):
+            prompt = row_prompt[row]
+            assert np.all((index[row] >= 0) == is_image[row])
+            if prompt < 0 or images[prompt] is None:
+                continue
+            expected = _features_alone(tower, images[prompt], config)
+            np.testing.assert_allclose(features[index[row][is_image[row]]], expected, atol=1e-5)
+    with pytest.raises(ValueError, match="row 0 .* image tokens"):
+        micro_batch_images(images, row_prompt, np.zeros((8, 12), bool), 2, config.vision)
+
+
+def _features_alone(tower, image, config):
+    """The tower's features of one prompt's images, packed by themselves, in LLM order."""
+    from models.vision_inputs import pack_images
+
+    packed = pack_images(image[0], image[1], config.vision)
+    features = np.asarray(tower({k: jnp.asarray(v) for k, v in packed.arrays().items()}))
+    return features[packed.feature_index]
+
+
+def test_training_tower_accumulation_is_exact(data):
+    """With the tower and merger training, micro-batches that pack their own images give the
+    gradients of one micro-batch holding the whole batch's packing (1 x 8 == 2 x 4 == 4 x 2)."""
+    trainable = TrainableConfig(train_vit=True, train_connector=True)
+    setup = Setup(data["model"], make_mesh(fsdp=1), trainable)
+    assert not setup.frozen
+    rows, batch = data["rows"], data["batch"]
+    in_step = dict(rows, image_feature_index=data["arrays"]["image_feature_index"])
+    del in_step["image_features"]
+    whole = make_minibatch(in_step, 1)
+    whole["vision"] = {k: jnp.asarray(v)[None] for k, v in batch.vision.items()}
+    expected, expected_sums = setup.grads(setup.state.params, setup.frozen, whole)
+    expected = host(expected)
+    assert all(np.max(np.abs(v)) > 0 for n, v in expected.items() if n.startswith("visual."))
+    for num_micro in (2, 4):
+        minibatch = make_tower_minibatch(
+            in_step,
+            num_micro,
+            prompt_images=[prompt_images(p) for p in data["prompts"]],
+            row_prompt=np.arange(ROWS),
+            vision_config=data["config"].vision,
+        )
+        grads, sums = setup.grads(setup.state.params, setup.frozen, minibatch)
+        assert_trees_close(host(grads), expected, 1e-5, f"gradients, {num_micro} micro-batches")
+        assert relative_error(sums["loss/total"][0], expected_sums["loss/total"][0]) <= 1e-6
 
 
 def test_7b_layout_over_7_devices(preset="qwen2_5_vl_7b"):
