@@ -102,9 +102,15 @@ class Compiled:
             OptimizerConfig(learning_rate=1e-6, schedule="constant"), total_updates=1000
         )
         self.mesh = make_mesh(fsdp=1)
-        self.remat = args.remat == "layer"
+        self.remat = {"layer": True, "dots": "dots", "none": False}[args.remat]
+        self.attention = getattr(args, "attention", "xla")
         model_def, state, frozen, layout = common.abstract_train_state(
-            self.config, self.optimizer, self.mesh, trainable=variant.trainable, remat=self.remat
+            self.config,
+            self.optimizer,
+            self.mesh,
+            trainable=variant.trainable,
+            remat=self.remat,
+            attention=self.attention,
         )
         minibatch = abstract_minibatch(self.config, self.lengths, variant, layout)
         update_config = UpdateConfig(
@@ -157,6 +163,7 @@ class Compiled:
             self.mesh,
             trainable=self.variant.trainable,
             remat=self.remat,
+            attention=self.attention,
             seed=seed,
         )
         jax.block_until_ready(arrays["state"])

@@ -11,6 +11,11 @@
 #   fit_7b       gpu_update.py   does the 7B update fit (this GPU; one H200 by XLA's estimate)?
 #   sampler_3b   gpu_sampler.py  3B JAX sampler, 64 prompts x 1 and 16 x 8, 2048 new tokens
 #
+# Run only when named (a second device call, after the ones above have given the baseline):
+#   update_3b_cudnn    update_3b with cuDNN flash attention (--attention cudnn)
+#   update_3b_dots     update_3b keeping the projections' outputs (--remat dots)
+#   logprobs_3b_cudnn  logprobs_3b with cuDNN flash attention
+#
 # Each writes NAME.json (rewritten as it measures: a run cut short keeps what it has) and
 # NAME.log into the output folder, under its own time limit, all within BUDGET_S seconds
 # (default 540); a failing one does not stop the others. The JAX compilation cache
@@ -50,6 +55,7 @@ bench() {  # NAME LIMIT_S SCRIPT ARGS...
   local name=$1 limit=$2
   shift 2
   if [ "$SELECTED" != "  " ] && [[ "$SELECTED" != *" $name "* ]]; then return; fi
+  if [ "$SELECTED" == "  " ] && [ -n "${ONLY_WHEN_NAMED:-}" ]; then return; fi
   local left=$((BUDGET_S - ($(date +%s) - START)))
   if [ "$left" -lt 30 ]; then
     echo "== $name: not run, ${left} s of the ${BUDGET_S} s budget left"
@@ -75,6 +81,11 @@ bench sync 90 benchmarks/gpu_sync.py --sizes $SYNC_SIZES --repeats 3 --shm_root 
 bench logprobs_3b 110 benchmarks/gpu_logprobs.py --size $SIZE_3B --repeats 2
 bench fit_7b 120 benchmarks/gpu_update.py --size $SIZE_7B --fit --micro_batches 4 --micro_rows 1
 bench sampler_3b 240 benchmarks/gpu_sampler.py --size $SIZE_3B --repeats 1
+
+ONLY_WHEN_NAMED=1
+bench update_3b_cudnn 200 benchmarks/gpu_update.py --size $SIZE_3B --attention cudnn
+bench update_3b_dots 200 benchmarks/gpu_update.py --size $SIZE_3B --remat dots
+bench logprobs_3b_cudnn 110 benchmarks/gpu_logprobs.py --size $SIZE_3B --repeats 2 --attention cudnn
 
 echo "== summary ($(($(date +%s) - START)) s in all; files in $OUT_DIR)"
 "$PYTHON" benchmarks/gpu_summary.py "$OUT_DIR"

@@ -47,6 +47,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--matmul_size", type=int, default=0, help="0: 8192 on GPU, 256 on CPU")
+    parser.add_argument(
+        "--attention", choices=("xla", "cudnn"), default="xla", help="models/layers.py"
+    )
     return parser.parse_args(argv)
 
 
@@ -69,7 +72,9 @@ def benchmark(args, report) -> list[tuple[str, str]]:
     common.log(f"baseline: bf16 matmul {matmul['size']}^3 at {matmul['tflops']:.4g} TFLOP/s")
 
     started = time.perf_counter()
-    model_def, params, frozen = common.random_params(config, seed=args.seed)
+    model_def, params, frozen = common.random_params(
+        config, seed=args.seed, attention=args.attention
+    )
     reference = jax.jit(lambda p: {n: v.astype(jnp.bfloat16) for n, v in p.items()})(params)
     policy_model = model_def.merge(params, frozen)
     graphdef, policy_state = nnx.split(policy_model)
@@ -78,7 +83,12 @@ def benchmark(args, report) -> list[tuple[str, str]]:
     num_params = sum(math.prod(v.shape) for v in params.values())
     report.set(
         "model",
-        dict(size=args.size, llm_params=num_params, init_seconds=time.perf_counter() - started),
+        dict(
+            size=args.size,
+            llm_params=num_params,
+            attention=args.attention,
+            init_seconds=time.perf_counter() - started,
+        ),
     )
     common.log(f"model {args.size}: {common.count(num_params)} LLM params (policy fp32, ref bf16)")
 

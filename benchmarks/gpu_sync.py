@@ -19,9 +19,12 @@ segment and the worker's tensors):
   2. device -> host: `jax.device_get` of all of them (copies started together);
   3. host -> shm: `WeightSegment.write` (copy into the mapped segment + checksum);
   4. worker read: map + checksum + torch views;  5. worker load: copy into its GPU tensors.
-End to end, the path the trainer takes: prepare, then `WorkerEngine.sync_weights` on the device
-arrays (each fetched to the host when written) up to the worker's reply. Baseline, measured in
-the same run: `jax.device_get` of one large (1 GiB) array. Goal: 7B end to end < 3 s.
+End to end, the path the trainer takes on an accelerator (`hf_tensors_for_sync`): prepare, then
+`WorkerEngine.sync_weights` on the device arrays (each fetched while the next ones transfer) up
+to the worker's reply. Baseline, measured in the same run: `jax.device_get` of one large (1 GiB)
+array. Goal: 7B end to end < 3 s. For comparison (`--host_path_sizes`, 3B by default), the path
+the trainer takes on the CPU backend: fp32 weights fetched, kernels transposed on the host while
+copied into the segment (`hf_views_on_host`), fp32 bytes sent.
 
 Memory: the 7B weights need ~15 GB of /dev/shm in bf16 (30 GB in fp32); a size that does not fit
 the free space (or 2.2 times its bytes of available host memory: a host copy and the segment) is
@@ -50,7 +53,7 @@ import numpy as np  # noqa: E402
 from maye_jax.rollout.client import WorkerEngine  # noqa: E402
 from maye_jax.rollout.shm import SHM_ROOT  # noqa: E402
 from maye_jax.train_state import TrainableConfig, split_model  # noqa: E402
-from models.hf_mapping import hf_name_for, to_hf_layout  # noqa: E402
+from models.hf_mapping import hf_layout_on_device, hf_views_on_host  # noqa: E402
 from models.qwen_vl import build_model  # noqa: E402
 
 STAGES = ("prepare", "device_to_host", "shm_write", "worker_read", "worker_load")
@@ -67,6 +70,11 @@ def parse_args(argv=None):
         "--shm_root",
         default=SHM_ROOT,
         help=f"where the segment lives ({SHM_ROOT}); 'auto': {SHM_ROOT}, or /tmp if too small",
+    )
+    parser.add_argument(
+        "--host_path_sizes",
+        default="3b,tiny",
+        help="sizes at which the CPU-backend path (fp32, host transpose) is measured too",
     )
     parser.add_argument("--out", default="")
     return parser.parse_args(argv)
@@ -120,15 +128,44 @@ def make_weights(shapes: dict, seed: int) -> dict[str, jax.Array]:
 
 
 def make_prepare(dtype):
-    """Jitted: HF names, layouts (kernels transposed) and `dtype`, always new arrays."""
+    """The trainer's device path (`hf_layout_on_device`: HF names, layouts and `dtype` in one
+    jitted call), on weights refreshed first (`v + 0`, not timed) so that every call makes new
+    arrays, as after an update, and no host copy cached by an earlier fetch is reused."""
+    refresh = jax.jit(lambda weights: {n: v + 0 for n, v in weights.items()})
+    name = jnp.dtype(dtype).name
 
-    def to_hf(weights: dict[str, jax.Array]) -> dict[str, jax.Array]:
-        return {
-            hf_name_for(name): jnp.array(to_hf_layout(name, value), dtype=dtype, copy=True)
-            for name, value in weights.items()
-        }
+    def prepare(weights, timed=None):
+        fresh = jax.block_until_ready(refresh(weights))
+        started = time.perf_counter()
+        out = hf_layout_on_device(fresh, name)
+        if timed is not None:
+            timed.append(started)
+        return out
 
-    return jax.jit(to_hf)
+    return prepare, refresh
+
+
+def host_path(weights, refresh, args, root: str, repeats: int) -> dict:
+    """The trainer's CPU-backend path on this device, for comparison: the fp32 master weights
+    fetched to the host, kernels transposed while copied into the segment (`hf_views_on_host`),
+    fp32 bytes sent, into a worker of its own (its segment holds fp32)."""
+    engine = WorkerEngine(
+        "null", engine_args={"device": args.worker_device_resolved}, timeout_s=900
+    )
+    engine.segment.root = root
+    times = []
+    try:
+        for version in range(1, repeats + 2):
+            fresh = jax.block_until_ready(refresh(weights))
+            started = time.perf_counter()
+            engine.sync_weights(hf_views_on_host(fresh), version=version)
+            if version > 1:  # the first sync allocates the segment and the worker's tensors
+                times.append(time.perf_counter() - started)
+            del fresh
+            gc.collect()
+    finally:
+        engine.close()
+    return dict(seconds=float(np.median(times)), seconds_all=times)
 
 
 def sync_size(size: str, args, baseline: dict) -> dict:
@@ -169,11 +206,11 @@ def sync_size(size: str, args, baseline: dict) -> dict:
         return result
 
     weights = make_weights(shapes, seed=0)
-    prepare = make_prepare(dtype)
+    prepare, refresh = make_prepare(dtype)
     device = args.worker_device
     if device == "auto":
         device = "cuda" if jax.devices()[0].platform == "gpu" else "cpu"
-    result["worker_device"] = device
+    result["worker_device"] = args.worker_device_resolved = device
     engine = WorkerEngine("null", engine_args={"device": device}, timeout_s=900)
     engine.segment.root = root  # read when the first sync lays the segment out
     try:
@@ -191,9 +228,9 @@ def sync_size(size: str, args, baseline: dict) -> dict:
         version = 1
         for _ in range(max(1, args.repeats)):
             # staged: each stage alone
-            started = time.perf_counter()
-            hf = jax.block_until_ready(prepare(weights))
-            stages["prepare"].append(time.perf_counter() - started)
+            began = []
+            hf = jax.block_until_ready(prepare(weights, began))
+            stages["prepare"].append(time.perf_counter() - began[0])
             started = time.perf_counter()
             host_arrays = jax.device_get(hf)
             stages["device_to_host"].append(time.perf_counter() - started)
@@ -212,16 +249,30 @@ def sync_size(size: str, args, baseline: dict) -> dict:
             gc.collect()
             # end to end: what the trainer runs
             version += 1
-            started = time.perf_counter()
-            hf = prepare(weights)
+            began = []
+            hf = prepare(weights, began)
             engine.sync_weights(hf, version=version)
-            stages["end_to_end"].append(time.perf_counter() - started)
+            stages["end_to_end"].append(time.perf_counter() - began[0])
             del hf
             gc.collect()
     finally:
         engine.close()
-        del weights
-        gc.collect()
+    fp32_bytes = sum(math.prod(s) for s in shapes.values()) * 4
+    if size not in args.host_path_sizes.split(","):
+        result["host_path"] = dict(skipped="not asked for (--host_path_sizes)")
+    elif shutil.disk_usage(root).free < fp32_bytes * 1.02 + 2**26 or (
+        host is not None and host < 2.2 * fp32_bytes
+    ):
+        result["host_path"] = dict(
+            skipped=f"the fp32 segment and host copy ({common.gb(fp32_bytes)} each) do not fit"
+        )
+    else:
+        try:
+            result["host_path"] = host_path(weights, refresh, args, root, max(1, args.repeats))
+        except Exception as error:  # noqa: BLE001 - recorded; the device path still stands
+            result["host_path"] = dict(error=f"{type(error).__name__}: {error}"[:2000])
+    del weights
+    gc.collect()
 
     medians = {name: float(np.median(times)) for name, times in stages.items()}
     result["seconds"] = medians
@@ -230,6 +281,12 @@ def sync_size(size: str, args, baseline: dict) -> dict:
     result["end_to_end_over_device_get"] = (
         num_bytes / medians["end_to_end"] / common.GB / baseline["gbs"]
     )
+    if "seconds" in result["host_path"]:
+        result["host_path_over_end_to_end"] = result["host_path"]["seconds"] / medians["end_to_end"]
+        common.log(
+            f"  host path (fp32, host transpose) {common.secs(result['host_path']['seconds'])}: "
+            f"the device path is {result['host_path_over_end_to_end']:.2f}x faster"
+        )
     result["peak_bytes"] = common.peak_bytes()
     common.log(
         f"  end to end {common.secs(medians['end_to_end'])} = "
@@ -281,6 +338,16 @@ def main(argv=None) -> int:
         )
         for stage in (*STAGES, "staged_total"):
             table.append((f"  {stage}", f"{common.secs(s[stage])}, {rate.get(stage, 0):.2f} GB/s"))
+        host = r.get("host_path", {})
+        table.append(
+            (
+                "  host path (fp32)",
+                f"{common.secs(host['seconds'])}: end to end is "
+                f"{r['host_path_over_end_to_end']:.2f}x faster"
+                if "seconds" in host
+                else host.get("skipped") or host.get("error", "not measured"),
+            )
+        )
     common.print_table("weight sync: JAX device arrays -> shm -> torch worker", table)
     failed = any("error" in r for r in results.values())
     return 1 if failed else 0

@@ -1,7 +1,8 @@
 """The jitted policy update at Qwen2.5-VL-3B size on one GPU: tokens/s, MFU, memory (issue 7).
 
     python benchmarks/gpu_update.py [--size=3b] [--micro_batches=2] [--micro_rows=2]
-        [--prompt=1024] [--response=2048] [--image_tokens=400] [--remat=layer|none]
+        [--prompt=1024] [--response=2048] [--image_tokens=400] [--remat=layer|dots|none]
+        [--attention=xla|cudnn]
         [--no_scan_layers] [--chunk=512] [--frozen_embeddings] [--steps=5]
         [--profile=DIR] [--out=FILE.json]
     python benchmarks/gpu_update.py --memory_only         # compile only: XLA's memory estimate
@@ -11,7 +12,9 @@ What runs is the project's step (`maye_jax.update.make_train_step`): PPO-clip + 
 (coefficient 0.001) over the response tokens, exact gradient accumulation over `micro_batches`
 micro-batches of `micro_rows` rows (`lax.scan`), global-norm clip and AdamW on fp32 master
 weights, bf16 compute, the decoder layers scanned (`UpdateConfig.scan_layers`) and remat per
-layer (the paper configs' `model.remat=True`; `--remat=none` turns it off). Weights are random
+layer (the paper configs' `model.remat=True`; `--remat=dots` also keeps the projections'
+outputs, `--remat=none` turns it off), the einsum attention (`--attention=cudnn`: cuDNN flash
+attention through `jax.nn.dot_product_attention`). Weights are random
 (the model's initialisers) at the published shapes, made on the device (benchmarks/_common.py).
 Every row is a full sequence: a prompt of `prompt` tokens with one image of `image_tokens`
 tokens, and a response of `response` tokens. The frozen vision tower runs once per batch outside
@@ -72,7 +75,18 @@ def parse_args(argv=None):
     common.add_size_flags(parser)
     parser.add_argument("--micro_batches", type=int, default=2, help="micro-batches per update")
     parser.add_argument("--micro_rows", type=int, default=2, help="rows per micro-batch")
-    parser.add_argument("--remat", choices=("layer", "none"), default="layer")
+    parser.add_argument(
+        "--remat",
+        choices=("layer", "dots", "none"),
+        default="layer",
+        help="per layer, keeping only its input (layer), also the projections (dots), or none",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("xla", "cudnn"),
+        default="xla",
+        help="the decoder's attention: the einsum, or cuDNN flash attention (models/layers.py)",
+    )
     parser.add_argument("--no_scan_layers", action="store_true", help="the unrolled layer loop")
     parser.add_argument("--chunk", type=int, default=512, help="UpdateConfig.logprob_chunk_size")
     parser.add_argument("--frozen_embeddings", action="store_true")
@@ -317,6 +331,7 @@ def benchmark(args, report) -> list[tuple[str, str]]:
         peak_bytes_before_step=peak_before,
         peak_bytes=common.peak_bytes(),
         remat=args.remat,
+        attention=args.attention,
         scan_layers=not args.no_scan_layers,
     )
     report.set("update", result)
@@ -338,8 +353,8 @@ def benchmark(args, report) -> list[tuple[str, str]]:
         (
             "update",
             f"{variant.rows} rows x {lengths.total} tokens ({variant.micro_batches} x "
-            f"{variant.micro_rows}), remat {args.remat}, scan {not args.no_scan_layers}, "
-            f"variant: {variant.name}",
+            f"{variant.micro_rows}), remat {args.remat}, attention {args.attention}, "
+            f"scan {not args.no_scan_layers}, variant: {variant.name}",
         ),
         ("seconds / update (median)", f"{seconds:.3f} s of {len(times)}"),
         ("tokens / s", f"{result['tokens_per_second']:,.0f}"),

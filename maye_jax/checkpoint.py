@@ -105,7 +105,8 @@ def load_model(
     param_dtype=jnp.float32,
     place: Placer | None = None,
     shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "xla",
 ) -> tuple[nnx.Module, object]:
     """(model, hf_config) from an HF model directory or an Orbax checkpoint of ours.
 
@@ -115,7 +116,14 @@ def load_model(
     """
     hf_config = read_hf_config(path)
     config = ModelConfig.from_hf(hf_config)
-    abstract = build_model(config, dtype=dtype, param_dtype=param_dtype, abstract=True, remat=remat)
+    abstract = build_model(
+        config,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        abstract=True,
+        remat=remat,
+        attention=attention,
+    )
     if is_orbax_checkpoint(path):
         return _restore_orbax(path, abstract, param_dtype, shardings), hf_config
     if is_hf_directory(path):

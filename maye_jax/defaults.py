@@ -26,7 +26,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.tiny_seed = 0
     c.model.dtype = "bfloat16"  # compute dtype
     c.model.frozen_dtype = "bfloat16"
-    c.model.remat = False
+    c.model.remat = False  # rematerialise each decoder layer in the backward pass
+    c.model.remat_policy = "full"  # with remat: "full" (keep the layer input) | "dots" (also
+    # keep the projections' outputs: more memory, less recomputation); models/layers.py
+    c.model.attention = "xla"  # "xla" | "cudnn" (flash attention; GPU, bf16) | "jax_xla"
     c.model.train_vit = False
     c.model.train_connector = False
     c.model.train_llm = True

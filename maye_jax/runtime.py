@@ -152,7 +152,8 @@ def build_policy(config, mesh, source_dir, optimizer, *, with_reference: bool) -
         trainable=trainable_config(config),
         dtype=dtype_of(config.model.dtype),
         frozen_dtype=dtype_of(config.model.frozen_dtype),
-        remat=config.model.remat,
+        remat=config.model.remat and config.model.remat_policy,
+        attention=config.model.attention,
     )
     model_def, state, frozen, layout = create_train_state(
         model,

@@ -54,7 +54,7 @@ from maye_jax.update import (
     make_train_step,
     per_row_image_features,
 )
-from models.hf_mapping import hf_name_for, iter_hf_tensors
+from models.hf_mapping import hf_name_for, hf_tensors_for_sync
 from models.vision_inputs import bucket
 
 log = logging.getLogger("maye_jax")
@@ -278,16 +278,19 @@ class Trainer:
     # -- around the steps ---------------------------------------------------------------------
     def sync_weights(self) -> None:
         """Gives the rollout engine the current policy (in process: no copy; workers: shm).
-        The frozen tensors (the tower by default) are sent with the first sync only."""
+        A worker gets the trainable tensors in HF layout (`hf_tensors_for_sync`: made on the
+        device, in the worker's dtype, on an accelerator); the frozen ones (the tower by
+        default) with the first sync only."""
         self.weights_version += 1
         if self.config.rollout.engine == "jax":
             self.engine.set_model(self.policy.model())
             return
-        trainable = set(self.policy.state.params)
-        first = self.weights_version == 1
-        arrays = {
-            name: value for name, value in _named_hf_arrays(self.policy.model(), trainable, first)
-        }
+        names = set(self.policy.state.params)
+        if self.weights_version == 1:
+            names |= set(self.policy.frozen)
+        arrays = hf_tensors_for_sync(
+            self.policy.model(), names, dtype=runtime.dtype_of(self.config.model.dtype)
+        )
         self.engine.sync_weights(arrays, self.weights_version)
 
     def evaluate(self, epoch: int, step: int) -> dict:
@@ -473,18 +476,6 @@ def build_trainer(c) -> Trainer:
         writer.close()
     log.info("SFT warm-up: %d epochs in %.0f s", c.sft.num_epochs, time.perf_counter() - started)
     return Trainer(c, policy=policy, data=data, processor=processor)
-
-
-def _named_hf_arrays(model, trainable: set[str], include_frozen: bool):
-    """(hf_name, array) for the trainable tensors, and the frozen ones too on the first sync."""
-    from models.hf_mapping import flax_param_paths
-
-    wanted = {
-        hf_name_for(name) for name in flax_param_paths(model) if include_frozen or name in trainable
-    }
-    for name, array in iter_hf_tensors(model):
-        if name in wanted:
-            yield name, array
 
 
 def _rollout_rows(trajectory):

@@ -228,7 +228,8 @@ def load_sharded_model(
     trainable: TrainableConfig = TrainableConfig(),  # noqa: B008
     dtype=jnp.bfloat16,
     frozen_dtype=jnp.bfloat16,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "xla",
     rules=DEFAULT_RULES,
 ):
     """(model, hf_config) with every tensor placed straight onto its shards: trainable ones in
@@ -251,6 +252,7 @@ def load_sharded_model(
         place=place,
         shardings=shardings,
         remat=remat,
+        attention=attention,
     )
 
 

@@ -10,7 +10,8 @@ HF names are normalised to the hub file layout (`model.layers.N...`, `model.embe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import functools
+from collections.abc import Callable, Collection, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -152,6 +153,61 @@ def iter_hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
             hf_name_for(flax_name),
             to_hf_layout(flax_name, np.asarray(jax.device_get(variable.get_value()))),
         )
+
+
+def named_params(model: nnx.Module, flax_names: Collection[str]) -> dict[str, jax.Array]:
+    """{flax_name: array} of the named parameters; a KeyError names any that do not exist."""
+    values = {}
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name = ".".join(str(p) for p in path)
+        if name in flax_names:
+            values[name] = variable.get_value()
+    unknown = sorted(set(flax_names) - set(values))
+    if unknown:
+        raise KeyError(f"no parameters named {unknown[:10]}")
+    return values
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def hf_layout_on_device(values: dict[str, jax.Array], dtype: str | None = None):
+    """{flax_name: array} -> {hf_name: array in HF layout, cast to `dtype`}, computed where the
+    arrays live (one jitted call: new arrays, at device bandwidth)."""
+    return {
+        hf_name_for(name): to_hf_layout(name, value).astype(dtype or value.dtype)
+        for name, value in values.items()
+    }
+
+
+def hf_views_on_host(values: dict[str, jax.Array]) -> dict[str, np.ndarray]:
+    """{flax_name: array} -> {hf_name: host array in HF layout}, in the arrays' own dtype:
+    each fetched to the host (no copy for a single-device CPU array), kernels as transposed
+    views, so the one copy that happens (into the shared-memory segment) transposes."""
+    return {hf_name_for(name): to_hf_layout(name, np.asarray(v)) for name, v in values.items()}
+
+
+def device_hf_tensors(
+    model: nnx.Module, flax_names: Collection[str], dtype=None
+) -> dict[str, jax.Array]:
+    """The named parameters in HF names and layout, cast to `dtype`, made on their devices
+    (`hf_layout_on_device`). Nothing is fetched to the host here; `WeightSegment.write`
+    fetches each array while the next ones transfer."""
+    return hf_layout_on_device(
+        named_params(model, flax_names), None if dtype is None else np.dtype(dtype).name
+    )
+
+
+def hf_tensors_for_sync(
+    model: nnx.Module, flax_names: Collection[str], dtype=None
+) -> dict[str, jax.Array | np.ndarray]:
+    """What a weight sync sends, {hf_name: array in HF layout}. On an accelerator,
+    `device_hf_tensors` (transpose and cast at device bandwidth; half the bytes over the host
+    link when the worker computes in bf16). On the CPU backend, `hf_views_on_host` in the
+    parameters' own dtype (the worker casts on load): XLA's CPU transpose + cast alone costs
+    more than the segment's transposing copy (benchmarks/trainer_sync.py)."""
+    values = named_params(model, flax_names)
+    if {device.platform for v in values.values() for device in v.devices()} - {"cpu"}:
+        return hf_layout_on_device(values, None if dtype is None else np.dtype(dtype).name)
+    return hf_views_on_host(values)
 
 
 def parameter_count(model: nnx.Module) -> int:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from models.layers import REMAT_POLICIES
 from models.qwen_vl import causal_padding_mask
 from models.rope import text_rotary_tables
 
@@ -61,8 +62,8 @@ def scanned_decoder(
     positions: jax.Array,  # [3, B, L]
     attention_mask: jax.Array,  # [B, L]
 ) -> jax.Array:  # final-normed hidden states [B, L, D]
-    """`model.language_model(embeds, positions, mask)` with the layers scanned (remat per layer
-    when the model was built with `remat=True`)."""
+    """`model.language_model(embeds, positions, mask)` with the layers scanned (remat per layer,
+    with the model's remat policy, when it was built with `remat`)."""
     text = model.language_model
     cfg = text.cfg
     cos, sin = text_rotary_tables(
@@ -80,7 +81,7 @@ def scanned_decoder(
         hidden, _ = nnx.merge(layer_def, state)(hidden, cos, sin, mask)
         return hidden, None
 
-    if text.remat:
-        one_layer = jax.checkpoint(one_layer, prevent_cse=False)  # scan already prevents CSE
+    if text.remat:  # scan already prevents CSE
+        one_layer = jax.checkpoint(one_layer, prevent_cse=False, policy=REMAT_POLICIES[text.remat])
     hidden, _ = jax.lax.scan(one_layer, embeds, dict(stacked))
     return text.norm(hidden)

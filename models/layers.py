@@ -114,12 +114,66 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+# How attention is computed (`build_model(attention=...)`):
+#   "xla"     the einsum below (the default; fp32 scores and softmax);
+#   "cudnn"   jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16/fp16 only): no
+#             [B, H, Q, K] scores in memory, and causal blocks above the diagonal skipped;
+#   "jax_xla" the same jax.nn call with JAX's XLA implementation (so the argument conversion
+#             the cuDNN path uses is tested on any backend).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "jax_xla")
+
+# Rematerialisation of each decoder layer in the backward pass (`build_model(remat=...)`):
+# "full" keeps only the layer's input (True means "full"); "dots" also keeps the outputs of the
+# projections (matmuls without batch dimensions), trading memory for less recomputation.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_name(remat: bool | str | None) -> str | None:
+    """False/None/"none" -> None (no remat); True -> "full"; or a key of REMAT_POLICIES."""
+    if remat in (False, None, "none"):
+        return None
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(
+            f"remat {remat!r}: expected a bool, 'none' or one of {list(REMAT_POLICIES)}"
+        )
+    return name
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    *,
+    implementation: str = "xla",
+    causal: bool = False,
+) -> jax.Array:
     """Softmax attention with grouped KV heads; scores and softmax in fp32.
 
     query [B, Q, H, D], key/value [B, K, KV, D] with H a multiple of KV, mask [B, Q, K] bool
-    (True: may attend). Returns [B, Q, H, D] in the query dtype.
+    (True: may attend). Returns [B, Q, H, D] in the query dtype. `causal` says that `mask`
+    already holds the causal triangle, so an implementation may skip the blocks above it.
     """
+    if implementation in ("cudnn", "jax_xla"):
+        # The mask becomes a large negative (finite) bias, so a row with every key masked (a
+        # left-padding query) averages the values instead of producing NaN, as below.
+        return jax.nn.dot_product_attention(
+            query,
+            key,
+            value,
+            mask=mask[:, None],  # [B, 1, Q, K], broadcast over heads
+            is_causal=causal,
+            implementation="cudnn" if implementation == "cudnn" else "xla",
+        )
+    if implementation != "xla":
+        raise ValueError(
+            f"attention implementation {implementation!r}: expected one of "
+            f"{list(ATTENTION_IMPLEMENTATIONS)}"
+        )
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     group = num_heads // num_kv_heads

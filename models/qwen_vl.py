@@ -16,6 +16,8 @@ from flax import nnx
 
 from models.configs import ModelConfig, TextConfig
 from models.layers import (
+    ATTENTION_IMPLEMENTATIONS,
+    REMAT_POLICIES,
     Embed,
     Linear,
     RMSNorm,
@@ -23,14 +25,22 @@ from models.layers import (
     apply_rotary,
     attention,
     matmul_precision,
+    remat_name,
 )
 from models.rope import text_rotary_tables
 from models.vision import VisionTower
 
 
 class TextAttention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, implementation: str = "xla"
+    ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attention {implementation!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}"
+            )
+        self.implementation = implementation
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = Linear(cfg.hidden_size, q_dim, use_bias=True, **kw)
         self.k_proj = Linear(cfg.hidden_size, kv_dim, use_bias=True, **kw)
@@ -63,7 +73,15 @@ class TextAttention(nnx.Module):
                 cached_values, value.astype(cached_values.dtype), cache_index, axis=1
             )
             kv_cache = (key, value)
-        out = attention(query, key.astype(query.dtype), value.astype(query.dtype), mask)
+        out = attention(
+            query,
+            key.astype(query.dtype),
+            value.astype(query.dtype),
+            mask,
+            # decoding with a cache attends from one position: the plain einsum serves it
+            implementation="xla" if kv_cache is not None else self.implementation,
+            causal=kv_cache is None,
+        )
         return self.o_proj(out.reshape(batch, length, -1)), kv_cache
 
 
@@ -80,11 +98,15 @@ class TextMLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention: str = "xla"
+    ):
         self.input_layernorm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
-        self.self_attn = TextAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = TextAttention(
+            cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, implementation=attention
+        )
         self.post_attention_layernorm = RMSNorm(
             cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
@@ -99,16 +121,27 @@ class DecoderLayer(nnx.Module):
 
 
 class TextDecoder(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(
+        self,
+        cfg: TextConfig,
+        *,
+        dtype,
+        param_dtype,
+        rngs: nnx.Rngs,
+        remat: bool | str = False,
+        attention: str = "xla",
+    ):
         self.cfg = cfg
         self.dtype = dtype
-        self.remat = remat
+        self.remat = remat_name(remat)  # None, or a key of layers.REMAT_POLICIES
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.layers = nnx.List(
             [
-                DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                DecoderLayer(
+                    cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs, attention=attention
+                )
                 for _ in range(cfg.num_layers)
             ]
         )
@@ -126,7 +159,9 @@ class TextDecoder(nnx.Module):
         for index, layer in enumerate(self.layers):
             cache = None if kv_caches is None else kv_caches[index]
             if self.remat and kv_caches is None:
-                x, _ = nnx.remat(lambda lyr, h: lyr(h, cos, sin, mask))(layer, x)
+                x, _ = nnx.remat(
+                    lambda lyr, h: lyr(h, cos, sin, mask), policy=REMAT_POLICIES[self.remat]
+                )(layer, x)
             else:
                 x, cache = layer(x, cos, sin, mask, cache, cache_index)
             new_caches.append(cache)
@@ -151,8 +186,11 @@ class QwenVLForConditionalGeneration(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs | None = None,
-        remat: bool = False,
+        remat: bool | str = False,
+        attention: str = "xla",
     ):
+        """remat: per decoder layer in training (False, True/"full", "dots": layers.py);
+        attention: the text decoder's attention implementation (layers.py)."""
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
@@ -160,7 +198,12 @@ class QwenVLForConditionalGeneration(nnx.Module):
             config.vision, config.family, dtype=dtype, param_dtype=param_dtype, rngs=rngs
         )
         self.language_model = TextDecoder(
-            config.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat
+            config.text,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            remat=remat,
+            attention=attention,
         )
         if config.tie_word_embeddings:
             self.lm_head = None
@@ -227,14 +270,20 @@ def build_model(
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     seed: int = 0,
-    remat: bool = False,
+    remat: bool | str = False,
+    attention: str = "xla",
     abstract: bool = False,
 ):
     """A randomly initialised model, or with `abstract=True` its shapes only (no memory used)."""
 
     def make():
         return QwenVLForConditionalGeneration(
-            config, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(seed), remat=remat
+            config,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=nnx.Rngs(seed),
+            remat=remat,
+            attention=attention,
         )
 
     return nnx.eval_shape(make) if abstract else make()

@@ -54,6 +54,7 @@ SEGMENT_FILE = "model.safetensors"
 FROZEN_PREFIXES = ("visual.",)
 CHUNK_BYTES = 1 << 19  # checksum granularity
 COPY_BLOCK_BYTES = 1 << 21  # copy, then checksum, this much at a time (while in cache)
+PREFETCH_BYTES = 1 << 30  # device-to-host transfers started ahead of the tensor being written
 DATA_ALIGN = 64
 _HEADER_LENGTH = struct.Struct("<Q")
 SAFETENSORS_DTYPES = {
@@ -293,7 +294,9 @@ class WeightSegment:
         self._resize(self.data_offset + data_bytes)
         data = np.frombuffer(self._map, np.uint8, count=data_bytes, offset=self.data_offset)
         sums = ChunkSums(data)
-        for slot in written:
+        prefetch = _Prefetch([(named_arrays[slot.name], slot.end - slot.start) for slot in written])
+        for index, slot in enumerate(written):
+            prefetch.ahead_of(index)
             _copy_tensor(self._map, self.data_offset, slot, named_arrays[slot.name], sums)
         digest = sums.finish(data_bytes)
         self._write_header(written, version, digest)
@@ -390,8 +393,32 @@ def _header_json(slots: list[Slot], version: int, digest: str) -> bytes:
     return json.dumps(header, separators=(",", ":")).encode()
 
 
+class _Prefetch:
+    """Starts device-to-host copies of arrays that have `copy_to_host_async` (JAX arrays) up to
+    PREFETCH_BYTES ahead of the one being written, so transfers overlap the copies into the
+    segment without holding the whole model on the host at once."""
+
+    def __init__(self, values_and_sizes: list[tuple[Any, int]]):
+        self.items = values_and_sizes
+        self.started = 0  # items[:started] have been asked for
+        self.bytes_ahead = 0  # of items[index:started], for the current index
+
+    def ahead_of(self, index: int) -> None:
+        if index:
+            self.bytes_ahead -= self.items[index - 1][1]
+        while self.started < len(self.items) and (
+            self.started <= index or self.bytes_ahead < PREFETCH_BYTES
+        ):
+            value, size = self.items[self.started]
+            start = getattr(value, "copy_to_host_async", None)
+            if start is not None:
+                start()
+            self.bytes_ahead += size
+            self.started += 1
+
+
 def _copy_tensor(buffer, data_offset: int, slot: Slot, value: Any, sums: ChunkSums) -> None:
-    source = np.asarray(value)  # JAX arrays are fetched to the host here, one at a time
+    source = np.asarray(value)  # a JAX array's transfer was started by _Prefetch; wait for it
     if tuple(source.shape) != slot.shape or SAFETENSORS_DTYPES.get(source.dtype.name) != slot.dtype:
         raise ValueError(
             f"{slot.name}: got {source.dtype.name}{list(source.shape)}, the segment holds "

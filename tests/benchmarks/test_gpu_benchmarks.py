@@ -38,7 +38,13 @@ runpy.run_path(script, run_name="__main__")
 
 RUNS = {
     # a pretended 1 MiB device: nothing fits, so it falls back through every variant
-    "update": ["gpu_update.py", "--size=tiny", "--steps=2", "--memory_limit_gib=0.001"],
+    "update": [
+        "gpu_update.py",
+        "--size=tiny",
+        "--steps=2",
+        "--memory_limit_gib=0.001",
+        "--remat=dots",
+    ],
     "fit": ["gpu_update.py", "--size=tiny", "--fit", "--micro_batches=4", "--micro_rows=1"],
     "logprobs": ["gpu_logprobs.py", "--size=tiny", "--repeats=1"],
     "sampler": ["gpu_sampler.py", "--size=tiny"],

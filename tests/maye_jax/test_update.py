@@ -87,9 +87,10 @@ def assert_trees_close(actual: dict, expected: dict, tolerance: float, what: str
 # --------------------------------------------------------------------------------------------------
 
 
-def make_model(dtype=jnp.float32, remat=False):
+def make_model(dtype=jnp.float32, remat=False, attention="xla"):
     config = ModelConfig.from_hf(tiny_hf_config("qwen2_5_vl", vocab_size=256))
-    return build_model(config, dtype=dtype, seed=3, remat=remat), config
+    model = build_model(config, dtype=dtype, seed=3, remat=remat, attention=attention)
+    return model, config
 
 
 @pytest.fixture(scope="module")
@@ -287,6 +288,23 @@ def test_scanned_layers_equal_the_model_loop(data, unsharded):
     grads, sums = looped.grads(looped.state.params, looped.frozen, minibatch)
     expected, expected_sums = unsharded.grads(unsharded.state.params, unsharded.frozen, minibatch)
     assert_trees_close(host(grads), host(expected), 1e-5, "looped-layer gradient")
+    assert relative_error(sums["loss/total"][0], expected_sums["loss/total"][0]) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "remat,attention,scan",
+    [("dots", "xla", True), ("dots", "xla", False), ("full", "jax_xla", True)],
+)
+def test_remat_policy_and_attention_path_leave_gradients_unchanged(
+    data, unsharded, remat, attention, scan
+):
+    """How the step computes (what remat keeps, which attention kernel) changes no number."""
+    model, _ = make_model(remat=remat, attention=attention)
+    variant = Setup(model, make_mesh(fsdp=1), config=replace(CONFIG, scan_layers=scan))
+    minibatch = make_minibatch(data["rows"], 2)
+    grads, sums = variant.grads(variant.state.params, variant.frozen, minibatch)
+    expected, expected_sums = unsharded.grads(unsharded.state.params, unsharded.frozen, minibatch)
+    assert_trees_close(host(grads), host(expected), 1e-5, f"gradient ({remat}, {attention})")
     assert relative_error(sums["loss/total"][0], expected_sums["loss/total"][0]) <= 1e-6
 
 

@@ -165,6 +165,60 @@ def test_sync_then_score_equals_trainer_then_resync_changes_it(setup):
     assert_close(engine.score(setup["prompts"], responses), expected)
 
 
+def test_device_side_hf_layout_syncs_the_same_bytes(setup):
+    """What the trainer syncs on an accelerator (`device_hf_tensors`: HF layout and the
+    worker's dtype made on the device, JAX arrays fetched while the segment is written) is
+    bit-equal to the host path, in fp32 and in bf16 (one rounding, the same on either side);
+    on the CPU backend `hf_tensors_for_sync` gives host views with the same bytes."""
+    import ml_dtypes
+
+    from models.hf_mapping import device_hf_tensors, flax_param_paths, hf_tensors_for_sync
+
+    engine, model = setup["engine"], setup["model"]
+    host = setup["arrays"]
+    names = set(flax_param_paths(model))
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        on_device = device_hf_tensors(model, names, dtype=dtype)
+        assert on_device.keys() == host.keys()
+        for name, value in on_device.items():
+            assert isinstance(value, jax.Array) and value.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(value), host[name].astype(dtype), name)
+    engine.sync_weights(host, version=20)  # the engine's first sync, if it is, includes frozen
+    reference = engine.sync_weights(host, version=21)  # trainable ones only from here on
+    assert engine.sync_weights(device_hf_tensors(model, names), version=22) == reference
+    # On the CPU backend the trainer sends host views (kernels transposed by the copy).
+    chosen = hf_tensors_for_sync(model, names, dtype=np.float32)
+    assert not any(isinstance(v, jax.Array) for v in chosen.values())
+    assert engine.sync_weights(chosen, version=23) == reference
+    with pytest.raises(KeyError, match="no parameters named"):
+        device_hf_tensors(model, {"not.a.param"})
+
+
+def test_prefetch_starts_transfers_in_order_within_its_window(monkeypatch):
+    from maye_jax.rollout import shm
+
+    started = []
+
+    class FakeDeviceArray:
+        def __init__(self, index):
+            self.index = index
+
+        def copy_to_host_async(self):
+            started.append(self.index)
+
+    monkeypatch.setattr(shm, "PREFETCH_BYTES", 100)
+    sizes = [60, 30, 50, 200, 10, 10]
+    prefetch = shm._Prefetch([(FakeDeviceArray(i), n) for i, n in enumerate(sizes)] + [(b"", 5)])
+    seen = []
+    for index in range(len(sizes) + 1):
+        prefetch.ahead_of(index)
+        seen.append(list(started))
+    # 0 (60 B) + 1 (30 B) < 100 B, so 2 starts too; at 1: 30 + 50 < 100, so 3 starts; 3 is
+    # 200 B: nothing more starts until it has been written; plain host arrays are skipped.
+    assert seen[:4] == [[0, 1, 2], [0, 1, 2, 3], [0, 1, 2, 3], [0, 1, 2, 3]]
+    assert seen[4] == seen[-1] == list(range(len(sizes)))
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_sampled_logprobs_equal_teacher_forcing(setup, temperature):
     engine = setup["engine"]
