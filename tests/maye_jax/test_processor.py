@@ -225,12 +225,15 @@ def test_save_pretrained_round_trip(processor, tmp_path):
 
 
 def test_modules_do_not_import_jax(processor):
-    # The rollout worker's environment has no JAX: using these modules must not import it.
+    # The rollout worker's environment has no JAX: using these modules (the processor, the
+    # worker and its backends) must not import it.
     code = (
         "import sys\n"
         "from PIL import Image\n"
         "from maye_jax.processor import load_processor\n"
         "load_processor().encode(Image.new('RGB', (56, 56)), 'q')\n"
+        "import maye_jax.rollout.worker, maye_jax.rollout.hf_backend\n"
+        "import maye_jax.rollout.vllm_backend, maye_jax.rollout.client\n"
         "assert 'jax' not in sys.modules, 'jax was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
