@@ -108,6 +108,16 @@ def read_metrics(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def summarize_run(output_dir) -> dict:
+    """First, best and last value of every eval/ metric of a run, from its metrics.jsonl."""
+    lines = read_metrics(output_dir)
+    summary = {}
+    for key in {k for line in lines for k in line if k.startswith("eval/")}:
+        values = [(line["epoch"], line[key]) for line in lines if key in line]
+        summary[key] = dict(first=values[0][1], best=max(v for _, v in values), last=values[-1][1])
+    return summary
+
+
 def truncate_metrics(output_dir, step: int) -> None:
     """Drops the metric lines written after the checkpoint a resumed run continues from."""
     path = Path(output_dir) / "metrics.jsonl"

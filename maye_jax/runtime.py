@@ -232,3 +232,28 @@ def device_memory_bytes() -> int:
         if stats:
             total += int(stats.get("bytes_in_use", 0))
     return total
+
+
+def with_fresh_optimizer(c, policy: Policy, optimizer) -> Policy:
+    """A fresh optimizer state (and reference = current weights) for an already trained policy,
+    e.g. RL after an SFT warm-up, or SFT with its own learning rate schedule."""
+    model = policy.model()
+    model_def, state, frozen, layout = create_train_state(
+        model,
+        policy.layout.mesh,
+        optimizer,
+        trainable=trainable_config(c),
+        frozen_dtype=dtype_of(c.model.frozen_dtype),
+        max_replicated_fraction=c.sharding.max_replicated_fraction,
+    )
+    ref = reference_params(state, layout, dtype=dtype_of(c.model.dtype))
+    return Policy(
+        model_def,
+        state,
+        frozen,
+        layout,
+        ref,
+        policy.model_config,
+        policy.hf_config,
+        policy.source_dir,
+    )

@@ -28,7 +28,7 @@ from maye_jax import runtime
 from maye_jax.data import epoch_order
 from maye_jax.evaluate import evaluate_configured_splits
 from maye_jax.losses import LossConfig
-from maye_jax.metrics import MetricsWriter, truncate_metrics, write_run_json
+from maye_jax.metrics import MetricsWriter, summarize_run, truncate_metrics, write_run_json
 from maye_jax.processor import get_prompt_template
 from maye_jax.rollout.factory import make_engine
 from maye_jax.sequences import RESPONSE_LEN_MULTIPLE, make_sequence_batch
@@ -84,9 +84,7 @@ class SFTRunner:
             learning_rate=c.sft.learning_rate,
             warmup_fraction=c.sft.warmup_fraction,
         )
-        from maye_jax.train import _rebuild_with_optimizer
-
-        self.policy = _rebuild_with_optimizer(c, policy, self.optimizer)
+        self.policy = runtime.with_fresh_optimizer(c, policy, self.optimizer)
         self.policy.ref_params = None  # SFT needs no reference model
         self.update_config = UpdateConfig(
             loss=LossConfig(policy_loss="nll", kl_loss_coeff=0.0, loss_agg="token_mean"),
@@ -245,7 +243,7 @@ def run_sft(c) -> dict:
     """The SFT baseline run of config `c`: evaluated at epoch 0 and after every epoch like RL,
     Orbax train checkpoints every `checkpoint.every_steps` SFT steps (and at the end, and on
     SIGTERM/SIGINT), `c.resume` continues from the latest; the final policy exported to HF.
-    Returns the summary of its validation accuracy (train.summarize)."""
+    Returns the summary of its validation accuracy (metrics.summarize_run)."""
     output_dir = Path(c.output_dir).absolute()
     output_dir.mkdir(parents=True, exist_ok=True)
     data, policy, processor = runtime.start_for_sft(c)
@@ -305,9 +303,7 @@ def run_sft(c) -> dict:
         checkpointer.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    from maye_jax.train import summarize
-
-    return summarize(output_dir)
+    return summarize_run(output_dir)
 
 
 def main(argv) -> int:

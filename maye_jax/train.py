@@ -31,7 +31,7 @@ from maye_jax.evaluate import evaluate_configured_splits
 from maye_jax.losses import LossConfig
 from maye_jax.metrics import (
     MetricsWriter,
-    read_metrics,
+    summarize_run,
     truncate_metrics,
     write_rollouts,
     write_run_json,
@@ -90,7 +90,7 @@ class Trainer:
             )
             policy = runtime.build_policy(c, self.mesh, source, self.optimizer, with_reference=True)
         else:  # e.g. after an SFT warm-up: keep the weights, start a fresh optimizer
-            policy = _rebuild_with_optimizer(c, policy, self.optimizer)
+            policy = runtime.with_fresh_optimizer(c, policy, self.optimizer)
         self.policy = policy
         self.processor = processor or load_processor(
             str(policy.source_dir),
@@ -445,7 +445,7 @@ class Trainer:
             self.engine.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return summarize(self.output_dir)
+        return summarize_run(self.output_dir)
 
     def _request_stop(self, signum, frame):
         del frame
@@ -517,32 +517,6 @@ def _check_batch_sizes(c, num_train: int) -> None:
         raise ValueError("config: " + "; ".join(problems))
 
 
-def _rebuild_with_optimizer(c, policy, optimizer):
-    """A fresh optimizer state (and reference = current weights) for an already trained policy."""
-    from maye_jax.train_state import create_train_state, reference_params
-
-    model = policy.model()
-    model_def, state, frozen, layout = create_train_state(
-        model,
-        policy.layout.mesh,
-        optimizer,
-        trainable=runtime.trainable_config(c),
-        frozen_dtype=runtime.dtype_of(c.model.frozen_dtype),
-        max_replicated_fraction=c.sharding.max_replicated_fraction,
-    )
-    ref = reference_params(state, layout, dtype=runtime.dtype_of(c.model.dtype))
-    return runtime.Policy(
-        model_def,
-        state,
-        frozen,
-        layout,
-        ref,
-        policy.model_config,
-        policy.hf_config,
-        policy.source_dir,
-    )
-
-
 def _progress(c, start, total):
     from tqdm import tqdm
 
@@ -554,16 +528,6 @@ def _progress(c, start, total):
         disable=not c.logging.progress_bar,
         file=sys.stderr,
     )
-
-
-def summarize(output_dir) -> dict:
-    """Best and first validation accuracy per setting, from metrics.jsonl."""
-    lines = read_metrics(output_dir)
-    summary = {}
-    for key in {k for line in lines for k in line if k.startswith("eval/")}:
-        values = [(line["epoch"], line[key]) for line in lines if key in line]
-        summary[key] = dict(first=values[0][1], best=max(v for _, v in values), last=values[-1][1])
-    return summary
 
 
 FLAGS = flags.FLAGS
