@@ -441,7 +441,8 @@ def _features_alone(tower, image, config):
 
 def test_training_tower_accumulation_is_exact(data):
     """With the tower and merger training, micro-batches that pack their own images give the
-    gradients of one micro-batch holding the whole batch's packing (1 x 8 == 2 x 4 == 4 x 2)."""
+    gradients of one micro-batch holding the whole batch's packing (1 x 8 == 2 x 4 == 4 x 2),
+    sharded over 8 devices as unsharded."""
     trainable = TrainableConfig(train_vit=True, train_connector=True)
     setup = Setup(data["model"], make_mesh(fsdp=1), trainable)
     assert not setup.frozen
@@ -464,6 +465,15 @@ def test_training_tower_accumulation_is_exact(data):
         grads, sums = setup.grads(setup.state.params, setup.frozen, minibatch)
         assert_trees_close(host(grads), expected, 1e-5, f"gradients, {num_micro} micro-batches")
         assert relative_error(sums["loss/total"][0], expected_sums["loss/total"][0]) <= 1e-6
+    # sharded == unsharded: the tower's weights split over 8 devices, its images replicated
+    sharded = Setup(data["model"], make_mesh(fsdp=8), trainable)
+    assert any(
+        len(v.sharding.device_set) == 8 and v.addressable_shards[0].data.size < v.size
+        for n, v in sharded.state.params.items()
+        if n.startswith("visual.")
+    )
+    grads, _ = sharded.grads(sharded.state.params, sharded.frozen, minibatch)
+    assert_trees_close(host(grads), expected, 1e-5, "gradients, tower sharded over 8 devices")
 
 
 def test_7b_layout_over_7_devices(preset="qwen2_5_vl_7b"):
