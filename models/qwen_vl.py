@@ -40,6 +40,11 @@ class TextAttention(nnx.Module):
             raise ValueError(
                 f"attention {implementation!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}"
             )
+        if implementation == "cudnn" and jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+            raise ValueError(
+                f"attention 'cudnn' needs a bf16/fp16 compute dtype (config.model.dtype), "
+                f"not {jnp.dtype(dtype).name}"
+            )
         self.implementation = implementation
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = Linear(cfg.hidden_size, q_dim, use_bias=True, **kw)

@@ -48,6 +48,8 @@ def test_unknown_implementation_and_remat_are_refused():
     config = ModelConfig.from_hf(tiny_hf_config("qwen2_vl", vocab_size=256))
     with pytest.raises(ValueError, match="attention 'flash'"):
         build_model(config, attention="flash", abstract=True)
+    with pytest.raises(ValueError, match=r"bf16/fp16 compute dtype \(config.model.dtype\)"):
+        build_model(config, attention="cudnn", dtype=jnp.float32, abstract=True)
     assert [remat_name(r) for r in (False, "none", True, "full", "dots")] == [
         None,
         None,
