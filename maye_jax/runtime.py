@@ -155,6 +155,22 @@ def build_policy(config, mesh, source_dir, optimizer, *, with_reference: bool) -
         remat=config.model.remat and config.model.remat_policy,
         attention=config.model.attention,
     )
+    return _policy_from_model(
+        config,
+        model,
+        mesh,
+        optimizer,
+        with_reference=with_reference,
+        hf_config=hf_config,
+        source_dir=Path(source_dir),
+    )
+
+
+def _policy_from_model(
+    config, model, mesh, optimizer, *, with_reference: bool, hf_config, source_dir: Path
+) -> Policy:
+    """Train state (fp32 masters + a fresh optimizer), frozen params and layout of `model` on
+    `mesh`, and the reference (a bf16 copy of the trainable weights) when asked."""
     model_def, state, frozen, layout = create_train_state(
         model,
         mesh,
@@ -177,7 +193,7 @@ def build_policy(config, mesh, source_dir, optimizer, *, with_reference: bool) -
         ref,
         ModelConfig.from_hf(hf_config),
         hf_config,
-        Path(source_dir),
+        source_dir,
     )
 
 
@@ -237,23 +253,12 @@ def device_memory_bytes() -> int:
 def with_fresh_optimizer(c, policy: Policy, optimizer) -> Policy:
     """A fresh optimizer state (and reference = current weights) for an already trained policy,
     e.g. RL after an SFT warm-up, or SFT with its own learning rate schedule."""
-    model = policy.model()
-    model_def, state, frozen, layout = create_train_state(
-        model,
+    return _policy_from_model(
+        c,
+        policy.model(),
         policy.layout.mesh,
         optimizer,
-        trainable=trainable_config(c),
-        frozen_dtype=dtype_of(c.model.frozen_dtype),
-        max_replicated_fraction=c.sharding.max_replicated_fraction,
-    )
-    ref = reference_params(state, layout, dtype=dtype_of(c.model.dtype))
-    return Policy(
-        model_def,
-        state,
-        frozen,
-        layout,
-        ref,
-        policy.model_config,
-        policy.hf_config,
-        policy.source_dir,
+        with_reference=True,
+        hf_config=policy.hf_config,
+        source_dir=policy.source_dir,
     )

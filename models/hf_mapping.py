@@ -178,6 +178,11 @@ def hf_layout_on_device(values: dict[str, jax.Array], dtype: str | None = None):
     }
 
 
+def _dtype_name(dtype) -> str | None:
+    """A hashable static argument for the jitted layout: "bfloat16", "float32", or None."""
+    return None if dtype is None else np.dtype(dtype).name
+
+
 def hf_views_on_host(values: dict[str, jax.Array]) -> dict[str, np.ndarray]:
     """{flax_name: array} -> {hf_name: host array in HF layout}, in the arrays' own dtype:
     each fetched to the host (no copy for a single-device CPU array), kernels as transposed
@@ -191,9 +196,7 @@ def device_hf_tensors(
     """The named parameters in HF names and layout, cast to `dtype`, made on their devices
     (`hf_layout_on_device`). Nothing is fetched to the host here; `WeightSegment.write`
     fetches each array while the next ones transfer."""
-    return hf_layout_on_device(
-        named_params(model, flax_names), None if dtype is None else np.dtype(dtype).name
-    )
+    return hf_layout_on_device(named_params(model, flax_names), _dtype_name(dtype))
 
 
 def hf_tensors_for_sync(
@@ -206,7 +209,7 @@ def hf_tensors_for_sync(
     more than the segment's transposing copy (benchmarks/trainer_sync.py)."""
     values = named_params(model, flax_names)
     if {device.platform for v in values.values() for device in v.devices()} - {"cpu"}:
-        return hf_layout_on_device(values, None if dtype is None else np.dtype(dtype).name)
+        return hf_layout_on_device(values, _dtype_name(dtype))
     return hf_views_on_host(values)
 
 
