@@ -1,0 +1,132 @@
+"""Golden runs: four tiny end-to-end runs whose metrics.jsonl (and rollouts) were recorded
+before the trainer's redesign, so that "behaviour unchanged" is checked, not assumed.
+
+    python -m tests.golden.runs            # re-records every golden (only on purpose!)
+
+Each run writes `OUTPUT_DIR/metrics.jsonl`; the test compares every key but `time/*` and
+`memory/*` bit for bit (JSON floats are exact round trips of the float64 values written).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+GOLDEN_DIR = Path(__file__).parent
+NAMES = ("rl_reinforce_pp_kl", "rl_grpo", "sft", "warmup_then_rl", "rl_tower")
+NOISE_PREFIXES = ("time/", "memory/")
+
+
+def base_config(tmp: Path):
+    from maye_jax.defaults import default_config
+
+    c = default_config()
+    c.name = "golden"
+    c.seed = 0
+    c.output_dir = str(tmp / "run")
+    c.model.tiny_family = "qwen2_vl"
+    c.model.tiny_hidden_size = 64
+    c.model.tiny_num_layers = 1
+    c.model.dtype = c.model.frozen_dtype = "float32"
+    c.data.synth_dir = str(tmp / "data")
+    c.data.synth_num_train, c.data.synth_num_validation, c.data.synth_num_test = 4, 2, 2
+    c.data.synth_image_size = 56
+    c.data.max_pixels = 4 * 28 * 28
+    c.rollout.max_tokens = 6
+    c.rollout.num_samples = 1
+    c.rl.num_epochs = 2
+    c.rl.batch_size = 4
+    c.rl.ppo_batch_size = 2
+    c.rl.micro_batch_size = 1
+    c.rl.forward_batch_size = 4
+    c.optim.learning_rate = 1e-3
+    c.eval.max_tokens = 4
+    c.eval.splits = ("validation",)
+    c.eval.settings = ("pass@8_t1.0", "pass@1_t0.01")
+    c.checkpoint.every_steps = 1
+    c.checkpoint.export_hf = False
+    c.logging.progress_bar = False
+    return c
+
+
+def golden_config(name: str, tmp: Path):
+    c = base_config(tmp)
+    if name == "rl_reinforce_pp_kl":  # the paper's estimator: whitening, KL loss, 1 sample
+        c.rl.advantage_estimator = "reinforce_pp"
+        c.rl.kl_loss_coeff = 0.01
+    elif name == "rl_grpo":
+        c.rl.advantage_estimator = "grpo"
+        c.rollout.num_samples = 2
+        c.rl.batch_size = 4  # 2 prompts x 2 samples: 2 steps per epoch
+        c.rl.kl_loss_coeff = 0.0
+        c.rollout.temperature = 0.6
+    elif name == "sft":
+        c.sft.num_epochs = 2
+        c.sft.batch_size, c.sft.micro_batch_size = 2, 1
+        c.sft.learning_rate = 1e-2
+    elif name == "warmup_then_rl":
+        c.sft.num_epochs = 1
+        c.sft.batch_size = c.sft.micro_batch_size = 2
+        c.sft.learning_rate = 1e-2
+        c.rl.advantage_estimator = "grpo"
+        c.rollout.num_samples = 2
+        c.rl.kl_loss_coeff = 0.001
+        c.rl.num_epochs = 1
+        c.model.train_embeddings = False
+    elif name == "rl_tower":  # the tower and merger train inside the update
+        c.model.train_vit = c.model.train_connector = True
+        c.rl.kl_loss_coeff = 0.01
+        c.rl.num_epochs = 1
+    else:
+        raise ValueError(name)
+    return c
+
+
+def run_golden(name: str, tmp: Path) -> Path:
+    """Runs golden `name` in `tmp`; returns its output directory."""
+    c = golden_config(name, tmp)
+    if name == "sft":
+        from maye_jax.sft import run_sft
+
+        run_sft(c)
+    else:
+        from maye_jax.train import build_trainer
+
+        build_trainer(c).run()
+    return Path(c.output_dir)
+
+
+def comparable(path: Path) -> list[dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: v for k, v in line.items() if not k.startswith(NOISE_PREFIXES)} for line in lines]
+
+
+def recorded_files(output_dir: Path) -> dict[str, Path]:
+    """The files a golden compares: metrics, the warm-up's metrics, each step's rollouts."""
+    files = {"metrics.jsonl": output_dir / "metrics.jsonl"}
+    if (output_dir / "sft_warmup" / "metrics.jsonl").is_file():
+        files["sft_warmup.metrics.jsonl"] = output_dir / "sft_warmup" / "metrics.jsonl"
+    for path in sorted((output_dir / "rollouts").glob("step_*.jsonl")):
+        files[f"rollouts.{path.name}"] = path
+    return files
+
+
+def record(names=NAMES) -> None:
+    import tempfile
+
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = run_golden(name, Path(tmp))
+            target = GOLDEN_DIR / name
+            target.mkdir(exist_ok=True)
+            for old in target.glob("*.jsonl"):
+                old.unlink()
+            for label, path in recorded_files(out).items():
+                lines = comparable(path)
+                (target / label).write_text("".join(json.dumps(x) + "\n" for x in lines))
+            print(f"recorded {name}: {sorted(recorded_files(out))}")
+
+
+if __name__ == "__main__":
+    record(sys.argv[1:] or NAMES)
