@@ -15,7 +15,10 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 
 import jax
 import numpy as np
+from einops import rearrange
 from flax import nnx
+
+from maye_jax.models.hf_names import normalize_hf_name
 
 # Our module names that differ from HF's (HF name -> ours), applied to dotted names.
 _RENAMES = (
@@ -23,17 +26,6 @@ _RENAMES = (
     ("visual.merger.mlp.2.", "visual.merger.fc2."),
     ("visual.patch_embed.proj.weight", "visual.patch_embed.weight"),
 )
-
-
-def normalize_hf_name(name: str) -> str:
-    """Maps any accepted HF spelling of a tensor name to the hub file layout."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model.") :]
-    if name.startswith("model.visual."):
-        return name[len("model.") :]
-    if name.startswith("language_model.model."):  # some older exports
-        return "model." + name[len("language_model.model.") :]
-    return name
 
 
 def flax_param_paths(model: nnx.Module) -> dict[str, tuple]:
@@ -61,10 +53,11 @@ def hf_name_for(flax_name: str) -> str:
 def to_hf_layout(flax_name: str, value: np.ndarray) -> np.ndarray:
     """Our array -> HF layout (a view where possible)."""
     if flax_name == "visual.patch_embed.kernel":
-        patch_dim, channels = value.shape
+        patch_dim, _ = value.shape
         temporal = 2
         side = int(round((patch_dim / (3 * temporal)) ** 0.5))
-        return value.T.reshape(channels, 3, temporal, side, side)
+        # the Conv3d weight [out, in_channels, time, height, width] of the patch embedding
+        return rearrange(value, "(rgb t h w) c -> c rgb t h w", rgb=3, t=temporal, h=side, w=side)
     if flax_name.endswith(".kernel"):
         return value.T
     return value
@@ -73,7 +66,7 @@ def to_hf_layout(flax_name: str, value: np.ndarray) -> np.ndarray:
 def from_hf_layout(flax_name: str, value: np.ndarray) -> np.ndarray:
     """HF array -> our layout."""
     if flax_name == "visual.patch_embed.kernel":
-        return value.reshape(value.shape[0], -1).T
+        return rearrange(value, "c rgb t h w -> (rgb t h w) c")
     if flax_name.endswith(".kernel"):
         return value.T
     return value

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models.layers import REMAT_POLICIES
-from models.qwen_vl import causal_padding_mask
-from models.rope import text_rotary_tables
+from maye_jax.models.layers import REMAT_POLICIES
+from maye_jax.models.qwen_vl import causal_padding_mask
+from maye_jax.models.rope import text_rotary_tables
 
 LAYER_PREFIX = "language_model.layers."
 

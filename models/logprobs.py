@@ -14,8 +14,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
-from models.layers import matmul_precision
+from maye_jax.models.layers import matmul_precision
 
 
 def token_logprobs(
@@ -41,8 +42,8 @@ def token_logprobs(
         hidden = jnp.pad(hidden, ((0, 0), (0, padded - length), (0, 0)))
         targets = jnp.pad(targets, ((0, 0), (0, padded - length)))
     # [num_chunks, B, C, ...] so lax.map walks the sequence.
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, dim).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
+    hidden_chunks = rearrange(hidden, "b (n c) d -> n b c d", c=chunk)
+    target_chunks = rearrange(targets, "b (n c) -> n b c", c=chunk)
     weight = output_embedding.astype(hidden.dtype)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
@@ -67,10 +68,10 @@ def token_logprobs(
         return logprob, entropy
 
     logprobs, entropy = jax.lax.map(one_chunk, (hidden_chunks, target_chunks))
-    logprobs = logprobs.swapaxes(0, 1).reshape(batch, padded)[:, :length]
+    logprobs = rearrange(logprobs, "n b c -> b (n c)")[:, :length]
     if not with_entropy:
         return logprobs
-    return logprobs, entropy.swapaxes(0, 1).reshape(batch, padded)[:, :length]
+    return logprobs, rearrange(entropy, "n b c -> b (n c)")[:, :length]
 
 
 def next_token_logprobs(hidden, output_embedding, input_ids, **kwargs):

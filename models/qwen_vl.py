@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
-from models.configs import ModelConfig, TextConfig
-from models.layers import (
+from maye_jax.models.configs import ModelConfig, TextConfig
+from maye_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     REMAT_POLICIES,
     Embed,
@@ -27,8 +28,8 @@ from models.layers import (
     matmul_precision,
     remat_name,
 )
-from models.rope import text_rotary_tables
-from models.vision import VisionTower
+from maye_jax.models.rope import text_rotary_tables
+from maye_jax.models.vision import VisionTower
 
 
 class TextAttention(nnx.Module):
@@ -64,10 +65,10 @@ class TextAttention(nnx.Module):
         written at `cache_index` and attention runs over the whole cache; the updated cache is
         returned.
         """
-        batch, length, _ = x.shape
-        query = self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim)
-        key = self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        value = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
+        split_heads = "b l (heads d) -> b l heads d"
+        query = rearrange(self.q_proj(x), split_heads, d=self.head_dim)
+        key = rearrange(self.k_proj(x), split_heads, d=self.head_dim)
+        value = rearrange(self.v_proj(x), split_heads, d=self.head_dim)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if kv_cache is not None:
             cached_keys, cached_values = kv_cache
@@ -87,7 +88,7 @@ class TextAttention(nnx.Module):
             implementation="xla" if kv_cache is not None else self.implementation,
             causal=kv_cache is None,
         )
-        return self.o_proj(out.reshape(batch, length, -1)), kv_cache
+        return self.o_proj(rearrange(out, "b l heads d -> b l (heads d)")), kv_cache
 
 
 class TextMLP(nnx.Module):

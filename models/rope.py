@@ -18,6 +18,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from einops import rearrange
 
 TEXT_TOKEN_TYPE = 0
 IMAGE_TOKEN_TYPE = 1
@@ -146,8 +147,10 @@ def vision_rope_positions(image_grid_thw: np.ndarray, spatial_merge_size: int) -
     m = spatial_merge_size
     for t, h, w in np.asarray(image_grid_thw).reshape(-1, 3).tolist():
         rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-        rows = rows.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
-        cols = cols.reshape(h // m, m, w // m, m).transpose(0, 2, 1, 3).reshape(-1)
+        # block-major: each m x m block of the grid (one merged token) is contiguous
+        block_major = "(blocks_h m_h) (blocks_w m_w) -> (blocks_h blocks_w m_h m_w)"
+        rows = rearrange(rows, block_major, m_h=m, m_w=m)
+        cols = rearrange(cols, block_major, m_h=m, m_w=m)
         out.append(np.tile(np.stack([rows, cols], axis=-1), (t, 1)))
     return np.concatenate(out, axis=0).astype(np.int32)
 

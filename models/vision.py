@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from flax import nnx
 
-from models.configs import FAMILY_QWEN2_5_VL, VisionConfig
-from models.layers import LayerNorm, Linear, RMSNorm, activation, apply_rotary, attention
-from models.rope import vision_rotary_tables
+from maye_jax.models.configs import FAMILY_QWEN2_5_VL, VisionConfig
+from maye_jax.models.layers import LayerNorm, Linear, RMSNorm, activation, apply_rotary, attention
+from maye_jax.models.rope import vision_rotary_tables
 
 
 class VisionAttention(nnx.Module):
@@ -41,14 +42,14 @@ class VisionAttention(nnx.Module):
         self.head_dim = cfg.head_dim
 
     def __call__(self, x, cos, sin, mask):
-        rows, slots, _ = x.shape
-        qkv = self.qkv(x).reshape(rows, slots, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        query, key, value = rearrange(
+            self.qkv(x), "r s (qkv heads d) -> qkv r s heads d", qkv=3, d=self.head_dim
+        )
         # transformers rotates vision q/k in fp32 and casts back.
         query = apply_rotary(query.astype(jnp.float32), cos, sin).astype(x.dtype)
         key = apply_rotary(key.astype(jnp.float32), cos, sin).astype(x.dtype)
         out = attention(query, key, value, mask)
-        return self.proj(out.reshape(rows, slots, -1))
+        return self.proj(rearrange(out, "r s heads d -> r s (heads d)"))
 
 
 class VisionMLP(nnx.Module):
@@ -100,8 +101,8 @@ class PatchMerger(nnx.Module):
         self.merge_unit = cfg.spatial_merge_size**2
 
     def __call__(self, x):
-        rows, slots, dim = x.shape
-        x = self.ln_q(x).reshape(rows, slots // self.merge_unit, self.merge_unit * dim)
+        # each run of merge_unit consecutive patches becomes one token of the LLM
+        x = rearrange(self.ln_q(x), "r (tokens unit) d -> r tokens (unit d)", unit=self.merge_unit)
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
 
 

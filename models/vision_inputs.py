@@ -20,8 +20,9 @@ import dataclasses
 
 import numpy as np
 
-from models.configs import VisionConfig
-from models.rope import vision_rope_positions, vision_window_index
+from maye_jax.models.configs import VisionConfig
+from maye_jax.models.rope import vision_rope_positions, vision_window_index
+from maye_jax.models.shapes import bucket
 
 
 @dataclasses.dataclass
@@ -39,14 +40,6 @@ class PackedImages:
             "full_segment_ids": self.full_segment_ids,
             "window_segment_ids": self.window_segment_ids,
         }
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= max(n, minimum): bounds the number of compiled shapes."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return size
 
 
 def pack_images(
