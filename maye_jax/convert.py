@@ -47,15 +47,15 @@ def main(argv):
     import jax.numpy as jnp
     import numpy as np
 
-    from maye_jax import checkpoint
+    from maye_jax.storage import model_folders as checkpoint
 
     started = time.time()
     source = FLAGS.input
     param_dtype = jnp.bfloat16 if FLAGS.param_dtype == "bfloat16" else jnp.float32
     place, shardings = None, None
     if FLAGS.fsdp:
-        from sharding.mesh import make_mesh
-        from sharding.rules import param_sharding_fn
+        from maye_jax.sharding.mesh import make_mesh
+        from maye_jax.sharding.rules import param_sharding_fn
 
         mesh = make_mesh(fsdp=FLAGS.fsdp)
         sharding_of = param_sharding_fn(mesh)
@@ -107,7 +107,7 @@ def _ensure_tokenizer(out_dir, hf_config) -> None:
         return
     if int(hf_config.text_config.vocab_size) < 151643:
         return  # a small-vocabulary test model: the Qwen tokenizer would not fit it
-    from maye_jax.processor import load_processor
+    from maye_jax.data.processor import load_processor
 
     family = "qwen2_vl" if hf_config.model_type == "qwen2_vl" else "qwen2_5_vl"
     load_processor(family=family).save_pretrained(out_dir)

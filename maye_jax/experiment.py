@@ -6,10 +6,11 @@ several seeds each, then the multi-seed report.
 The config is an ordinary run config (its `rl`, `sft`, `rollout`, `eval`... sections configure
 the arms) plus an `experiment` section:
   - `seeds`: the seeds of each arm, e.g. (0, 1, 2);
-  - `warmup_epochs`: > 0 first fine-tunes `model` on the golden solutions for that many epochs
+  - `warmup_epochs`: set, first fine-tunes `model` on the golden solutions for that many epochs
     (one run, seed `c.seed`) and starts both arms from the result, so that rewards are not all
-    zero for a tiny model; 0 starts both arms from `model` itself;
-  - `sft_epochs`, `sft_learning_rate`: the SFT arm (default: as many epochs as RL).
+    zero for a tiny model; None starts both arms from `model` itself;
+  - `sft_epochs`, `sft_learning_rate`: the SFT arm (None: as many epochs as RL, and
+    `sft.learning_rate`).
 
 Layout of `output_dir`: `start/` (the warm-up run; `start/final_hf` is the arms' start model),
 `rl_seed<s>/`, `sft_seed<s>/` and `report/` (maye_jax.report: table.md, summary.json, plots).
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections.config_dict import placeholder
 
 log = logging.getLogger("maye_jax")
 
@@ -35,9 +36,9 @@ log = logging.getLogger("maye_jax")
 def default_experiment() -> ml_collections.ConfigDict:
     e = ml_collections.ConfigDict()
     e.seeds = (0, 1, 2)
-    e.warmup_epochs = 0
-    e.sft_epochs = -1  # -1: rl.num_epochs
-    e.sft_learning_rate = -1.0  # -1: sft.learning_rate
+    e.warmup_epochs = placeholder(int)  # None: the arms start from `model` itself
+    e.sft_epochs = placeholder(int)  # None: rl.num_epochs
+    e.sft_learning_rate = placeholder(float)  # None: sft.learning_rate
     return e
 
 
@@ -56,6 +57,7 @@ def warmup_config(c) -> ml_collections.ConfigDict:
     w.name = f"{c.name}_start"
     w.output_dir = str(Path(c.output_dir) / "start")
     w.sft.num_epochs = c.experiment.warmup_epochs
+    w.sft.warmup_epochs = None
     w.model.train_embeddings = True  # the warm-up teaches the format: the whole LLM trains
     w.eval.enabled = False  # each arm evaluates the start model as its epoch 0
     return w
@@ -70,13 +72,14 @@ def arm_config(c, kind: str, seed: int, start_model: str) -> ml_collections.Conf
     a.output_dir = str(Path(c.output_dir) / f"{kind}_seed{seed}")
     if start_model:
         a.model.path = start_model
-        a.model.tiny_family = ""
+        a.model.tiny_family = None
+    a.sft.warmup_epochs = None  # the arms start from the shared (warmed) start model
     if kind == "rl":
-        a.sft.num_epochs = 0
+        a.sft.num_epochs = None
     else:
         e = c.experiment
-        a.sft.num_epochs = e.sft_epochs if e.sft_epochs > 0 else c.rl.num_epochs
-        if e.sft_learning_rate > 0:
+        a.sft.num_epochs = e.sft_epochs or c.rl.num_epochs
+        if e.sft_learning_rate is not None:
             a.sft.learning_rate = e.sft_learning_rate
     return a
 
@@ -86,18 +89,25 @@ def finished(run_config) -> bool:
 
 
 def run_experiment(c) -> dict:
-    """Runs what is not finished yet, then the report; returns build_report's result."""
-    from maye_jax.report import build_report
+    """Runs what is not finished yet, then the report; returns build_report's result. Every
+    run's config is checked before the first one starts."""
+    from maye_jax.config.settings import load_settings
+    from maye_jax.evaluation.report import build_report
     from maye_jax.sft import run_sft
-    from maye_jax.train import build_trainer
+    from maye_jax.train import run_rl
 
+    load_settings(c, kind="experiment")
     start_model = c.model.path
-    if c.experiment.warmup_epochs > 0:
-        w = warmup_config(c)
-        if not finished(w):
-            log.info("experiment: SFT warm-up of the start model -> %s", w.output_dir)
-            run_sft(w)
-        start_model = str(Path(w.output_dir).absolute() / "final_hf")
+    warmup = warmup_config(c) if c.experiment.warmup_epochs else None
+    if warmup is not None:
+        load_settings(warmup, kind="sft")
+        start_model = str(Path(warmup.output_dir).absolute() / "final_hf")
+    for seed in c.experiment.seeds:
+        for kind in ("rl", "sft"):
+            load_settings(arm_config(c, kind, seed, start_model), kind=kind)
+    if warmup is not None and not finished(warmup):
+        log.info("experiment: SFT warm-up of the start model -> %s", warmup.output_dir)
+        run_sft(warmup)
     run_dirs = []
     for seed in c.experiment.seeds:
         for kind in ("rl", "sft"):
@@ -108,7 +118,7 @@ def run_experiment(c) -> dict:
                 continue
             log.info("experiment: %s seed %d -> %s", kind, seed, a.output_dir)
             if kind == "rl":
-                build_trainer(a).run()
+                run_rl(a)
             else:
                 run_sft(a)
     return build_report(run_dirs, Path(c.output_dir) / "report")
@@ -119,9 +129,9 @@ FLAGS = flags.FLAGS
 
 def main(argv) -> int:
     del argv
-    from maye_jax import runtime
+    from maye_jax.run import startup
 
-    runtime.setup_cli_logging()
+    startup.setup_cli_logging()
     c = FLAGS.config
     if "experiment" not in c:
         print(
@@ -137,7 +147,7 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    config_flags.DEFINE_config_file(
-        "config", None, "Experiment config file (configs/*.py).", lock_config=True
-    )
+    from maye_jax.config.flags import define_config_flag
+
+    define_config_flag()
     app.run(lambda argv: sys.exit(main(argv)))

@@ -34,7 +34,7 @@ def score_records(
     import jax
     import numpy as np
 
-    from maye_jax.sequences import make_sequence_batch, score_batch
+    from maye_jax.data.sequences import make_sequence_batch, score_batch
 
     tokenizer = processor.tokenizer
     for start in range(0, len(records), batch_size):
@@ -68,10 +68,10 @@ def main(argv):
     del argv
     import jax.numpy as jnp
 
-    from maye_jax.checkpoint import load_model
-    from maye_jax.data import DataError, read_records
-    from maye_jax.processor import load_processor
-    from models.configs import ModelConfig
+    from maye_jax.data.processor import load_processor
+    from maye_jax.data.records import DataError, read_records
+    from maye_jax.models.configs import ModelConfig
+    from maye_jax.storage.model_folders import load_model
 
     started = time.time()
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32

@@ -111,7 +111,7 @@ def preset_hf_config(name: str) -> Any:
     """A transformers config with the shapes of a published model (models/presets.py)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-    from models.presets import PRESETS
+    from maye_jax.models.presets import PRESETS
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")

@@ -13,21 +13,9 @@ import numpy as np
 
 from maye_jax.rollout.engine import Sampling
 
-IMAGE_PAD_ID = 151655
-PAD_ID = 151643
-
 
 def log(message: str) -> None:
     print(f"[maye-worker {os.getpid()}] {message}", file=sys.stderr, flush=True)
-
-
-def normalize_hf_name(name: str) -> str:
-    """transformers 5 in-memory names -> checkpoint (hub file) names."""
-    if name.startswith("model.language_model."):
-        return "model." + name[len("model.language_model.") :]
-    if name.startswith("model.visual."):
-        return name[len("model.") :]
-    return name
 
 
 def is_norm_weight(name: str) -> bool:

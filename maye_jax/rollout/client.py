@@ -94,12 +94,15 @@ class WorkerEngine:
         start_timeout_s: float = 900.0,
         frozen_prefixes: Iterable[str] = FROZEN_PREFIXES,
         frozen_names: Iterable[str] | None = None,
+        frozen_params: Iterable[str] = (),
         max_batch_rows: int = 64,
         log_lines: int = 40,
     ):
         import json
 
         self.backend = backend
+        self.dtype = dtype
+        self.frozen_params = frozenset(frozen_params)  # Flax names, for `load_policy`
         self.timeout_s = timeout_s
         self.log_lines = log_lines
         self.version: int | None = None
@@ -165,6 +168,20 @@ class WorkerEngine:
             raise
 
     # -- RolloutEngine ------------------------------------------------------------------------
+
+    def load_policy(self, model, version: int) -> None:
+        """Samples from `model` (a Flax module) from now on: its parameters in HF names and
+        layout, in the worker's dtype, through `sync_weights`; the frozen ones (`frozen_params`,
+        Flax names) with the first sync only. A version already loaded is not sent again."""
+        if version == self.version:
+            return
+        from maye_jax.models.hf_mapping import flax_param_paths, hf_tensors_for_sync
+
+        names = set(flax_param_paths(model))
+        if self._frozen_sent:
+            names -= self.frozen_params
+        arrays = hf_tensors_for_sync(model, names, dtype=self.dtype)
+        self.sync_weights(arrays, version)
 
     def sync_weights(self, named_hf_arrays: Mapping[str, Any] | Iterable, version: int) -> str:
         """Writes the weights into the segment and has the worker load them; returns the

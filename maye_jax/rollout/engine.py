@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-DEFAULT_STOP_TOKEN_IDS = (151645, 151643)  # <|im_end|>, <|endoftext|>
+from maye_jax.qwen_ids import STOP_TOKEN_IDS as DEFAULT_STOP_TOKEN_IDS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,8 +1,24 @@
-"""Builds the configured rollout engine: the in-process JAX sampler, or a torch-side worker."""
+"""Builds the configured rollout engine: the in-process JAX sampler, or a torch-side worker.
+
+Every engine takes new weights the same way, `engine.load_policy(model, version)`, so the
+trainer, SFT and evaluation never ask which engine they hold.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+from maye_jax.qwen_ids import PAD_ID
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_VLLM_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"  # scripts/setup_vllm_env.sh
+
+
+def vllm_python(worker_python: str | None = None) -> Path:
+    """The vLLM worker's interpreter: `worker_python`, $MAYE_VLLM_PYTHON, or the project's
+    `.venv-vllm` (resolved against the project root, not the current directory)."""
+    return Path(worker_python or os.environ.get("MAYE_VLLM_PYTHON") or DEFAULT_VLLM_PYTHON)
 
 
 def make_engine(
@@ -12,30 +28,49 @@ def make_engine(
     config,
     tokenizer,
     model_dir: str | None = None,
-    worker_python: str = "",
-    worker_devices: str = "",
-    timeout_s: float = 600.0,
-    gpu_memory_utilization: float = 0.75,
-    max_model_len: int = 4096,
+    rollout=None,
     dtype: str = "float32",
-    frozen_hf_names=None,
+    frozen_params=None,
 ):
     """kind: "jax" (default, in-process) | "hf" | "vllm" (a worker process owning the engine,
-    fed weights through shared memory; it loads `model_dir` first). `frozen_hf_names`: the
-    tensors that never change, sent to a worker with the first sync only (None: the tower)."""
+    fed weights through shared memory; it loads `model_dir` first). `rollout`: the run's
+    `RolloutSettings` (None: the defaults); `frozen_params`: the Flax names of the tensors that
+    never change, sent to a worker with the first sync only (None: the vision tower)."""
+    from maye_jax.config.settings import RolloutSettings
+
+    rollout = rollout or RolloutSettings()
     if kind == "jax":
         from maye_jax.rollout.jax_sampler import JaxSampler
 
         pad_id = getattr(tokenizer, "pad_token_id", None)
-        return JaxSampler(model, config, tokenizer, pad_id=151643 if pad_id is None else pad_id)
+        return JaxSampler(
+            model,
+            config,
+            tokenizer,
+            pad_id=PAD_ID if pad_id is None else pad_id,
+            prompt_bucket=rollout.sampler_prompt_bucket,
+            length_bucket=rollout.sampler_length_bucket,
+            batch_bucket=rollout.sampler_batch_bucket,
+            max_rows=rollout.sampler_max_rows,
+        )
     if kind in ("hf", "vllm"):
+        from maye_jax.models.hf_mapping import hf_name_for
         from maye_jax.rollout.client import WorkerEngine
 
         if not model_dir:
             raise ValueError(f"rollout engine {kind!r} needs an HF model directory to start from")
+        python = rollout.worker_python
+        if kind == "vllm":
+            python = vllm_python(python)
+            if not python.is_file():
+                raise FileNotFoundError(
+                    f"the vLLM worker's interpreter {python} does not exist: run "
+                    "`bash scripts/setup_vllm_env.sh` (or set rollout.worker_python)"
+                )
         env = {}
-        if worker_devices:
-            env["CUDA_VISIBLE_DEVICES"] = worker_devices
+        gpu_memory_utilization = rollout.gpu_memory_utilization
+        if rollout.worker_devices:
+            env["CUDA_VISIBLE_DEVICES"] = rollout.worker_devices
         elif kind == "vllm":
             # vLLM on CPU reads gpu_memory_utilization as a fraction of host RAM to reserve
             # (and fails when other processes hold it): size its KV cache in GiB instead.
@@ -44,13 +79,16 @@ def make_engine(
         return WorkerEngine(
             backend=kind,
             model_dir=str(model_dir),
-            python=worker_python
-            or (os.path.abspath(".venv-vllm/bin/python") if kind == "vllm" else None),
+            python=str(python) if python else None,
             env=env,
-            timeout_s=timeout_s,
+            timeout_s=rollout.timeout_s,
             gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
+            max_model_len=rollout.max_model_len,
             dtype=dtype,
-            frozen_names=frozen_hf_names,
+            frozen_names=(
+                None if frozen_params is None else {hf_name_for(n) for n in frozen_params}
+            ),
+            frozen_params=frozen_params or (),
+            max_batch_rows=rollout.worker_batch_rows,
         )
     raise ValueError(f"unknown rollout engine {kind!r}; known: jax, hf, vllm")

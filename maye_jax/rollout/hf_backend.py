@@ -15,14 +15,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from maye_jax.rollout.backend_common import (
-    IMAGE_PAD_ID,
-    PAD_ID,
-    decode_texts,
-    finish,
-    normalize_hf_name,
-    torch_view,
-)
+from maye_jax.models.hf_names import normalize_hf_name
+from maye_jax.qwen_ids import IMAGE_PAD_ID, PAD_ID
+from maye_jax.rollout.backend_common import decode_texts, finish, torch_view
 from maye_jax.rollout.engine import Completion, Prompt, Sampling, request_seed
 from maye_jax.rollout.shm import SegmentError, SegmentView
 

@@ -37,13 +37,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from maye_jax.data.sequences import image_features, make_sequence_batch
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.hf_mapping import from_hf_layout, hf_name_for, normalize_hf_name
+from maye_jax.models.qwen_vl import causal_padding_mask
+from maye_jax.models.shapes import bucket, round_up
+from maye_jax.qwen_ids import PAD_ID
 from maye_jax.rollout.engine import Completion, Prompt, Sampling, request_seed
 from maye_jax.rollout.sampling_ops import sample_tokens
-from maye_jax.sequences import image_features, make_sequence_batch
-from models.configs import ModelConfig
-from models.hf_mapping import from_hf_layout, hf_name_for, normalize_hf_name
-from models.qwen_vl import causal_padding_mask
-from models.vision_inputs import bucket
 
 # Number of times each jitted function was traced in this process (one per compiled shape).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -60,7 +61,7 @@ class JaxSampler:
         config: ModelConfig,
         tokenizer: Any = None,
         *,
-        pad_id: int = 151643,
+        pad_id: int = PAD_ID,
         prompt_bucket: int = 64,
         length_bucket: int = 128,
         batch_bucket: int = 8,
@@ -73,13 +74,20 @@ class JaxSampler:
         self.length_bucket = length_bucket
         self.batch_bucket = batch_bucket
         self.max_rows = max_rows
-        self.weights_version = 0
+        self.weights_version: int | None = None  # None: the model given at construction
         self.set_model(model)
 
     # -- weights ------------------------------------------------------------------------
     def set_model(self, model: nnx.Module) -> None:
         """Samples from `model` from now on (the in-process way to sync: no copy is made)."""
         self._graphdef, self._state = nnx.split(model)
+
+    def load_policy(self, model: nnx.Module, version: int) -> None:
+        """The RolloutEngine way to get new weights: `set_model`, unless `version` is the one
+        loaded already."""
+        if version != self.weights_version:
+            self.set_model(model)
+            self.weights_version = version
 
     def sync_weights(self, named_hf_arrays: Mapping[str, np.ndarray], version: int) -> str:
         """Replaces the named parameters (HF names and layouts; a subset, e.g. only the trainable
@@ -182,7 +190,7 @@ class JaxSampler:
             jnp.float32(sampling.top_p),
             jnp.int32(sampling.max_tokens),
             jnp.asarray(stop_ids),
-            response_len=_round_up(sampling.max_tokens, self.length_bucket),
+            response_len=round_up(max(sampling.max_tokens, 1), self.length_bucket),
             greedy=sampling.greedy,
             use_top_k=0 < sampling.top_k < self.config.text.vocab_size,
             use_top_p=sampling.top_p < 1.0,
@@ -231,10 +239,6 @@ def _check_sampling(sampling: Sampling) -> None:
         raise ValueError(f"Sampling.top_p must be in (0, 1], got {sampling.top_p}")
     if not sampling.stop_token_ids or min(sampling.stop_token_ids) < 0:
         raise ValueError(f"Sampling.stop_token_ids must be non-negative ids, got {sampling}")
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

@@ -23,13 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from maye_jax.rollout.backend_common import (
-    IMAGE_PAD_ID,
-    decode_texts,
-    finish,
-    log,
-    torch_view,
-)
+from maye_jax.qwen_ids import IMAGE_PAD_ID
+from maye_jax.rollout.backend_common import decode_texts, finish, log, torch_view
 from maye_jax.rollout.engine import Completion, Prompt, Sampling, request_seed
 from maye_jax.rollout.shm import SegmentView
 

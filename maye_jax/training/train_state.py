@@ -30,15 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
-from sharding.rules import (
-    DEFAULT_RULES,
-    ReplicationReport,
-    check_replication,
-    replication_report,
-    spec_for,
-)
+from maye_jax.sharding.layout import Layout, plan_state_layout
+from maye_jax.sharding.rules import DEFAULT_RULES, spec_for
 
 Params = dict[str, jax.Array]
 EMBEDDING_PREFIXES = ("language_model.embed_tokens.", "lm_head")
@@ -130,31 +125,6 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation) ->
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class Layout:
-    """Where everything lives: shardings of the train state, the frozen and reference params."""
-
-    mesh: Mesh
-    state: TrainState  # a TrainState whose leaves are NamedShardings
-    params: dict[str, NamedSharding]  # trainable parameters (and their grads, mu, nu)
-    frozen: dict[str, NamedSharding]
-    report: ReplicationReport
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, PartitionSpec())
-
-
-def param_shardings(
-    shapes: Mapping[str, Any], mesh: Mesh, rules=DEFAULT_RULES
-) -> dict[str, NamedSharding]:
-    """NamedSharding per parameter name (values: anything with a `.shape`)."""
-    return {
-        name: NamedSharding(mesh, spec_for(name, tuple(value.shape), mesh, rules))
-        for name, value in shapes.items()
-    }
-
-
 def plan_layout(
     mesh: Mesh,
     params: Mapping[str, Any],
@@ -165,31 +135,19 @@ def plan_layout(
     rules=DEFAULT_RULES,
     max_replicated_fraction: float | None = 0.05,
 ) -> Layout:
-    """Shardings of the state, and the replication check (raises when > the fraction of the
-    trainable state (fp32 params, grads, mu, nu) would be replicated; None skips the check)."""
-    trainable_shardings = param_shardings(params, mesh, rules)
-    frozen_shardings = param_shardings(frozen, mesh, rules)
-    shapes = {n: (tuple(v.shape), np.float32) for n, v in params.items()}
-    shapes.update({n: (tuple(v.shape), frozen_dtype) for n, v in frozen.items()})
-    report = replication_report(shapes, mesh, lambda name: name in params, rules)
-    if max_replicated_fraction is not None:
-        check_replication(report, max_replicated_fraction)
-
+    """Shardings of the train state `init_train_state(params, optimizer)` would make, and the
+    replication check (`maye_jax.sharding.layout.plan_state_layout`)."""
     abstract = {n: jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for n, v in params.items()}
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def like_params(key_path, leaf):
-        # mu / nu are dicts keyed by parameter name, exactly like `params`.
-        name = next(
-            (k.key for k in reversed(key_path) if isinstance(k, jax.tree_util.DictKey)), None
-        )
-        if name in trainable_shardings and tuple(leaf.shape) == tuple(params[name].shape):
-            return trainable_shardings[name]
-        return replicated
-
-    state_shardings = jax.tree_util.tree_map_with_path(like_params, abstract_state)
-    return Layout(mesh, state_shardings, trainable_shardings, frozen_shardings, report)
+    return plan_state_layout(
+        mesh,
+        params,
+        frozen,
+        abstract_state,
+        frozen_dtype=frozen_dtype,
+        rules=rules,
+        max_replicated_fraction=max_replicated_fraction,
+    )
 
 
 def create_train_state(
@@ -235,7 +193,7 @@ def load_sharded_model(
     """(model, hf_config) with every tensor placed straight onto its shards: trainable ones in
     fp32, frozen ones in `frozen_dtype`. The host holds one full tensor at a time (HF), or only
     the shards (Orbax); no device ever holds a full copy of a sharded tensor."""
-    from maye_jax.checkpoint import load_model
+    from maye_jax.storage.model_folders import load_model
 
     def place(name: str, value: np.ndarray) -> jax.Array:
         target = jnp.float32 if trainable.is_trainable(name) else frozen_dtype

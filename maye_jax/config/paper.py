@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from maye_jax.defaults import default_config, paper_preset
+from maye_jax.config.defaults import default_config, paper_preset
 
 DATASETS = {
     # name: (train, validation, test) relative to data.root, epochs (SPEC §1, §4)
@@ -49,9 +49,12 @@ def paper_config(dataset: str, model: str):
     c.data.max_pixels = 16384 * 28 * 28
     c.sharding.fsdp = 7
     c.rollout.engine = "vllm"
-    c.rollout.worker_python = os.environ.get("MAYE_VLLM_PYTHON", ".venv-vllm/bin/python")
+    # None: $MAYE_VLLM_PYTHON, else the project's .venv-vllm (rollout/factory.py)
+    c.rollout.worker_python = os.environ.get("MAYE_VLLM_PYTHON") or None
     c.rollout.worker_devices = "7"
     c.rollout.gpu_memory_utilization = 0.75
+    # A paper-size image (up to 4096 merged patches at max_pixels) plus 2048 response tokens.
+    c.rollout.max_model_len = 8192
     c.rl.num_epochs = epochs
     # mm_math5k: 5000 records / 896 per step ~ 5 steps per epoch (150 steps over 30 epochs);
     # geometry3k: 2101 / 896 ~ 2 steps per epoch (100 steps over 50 epochs), as in the paper.

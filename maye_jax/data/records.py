@@ -157,14 +157,3 @@ def check_files(paths: Sequence[str], required: Sequence[str] = RL_FIELDS) -> in
                 count += 1
         print(f"{path}: {count} valid record(s)", file=sys.stderr)
     return 1 if problems else 0
-
-
-def main(argv: Sequence[str]) -> int:
-    if len(argv) < 2 or argv[0] != "check":
-        print("usage: python -m maye_jax.data check FILE.jsonl [FILE.jsonl ...]", file=sys.stderr)
-        return 2
-    return check_files(argv[1:])
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -10,23 +10,47 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 
-from maye_jax import rewards as rewards_lib
-from maye_jax.data import Record
-from maye_jax.rollout.engine import Completion
-from maye_jax.sequences import (
+from maye_jax.data.records import Record
+from maye_jax.data.sequences import (
     RESPONSE_LEN_MULTIPLE,
     SequenceBatch,
-    image_features,
     make_sequence_batch,
     response_logprobs,
+    tower_features,
 )
-from models.configs import ModelConfig
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.shapes import round_up
+from maye_jax.rl import rewards as rewards_lib
+from maye_jax.rollout.engine import Completion
+
+
+@dataclasses.dataclass(frozen=True)
+class TrajectoryConfig:
+    """Options of step 3 (`Settings.trajectory_config()` builds it from the run's config).
+
+    reward_names / reward_options: the enabled rewards and each one's keyword options;
+    penalty: None (off) or {min_response_length, reward_penalty} of the original's no-EOS /
+    too-short penalty; temperature: of the sampling distribution (logprobs of
+    log_softmax(logits / T)); forward_batch_size: rows per logprob forward; chunk_size:
+    sequence chunk of the logits; rows_multiple: the batch's rows round up to this (the PPO
+    mini-batch); max_tokens: R, the response columns (rounded up to 8); prompt_multiple: P
+    rounds up to this, so the update compiles once per prompt bucket."""
+
+    reward_names: tuple[str, ...] = ("accuracy", "language")
+    reward_options: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
+    penalty: Mapping[str, float] | None = None
+    temperature: float = 1.0
+    forward_batch_size: int = 112
+    chunk_size: int = 512
+    rows_multiple: int = 1
+    max_tokens: int = 2048
+    prompt_multiple: int = 64
 
 
 @dataclasses.dataclass
@@ -62,11 +86,6 @@ def _logprobs(model, arrays, features, *, prompt_len, temperature, chunk_size):
     )
 
 
-@nnx.jit
-def _features(model, vision):
-    return image_features(model, vision)
-
-
 def forward_logprobs(
     model,
     batch: SequenceBatch,
@@ -77,18 +96,11 @@ def forward_logprobs(
     chunk_size: int,
 ) -> np.ndarray:
     """Response logprobs [B, R] in row chunks (features index the whole batch's tower output)."""
-    arrays = batch.device_arrays()
-    arrays.pop("vision", None)
     rows = batch.input_ids.shape[0]
     step = min(forward_batch_size, rows)
     out = []
     for start in range(0, rows, step):
-        chunk = jax.tree.map(
-            lambda a, s=start: (
-                a[:, s : s + step] if a.ndim == 3 and a.shape[0] == 3 else a[s : s + step]
-            ),
-            arrays,
-        )
+        chunk = batch.device_rows(start, start + step)
         out.append(
             np.asarray(
                 _logprobs(
@@ -112,23 +124,15 @@ def build_trajectory(
     records: Sequence[Record],
     prompts: Sequence[dict],
     completions: Sequence[Sequence[Completion]],
-    reward_names: Sequence[str],
-    reward_options: dict,
-    penalty: dict | None,
-    temperature: float,
-    forward_batch_size: int,
-    chunk_size: int,
-    rows_multiple: int,
+    options: TrajectoryConfig,
     pad_id: int,
-    max_tokens: int,
     reference_shares_vision: bool = True,
 ) -> Trajectory:
     """`completions[i]` are the samples of `prompts[i]` (of `records[i]`); rows are laid out
     prompt-major (all samples of prompt 0, then prompt 1, ...), as GRPO/RLOO expect.
 
-    `reward_options[name]` are the keyword options of each reward; `penalty` (None: off) holds
-    `min_response_length` and `reward_penalty` of the original's no-EOS / too-short penalty.
     When the vision tower is frozen the reference shares it, so its features are reused."""
+    o = options
     row_prompts, row_records, responses, rollout_lp, texts, finished = [], [], [], [], [], []
     row_prompt = []
     for prompt_index, (record, prompt, samples) in enumerate(zip(records, prompts, completions)):
@@ -141,37 +145,37 @@ def build_trajectory(
             texts.append(completion.text)
             finished.append(completion.finish_reason == "stop")
     num_rows = len(responses)
-    batch_size = -(-num_rows // rows_multiple) * rows_multiple
-    # R fixed to max_tokens and P rounded to 64: the update step compiles once per prompt bucket.
+    batch_size = round_up(num_rows, o.rows_multiple)
+    # R fixed to max_tokens and P rounded up: the update step compiles once per prompt bucket.
     batch = make_sequence_batch(
         row_prompts,
         responses,
         config,
         pad_id=pad_id,
         batch_size=batch_size,
-        prompt_multiple=64,
-        response_len=_round_up(max_tokens, RESPONSE_LEN_MULTIPLE),
+        prompt_multiple=o.prompt_multiple,
+        response_len=round_up(o.max_tokens, RESPONSE_LEN_MULTIPLE),
     )
-    features = _features(policy, batch.device_arrays().get("vision")) if batch.vision else None
+    features = tower_features(policy, batch.device_arrays()["vision"]) if batch.vision else None
     logprobs_old = forward_logprobs(
         policy,
         batch,
         features,
-        temperature=temperature,
-        forward_batch_size=forward_batch_size,
-        chunk_size=chunk_size,
+        temperature=o.temperature,
+        forward_batch_size=o.forward_batch_size,
+        chunk_size=o.chunk_size,
     )
     if reference is not None:
         ref_features = features
         if batch.vision and not reference_shares_vision:
-            ref_features = _features(reference, batch.device_arrays().get("vision"))
+            ref_features = tower_features(reference, batch.device_arrays()["vision"])
         ref_logprobs = forward_logprobs(
             reference,
             batch,
             ref_features,
-            temperature=temperature,
-            forward_batch_size=forward_batch_size,
-            chunk_size=chunk_size,
+            temperature=o.temperature,
+            forward_batch_size=o.forward_batch_size,
+            chunk_size=o.chunk_size,
         )
     else:
         ref_logprobs = np.zeros_like(logprobs_old)
@@ -181,14 +185,14 @@ def build_trajectory(
 
     lengths = batch.response_mask.sum(axis=1).astype(np.int64)
     components = rewards_lib.compute_rewards(
-        list(reward_names),
+        list(o.reward_names),
         texts,
         [r.solution for r in row_records],
         answers=[r.answer for r in row_records],
-        options=reward_options,
-        finished_with_eos=finished if penalty is not None else None,
+        options={name: dict(values) for name, values in o.reward_options.items()},
+        finished_with_eos=finished if o.penalty is not None else None,
         response_lengths=lengths[:num_rows].tolist(),
-        **(penalty or {}),
+        **(o.penalty or {}),
     )
     padded = {
         name: _pad(np.asarray(values, np.float32), batch_size)
@@ -219,10 +223,6 @@ def prompt_images(prompt: dict) -> tuple[np.ndarray, np.ndarray] | None:
     if prompt.get("image_grid_thw") is None:
         return None
     return np.asarray(prompt["pixel_values"]), np.asarray(prompt["image_grid_thw"]).reshape(-1, 3)
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _pad(values: np.ndarray, size: int, fill=0) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from maye_jax.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
+from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
 
 log = logging.getLogger(__name__)
 

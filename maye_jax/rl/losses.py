@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from maye_jax.algorithms import (
+from maye_jax.rl.advantages import (
     KL_CLAMP,
     KlClamp,
     as_float,
@@ -88,6 +88,10 @@ def register_policy_loss(name: str) -> Callable[[PolicyLoss], PolicyLoss]:
         return policy_loss
 
     return decorator
+
+
+def policy_loss_names() -> tuple[str, ...]:
+    return tuple(_POLICY_LOSSES)
 
 
 def get_policy_loss(name: str) -> PolicyLoss:
@@ -216,6 +220,10 @@ def register_loss_aggregation(
         return weighted_sum
 
     return decorator
+
+
+def loss_aggregation_names() -> tuple[str, ...]:
+    return tuple(_LOSS_AGGREGATIONS)
 
 
 def get_loss_aggregation(name: str) -> LossAggregation:

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.configs import ModelConfig
-from models.hf_mapping import iter_hf_tensors, load_hf_tensors
-from models.qwen_vl import build_model
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.hf_mapping import iter_hf_tensors, load_hf_tensors
+from maye_jax.models.qwen_vl import build_model
 
 FORMAT_NAME = "maye-jax-params"
 FORMAT_VERSION = 1

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from maye_jax.tokenizer import ENDOFTEXT_ID, IMAGE_PAD_ID, load_tokenizer
+from maye_jax.data.tokenizer import ENDOFTEXT_ID, IMAGE_PAD_ID, load_tokenizer
 
 # SPEC §1: appended to every question; the literal `<image>` marker stays in the question text.
 MAYE_INSTRUCTION = (
@@ -52,6 +52,10 @@ def register_prompt_template(name: str, instruction: str) -> None:
     if name in PROMPT_TEMPLATES:
         raise ValueError(f"prompt template {name!r} already registered")
     PROMPT_TEMPLATES[name] = instruction
+
+
+def prompt_template_names() -> tuple[str, ...]:
+    return tuple(PROMPT_TEMPLATES)
 
 
 def get_prompt_template(name: str) -> str:
@@ -262,7 +266,7 @@ class VLProcessor:
 
     def save_pretrained(self, out_dir: str | os.PathLike) -> None:
         """Write tokenizer files and preprocessor_config.json (for checkpoint export)."""
-        from maye_jax.tokenizer import save_tokenizer_files
+        from maye_jax.data.tokenizer import save_tokenizer_files
 
         save_tokenizer_files(self.tokenizer, out_dir)
         config_path = Path(out_dir) / "preprocessor_config.json"

@@ -24,15 +24,16 @@ from pathlib import Path
 from typing import Any
 
 # Qwen token ids that other modules rely on (identical in Qwen2-VL and Qwen2.5-VL).
-ENDOFTEXT_ID = 151643
-IM_START_ID = 151644
-IM_END_ID = 151645
-VISION_START_ID = 151652
-VISION_END_ID = 151653
-IMAGE_PAD_ID = 151655
-VIDEO_PAD_ID = 151656
-# Generation stops at either of these (SPEC §3): <|im_end|> and <|endoftext|>.
-STOP_TOKEN_IDS = (IM_END_ID, ENDOFTEXT_ID)
+from maye_jax.qwen_ids import (  # noqa: F401 (re-exported: the tokenizer's ids)
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IM_START_ID,
+    IMAGE_PAD_ID,
+    STOP_TOKEN_IDS,  # noqa: F401, E402 (generation stops at these)
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+)
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 NUM_BPE_TOKENS = 151643

@@ -21,10 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.configs import ModelConfig
-from models.logprobs import token_logprobs
-from models.rope import get_rope_index, prompt_token_types
-from models.vision_inputs import bucket, image_feature_index, pack_images
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.logprobs import token_logprobs
+from maye_jax.models.rope import get_rope_index, prompt_token_types
+from maye_jax.models.shapes import bucket, round_up
+from maye_jax.models.vision_inputs import image_feature_index, pack_images
+from maye_jax.qwen_ids import PAD_ID
 
 
 @dataclasses.dataclass
@@ -41,6 +43,18 @@ class SequenceBatch:
     @property
     def response_len(self) -> int:
         return self.response_mask.shape[1]
+
+    def device_rows(self, start: int, stop: int) -> dict:
+        """`device_arrays()` of rows [start, stop), without the packed images (which belong to
+        the whole batch): positions [3, B, L] keep their row axis second."""
+        arrays = dict(
+            input_ids=self.input_ids[start:stop],
+            attention_mask=self.attention_mask[start:stop],
+            positions=self.positions[:, start:stop],
+            image_feature_index=self.image_feature_index[start:stop],
+            response_mask=self.response_mask[start:stop],
+        )
+        return jax.tree_util.tree_map(jnp.asarray, arrays)
 
     def device_arrays(self) -> dict:
         arrays = dict(
@@ -65,7 +79,7 @@ def make_sequence_batch(
     responses: Sequence[Sequence[int]],
     config: ModelConfig,
     *,
-    pad_id: int = 151643,
+    pad_id: int = PAD_ID,
     length_multiple: int = 32,
     min_response_len: int = 1,
     prompt_multiple: int | None = None,
@@ -84,10 +98,11 @@ def make_sequence_batch(
         raise ValueError(f"batch_size {rows} < {len(prompts)} rows")
     prompt_ids = [np.asarray(p["input_ids"]).reshape(-1) for p in prompts]
     _check_vocabulary(prompt_ids, responses, pad_id, config.text.vocab_size)
-    prompt_len = _round_up(max(len(p) for p in prompt_ids), prompt_multiple or length_multiple)
+    longest_prompt = max(1, *(len(p) for p in prompt_ids))
+    prompt_len = round_up(longest_prompt, prompt_multiple or length_multiple)
     longest = max([len(r) for r in responses] + [min_response_len])
     if response_len is None:
-        response_len = _round_up(longest, length_multiple)
+        response_len = round_up(max(longest, 1), length_multiple)
     elif longest > response_len:
         raise ValueError(f"a response has {longest} tokens, more than response_len {response_len}")
     total = prompt_len + response_len
@@ -147,10 +162,6 @@ def _check_vocabulary(prompt_ids, responses, pad_id: int, vocab_size: int) -> No
                 )
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return max(multiple, -(-n // multiple) * multiple)
-
-
 def image_features(model: nnx.Module, vision: dict | None):
     """The frozen tower's output for a batch; computed once and reused by every forward."""
     if vision is None:
@@ -161,6 +172,12 @@ def image_features(model: nnx.Module, vision: dict | None):
         vision["full_segment_ids"],
         vision["window_segment_ids"],
     )
+
+
+@nnx.jit
+def tower_features(model: nnx.Module, vision: dict):
+    """Jitted `image_features`: a frozen tower's output for one batch's packed images."""
+    return image_features(model, vision)
 
 
 def response_logprobs(

@@ -1,0 +1,215 @@
+"""The run harness: everything around a run's steps, written once for RL, SFT (the CLI and the
+warm-up before RL) and the experiment's runs.
+
+    with RunHarness(output_dir, kind="rl", settings=s, total_steps=n) as run:
+        start, state, meta = run.restore(state, state_shardings)    # resume (or step 0)
+        for step in run.steps(start):                             # progress bar, signals
+            with run.section("update"):                           # named, exclusive timings
+                ...
+            run.log(metrics, step=step, epoch=epoch)              # metrics.jsonl, TB, W&B
+            run.end_step(step, state, meta)                       # checkpoint cadence, stop
+        run.finish(export)                                        # final HF export
+
+It owns the output folder, `run.json`, resuming (the latest checkpoint, and the metric lines
+written after it dropped), the metrics writer, the progress bar, SIGTERM/SIGINT (finish the
+step, checkpoint, stop), the checkpoint cadence (every `checkpoint.every_steps`, at the end
+and on a stop) and the final export. The loop itself stays in train.py / sft.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import jax
+
+from maye_jax.config.settings import Settings
+from maye_jax.run.metrics import MetricsWriter, truncate_metrics, write_run_json
+from maye_jax.storage.train_checkpoints import TrainCheckpointer
+
+log = logging.getLogger("maye_jax")
+
+
+class SectionTimer:
+    """Seconds spent in named sections, each exclusive of the sections nested in it (so
+    `sync` inside `rollout` is counted once, under `sync`)."""
+
+    def __init__(self):
+        self._totals: dict[str, float] = {}
+        self._nested: list[float] = []  # per open section: seconds of its nested sections
+
+    @contextlib.contextmanager
+    def section(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        self._nested.append(0.0)
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - started
+            nested = self._nested.pop()
+            self._totals[name] = self._totals.get(name, 0.0) + elapsed - nested
+            if self._nested:
+                self._nested[-1] += elapsed
+
+    def take(self) -> dict[str, float]:
+        """The totals since the last call, and a fresh start."""
+        totals, self._totals = self._totals, {}
+        return totals
+
+
+class RunHarness:
+    """One run's life around its steps (see the module doc).
+
+    kind: "rl" | "sft" | "sft_warmup" (the warm-up before RL: its own metrics and checkpoints
+    under `output_dir`, no run.json, no export). `checkpoints=False` writes none (tests)."""
+
+    def __init__(
+        self,
+        output_dir,
+        *,
+        kind: str,
+        settings: Settings,
+        total_steps: int,
+        describe: bool = True,
+        checkpoints: bool = True,
+    ):
+        self.output_dir = Path(output_dir).absolute()
+        self.kind = kind
+        self.settings = settings
+        self.total_steps = total_steps
+        self.describe = describe
+        self.timer = SectionTimer()
+        self.stop_requested = False
+        self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
+        self.last_step = 0  # the last step done (resumed runs: the restored one)
+        self.writer: MetricsWriter | None = None
+        self.checkpointer = (
+            TrainCheckpointer(self.output_dir, keep=settings.checkpoint.keep)
+            if checkpoints
+            else None
+        )
+        self._progress = None
+        self._previous_handlers: dict = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> RunHarness:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.describe:
+            s = self.settings
+            write_run_json(
+                self.output_dir,
+                name=s.name,
+                seed=s.seed,
+                kind=self.kind,
+                config=s.config_dict(),
+                devices=[str(d) for d in jax.devices()],
+            )
+        # Preemption (SIGTERM) or Ctrl-C (SIGINT): finish the step, checkpoint, stop.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._request_stop)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._progress is not None:
+            self._progress.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+
+    def _request_stop(self, signum, frame) -> None:
+        del frame
+        log.warning("signal %d: will checkpoint and stop after this step", signum)
+        self.stop_requested = True
+
+    # -- resume ------------------------------------------------------------------------------
+    def restore(self, state, state_shardings) -> tuple[int, object, dict]:
+        """(start step, state, checkpoint meta): the latest checkpoint's when the run resumes
+        (its later metric lines dropped), else (0, state, {}). Opens the metrics writer."""
+        start, meta = 0, {}
+        if self.settings.resume and self.checkpointer is not None:
+            restored = self.checkpointer.restore_latest(state, state_shardings)
+            if restored is not None:
+                state, meta = restored
+                start = int(meta["generation_step"])
+                log.info("%s: resumed from step %d", self.kind, start)
+                truncate_metrics(self.output_dir, start)
+        lg = self.settings.logging
+        self.writer = MetricsWriter(
+            self.output_dir,
+            tensorboard=lg.tensorboard,
+            wandb=lg.wandb and self.describe,  # one W&B run per described run
+            wandb_project=lg.wandb_project,
+            run_name=self.settings.name,
+            config=self.settings.config_dict(),
+            append=bool(start),
+        )
+        self.last_step = start
+        return start, state, meta
+
+    # -- the steps ---------------------------------------------------------------------------
+    def steps(self, start: int) -> Iterator[int]:
+        """Steps start+1 .. total_steps, with a progress bar; ends after a step that saw a
+        stop request (that step is checkpointed by `end_step`)."""
+        from tqdm import tqdm
+
+        self._progress = tqdm(
+            total=self.total_steps,
+            initial=start,
+            desc=f"{self.settings.name} {self.kind}",
+            unit="step",
+            disable=not self.settings.logging.progress_bar,
+            file=sys.stderr,
+        )
+        for step in range(start + 1, self.total_steps + 1):
+            self.timer.take()  # a step's timings start with it
+            yield step
+            self._progress.update(1)
+            if self.stop_requested:
+                log.warning("%s: stopped at step %d; checkpoint saved", self.kind, step)
+                return
+
+    def section(self, name: str):
+        """A named timing section of this step (`timings()`)."""
+        return self.timer.section(name)
+
+    def timings(self) -> dict[str, float]:
+        """`time/<section>_seconds` of this step so far."""
+        return {f"time/{k}_seconds": v for k, v in self.timer.take().items()}
+
+    def log(self, metrics: dict, *, step: int, epoch: int, progress: dict | None = None) -> dict:
+        line = self.writer.write(metrics, generation_step=step, epoch=epoch)
+        if progress and self._progress is not None:
+            self._progress.set_postfix(**progress)
+        return line
+
+    def end_step(self, step: int, state, meta: dict) -> None:
+        """Checkpoints every `checkpoint.every_steps`, at the last step and when stopping."""
+        self.last_step = step
+        if self.stop_after_step == step:
+            self.stop_requested = True
+        due = (
+            step % self.settings.checkpoint.every_steps == 0
+            or step == self.total_steps
+            or self.stop_requested
+        )
+        if due and self.checkpointer is not None:
+            self.checkpointer.save(step, state, dict(meta, generation_step=step))
+
+    @property
+    def finished(self) -> bool:
+        """True when every step ran (a stop requested during the last step cut nothing)."""
+        return self.last_step == self.total_steps
+
+    def finish(self, export: Callable[[Path], object] | None) -> None:
+        """The final HF export into `final_hf/`, when the run finished and export is on."""
+        if export is not None and self.finished and self.settings.checkpoint.export_hf:
+            export(self.output_dir / "final_hf")

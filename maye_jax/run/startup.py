@@ -1,0 +1,122 @@
+"""Start-up of a run (shared by RL, SFT, the warm-up and the experiment): logging, data, mesh,
+the start model, and what a resumed run reloads.
+
+Everything here happens once per run, after `load_settings` has checked the config; the loops
+live in train.py / sft.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+
+from maye_jax.config.settings import Settings
+from maye_jax.data.records import Record, read_records
+from maye_jax.sharding.mesh import initialize_distributed, make_mesh
+from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
+
+log = logging.getLogger("maye_jax")
+
+
+def setup_cli_logging() -> None:
+    """Our INFO logs with timestamps; absl's (Orbax, JAX) only from WARNING up."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def prepare_data(settings: Settings) -> dict[str, list[Record]]:
+    """Records of every configured split; writes the synthetic dataset first when asked."""
+    data = settings.data
+    files = {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
+    if data.synth_dir:
+        from maye_jax.data.synth import generate
+
+        paths = generate(
+            data.synth_dir,
+            data.synth_flavour,
+            num_train=data.synth_num_train,
+            num_validation=data.synth_num_validation,
+            num_test=data.synth_num_test,
+            seed=data.synth_seed,
+            image_size=data.synth_image_size,
+            solution_style=data.synth_solution_style,
+            max_number=data.synth_max_number,
+        )
+        files = {split: files[split] or str(paths[split]) for split in files}
+    out = {}
+    for split, path in files.items():
+        if path:
+            if data.root and not Path(path).is_absolute():
+                path = str(Path(data.root) / path)
+            out[split] = read_records(path, on_error=data.on_error)
+    if "train" not in out:
+        raise ValueError("config.data.train_file (or config.data.synth_dir) is required")
+    return out
+
+
+def build_mesh(settings: Settings):
+    s = settings.sharding
+    initialize_distributed(s.coordinator_address, s.num_processes, s.process_id)
+    return make_mesh(fsdp=s.fsdp, tp=s.tp, dp=s.dp)
+
+
+def materialize_start_model(settings: Settings) -> Path:
+    """The directory the run starts from: `model.path`, or a tiny random model written
+    (HF layout + tokenizer) to OUTPUT_DIR/initial_model."""
+    m = settings.model
+    if m.path:
+        return Path(m.path)
+    from maye_jax.data.processor import load_processor
+    from maye_jax.tiny import tiny_hf_model
+
+    path = Path(settings.output_dir).absolute() / "initial_model"
+    if not (path / "config.json").is_file():
+        hf = tiny_hf_model(
+            m.tiny_family,
+            vocab_size=151936,
+            seed=m.tiny_seed,
+            hidden_size=m.tiny_hidden_size,
+            num_layers=m.tiny_num_layers,
+            initializer_range=0.02,
+        )
+        hf.save_pretrained(str(path))
+        load_processor(family=m.tiny_family).save_pretrained(path)
+    return path
+
+
+def load_run_processor(settings: Settings, model_dir, family: str):
+    """The processor of the run (the model directory's own files when it has them), with the
+    configured pixel bounds."""
+    from maye_jax.data.processor import load_processor
+
+    return load_processor(
+        str(model_dir),
+        family=family,
+        min_pixels=settings.data.min_pixels,
+        max_pixels=settings.data.max_pixels,
+    )
+
+
+def save_start_model(output_dir, policy) -> Path:
+    """Writes the RL start point (the reference model) so a resumed run can reload it."""
+    from maye_jax.storage import model_folders
+
+    path = start_model_dir(output_dir)
+    if not has_start_model(output_dir):
+        model_folders.save_orbax(
+            path, policy.model(), policy.hf_config, source_dir=policy.source_dir
+        )
+    return path
+
+
+def device_memory_bytes() -> int:
+    total = 0
+    for device in jax.local_devices():
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats:
+            total += int(stats.get("bytes_in_use", 0))
+    return total

@@ -1,0 +1,159 @@
+"""The sharded policy a run trains: its definition, train state, frozen parameters, layout and
+(when a KL term needs it) the frozen reference model.
+
+    policy = build_policy(settings, mesh, model_dir, optimizer, with_reference=True)
+    policy.model()          # the current policy as a module (invalid after the next update)
+    policy.reference()      # the reference model, or None
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from maye_jax.config.settings import Settings
+from maye_jax.models.configs import ModelConfig
+from maye_jax.training.optim import make_optimizer
+from maye_jax.training.train_state import (
+    TrainableConfig,
+    create_train_state,
+    load_sharded_model,
+    policy_model,
+    reference_model,
+    reference_params,
+)
+
+log = logging.getLogger("maye_jax")
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def dtype_of(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; known: {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclasses.dataclass
+class Policy:
+    """The sharded policy: definition, train state, frozen params, layout, reference params."""
+
+    model_def: object
+    state: object
+    frozen: dict
+    layout: object
+    ref_params: dict | None
+    model_config: ModelConfig
+    hf_config: object
+    source_dir: Path  # where the weights came from (tokenizer/processor files too)
+
+    def model(self):
+        return policy_model(self.model_def, self.state, self.frozen)
+
+    def reference(self):
+        return (
+            None
+            if self.ref_params is None
+            else reference_model(self.model_def, self.ref_params, self.frozen)
+        )
+
+
+def trainable_config(settings: Settings) -> TrainableConfig:
+    m = settings.model
+    return TrainableConfig(
+        train_vit=m.train_vit,
+        train_connector=m.train_connector,
+        train_llm=m.train_llm,
+        train_embeddings=m.train_embeddings,
+    )
+
+
+def optimizer_for(
+    settings: Settings, total_updates: int, *, learning_rate=None, warmup_fraction=None
+):
+    """(AdamW with its schedule over `total_updates`, the schedule)."""
+    config = settings.optimizer_config(learning_rate=learning_rate, warmup_fraction=warmup_fraction)
+    return make_optimizer(config, max(total_updates, 1))
+
+
+def build_policy(
+    settings: Settings, mesh, source_dir, optimizer, *, with_reference: bool
+) -> Policy:
+    """The policy loaded from `source_dir` (HF directory or checkpoint) onto `mesh`, with a
+    fresh optimizer state; a reference copy of its weights only when `with_reference`."""
+    m = settings.model
+    model, hf_config = load_sharded_model(
+        source_dir,
+        mesh,
+        trainable=trainable_config(settings),
+        dtype=dtype_of(m.dtype),
+        frozen_dtype=dtype_of(m.frozen_dtype),
+        remat=m.remat and m.remat_policy,
+        attention=m.attention,
+    )
+    return _policy_from_model(
+        settings,
+        model,
+        mesh,
+        optimizer,
+        with_reference=with_reference,
+        hf_config=hf_config,
+        source_dir=Path(source_dir),
+    )
+
+
+def with_fresh_optimizer(settings: Settings, policy: Policy, optimizer, *, with_reference: bool):
+    """The weights of an already trained policy with a fresh optimizer state (and, when asked,
+    reference = current weights), e.g. RL after an SFT warm-up. The old train state is freed
+    first, so two never coexist in device memory."""
+    model = policy.model()
+    layout, hf_config, source_dir = policy.layout, policy.hf_config, policy.source_dir
+    # The module holds the master weights; the optimizer moments and the reference can go.
+    for leaf in jax.tree.leaves((policy.state.opt_state, policy.ref_params)):
+        if isinstance(leaf, jax.Array) and not leaf.is_deleted():
+            leaf.delete()
+    policy.state = policy.ref_params = None
+    return _policy_from_model(
+        settings,
+        model,
+        layout.mesh,
+        optimizer,
+        with_reference=with_reference,
+        hf_config=hf_config,
+        source_dir=source_dir,
+    )
+
+
+def _policy_from_model(
+    settings: Settings, model, mesh, optimizer, *, with_reference: bool, hf_config, source_dir
+) -> Policy:
+    """Train state (fp32 masters + a fresh optimizer), frozen params and layout of `model` on
+    `mesh`, and the reference (a copy of the trainable weights) when asked."""
+    model_def, state, frozen, layout = create_train_state(
+        model,
+        mesh,
+        optimizer,
+        trainable=trainable_config(settings),
+        frozen_dtype=dtype_of(settings.model.frozen_dtype),
+        max_replicated_fraction=settings.sharding.max_replicated_fraction,
+    )
+    log.info("sharding: %s", layout.report.summary())
+    ref = (
+        reference_params(state, layout, dtype=dtype_of(settings.model.dtype))
+        if with_reference
+        else None
+    )
+    return Policy(
+        model_def,
+        state,
+        frozen,
+        layout,
+        ref,
+        ModelConfig.from_hf(hf_config),
+        hf_config,
+        source_dir,
+    )
