@@ -30,16 +30,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from maye_jax.sequences import SequenceBatch, make_sequence_batch  # noqa: E402
+from maye_jax.data.sequences import SequenceBatch, make_sequence_batch  # noqa: E402
+from maye_jax.models.configs import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from maye_jax.models.qwen_vl import build_model  # noqa: E402
 from maye_jax.tiny import preset_hf_config, small_vocab_token_ids  # noqa: E402
-from maye_jax.train_state import (  # noqa: E402
+from maye_jax.training.train_state import (  # noqa: E402
     TrainableConfig,
     init_train_state,
     plan_layout,
     split_model,
 )
-from models.configs import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from models.qwen_vl import build_model  # noqa: E402
 
 GIB = 1024**3
 GB = 1e9
@@ -303,7 +303,7 @@ def random_prompt(config: ModelConfig, lengths: Lengths, rng) -> dict:
 
 def random_sequences(config: ModelConfig, lengths: Lengths, rows: int, seed: int) -> SequenceBatch:
     """`rows` full-length rows (no padding): prompt + a response of `lengths.response` tokens,
-    laid out by maye_jax.sequences (host-side M-RoPE positions, packed images)."""
+    laid out by maye_jax.data.sequences (host-side M-RoPE positions, packed images)."""
     rng = np.random.default_rng(seed)
     prompts = [random_prompt(config, lengths, rng) for _ in range(rows)]
     limit = text_id_limit(config)

@@ -16,20 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maye_jax.losses import LossConfig
-from maye_jax.optim import OptimizerConfig, make_optimizer
-from maye_jax.sequences import image_features
-from maye_jax.train_state import TrainableConfig
-from maye_jax.update import (
-    UpdateConfig,
-    batch_sharding,
-    make_minibatch,
-    make_train_step,
-    per_row_image_features,
-    shard_minibatch,
-)
-from models.vision_inputs import bucket
-from sharding.mesh import make_mesh
+from maye_jax.data.sequences import image_features
+from maye_jax.models.shapes import bucket
+from maye_jax.rl.losses import LossConfig
+from maye_jax.sharding.mesh import make_mesh
+from maye_jax.training.batch import MinibatchMaker, UpdateBatch
+from maye_jax.training.optim import OptimizerConfig, make_optimizer
+from maye_jax.training.train_state import TrainableConfig
+from maye_jax.training.update import UpdateConfig, make_train_step
 
 KL_COEFF = 0.001  # the paper's kl_loss_coeff
 
@@ -69,12 +63,14 @@ def features_per_row(lengths) -> int:
     return bucket(max(lengths.image_tokens, 1), 4)  # as the RL loop rounds it (train.py)
 
 
-def abstract_minibatch(config, lengths, variant: Variant, layout) -> dict:
-    m, b, p, r = variant.micro_batches, variant.micro_rows, lengths.prompt, lengths.response
+def abstract_minibatch(config, lengths, variant: Variant, layout) -> UpdateBatch:
+    m, p, r = variant.micro_batches, lengths.prompt, lengths.response
+    ways = layout.data_parallel_size
+    b = -(-variant.micro_rows // ways) * ways  # each micro-batch padded as the step pads it
     shapes = dict(
         input_ids=((m, b, p + r), jnp.int32),
         attention_mask=((m, b, p + r), jnp.int32),
-        positions=((m, 3, b, p + r), jnp.int32),
+        positions=((m, b, 3, p + r), jnp.int32),
         response_mask=((m, b, r), jnp.int32),
         advantages=((m, b, r), jnp.float32),
         logprobs_old=((m, b, r), jnp.float32),
@@ -85,10 +81,12 @@ def abstract_minibatch(config, lengths, variant: Variant, layout) -> dict:
         shapes["image_feature_index"] = ((m, b, p + r), jnp.int32)
         features = (m, b, features_per_row(lengths), config.text.hidden_size)
         shapes["image_features"] = (features, jnp.bfloat16)
-    return {
-        name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(layout, name, shape))
-        for name, (shape, dtype) in shapes.items()
-    }
+    batch = UpdateBatch(**{n: jax.ShapeDtypeStruct(s, d) for n, (s, d) in shapes.items()})
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        batch,
+        batch.shardings(layout),
+    )
 
 
 class Compiled:
@@ -200,31 +198,22 @@ class Compiled:
         return arrays
 
 
-def real_minibatch(batch, features, variant: Variant, layout, vocab_size: int, seed: int) -> dict:
+def real_minibatch(batch, features, variant: Variant, layout, vocab_size: int, seed: int):
     """The update's mini-batch from a SequenceBatch and the tower's features, as train.py
-    builds it (per-row image features, then `make_minibatch`), put on the mesh."""
+    builds it (`MinibatchMaker`), padded and put on the mesh as the step does."""
     rng = np.random.default_rng(seed)
     shape = batch.response_mask.shape
     # random weights give near-uniform next-token distributions: keep the PPO ratios near 1
     uniform_logprob = -math.log(vocab_size)
-    rows = dict(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        positions=batch.positions,
-        response_mask=batch.response_mask,
+    per_token = dict(
         advantages=rng.standard_normal(shape).astype(np.float32),
         logprobs_old=rng.normal(uniform_logprob, 0.05, shape).astype(np.float32),
     )
     if variant.kl_coeff:
-        rows["ref_logprobs"] = rng.normal(uniform_logprob, 0.05, shape).astype(np.float32)
-    if features is not None:
-        per_row, local_index = per_row_image_features(
-            features,
-            jnp.asarray(batch.image_feature_index),
-            features_per_row=bucket(int((batch.image_feature_index >= 0).sum(axis=1).max()), 4),
-        )
-        rows["image_features"], rows["image_feature_index"] = per_row, local_index
-    return shard_minibatch(make_minibatch(rows, variant.micro_batches), layout)
+        per_token["ref_logprobs"] = rng.normal(uniform_logprob, 0.05, shape).astype(np.float32)
+    maker = MinibatchMaker.build(batch, per_token=per_token, features=features)
+    minibatch = maker(None, variant.micro_batches)
+    return minibatch.pad_micro_rows(layout.data_parallel_size).on_mesh(layout)
 
 
 def run_steps(executable, state, frozen, minibatch, count: int):

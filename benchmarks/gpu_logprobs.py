@@ -4,7 +4,7 @@ memory against the logits chunk size (issue 7).
     python benchmarks/gpu_logprobs.py [--size=3b] [--rows=16] [--chunks=256,512,1024]
         [--prompt=1024] [--response=2048] [--image_tokens=400] [--repeats=3] [--out=FILE.json]
 
-What runs is what `maye_jax.trajectory` runs to build a trajectory: for one forward batch of
+What runs is what `maye_jax.rl.trajectory` runs to build a trajectory: for one forward batch of
 `rows` full-length rows (the paper's forward_batch_size 112 over 7 GPUs is 16 rows per GPU),
 `sequences.response_logprobs` (the decoder over prompt + response, then `models.logprobs`'s
 chunked log-softmax over the response positions, so [rows, chunk, vocab] logits exist one chunk
@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from maye_jax.sequences import image_features, response_logprobs  # noqa: E402
+from maye_jax.data.sequences import image_features, response_logprobs  # noqa: E402
 
 
 def parse_args(argv=None):

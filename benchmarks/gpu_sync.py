@@ -50,11 +50,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from maye_jax.models.hf_mapping import hf_layout_on_device, hf_views_on_host  # noqa: E402
+from maye_jax.models.qwen_vl import build_model  # noqa: E402
 from maye_jax.rollout.client import WorkerEngine  # noqa: E402
 from maye_jax.rollout.shm import SHM_ROOT  # noqa: E402
-from maye_jax.train_state import TrainableConfig, split_model  # noqa: E402
-from models.hf_mapping import hf_layout_on_device, hf_views_on_host  # noqa: E402
-from models.qwen_vl import build_model  # noqa: E402
+from maye_jax.training.train_state import TrainableConfig, split_model  # noqa: E402
 
 STAGES = ("prepare", "device_to_host", "shm_write", "worker_read", "worker_load")
 

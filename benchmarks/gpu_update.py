@@ -8,7 +8,7 @@
     python benchmarks/gpu_update.py --memory_only         # compile only: XLA's memory estimate
     python benchmarks/gpu_update.py --size=7b --fit       # does the 7B step fit (and with what)?
 
-What runs is the project's step (`maye_jax.update.make_train_step`): PPO-clip + k3 KL loss
+What runs is the project's step (`maye_jax.training.update.make_train_step`): PPO-clip + k3 KL loss
 (coefficient 0.001) over the response tokens, exact gradient accumulation over `micro_batches`
 micro-batches of `micro_rows` rows (`lax.scan`), global-norm clip and AdamW on fp32 master
 weights, bf16 compute, the decoder layers scanned (`UpdateConfig.scan_layers`) and remat per

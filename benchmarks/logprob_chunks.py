@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from models.logprobs import token_logprobs  # noqa: E402
+from maye_jax.models.logprobs import token_logprobs  # noqa: E402
 
 
 def best_seconds(fn, *args, repeats: int) -> float:

@@ -36,18 +36,19 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from maye_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from maye_jax.models.configs import ModelConfig  # noqa: E402
+from maye_jax.models.qwen_vl import build_model  # noqa: E402
+from maye_jax.sharding.mesh import make_mesh  # noqa: E402
 from maye_jax.tiny import preset_hf_config  # noqa: E402
-from maye_jax.train_state import (  # noqa: E402
+from maye_jax.training.batch import UpdateBatch  # noqa: E402
+from maye_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from maye_jax.training.train_state import (  # noqa: E402
     TrainableConfig,
     init_train_state,
     plan_layout,
     split_model,
 )
-from maye_jax.update import UpdateConfig, batch_sharding, make_train_step  # noqa: E402
-from models.configs import ModelConfig  # noqa: E402
-from models.qwen_vl import build_model  # noqa: E402
-from sharding.mesh import make_mesh  # noqa: E402
+from maye_jax.training.update import UpdateConfig, make_train_step  # noqa: E402
 
 GIB = 1024**3
 
@@ -72,13 +73,16 @@ def with_shardings(tree, shardings):
     )
 
 
-def abstract_minibatch(layout, config, args) -> dict:
-    m, b, p, r = args.micro_batches, args.rows, args.prompt, args.response
+def abstract_minibatch(layout, config, args) -> UpdateBatch:
+    m, p, r = args.micro_batches, args.prompt, args.response
+    b = (
+        -(-args.rows // layout.data_parallel_size) * layout.data_parallel_size
+    )  # padded, as the step pads
     length = p + r
     shapes = dict(
         input_ids=((m, b, length), jnp.int32),
         attention_mask=((m, b, length), jnp.int32),
-        positions=((m, 3, b, length), jnp.int32),
+        positions=((m, b, 3, length), jnp.int32),
         response_mask=((m, b, r), jnp.int32),
         advantages=((m, b, r), jnp.float32),
         logprobs_old=((m, b, r), jnp.float32),
@@ -86,10 +90,8 @@ def abstract_minibatch(layout, config, args) -> dict:
         image_feature_index=((m, b, length), jnp.int32),
         image_features=((m, b, args.image_tokens, config.text.hidden_size), jnp.bfloat16),
     )
-    return {
-        name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding(layout, name, shape))
-        for name, (shape, dtype) in shapes.items()
-    }
+    batch = UpdateBatch(**{n: jax.ShapeDtypeStruct(s, d) for n, (s, d) in shapes.items()})
+    return with_shardings(batch, batch.shardings(layout))
 
 
 def measure(preset: str, mesh, args) -> None:

@@ -21,12 +21,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from maye_jax.models.configs import ModelConfig  # noqa: E402
+from maye_jax.models.hf_mapping import load_hf_tensors  # noqa: E402
+from maye_jax.models.qwen_vl import build_model  # noqa: E402
 from maye_jax.rollout.engine import Prompt, Sampling  # noqa: E402
 from maye_jax.rollout.jax_sampler import JaxSampler  # noqa: E402
 from maye_jax.tiny import tiny_hf_model  # noqa: E402
-from models.configs import ModelConfig  # noqa: E402
-from models.hf_mapping import load_hf_tensors  # noqa: E402
-from models.qwen_vl import build_model  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("family", "qwen2_5_vl", ["qwen2_vl", "qwen2_5_vl"], "Model family.")

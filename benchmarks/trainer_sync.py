@@ -31,17 +31,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from maye_jax.rollout.client import WorkerEngine
-from maye_jax.tiny import tiny_hf_config
-from maye_jax.train_state import TrainableConfig, split_model
-from models.configs import ModelConfig
-from models.hf_mapping import (
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.hf_mapping import (
     device_hf_tensors,
     hf_name_for,
     hf_tensors_for_sync,
     iter_hf_tensors,
 )
-from models.qwen_vl import build_model
+from maye_jax.models.qwen_vl import build_model
+from maye_jax.rollout.client import WorkerEngine
+from maye_jax.tiny import tiny_hf_config
+from maye_jax.training.train_state import TrainableConfig, split_model
 
 GB = 1e9
 

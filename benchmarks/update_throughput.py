@@ -24,32 +24,33 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from maye_jax.losses import LossConfig  # noqa: E402
-from maye_jax.optim import OptimizerConfig, make_optimizer  # noqa: E402
-from maye_jax.sequences import make_sequence_batch  # noqa: E402
+from maye_jax.data.sequences import make_sequence_batch  # noqa: E402
+from maye_jax.models.configs import ModelConfig  # noqa: E402
+from maye_jax.models.hf_mapping import load_hf_tensors  # noqa: E402
+from maye_jax.models.qwen_vl import build_model  # noqa: E402
+from maye_jax.rl.losses import LossConfig  # noqa: E402
+from maye_jax.sharding.mesh import make_mesh  # noqa: E402
 from maye_jax.tiny import tiny_hf_model  # noqa: E402
-from maye_jax.train_state import create_train_state  # noqa: E402
-from maye_jax.update import UpdateConfig, make_minibatch, make_train_step  # noqa: E402
-from models.configs import ModelConfig  # noqa: E402
-from models.hf_mapping import load_hf_tensors  # noqa: E402
-from models.qwen_vl import build_model  # noqa: E402
-from sharding.mesh import make_mesh  # noqa: E402
+from maye_jax.training.batch import rows_from_sequences  # noqa: E402
+from maye_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
+from maye_jax.training.train_state import create_train_state  # noqa: E402
+from maye_jax.training.update import UpdateConfig, make_train_step  # noqa: E402
 
 LR = 1e-5
 KL_COEFF = 0.001
 
 
-def make_batch(config: ModelConfig, args, rng) -> dict:
+def make_batch(config: ModelConfig, args, rng):
     prompts = [{"input_ids": rng.integers(0, config.text.vocab_size - 20, args.prompt)}]
     prompts = prompts * args.rows
     responses = [list(rng.integers(0, config.text.vocab_size - 20, args.response))] * args.rows
     batch = make_sequence_batch(prompts, responses, config, pad_id=0, length_multiple=args.prompt)
     shape = batch.response_mask.shape
-    return dict(
-        **{k: v for k, v in batch.device_arrays().items() if k != "image_feature_index"},
-        advantages=jnp.asarray(rng.standard_normal(shape), jnp.float32),
-        logprobs_old=jnp.asarray(rng.normal(-8, 0.1, shape), jnp.float32),
-        ref_logprobs=jnp.asarray(rng.normal(-8, 0.1, shape), jnp.float32),
+    return rows_from_sequences(
+        batch,
+        advantages=rng.standard_normal(shape).astype(np.float32),
+        logprobs_old=rng.normal(-8, 0.1, shape).astype(np.float32),
+        ref_logprobs=rng.normal(-8, 0.1, shape).astype(np.float32),
     )
 
 
@@ -67,7 +68,7 @@ def time_interleaved(runs: dict, steps: int) -> dict[str, float]:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def jax_update(hf_model, batch: dict):
+def jax_update(hf_model, batch):
     config = ModelConfig.from_hf(hf_model.config)
     state_dict = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
     model = load_hf_tensors(build_model(config, abstract=True), state_dict.items())
@@ -78,7 +79,7 @@ def jax_update(hf_model, batch: dict):
     )
     config = UpdateConfig(loss=LossConfig(kl_loss_coeff=KL_COEFF))
     step = make_train_step(model_def, optimizer, schedule, layout, config)
-    minibatch = make_minibatch(batch, 1)
+    minibatch = batch.split(1)
     holder = {"state": state}
 
     def run_one():
@@ -88,13 +89,13 @@ def jax_update(hf_model, batch: dict):
     return run_one
 
 
-def torch_update(hf_model, batch: dict):
+def torch_update(hf_model, batch):
     model = hf_model.train()
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(("model.visual.", "visual.")))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.01)
-    as_torch = lambda name: torch.from_numpy(np.array(batch[name]))  # noqa: E731
+    as_torch = lambda name: torch.from_numpy(np.array(getattr(batch, name)))  # noqa: E731
     input_ids, attention_mask = as_torch("input_ids").long(), as_torch("attention_mask").long()
     mask = as_torch("response_mask").float()
     advantages, logprobs_old = as_torch("advantages"), as_torch("logprobs_old")

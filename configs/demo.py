@@ -14,7 +14,7 @@ The RL recipe differs from the paper's 7B one where the tiny model needs it (REA
     python -m maye_jax.train --config=configs/demo.py
 """
 
-from maye_jax.defaults import default_config
+from maye_jax.config.defaults import default_config
 
 
 def get_config():
@@ -39,7 +39,7 @@ def get_config():
     c.data.min_pixels = 4 * 28 * 28
     c.data.max_pixels = 4 * 28 * 28
 
-    c.sft.num_epochs = 12
+    c.sft.warmup_epochs = 12  # SFT on the golden solutions before RL
     c.sft.batch_size = 16
     c.sft.micro_batch_size = 16
     c.sft.learning_rate = 5e-3

@@ -10,8 +10,20 @@ every epoch on the in-distribution validation split and the out-of-distribution 
 Writes runs/demo_paper/{start,rl_seed*,sft_seed*,report}; re-running continues where it stopped.
 """
 
-from configs.demo import get_config as demo_config
+import importlib.util
+from pathlib import Path
+
 from maye_jax.experiment import default_experiment
+
+
+def demo_config():
+    """configs/demo.py's config, loaded by path so this file works from any directory."""
+    spec = importlib.util.spec_from_file_location(
+        "maye_demo_config", Path(__file__).with_name("demo.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
 
 
 def get_config():
@@ -24,7 +36,7 @@ def get_config():
 
     c.experiment = default_experiment()
     c.experiment.seeds = (0, 1, 2)
-    c.experiment.warmup_epochs = c.sft.num_epochs  # the demo's warm-up makes the shared start
+    c.experiment.warmup_epochs = c.sft.warmup_epochs  # the demo's warm-up makes the shared start
     c.experiment.sft_epochs = c.rl.num_epochs  # the SFT arm: as many epochs as RL
     c.experiment.sft_learning_rate = 1e-3
     return c

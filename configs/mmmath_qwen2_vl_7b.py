@@ -1,6 +1,6 @@
 """The paper's mm_math5k run with Qwen2-VL-7B-Instruct (SPEC §4): 7 training GPUs + vLLM on the 8th."""
 
-from maye_jax.paper_configs import paper_config
+from maye_jax.config.paper import paper_config
 
 
 def get_config():

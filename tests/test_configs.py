@@ -43,8 +43,33 @@ def test_demo_paper_is_the_demo_recipe_three_seeds_rl_vs_sft():
     demo, paper = (load(p) for p in CONFIGS if p.stem in ("demo", "demo_paper"))
     e = paper.experiment
     assert tuple(e.seeds) == (0, 1, 2)
-    assert e.warmup_epochs == demo.sft.num_epochs > 0
+    assert e.warmup_epochs == demo.sft.warmup_epochs > 0
     assert e.sft_epochs == paper.rl.num_epochs == demo.rl.num_epochs
     assert paper.rl.to_dict() == demo.rl.to_dict()
     assert paper.rollout.to_dict() == demo.rollout.to_dict()
     assert tuple(paper.eval.splits) == ("validation", "test")
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_passes_the_start_up_checks(path):
+    from maye_jax.config.settings import load_settings
+
+    c = load(path)
+    load_settings(c, kind="experiment" if "experiment" in c else "rl")
+
+
+def test_configs_load_from_any_working_directory(tmp_path):
+    """configs/demo_paper.py builds on configs/demo.py by path, not by the `configs` package."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('c', {str(CONFIGS[0].parent / 'demo_paper.py')!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(m.get_config().experiment.warmup_epochs)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "12"

@@ -190,8 +190,8 @@ def test_preset_configs_match_transformers():
     sys.path.insert(0, str(BENCHMARKS))
     import _common
 
+    from maye_jax.models.configs import ModelConfig
     from maye_jax.tiny import preset_hf_config
-    from models.configs import ModelConfig
 
     for size, preset in _common.PRESET_OF_SIZE.items():
         assert _common.model_config(size) == ModelConfig.from_hf(preset_hf_config(preset))

@@ -19,7 +19,7 @@ NOISE_PREFIXES = ("time/", "memory/")
 
 
 def base_config(tmp: Path):
-    from maye_jax.defaults import default_config
+    from maye_jax.config.defaults import default_config
 
     c = default_config()
     c.name = "golden"
@@ -66,7 +66,7 @@ def golden_config(name: str, tmp: Path):
         c.sft.batch_size, c.sft.micro_batch_size = 2, 1
         c.sft.learning_rate = 1e-2
     elif name == "warmup_then_rl":
-        c.sft.num_epochs = 1
+        c.sft.warmup_epochs = 1
         c.sft.batch_size = c.sft.micro_batch_size = 2
         c.sft.learning_rate = 1e-2
         c.rl.advantage_estimator = "grpo"
@@ -91,9 +91,9 @@ def run_golden(name: str, tmp: Path) -> Path:
 
         run_sft(c)
     else:
-        from maye_jax.train import build_trainer
+        from maye_jax.train import run_rl
 
-        build_trainer(c).run()
+        run_rl(c)
     return Path(c.output_dir)
 
 

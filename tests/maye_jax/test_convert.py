@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from maye_jax import checkpoint
+from maye_jax.models.hf_mapping import CheckpointMismatchError
+from maye_jax.sharding.mesh import make_mesh
+from maye_jax.sharding.rules import param_sharding_fn
+from maye_jax.storage import model_folders as checkpoint
 from maye_jax.tiny import tiny_hf_model
-from models.hf_mapping import CheckpointMismatchError
-from sharding.mesh import make_mesh
-from sharding.rules import param_sharding_fn
 
 
 @pytest.fixture(scope="module")

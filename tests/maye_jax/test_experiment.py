@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from maye_jax.experiment import arm_config, default_experiment, run_experiment
-from maye_jax.metrics import read_metrics
+from maye_jax.run.metrics import read_metrics
 from tests.maye_jax.test_train import tiny_config
 
 
@@ -60,5 +60,6 @@ def test_sft_arm_defaults_to_the_rl_epochs(tmp_path):
     c.rl.num_epochs = 3  # a locked config still accepts changes to existing fields
     arm = arm_config(c, "sft", 2, "/models/start")
     assert arm.sft.num_epochs == 3 and arm.seed == 2 and arm.model.path == "/models/start"
-    assert arm.model.tiny_family == "" and "experiment" not in arm
-    assert arm_config(c, "rl", 0, "/models/start").sft.num_epochs == 0
+    assert arm.model.tiny_family is None and "experiment" not in arm
+    rl_arm = arm_config(c, "rl", 0, "/models/start")
+    assert rl_arm.sft.num_epochs is None and rl_arm.sft.warmup_epochs is None

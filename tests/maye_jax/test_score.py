@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from maye_jax.processor import load_processor
+from maye_jax.data.processor import load_processor
 from maye_jax.tiny import tiny_hf_model
 
 RESPONSES = [

@@ -1,36 +1,47 @@
-"""SFT: the loss is the NLL of the response tokens only, and it decreases."""
+"""SFT: the loss is the NLL of the response tokens only, and it decreases; the SFT CLI run and
+its exact resume."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from maye_jax import runtime
-from maye_jax.processor import load_processor
-from maye_jax.sequences import make_sequence_batch, score_batch
-from maye_jax.sft import SFTRunner, sft_targets
+from maye_jax.config.settings import load_settings
+from maye_jax.data.sequences import make_sequence_batch, score_batch
+from maye_jax.run.harness import RunHarness
+from maye_jax.sft import SFTRunner, sft_targets, start_for_sft
 from tests.maye_jax.test_train import tiny_config
+
+
+def sft_settings(config):
+    return load_settings(config, kind="sft")
+
+
+def train(runner, folder, settings, **harness_options):
+    """Runs `runner` to the end under a harness writing into `folder`; returns the policy."""
+    harness = RunHarness(
+        folder, kind="sft", settings=settings, total_steps=runner.total_steps, **harness_options
+    )
+    with harness as run:
+        return runner.run(run, evaluate_at_start=False, evaluate_every_epoch=False)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """(settings, data, a fresh policy per call, processor)."""
     config = tiny_config(tmp_path_factory.mktemp("sft"))
     config.sft.batch_size = config.sft.micro_batch_size = 4
     config.sft.learning_rate = 1e-2
-    data = runtime.prepare_data(config)
-    mesh = runtime.build_mesh(config)
-    source = runtime.materialize_start_model(config)
-    optimizer, _ = runtime.optimizer_for(config, 1)
-    policy = runtime.build_policy(config, mesh, source, optimizer, with_reference=False)
-    processor = load_processor(str(source), family="qwen2_vl", max_pixels=config.data.max_pixels)
-    return config, data, policy, processor
+    settings = sft_settings(config)
+    data, _, processor = start_for_sft(settings)
+    return settings, data, lambda: start_for_sft(settings)[1], processor
 
 
 def test_first_step_loss_is_the_response_nll(setup):
     """A step reports the loss at the weights it starts from: it equals -mean logprob of the
     response tokens (teacher forced), so no prompt token contributes."""
-    config, data, policy, processor = setup
-    runner = SFTRunner(config, policy, processor, data, num_epochs=1, writer=None)
+    settings, data, fresh_policy, processor = setup
+    runner = SFTRunner(settings, fresh_policy(), processor, data, num_epochs=1)
     records = data["train"][:4]
     minibatch = runner.minibatch(records, 1)
     encoded = [processor.encode(r.load_image(), r.question) for r in records]
@@ -39,7 +50,7 @@ def test_first_step_loss_is_the_response_nll(setup):
     batch = make_sequence_batch(
         encoded,
         targets,
-        policy.model_config,
+        runner.policy.model_config,
         batch_size=4,
         prompt_multiple=64,
         response_len=runner.response_len,
@@ -48,22 +59,18 @@ def test_first_step_loss_is_the_response_nll(setup):
         score_batch(runner.policy.model(), batch.device_arrays(), prompt_len=batch.prompt_len)
     )
     expected = -logprobs[batch.response_mask.astype(bool)].mean()
-    assert minibatch["response_mask"].sum() == sum(len(t) for t in targets)
+    assert minibatch.response_mask.sum() == sum(len(t) for t in targets)
     _, metrics, _ = runner.step_fn(runner.policy.state, runner.policy.frozen, minibatch)
     np.testing.assert_allclose(float(metrics["loss/policy"]), expected, rtol=1e-5)
 
 
-def test_loss_decreases(setup):
-    config, data, policy, processor = setup
-    from maye_jax.metrics import MetricsWriter, read_metrics
+def test_loss_decreases(setup, tmp_path):
+    from maye_jax.run.metrics import read_metrics
 
-    out = config.output_dir + "/sft_metrics"
-    writer = MetricsWriter(out)
-    SFTRunner(config, policy, processor, data, num_epochs=6, writer=writer).run(
-        evaluate_at_start=False, evaluate_every_epoch=False
-    )
-    writer.close()
-    losses = [m["sft/loss"] for m in read_metrics(out)]
+    settings, data, fresh_policy, processor = setup
+    runner = SFTRunner(settings, fresh_policy(), processor, data, num_epochs=6)
+    train(runner, tmp_path / "sft_metrics", settings, checkpoints=False)
+    losses = [m["sft/loss"] for m in read_metrics(tmp_path / "sft_metrics")]
     assert len(losses) == 6
     assert losses[-1] < losses[1] - 0.5
 
@@ -74,20 +81,15 @@ def test_sft_trains_the_tower_when_asked(tmp_path):
     config = tiny_config(tmp_path)
     config.model.train_vit = config.model.train_connector = True
     config.sft.batch_size, config.sft.micro_batch_size = 4, 2
-    data = runtime.prepare_data(config)
-    source = runtime.materialize_start_model(config)
-    optimizer, _ = runtime.optimizer_for(config, 1)
-    policy = runtime.build_policy(
-        config, runtime.build_mesh(config), source, optimizer, with_reference=False
-    )
-    processor = load_processor(str(source), family="qwen2_vl", max_pixels=config.data.max_pixels)
-    runner = SFTRunner(config, policy, processor, data, num_epochs=1, writer=None)
+    settings = sft_settings(config)
+    data, policy, processor = start_for_sft(settings)
+    runner = SFTRunner(settings, policy, processor, data, num_epochs=1)
     tower = [n for n in runner.policy.state.params if n.startswith("visual.")]
     assert tower
     minibatch = runner.minibatch(data["train"][:4], 2)
-    assert minibatch["vision"]["patches"].shape[0] == 2 and "image_features" not in minibatch
+    assert minibatch.vision["patches"].shape[0] == 2 and minibatch.image_features is None
     before = {n: np.array(runner.policy.state.params[n]) for n in tower}
-    runner.run(evaluate_at_start=False, evaluate_every_epoch=False)
+    train(runner, tmp_path / "out", settings, checkpoints=False)
     after = runner.policy.state.params
     assert all(np.max(np.abs(np.asarray(after[n]) - before[n])) > 0 for n in tower)
 
@@ -106,7 +108,7 @@ def _sft_config(tmp_path):
 def test_sft_cli_run_writes_the_scheme_checkpoints_and_export(tmp_path):
     import json
 
-    from maye_jax.metrics import read_metrics
+    from maye_jax.run.metrics import read_metrics
     from maye_jax.sft import run_sft
 
     config = _sft_config(tmp_path)
@@ -128,39 +130,28 @@ def test_sft_cli_run_writes_the_scheme_checkpoints_and_export(tmp_path):
 def test_sft_resume_continues_exactly(tmp_path):
     """Stopped after step 1 (a preemption) and resumed == never stopped: same losses, same
     final weights."""
-    from maye_jax.metrics import MetricsWriter, read_metrics
-    from maye_jax.train_checkpoint import TrainCheckpointer
-
-    def fresh(out):
-        config = _sft_config(tmp_path / out)
-        config.eval.enabled = False
-        data = runtime.prepare_data(config)
-        mesh = runtime.build_mesh(config)
-        source = runtime.materialize_start_model(config)
-        optimizer, _ = runtime.optimizer_for(config, 1)
-        policy = runtime.build_policy(config, mesh, source, optimizer, with_reference=False)
-        processor = load_processor(str(source), family="qwen2_vl", max_pixels=4 * 28 * 28)
-        return config, data, policy, processor
+    from maye_jax.run.metrics import read_metrics
 
     def run(out, *, stop_after=None, resume=False):
-        config, data, policy, processor = fresh(out)
-        writer = MetricsWriter(tmp_path / out / "metrics", append=resume)
-        checkpointer = TrainCheckpointer(tmp_path / out / "ckpt", keep=2)
-        runner = SFTRunner(
-            config, policy, processor, data, num_epochs=2, writer=writer, checkpointer=checkpointer
+        config = _sft_config(tmp_path / out)
+        config.eval.enabled = False
+        config.resume = resume
+        settings = sft_settings(config)
+        data, policy, processor = start_for_sft(settings)
+        runner = SFTRunner(settings, policy, processor, data, num_epochs=2)
+        harness = RunHarness(
+            tmp_path / out / "sft", kind="sft", settings=settings, total_steps=runner.total_steps
         )
-        runner.stop_after_step = stop_after
-        policy = runner.run(evaluate_at_start=False, evaluate_every_epoch=False, resume=resume)
-        writer.close()
-        checkpointer.close()
-        return policy
+        harness.stop_after_step = stop_after
+        with harness as h:
+            return runner.run(h, evaluate_at_start=False, evaluate_every_epoch=False)
 
     full = run("full")
     run("split", stop_after=1)
-    assert len(read_metrics(tmp_path / "split" / "metrics")) == 1
+    assert len(read_metrics(tmp_path / "split" / "sft")) == 1
     resumed = run("split", resume=True)
-    ours = read_metrics(tmp_path / "split" / "metrics")
-    theirs = read_metrics(tmp_path / "full" / "metrics")
+    ours = read_metrics(tmp_path / "split" / "sft")
+    theirs = read_metrics(tmp_path / "full" / "sft")
     assert [m["generation_step"] for m in ours] == [1, 2, 3, 4]
     for a, b in zip(ours, theirs):
         assert (a["sft/loss"], a["sft/lr"], a["epoch"]) == (b["sft/loss"], b["sft/lr"], b["epoch"])

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from maye_jax.defaults import default_config
-from maye_jax.metrics import read_metrics
+from maye_jax.config.defaults import default_config
+from maye_jax.config.settings import load_settings
+from maye_jax.run.metrics import read_metrics
 from maye_jax.train import Trainer
 
 REQUIRED_KEYS = (
@@ -73,10 +74,15 @@ def tiny_config(tmp_path, **overrides):
     return c
 
 
+def rl_settings(config):
+    """The typed settings an RL run reads (checked as the CLI checks them)."""
+    return load_settings(config, kind="rl")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("full")
-    Trainer(tiny_config(tmp)).run()
+    Trainer(rl_settings(tiny_config(tmp))).run()
     return tmp / "run"
 
 
@@ -106,12 +112,12 @@ def test_metrics_file_is_complete(uninterrupted):
 
 def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     config = tiny_config(tmp_path)
-    first = Trainer(config)
+    first = Trainer(rl_settings(config))
     first.stop_after_step = 1  # a preemption after generation step 1
     first.run()
     assert [m["generation_step"] for m in read_metrics(tmp_path / "run")] == [0, 1]
     config.resume = True
-    Trainer(config).run()
+    Trainer(rl_settings(config)).run()
     resumed = read_metrics(tmp_path / "run")
     reference = read_metrics(uninterrupted)
     assert len(resumed) == len(reference)
@@ -142,7 +148,7 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
     config.rl.batch_size = 8  # 4 prompts x 2 samples per step; 8 records: 2 steps
     config.data.synth_num_train = 8
     config.eval.enabled = False
-    Trainer(config).run()
+    Trainer(rl_settings(config)).run()
     lines = read_metrics(tmp_path / "run")
     assert [m["generation_step"] for m in lines] == [1, 2]
     for line in lines:
@@ -165,7 +171,7 @@ def test_tower_and_merger_train_in_the_loop_and_reach_the_worker(tmp_path):
     config.data.synth_num_train = 8  # 4 prompts x 2 samples per step: 2 steps
     config.eval.enabled = False
     config.checkpoint.export_hf = False
-    trainer = Trainer(config)
+    trainer = Trainer(rl_settings(config))
     tower = [n for n in trainer.policy.state.params if n.startswith("visual.")]
     assert tower and not any(n.startswith("visual.") for n in trainer.policy.frozen)
     before = {n: np.array(trainer.policy.state.params[n]) for n in tower}
@@ -182,10 +188,11 @@ def test_validation_accuracy_rises_with_rl(tmp_path):
     """A short deterministic run that must learn: SFT leaves the model split between two final
     answers (half the golden solutions say 3, half say 7); every question's answer is 7, so RL
     with the accuracy reward moves validation accuracy up."""
-    from maye_jax import runtime
-    from maye_jax.data import read_records
-    from maye_jax.processor import load_processor
+    from maye_jax.data.records import read_records
+    from maye_jax.run import startup
+    from maye_jax.run.harness import RunHarness
     from maye_jax.sft import SFTRunner
+    from maye_jax.training.policy import build_policy, optimizer_for
 
     def write(path, n, mixed):
         lines = []
@@ -227,15 +234,20 @@ def test_validation_accuracy_rises_with_rl(tmp_path):
         "train": write(data_dir / "train.jsonl", 8, mixed=False),
         "validation": sft_data["validation"],
     }
-    mesh = runtime.build_mesh(config)
-    source = runtime.materialize_start_model(config)
-    optimizer, _ = runtime.optimizer_for(config, 1)
-    policy = runtime.build_policy(config, mesh, source, optimizer, with_reference=False)
-    processor = load_processor(str(source), family="qwen2_vl")
-    policy = SFTRunner(config, policy, processor, sft_data, num_epochs=16, writer=None).run(
-        evaluate_at_start=False, evaluate_every_epoch=False
+    settings = rl_settings(config)
+    source = startup.materialize_start_model(settings)
+    optimizer, _ = optimizer_for(settings, 1)
+    policy = build_policy(
+        settings, startup.build_mesh(settings), source, optimizer, with_reference=False
     )
-    summary = Trainer(config, policy=policy, data=rl_data, processor=processor).run()
+    processor = startup.load_run_processor(settings, source, "qwen2_vl")
+    runner = SFTRunner(settings, policy, processor, sft_data, num_epochs=16)
+    harness = RunHarness(
+        tmp_path / "sft", kind="sft", settings=settings, total_steps=runner.total_steps
+    )
+    with harness as run:
+        policy = runner.run(run, evaluate_at_start=False, evaluate_every_epoch=False)
+    summary = Trainer(settings, policy=policy, data=rl_data, processor=processor).run()
     accuracy = summary["eval/validation/pass@1_t0.6"]
     assert 0.2 <= accuracy["first"] <= 0.8, accuracy  # SFT left the model undecided
     assert accuracy["best"] >= accuracy["first"] + 0.15, accuracy

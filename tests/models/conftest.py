@@ -7,10 +7,10 @@ import functools
 import numpy as np
 import pytest
 
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.hf_mapping import load_hf_tensors
+from maye_jax.models.qwen_vl import build_model
 from maye_jax.tiny import tiny_hf_model
-from models.configs import ModelConfig
-from models.hf_mapping import load_hf_tensors
-from models.qwen_vl import build_model
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 VARIANTS = [(f, t) for f in FAMILIES for t in (False, True)]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.hf_mapping import flax_param_paths, hf_name_for, parameter_count
+from maye_jax.models.qwen_vl import build_model
 from maye_jax.tiny import preset_hf_config
-from models.configs import ModelConfig
-from models.hf_mapping import flax_param_paths, hf_name_for, parameter_count
-from models.qwen_vl import build_model
 
 
 @pytest.mark.parametrize("preset", ["qwen2_vl_7b", "qwen2_5_vl_7b", "qwen2_5_vl_3b"])

@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.layers import attention, remat_name
+from maye_jax.models.qwen_vl import build_model, causal_padding_mask
 from maye_jax.tiny import tiny_hf_config
-from models.configs import ModelConfig
-from models.layers import attention, remat_name
-from models.qwen_vl import build_model, causal_padding_mask
 
 
 def padded_inputs(dtype):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.logprobs import next_token_logprobs, token_logprobs
+from maye_jax.models.logprobs import next_token_logprobs, token_logprobs
 
 
 def _naive(hidden, weight, targets, temperature):

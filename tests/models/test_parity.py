@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from models.rope import get_rope_index, prompt_token_types
-from models.vision_inputs import image_feature_index, pack_images
+from maye_jax.models.rope import get_rope_index, prompt_token_types
+from maye_jax.models.vision_inputs import image_feature_index, pack_images
 from tests.models.conftest import make_batch
 
 LOGIT_TOL = 1e-4

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
-from models.rope import (
+from maye_jax.models.rope import (
     get_rope_index,
     prompt_token_types,
     vision_rope_positions,

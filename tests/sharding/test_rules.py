@@ -8,11 +8,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.qwen_vl import build_model
+from maye_jax.sharding.mesh import make_mesh
+from maye_jax.sharding.rules import check_replication, replication_report, spec_for
 from maye_jax.tiny import preset_hf_config
-from models.configs import ModelConfig
-from models.qwen_vl import build_model
-from sharding.mesh import make_mesh
-from sharding.rules import check_replication, replication_report, spec_for
 
 
 def is_trainable(name: str) -> bool:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from maye_jax import plots, report
-from maye_jax.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
+from maye_jax.evaluation import plots, report
+from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 SETTINGS = ("pass@8_t1.0", "pass@1_t0.6", "pass@1_t0.01")
 STEPS_PER_EPOCH = 2
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from maye_jax.data import Record
-from maye_jax.evaluate import SETTINGS, evaluate_split, sampling_for
+from maye_jax.data.records import Record
+from maye_jax.evaluation.evaluate import SETTINGS, evaluate_split, sampling_for
 from maye_jax.rollout.engine import Completion
 
 
@@ -86,8 +86,8 @@ def test_evaluate_cli_on_an_hf_directory(tmp_path):
     import subprocess
     import sys
 
-    from maye_jax.processor import load_processor
-    from maye_jax.synth import generate
+    from maye_jax.data.processor import load_processor
+    from maye_jax.data.synth import generate
     from maye_jax.tiny import tiny_hf_model
 
     model_dir = tmp_path / "model"

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from maye_jax import rewards, synth
+from maye_jax.data import synth
+from maye_jax.rl import rewards
 
 IMAGE_SIZE = 64  # not the default, so the test sees the option honoured
 
@@ -146,7 +147,7 @@ def test_invalid_options_raise(tmp_path):
 def test_command_line_writes_both_flavours(tmp_path):
     command = [sys.executable, "-m", "maye_jax.synth", f"--out={tmp_path}", "--num_train=3"]
     command += ["--num_validation=1", "--num_test=2", "--image_size=48"]
-    project_root = Path(__file__).resolve().parents[2]
+    project_root = Path(__file__).resolve().parents[3]
     completed = subprocess.run(
         command, capture_output=True, text=True, timeout=60, cwd=project_root
     )
@@ -159,7 +160,7 @@ def test_command_line_writes_both_flavours(tmp_path):
 
 
 def test_short_solutions_keep_the_computation_and_the_box(tmp_path):
-    from maye_jax.synth import generate, shorten_solution
+    from maye_jax.data.synth import generate, shorten_solution
 
     assert (
         shorten_solution(

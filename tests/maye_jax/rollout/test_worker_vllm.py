@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from maye_jax.checkpoint import load_model
+from maye_jax.models.hf_mapping import iter_hf_tensors, load_hf_tensors
 from maye_jax.rollout.client import WorkerEngine
 from maye_jax.rollout.engine import Sampling
-from models.hf_mapping import iter_hf_tensors, load_hf_tensors
-from tests.maye_jax.test_worker_hf import (
+from maye_jax.storage.model_folders import load_model
+from tests.maye_jax.rollout.test_worker_hf import (
     assert_close,
     fixed_responses,
     make_model_dir,
@@ -32,7 +32,7 @@ from tests.maye_jax.test_worker_hf import (
     trainer_logprobs,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 VLLM_PYTHON = Path(os.environ.get("MAYE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
 MISSING = "vLLM environment not installed (run scripts/setup_vllm_env.sh)"
 

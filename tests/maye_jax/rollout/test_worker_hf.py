@@ -22,8 +22,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from maye_jax.checkpoint import load_model
-from maye_jax.processor import load_processor
+from maye_jax.data.processor import load_processor
+from maye_jax.data.sequences import make_sequence_batch, score_batch
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.hf_mapping import iter_hf_tensors, load_hf_tensors
 from maye_jax.rollout.client import (
     WorkerDiedError,
     WorkerEngine,
@@ -32,10 +34,8 @@ from maye_jax.rollout.client import (
 )
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.shm import SEGMENT_PREFIX, SHM_ROOT
-from maye_jax.sequences import make_sequence_batch, score_batch
+from maye_jax.storage.model_folders import load_model
 from maye_jax.tiny import tiny_hf_model
-from models.configs import ModelConfig
-from models.hf_mapping import iter_hf_tensors, load_hf_tensors
 
 TOLERANCE = 1e-4
 HOSTILE_GENERATION_CONFIG = dict(
@@ -172,7 +172,7 @@ def test_device_side_hf_layout_syncs_the_same_bytes(setup):
     on the CPU backend `hf_tensors_for_sync` gives host views with the same bytes."""
     import ml_dtypes
 
-    from models.hf_mapping import device_hf_tensors, flax_param_paths, hf_tensors_for_sync
+    from maye_jax.models.hf_mapping import device_hf_tensors, flax_param_paths, hf_tensors_for_sync
 
     engine, model = setup["engine"], setup["model"]
     host = setup["arrays"]
@@ -192,6 +192,21 @@ def test_device_side_hf_layout_syncs_the_same_bytes(setup):
     assert engine.sync_weights(chosen, version=23) == reference
     with pytest.raises(KeyError, match="no parameters named"):
         device_hf_tensors(model, {"not.a.param"})
+
+
+def test_load_policy_sends_a_version_once_in_hf_layout(setup):
+    """`load_policy(model, version)`, the one way trainers hand weights to any engine: the HF
+    layout of the model's parameters, checked by the worker; the same version again sends
+    nothing (evaluation right before a step does not sync twice)."""
+    engine, model = setup["engine"], setup["model"]
+    responses = fixed_responses(setup["model_dir"])
+    engine.load_policy(model, 40)
+    first = engine.last_sync
+    assert engine.version == 40 and first["tensors"] > 0
+    engine.load_policy(model, 40)
+    assert engine.last_sync is first and engine.version == 40
+    expected = trainer_logprobs(model, setup["hf_config"], setup["encoded"], responses)
+    assert_close(engine.score(setup["prompts"], responses), expected)
 
 
 def test_prefetch_starts_transfers_in_order_within_its_window(monkeypatch):

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from maye_jax import scheme
+from maye_jax.evaluation import scheme
 
 
 def test_reflection_words_are_the_papers_fifteen_in_order():

@@ -10,12 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
+from maye_jax.data.sequences import make_sequence_batch, score_batch
 from maye_jax.rollout import jax_sampler
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.jax_sampler import JaxSampler
 from maye_jax.rollout.sampling_ops import sample_from_weights, sample_tokens, truncation_mask
-from maye_jax.sequences import make_sequence_batch, score_batch
 from tests.models.conftest import hf_and_flax
 
 NEW_TOKENS = 12
@@ -241,6 +242,23 @@ def test_sync_weights_replaces_named_parameters(qwen25):
     assert sampler.generate(prompts, sampling) == before
     with pytest.raises(KeyError, match="not.a.tensor"):
         sampler.sync_weights({"not.a.tensor": head}, version=3)
+
+
+def test_load_policy_swaps_the_model_once_per_version(qwen25):
+    """The in-process sync: a new version swaps the weights (no copy), the same one keeps them."""
+    hf, model, config, _ = qwen25
+    sampler = JaxSampler(model, config, pad_id=0)
+    prompts, sampling = _prompts(config)[2:], _sampling(config, temperature=0.0)
+    before = sampler.generate(prompts, sampling)
+    negated = JaxSampler(model, config, pad_id=0)
+    negated.sync_weights({"lm_head.weight": -hf.lm_head.weight.detach().numpy()}, version=1)
+    other = nnx.merge(negated._graphdef, negated._state)
+    sampler.load_policy(other, 7)
+    assert sampler.weights_version == 7 and sampler.generate(prompts, sampling) != before
+    sampler.load_policy(model, 7)  # same version: nothing is loaded
+    assert sampler.generate(prompts, sampling) != before
+    sampler.load_policy(model, 8)
+    assert sampler.generate(prompts, sampling) == before
 
 
 def test_truncation_keeps_top_k_then_nucleus():

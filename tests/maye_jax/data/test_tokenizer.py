@@ -6,8 +6,8 @@ import unicodedata
 import pytest
 import tiktoken
 
-from maye_jax import tokenizer as tokenizer_module
-from maye_jax.tokenizer import (
+from maye_jax.data import tokenizer as tokenizer_module
+from maye_jax.data.tokenizer import (
     CHAT_TEMPLATE,
     ENDOFTEXT_ID,
     IM_END_ID,

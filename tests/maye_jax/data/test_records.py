@@ -9,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from maye_jax.data import DataError, epoch_order, read_records
+from maye_jax.data.records import DataError, epoch_order, read_records
 
 
 @pytest.fixture

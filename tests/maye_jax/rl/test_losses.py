@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from maye_jax import losses
-from maye_jax.losses import (
+from maye_jax.rl import losses
+from maye_jax.rl.losses import (
     LossConfig,
     aggregate_loss,
     finalize_metrics,

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from maye_jax import rewards
+from maye_jax.rl import rewards
 
 
 @pytest.fixture(scope="module")

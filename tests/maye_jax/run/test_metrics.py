@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from maye_jax.metrics import MetricsWriter, read_metrics, write_rollouts, write_run_json
+from maye_jax.run.metrics import MetricsWriter, read_metrics, write_rollouts, write_run_json
 
 
 def test_jsonl_and_tensorboard(tmp_path):

@@ -17,11 +17,22 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec
 
-from maye_jax.losses import LossConfig
-from maye_jax.optim import OptimizerConfig, make_optimizer
-from maye_jax.sequences import image_features, make_sequence_batch, response_logprobs
+from maye_jax.data.sequences import image_features, make_sequence_batch, response_logprobs
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.qwen_vl import build_model
+from maye_jax.rl.losses import LossConfig
+from maye_jax.rl.trajectory import prompt_images
+from maye_jax.sharding.mesh import make_mesh
 from maye_jax.tiny import preset_hf_config, tiny_hf_config, tiny_hf_model
-from maye_jax.train_state import (
+from maye_jax.training.batch import (
+    MinibatchMaker,
+    TowerImages,
+    UpdateBatch,
+    micro_batch_images,
+    per_row_image_features,
+)
+from maye_jax.training.optim import OptimizerConfig, make_optimizer
+from maye_jax.training.train_state import (
     TrainableConfig,
     create_train_state,
     load_sharded_model,
@@ -30,22 +41,20 @@ from maye_jax.train_state import (
     reference_params,
     split_model,
 )
-from maye_jax.trajectory import prompt_images
-from maye_jax.update import (
+from maye_jax.training.update import (
     UpdateConfig,
     accumulate_gradients,
     check_finite,
-    make_minibatch,
-    make_tower_minibatch,
     make_train_step,
-    micro_batch_images,
-    per_row_image_features,
 )
-from models.configs import ModelConfig
-from models.qwen_vl import build_model
-from sharding.mesh import make_mesh
 
 ROWS = 8
+
+
+def make_minibatch(rows: UpdateBatch, num_micro: int) -> UpdateBatch:
+    return rows.split(num_micro)
+
+
 LR = 1e-3
 MAX_GRAD_NORM = 1.0  # below the test gradients' norm (~2.6), so clipping is exercised
 OPTIMIZER = OptimizerConfig(learning_rate=LR, schedule="constant", max_grad_norm=MAX_GRAD_NORM)
@@ -120,10 +129,10 @@ def data():
     rows, local_index = per_row_image_features(
         features, arrays["image_feature_index"], features_per_row=8
     )
-    minibatch = dict(
+    minibatch = UpdateBatch(
         input_ids=arrays["input_ids"],
         attention_mask=arrays["attention_mask"],
-        positions=arrays["positions"],
+        positions=jnp.moveaxis(arrays["positions"], 0, 1),  # row-major [B, 3, L]
         response_mask=arrays["response_mask"],
         advantages=jnp.asarray(rng.standard_normal(logprobs.shape), jnp.float32),
         logprobs_old=logprobs + noise(),
@@ -189,11 +198,11 @@ def reference_loss(params, frozen, model_def, arrays, features, rows):
     model = model_def.merge(params, frozen)
     prompt_len = arrays["input_ids"].shape[1] - arrays["response_mask"].shape[1]
     logprobs = response_logprobs(model, arrays, features, prompt_len=prompt_len, chunk_size=8)
-    mask = rows["response_mask"].astype(jnp.float32)
-    advantages = rows["advantages"]
-    ratio = jnp.exp(logprobs - rows["logprobs_old"])
+    mask = rows.response_mask.astype(jnp.float32)
+    advantages = rows.advantages
+    ratio = jnp.exp(logprobs - rows.logprobs_old)
     policy = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 0.8, 1.2))
-    log_ratio_ref = rows["ref_logprobs"] - logprobs
+    log_ratio_ref = rows.ref_logprobs - logprobs
     kl = jnp.clip(jnp.exp(log_ratio_ref) - 1 - log_ratio_ref, -10, 10)
     token_loss = policy + CONFIG.loss.kl_loss_coeff * kl
     return jnp.sum(mask * token_loss) / jnp.sum(mask)
@@ -281,6 +290,22 @@ def test_sharded_equals_unsharded(data, unsharded, fsdp, tp):
             assert ours[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
 
 
+def test_micro_batches_that_do_not_divide_the_mesh_are_padded_not_replicated(data, unsharded):
+    """3-row micro-batches over 8 devices (the paper's 16-row SFT micro-batches over 7 ranks
+    alike): the step pads each to 8 rows of which 5 are empty, shards the rows, and computes
+    the numbers of the unpadded batch."""
+    sharded = Setup(data["model"], make_mesh(fsdp=8))
+    minibatch = make_minibatch(data["rows"].take(np.arange(6)), 2)
+    padded = minibatch.pad_micro_rows(sharded.layout.data_parallel_size)
+    assert padded.num_rows == 8 and padded.shardings(sharded.layout).input_ids.spec[1] == ("fsdp",)
+    changes, metrics = run_steps(sharded, minibatch, 2)
+    expected_changes, expected_metrics = run_steps(unsharded, minibatch, 2)
+    assert_trees_close(changes, expected_changes, 1e-4, "padded sharded param changes")
+    for ours, expected in zip(metrics, expected_metrics):
+        for name in ("loss/total", "grad_norm", "entropy", "clip_frac/low"):
+            assert ours[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
+
+
 def test_scanned_layers_equal_the_model_loop(data, unsharded):
     """UpdateConfig.scan_layers (the default) computes what the model's own layer loop does."""
     looped = Setup(data["model"], make_mesh(fsdp=1), config=replace(CONFIG, scan_layers=False))
@@ -336,7 +361,7 @@ def test_positive_advantage_raises_logprob_negative_lowers(data, unsharded):
         model = setup.model_def.merge(params, setup.frozen)
         return response_logprobs(model, arrays, data["features"], prompt_len=prompt_len)
 
-    mask = np.asarray(rows["response_mask"], bool)
+    mask = np.asarray(rows.response_mask, bool)
     sign = np.where(np.arange(ROWS) < ROWS // 2, 1.0, -1.0)[:, None]
     advantages = jnp.asarray(np.broadcast_to(sign, mask.shape), jnp.float32)
     state = jax.tree.map(
@@ -346,7 +371,7 @@ def test_positive_advantage_raises_logprob_negative_lowers(data, unsharded):
     before = sequence_logprob(logprobs_of(state.params))
     for _ in range(4):
         logprobs_old = logprobs_of(state.params)
-        minibatch = dict(rows, advantages=advantages, logprobs_old=logprobs_old)
+        minibatch = replace(rows, advantages=advantages, logprobs_old=logprobs_old)
         state, _, _ = setup.step(state, setup.frozen, make_minibatch(minibatch, 1))
     after = sequence_logprob(logprobs_of(state.params))
     assert np.all(after[: ROWS // 2] > before[: ROWS // 2] + 0.1), (before, after)
@@ -355,9 +380,9 @@ def test_positive_advantage_raises_logprob_negative_lowers(data, unsharded):
 
 def test_nan_is_flagged_named_and_not_applied(data, unsharded):
     setup, rows = unsharded, data["rows"]
-    advantages = np.array(rows["advantages"])
+    advantages = np.array(rows.advantages)
     advantages[1, 0] = np.nan  # a valid token
-    minibatch = make_minibatch(dict(rows, advantages=jnp.asarray(advantages)), 1)
+    minibatch = make_minibatch(replace(rows, advantages=jnp.asarray(advantages)), 1)
     state = jax.tree.map(
         lambda v, s: jax.device_put(np.array(v), s), host(setup.state), setup.layout.state
     )
@@ -380,10 +405,12 @@ def test_tower_runs_inside_the_step_when_the_connector_trains(data, unsharded):
     rows, batch = data["rows"], data["batch"]
     with pytest.raises(ValueError, match="vision"):
         setup.grads(setup.state.params, setup.frozen, make_minibatch(rows, 1))
-    in_step = dict(rows, image_feature_index=data["arrays"]["image_feature_index"])
-    del in_step["image_features"]
-    minibatch = make_minibatch(in_step, 1)
-    minibatch["vision"] = {k: jnp.asarray(v)[None] for k, v in batch.vision.items()}
+    in_step = replace(
+        rows, image_feature_index=data["arrays"]["image_feature_index"], image_features=None
+    )
+    minibatch = make_minibatch(in_step, 1).with_vision(
+        {k: jnp.asarray(v)[None] for k, v in batch.vision.items()}
+    )
     frozen_before = host(setup.frozen)
     changes, metrics = run_steps(setup, minibatch, 1)
     # Same loss as with the precomputed features (same initial parameters).
@@ -432,7 +459,7 @@ def test_micro_batch_images_map_each_token_to_its_prompts_features(data):
 
 def _features_alone(tower, image, config):
     """The tower's features of one prompt's images, packed by themselves, in LLM order."""
-    from models.vision_inputs import pack_images
+    from maye_jax.models.vision_inputs import pack_images
 
     packed = pack_images(image[0], image[1], config.vision)
     features = np.asarray(tower({k: jnp.asarray(v) for k, v in packed.arrays().items()}))
@@ -447,21 +474,20 @@ def test_training_tower_accumulation_is_exact(data):
     setup = Setup(data["model"], make_mesh(fsdp=1), trainable)
     assert not setup.frozen
     rows, batch = data["rows"], data["batch"]
-    in_step = dict(rows, image_feature_index=data["arrays"]["image_feature_index"])
-    del in_step["image_features"]
-    whole = make_minibatch(in_step, 1)
-    whole["vision"] = {k: jnp.asarray(v)[None] for k, v in batch.vision.items()}
+    in_step = replace(
+        rows, image_feature_index=data["arrays"]["image_feature_index"], image_features=None
+    )
+    whole = make_minibatch(in_step, 1).with_vision(
+        {k: jnp.asarray(v)[None] for k, v in batch.vision.items()}
+    )
     expected, expected_sums = setup.grads(setup.state.params, setup.frozen, whole)
     expected = host(expected)
     assert all(np.max(np.abs(v)) > 0 for n, v in expected.items() if n.startswith("visual."))
     for num_micro in (2, 4):
-        minibatch = make_tower_minibatch(
-            in_step,
-            num_micro,
-            prompt_images=[prompt_images(p) for p in data["prompts"]],
-            row_prompt=np.arange(ROWS),
-            vision_config=data["config"].vision,
+        tower = TowerImages(
+            [prompt_images(p) for p in data["prompts"]], np.arange(ROWS), data["config"].vision
         )
+        minibatch = MinibatchMaker(in_step, tower)(None, num_micro)
         grads, sums = setup.grads(setup.state.params, setup.frozen, minibatch)
         assert_trees_close(host(grads), expected, 1e-5, f"gradients, {num_micro} micro-batches")
         assert relative_error(sums["loss/total"][0], expected_sums["loss/total"][0]) <= 1e-6

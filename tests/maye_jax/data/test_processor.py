@@ -15,7 +15,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     smart_resize as hf_smart_resize,
 )
 
-from maye_jax.processor import (
+from maye_jax.data.processor import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
     MAYE_INSTRUCTION,
@@ -25,7 +25,7 @@ from maye_jax.processor import (
     render_prompt,
     smart_resize,
 )
-from maye_jax.tokenizer import ENDOFTEXT_ID, IMAGE_PAD_ID, save_tokenizer_files
+from maye_jax.data.tokenizer import ENDOFTEXT_ID, IMAGE_PAD_ID, save_tokenizer_files
 
 QUESTION = "<image>In the figure, find $x$."
 
@@ -230,7 +230,7 @@ def test_modules_do_not_import_jax(processor):
     code = (
         "import sys\n"
         "from PIL import Image\n"
-        "from maye_jax.processor import load_processor\n"
+        "from maye_jax.data.processor import load_processor\n"
         "load_processor().encode(Image.new('RGB', (56, 56)), 'q')\n"
         "import maye_jax.rollout.worker, maye_jax.rollout.hf_backend\n"
         "import maye_jax.rollout.vllm_backend, maye_jax.rollout.client\n"

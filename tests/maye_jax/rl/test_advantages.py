@@ -6,8 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from maye_jax import algorithms
-from maye_jax.algorithms import (
+from maye_jax.rl import advantages as algorithms
+from maye_jax.rl.advantages import (
     AdvantageConfig,
     compute_advantages,
     discounted_returns,

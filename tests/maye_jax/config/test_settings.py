@@ -1,0 +1,140 @@
+"""Typed settings: every bad value is named at start-up, old "off" spellings name the new one,
+the comma form of a tuple option means several items, and the command line can set None."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from maye_jax.config.defaults import default_config
+from maye_jax.config.settings import ConfigError, load_settings
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def base():
+    c = default_config()
+    c.model.tiny_family = "qwen2_vl"
+    c.rl.batch_size, c.rl.ppo_batch_size, c.rl.micro_batch_size = 8, 4, 2
+    return c
+
+
+def problems(config, kind="rl") -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config, kind=kind)
+    return caught.value.problems
+
+
+def test_defaults_load_and_typed_sections_hold_the_values():
+    s = load_settings(base(), kind="rl")
+    assert s.rl.batch_size == 8 and s.rollout.top_k is None and s.rl.rollout_is_cap is None
+    assert s.eval.splits == ("validation", "test") and s.optim.max_grad_norm == 1.0
+    loss = s.loss_config()
+    assert loss.max_tokens == s.rollout.max_tokens and loss.rollout_is_cap is None
+    assert s.update_config().logprob_chunk_size == s.rl.logprob_chunk_size
+    assert s.sft_update_config().logprob_chunk_size == s.sft.logprob_chunk_size
+    assert s.trajectory_config().prompt_multiple == 64
+
+
+def test_every_bad_value_is_named_at_once():
+    c = base()
+    c.rl.batch_size = -8
+    c.rollout.temperature = 0.0
+    c.rl.advantage_estimator = "grpoo"
+    c.eval.settings = ("pass@1_t0.6", "pass@2")
+    c.rewards.names = ("accuracy", "lenght")
+    c.model.dtype = "float16"
+    c.optim.b2 = 1.5
+    found = problems(c)
+    expected = [
+        "config.rl.batch_size: -8: must be > 0",
+        "config.rollout.temperature: 0.0: must be > 0",
+        "config.rl.advantage_estimator: 'grpoo': unknown advantage estimator",
+        "config.eval.settings: ('pass@1_t0.6', 'pass@2'): unknown evaluation setting",
+        "config.rewards.names: ('accuracy', 'lenght'): unknown reward",
+        "config.model.dtype: 'float16': must be one of float32, bfloat16",
+        "config.optim.b2: 1.5: must be in [0.0, 1.0]",
+    ]
+    for line in expected:
+        assert any(p.startswith(line) for p in found), (line, found)
+
+
+def test_cross_field_rules():
+    c = base()
+    c.rl.batch_size = 10  # not a multiple of ppo_batch_size 4
+    c.rl.advantage_estimator = "grpo"  # with one sample per prompt
+    c.sft.num_epochs = 3  # the SFT baseline's epochs, in an RL run
+    found = problems(c)
+    assert any(
+        p.startswith("config.rl.batch_size: 10 is not divisible by rl.ppo_batch_size")
+        for p in found
+    )
+    assert any(p.startswith("config.rollout.num_samples: grpo") for p in found)
+    assert any(p.startswith("config.sft.num_epochs:") and "warmup_epochs" in p for p in found)
+    c = base()
+    c.sft.batch_size, c.sft.micro_batch_size = 16, 6
+    assert problems(c, kind="sft") == [
+        "config.sft.batch_size: 16 is not divisible by sft.micro_batch_size 6"
+    ]
+    c = base()
+    c.model.tiny_family = None
+    assert problems(c)[0].startswith("config.model.path: set model.path")
+
+
+def test_old_off_spellings_name_the_new_one():
+    c = base()
+    c.rl.rollout_is_cap = 0.0
+    c.rollout.top_k = -1
+    c.optim.max_grad_norm = 0.0
+    found = problems(c)
+    for field in ("rl.rollout_is_cap", "rollout.top_k", "optim.max_grad_norm"):
+        line = next(p for p in found if p.startswith(f"config.{field}:"))
+        assert "no longer means off" in line and f"--config.{field}=None" in line
+
+
+def test_comma_form_of_a_tuple_option_is_several_items():
+    c = base()
+    c.eval.splits = ("validation,test",)  # what `--config.eval.splits=validation,test` gives
+    assert load_settings(c, kind="rl").eval.splits == ("validation", "test")
+    c.eval.splits = ("validation,tset",)
+    assert problems(c)[0].startswith("config.eval.splits:")
+
+
+def test_types_are_checked():
+    c = base().to_dict()  # a config file may build plain dicts, which type-check nothing
+    c["rl"]["num_epochs"] = 1.5
+    c["eval"]["enabled"] = "yes"
+    c["rl"]["bacth_size"] = 8
+    found = problems(c)
+    assert any(p.startswith("config.rl.bacth_size: unknown option") for p in found)
+    assert "config.rl.num_epochs: 1.5: expected a whole number" in found
+    assert "config.eval.enabled: 'yes': expected True or False" in found
+
+
+def test_command_line_sets_none_and_values(tmp_path):
+    """`--config.x=None` turns an option off; a placeholder option takes a value."""
+    script = tmp_path / "show.py"
+    script.write_text(
+        "import sys\n"
+        "from absl import app, flags\n"
+        "from maye_jax.config.flags import define_config_flag\n"
+        "define_config_flag()\n"
+        "def main(argv):\n"
+        "    c = flags.FLAGS.config\n"
+        "    print(c.optim.max_grad_norm, c.rl.rollout_is_cap, c.rollout.top_k)\n"
+        "app.run(main)\n"
+    )
+    command = [
+        sys.executable,
+        str(script),
+        f"--config={REPO / 'configs' / 'demo.py'}",
+        "--config.optim.max_grad_norm=None",
+        "--config.rl.rollout_is_cap=2.0",
+        "--config.rollout.top_k=5",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["None", "2.0", "5"]

@@ -1,0 +1,82 @@
+"""The run harness on a stand-in state: run.json, metrics, checkpoint cadence, a signal stops
+the run after its step with a checkpoint, resume restores the state and drops later metric
+lines, and named timing sections are exclusive of the sections nested in them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from maye_jax.config.defaults import default_config
+from maye_jax.config.settings import load_settings
+from maye_jax.run import harness as harness_module
+from maye_jax.run.harness import RunHarness, SectionTimer
+from maye_jax.run.metrics import read_metrics
+
+
+def settings_for(tmp_path, **checkpoint):
+    c = default_config()
+    c.name = "harness"
+    c.output_dir = str(tmp_path / "run")
+    c.model.tiny_family = "qwen2_vl"
+    c.logging.progress_bar = False
+    for key, value in checkpoint.items():
+        setattr(c.checkpoint, key, value)
+    return c
+
+
+def train(tmp_path, config, *, total=5, signal_at=None):
+    """A stand-in loop: the state counts steps; a SIGTERM arrives during step `signal_at`."""
+    settings = load_settings(config, kind="sft")
+    state = {"count": jnp.zeros((), jnp.int32), "weights": jnp.arange(4.0)}
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    with RunHarness(settings.output_dir, kind="sft", settings=settings, total_steps=total) as run:
+        start, state, meta = run.restore(state, shardings)
+        for step in run.steps(start):
+            with run.section("update"):
+                state = {"count": state["count"] + 1, "weights": state["weights"] * 2}
+                if step == signal_at:
+                    os.kill(os.getpid(), signal.SIGTERM)
+            run.log({"count": int(state["count"]), **run.timings()}, step=step, epoch=1)
+            run.end_step(step, state, {"note": f"after {step}"})
+        return run, state, start, meta
+
+
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues(tmp_path):
+    config = settings_for(tmp_path, every_steps=2, keep=5)
+    previous = signal.getsignal(signal.SIGTERM)
+    run, state, _, _ = train(tmp_path, config, signal_at=3)
+    assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored on exit
+    out = tmp_path / "run"
+    assert run.stop_requested and not run.finished and run.last_step == 3
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 3]  # the cadence, then the stop
+    assert [m["generation_step"] for m in read_metrics(out)] == [1, 2, 3]
+    assert json.loads((out / "run.json").read_text())["kind"] == "sft"
+    # A metric line written after the checkpoint (a crash before the next one) is dropped.
+    with open(out / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"generation_step": 4, "epoch": 1, "count": 99}) + "\n")
+    config.resume = True
+    run, state, start, meta = train(tmp_path, config)
+    assert start == 3 and meta["note"] == "after 3" and meta["generation_step"] == 3
+    assert run.finished and int(state["count"]) == 5
+    np.testing.assert_array_equal(np.asarray(state["weights"]), np.arange(4.0) * 2**5)
+    assert [m["count"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_sections_are_exclusive_of_nested_sections(monkeypatch):
+    clock = iter([0.0, 1.0, 3.0, 10.0, 10.0, 12.0])  # outer(in, nested in, nested out, out), other
+    monkeypatch.setattr(harness_module.time, "perf_counter", lambda: next(clock))
+    timer = SectionTimer()
+    with timer.section("rollout"):
+        with timer.section("sync"):
+            pass
+    with timer.section("update"):
+        pass
+    assert timer.take() == {"sync": 2.0, "rollout": 8.0, "update": 2.0}
+    assert timer.take() == {}
