@@ -20,7 +20,9 @@
 # NAME.log into the output folder, under its own time limit, all within BUDGET_S seconds
 # (default 540); a failing one does not stop the others. The JAX compilation cache
 # (JAX_COMPILATION_CACHE_DIR, default /tmp/maye_jax_cache) makes a second run on the same
-# machine cheaper: rerun the names that the budget cut. Wheels in .whl/ are installed first.
+# machine cheaper: rerun the names that the budget cut. Wheels in .whl/ are installed first
+# (the GPU machine lacks ml_collections, math-verify, dashscope and einops: carry their wheels,
+# e.g. `pip download --no-deps -d .whl einops ml_collections`).
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-/tmp/gpu_bench}"

@@ -37,4 +37,6 @@ class _SiblingPackageFinder(importlib.abc.MetaPathFinder):
 
 
 if not all((Path(__file__).parent / name).is_dir() for name in _SIBLING_PACKAGES):
-    sys.meta_path.append(_SiblingPackageFinder())
+    # First in line: the folders beside *this* maye_jax win over an editable install's mapping,
+    # so a second checkout (e.g. a git worktree) never mixes in another checkout's models.
+    sys.meta_path.insert(0, _SiblingPackageFinder())

@@ -1,10 +1,12 @@
 """Training checkpoints for exact resume: the train state plus where the run stands.
 
-`OUTPUT_DIR/checkpoints/<generation_step>/` holds the sharded train state (trainable params,
-AdamW moments, update counter; Orbax) and `meta` (JSON: generation step, epoch, number of
-updates, the run seed). Data order and every random draw derive from (seed, generation step),
-so this is all a resumed run needs to continue exactly where it stopped. The reference model is
-the run's start model (`OUTPUT_DIR/start_model`), reloaded on resume.
+`OUTPUT_DIR/checkpoints/<step>/` holds the sharded train state (trainable params in fp32,
+AdamW moments, the update counter; Orbax) and `meta` (JSON): always `generation_step` (the
+step it was written after), plus what the loop adds (RL: `seed`, `weights_version` and
+`epoch_correct`, the current epoch's per-response correctness so far; SFT: `seed`, `kind`).
+Data order and every random draw derive from (seed, step), so this is all a resumed run needs
+to continue exactly where it stopped. The reference model is the run's start model
+(`OUTPUT_DIR/start_model`), reloaded on resume.
 """
 
 from __future__ import annotations
