@@ -136,3 +136,19 @@ def test_a_problem_repeats_only_after_its_family_has_shown_every_problem():
     assert len(set(squares[:18])) == 18  # all 18 square problems first,
     assert set(squares[18:36]) == set(squares[:18])  # then all again in a new order
     assert squares[18:36] != squares[:18]
+
+
+def test_the_paper_experiment_in_miniature_evaluates_these_64_problems():
+    from configs.demo_paper import get_config
+
+    c = get_config()
+    assert "test" in c.eval.splits
+    flavour, options = CASES[
+        0
+    ]  # the split test_demo_test_split_is_its_64_distinct_problems_once checks
+    assert (c.data.synth_flavour, c.data.synth_num_test, c.data.synth_max_number) == (
+        flavour,
+        options["num_test"],
+        options["max_number"],
+    )
+    assert (c.data.synth_num_train, c.data.synth_num_validation) == (128, 64)
