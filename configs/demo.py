@@ -33,7 +33,7 @@ def get_config():
     c.data.synth_flavour = "text_dominant"
     c.data.synth_num_train = 128  # 16 generation steps per RL epoch
     c.data.synth_num_validation = 64  # 1.6-point steps; 32 problems moved 3 points per answer
-    c.data.synth_num_test = 32
+    c.data.synth_num_test = 64  # out of distribution: every distinct test problem once
     c.data.synth_image_size = 56
     c.data.synth_max_number = 4  # a small multiplication table a tiny model can learn on a CPU
     c.data.min_pixels = 4 * 28 * 28

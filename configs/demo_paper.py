@@ -6,7 +6,8 @@ seeds each, then the report (Table 3 + curves with std bands).
 The start model is the demo's: the tiny Qwen2-VL-architecture model after the demo's SFT warm-up
 on the synthetic solutions (one run, shared by every arm). Then, per seed, the demo's RL recipe
 and an SFT run of as many epochs on the same training set, both evaluated at epoch 0 and after
-every epoch on the in-distribution validation split and the out-of-distribution test split.
+every epoch on the in-distribution validation split and the out-of-distribution test split (64
+problems: the training skills on shapes, wordings and units it never shows; maye_jax/data/synth_ood.py).
 Writes runs/demo_paper/{start,rl_seed*,sft_seed*,report}; re-running continues where it stopped.
 """
 

@@ -19,6 +19,7 @@ def _define_flags() -> None:
     flags.DEFINE_integer("image_size", 112, "Side of the square images in pixels.")
     flags.DEFINE_float("text_only_fraction", 0.0, "Fraction of records without an image.")
     flags.DEFINE_enum("solution_style", "full", list(SOLUTION_STYLES), "Worked solution or short.")
+    flags.DEFINE_integer("max_number", 9, "Text-dominant side lengths are 2..max_number.")
 
 
 def main(argv: list[str]) -> None:
@@ -39,6 +40,7 @@ def main(argv: list[str]) -> None:
             image_size=options.image_size,
             text_only_fraction=options.text_only_fraction,
             solution_style=options.solution_style,
+            max_number=options.max_number,
         )
         for split, path in paths.items():
             print(f"{flavour} {split}: {path}")

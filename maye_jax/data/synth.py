@@ -6,8 +6,9 @@ Two flavours mirror the paper's two data sets:
 - ``vision_dominant`` (like geometry3k figures): the numbers exist only in the image (dots to count,
   numbers drawn with PIL's default font, side lengths written on a rectangle).
 
-The test split is out of distribution, like the paper's MathVerse test set: larger numbers and a
-shape the training split never shows (a trapezoid / counting triangles).
+Train and validation share one distribution. The test split is out of distribution, like the
+paper's MathVerse test set: the same skills on shapes, wordings and renderings that training
+never shows, with no problem in common with training (maye_jax/data/synth_ood.py).
 
     python -m maye_jax.synth --out=/tmp/synth --flavour=both --num_train=64
 
@@ -114,31 +115,8 @@ def _right_triangle_figure(base: int, height: int) -> Draw:
     return draw
 
 
-def _trapezoid_figure(bottom_base: int, top_base: int, height: int) -> Draw:
-    def draw(canvas: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
-        scale = 0.6 * size / max(bottom_base, height)
-        left, bottom = 0.2 * size, 0.8 * size
-        inset = (bottom_base - top_base) * scale / 2
-        top = bottom - height * scale
-        corners = [
-            (left, bottom),
-            (left + bottom_base * scale, bottom),
-            (left + bottom_base * scale - inset, top),
-            (left + inset, top),
-        ]
-        canvas.polygon(corners, outline="black", width=2)
-        canvas.line((left + inset, top, left + inset, bottom), fill="gray", width=1)
-        font_size = max(8, size // 9)
-        center_x = left + bottom_base * scale / 2
-        _label(canvas, (center_x, bottom + font_size), str(bottom_base), font_size)
-        _label(canvas, (center_x, top - font_size), str(top_base), font_size)
-        _label(canvas, (left + inset + font_size, (top + bottom) / 2), str(height), font_size)
-
-    return draw
-
-
 def _scattered_shapes_figure(count: int, shape: str) -> Draw:
-    """``count`` dots or triangles, one per random cell of a 5x5 grid (so none overlap)."""
+    """``count`` dots, triangles or squares, one per random cell of a 5x5 grid (so none overlap)."""
 
     def draw(canvas: ImageDraw.ImageDraw, size: int, rng: random.Random) -> None:
         cell = 0.9 * size / 5
@@ -146,9 +124,11 @@ def _scattered_shapes_figure(count: int, shape: str) -> Draw:
         for index in rng.sample(range(25), count):
             center_x = 0.05 * size + (index % 5 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
             center_y = 0.05 * size + (index // 5 + 0.5) * cell + rng.uniform(-0.1, 0.1) * cell
+            box = (center_x - radius, center_y - radius, center_x + radius, center_y + radius)
             if shape == "dot":
-                box = (center_x - radius, center_y - radius, center_x + radius, center_y + radius)
                 canvas.ellipse(box, fill="black")
+            elif shape == "square":
+                canvas.rectangle(box, fill="green")
             else:
                 canvas.polygon(
                     [
@@ -220,30 +200,12 @@ def _right_triangle_problem(rng: random.Random, low: int, high: int) -> Problem:
     )
 
 
-def _trapezoid_problem(rng: random.Random, low: int, high: int) -> Problem:
-    bottom_base = rng.randint(low + 2, high)
-    top_base = rng.randint(low, bottom_base - 1)
-    height = rng.randint(low, high)
-    if (bottom_base + top_base) * height % 2:
-        height += 1
-    answer = (bottom_base + top_base) * height // 2
-    facts = f"parallel sides {bottom_base} and {top_base} and height {height}"
-    return Problem(
-        kind="trapezoid_area",
-        question=f"The trapezoid in the figure has {facts}. Find its area.",
-        text_only_question=f"A trapezoid has {facts}. Find its area.",
-        answer=answer,
-        solution=_boxed_solution(
-            f"The area is $\\frac{{({bottom_base} + {top_base}) \\times {height}}}{{2}} = {answer}$.",
-            answer,
-        ),
-        draw=_trapezoid_figure(bottom_base, top_base, height),
-    )
-
-
 def _counting_problem(rng: random.Random, low: int, high: int, shape: str) -> Problem:
-    count = rng.randint(low, high)
-    symbol = "\u25cf" if shape == "dot" else "\u25b2"
+    return _counting_problem_of(rng.randint(low, high), shape)
+
+
+def _counting_problem_of(count: int, shape: str) -> Problem:
+    symbol = {"dot": "\u25cf", "triangle": "\u25b2", "square": "\u25a0"}[shape]
     return Problem(
         kind=f"count_{shape}s",
         question=f"How many {shape}s are there in the figure?",
@@ -269,28 +231,19 @@ def _sum_problem(rng: random.Random, low: int, high: int) -> Problem:
     )
 
 
-def make_problem(
-    rng: random.Random, flavour: str, out_of_distribution: bool, max_number: int = 9
-) -> Problem:
-    """One random problem; out-of-distribution problems use larger numbers and an unseen shape."""
+def make_problem(rng: random.Random, flavour: str, max_number: int = 9) -> Problem:
+    """One random training or validation problem (the two splits share one distribution)."""
     if flavour == "text_dominant":
-        low, high = (10, 30) if out_of_distribution else (2, max_number)
         makers = [
-            lambda: _rectangle_problem(rng, low, high, numbers_in_text=True),
-            lambda: _right_triangle_problem(rng, low, high),
+            lambda: _rectangle_problem(rng, 2, max_number, numbers_in_text=True),
+            lambda: _right_triangle_problem(rng, 2, max_number),
         ]
-        if out_of_distribution:
-            makers.append(lambda: _trapezoid_problem(rng, low, high))
     elif flavour == "vision_dominant":
         makers = [
-            lambda: _counting_problem(rng, *((10, 20) if out_of_distribution else (1, 9)), "dot"),
-            lambda: _sum_problem(rng, *((21, 99) if out_of_distribution else (1, 20))),
-            lambda: _rectangle_problem(
-                rng, *((10, 30) if out_of_distribution else (2, 9)), numbers_in_text=False
-            ),
+            lambda: _counting_problem(rng, 1, 9, "dot"),
+            lambda: _sum_problem(rng, 1, 20),
+            lambda: _rectangle_problem(rng, 2, 9, numbers_in_text=False),
         ]
-        if out_of_distribution:
-            makers.append(lambda: _counting_problem(rng, 10, 20, "triangle"))
     else:
         raise ValueError(f"synth: unknown flavour {flavour!r}; expected one of {FLAVOURS}")
     return rng.choice(makers)()
@@ -346,11 +299,18 @@ def generate(
     paths = {}
     for split in SPLITS:
         rng = random.Random(f"maye_jax.synth/{seed}/{flavour}/{split}")
+        test_problems = []
+        if split == "test":
+            # Imported here: synth_ood builds on this module's figures and Problem.
+            from maye_jax.data.synth_ood import make_test_problems
+
+            test_problems = make_test_problems(rng, flavour, sizes[split], max_number)
         lines = []
         for index in range(sizes[split]):
-            problem = make_problem(
-                rng, flavour, out_of_distribution=split == "test", max_number=max_number
-            )
+            if split == "test":
+                problem = test_problems[index]
+            else:
+                problem = make_problem(rng, flavour, max_number)
             record_id = f"{flavour}_{split}_{index:05d}"
             image_path = None
             if rng.random() >= text_only_fraction:

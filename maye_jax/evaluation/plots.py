@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 RL_COLOR = "tab:blue"
 SFT_COLOR = "tab:orange"
 UNTRAINED_COLOR = "black"
+CORRECT_COLOR = "tab:green"
+WRONG_COLOR = "tab:red"
 
 Series = Mapping[int, float]  # {epoch or generation step: value}
 
@@ -59,6 +61,27 @@ def seed_band(series_per_seed: Sequence[Series]) -> tuple[np.ndarray, np.ndarray
     values = np.array([[series[x] for x in common] for series in series_per_seed if series])
     # values: [seed, x]
     return np.array(common), values.mean(axis=0), values.std(axis=0)
+
+
+def step_correlation(lines: Sequence[Mapping], key_x: str, key_y: str) -> float:
+    """Pearson correlation over the generation steps that carry both keys; nan with fewer than
+    3 such steps or a constant series (no linear relation can be measured)."""
+    x_by_step, y_by_step = per_step(lines, key_x), per_step(lines, key_y)
+    steps = sorted(set(x_by_step) & set(y_by_step))
+    x = np.array([x_by_step[step] for step in steps])
+    y = np.array([y_by_step[step] for step in steps])
+    if len(steps) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def length_reflection_correlations(group) -> list[float]:
+    """Per seed of an RL group: the correlation of mean response length with reflection ratio
+    across its generation steps (the paper: reflection tracks response length)."""
+    return [
+        step_correlation(run.lines, "response_length/mean", "reflection/reflection_ratio")
+        for run in group.runs
+    ]
 
 
 def _draw_band(ax, group, series_of_run: Callable, *, color: str, label: str, scale: float) -> bool:
@@ -167,6 +190,63 @@ def _eval_figure(comparison, split: str, settings: Sequence[str]) -> Figure | No
     return fig if drawn else None
 
 
+def _format_correlations(correlations: Sequence[float]) -> str:
+    present = [value for value in correlations if not np.isnan(value)]
+    if not present:
+        return "r(length, ratio) n/a: a constant series"
+    text = f"r(length, ratio) = {np.mean(present):.2f} ± {np.std(present):.2f}"
+    return text + (
+        f" ({len(present)}/{len(correlations)} seeds)" if len(present) < len(correlations) else ""
+    )
+
+
+def _reflection_and_length_figure(group) -> Figure | None:
+    """The paper's reflection figure: per generation step, the mean response length beside the
+    reflection ratio of the same rollouts, overall and within correct and incorrect answers."""
+    fig, (length_ax, ratio_ax, split_ax) = _grid(3, 3, panel_size=(4.0, 3.0))
+    panels = [
+        (length_ax, "response_length/mean", RL_COLOR, "RL", "tokens"),
+        (ratio_ax, "reflection/reflection_ratio", RL_COLOR, "RL", "ratio"),
+        (
+            split_ax,
+            "reflection/reflection_ratio_in_correct_answers",
+            CORRECT_COLOR,
+            "correct",
+            "ratio",
+        ),
+        (
+            split_ax,
+            "reflection/reflection_ratio_in_incorrect_answers",
+            WRONG_COLOR,
+            "incorrect",
+            "ratio",
+        ),
+    ]
+    drawn = False
+    for ax, key, color, label, ylabel in panels:
+        drawn |= _draw_band(
+            ax,
+            group,
+            lambda run, key=key: per_step(run.lines, key),
+            color=color,
+            label=label,
+            scale=1.0,
+        )
+        ax.set_xlabel("generation step", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    length_ax.set_title("mean response length", fontsize=9)
+    ratio_ax.set_title(
+        f"reflection ratio\n{_format_correlations(length_reflection_correlations(group))}",
+        fontsize=8,
+    )
+    split_ax.set_title("reflection ratio in correct / incorrect answers", fontsize=8)
+    if split_ax.has_data():
+        split_ax.legend(fontsize=6)
+    return fig if drawn else None
+
+
 def plot_comparison(
     comparison, folder: Path, *, splits: Sequence[str], settings: Sequence[str]
 ) -> list[Path]:
@@ -205,6 +285,9 @@ def plot_comparison(
         )
         if fig is not None:
             written.append(_save(fig, folder / "reflection_ratios.png", _group_title(rl)))
+        fig = _reflection_and_length_figure(rl)
+        if fig is not None:
+            written.append(_save(fig, folder / "reflection_and_length.png", _group_title(rl)))
         fig = _step_panels(
             rl,
             [f"reflection/count/{word}" for word in REFLECTION_WORDS],

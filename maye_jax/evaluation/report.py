@@ -37,7 +37,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from maye_jax.evaluation.plots import SETTING_LABELS, per_epoch, plot_comparison
+from maye_jax.evaluation.plots import (
+    SETTING_LABELS,
+    length_reflection_correlations,
+    per_epoch,
+    plot_comparison,
+)
 from maye_jax.evaluation.scheme import mean_std_over_seeds, summarize_over_epochs
 from maye_jax.run.metrics import read_metrics
 
@@ -336,6 +341,29 @@ def format_table(comparison: Comparison, table: Mapping) -> str:
 
 
 # -- the report -------------------------------------------------------------------------------
+def reflection_correlation(comparison: Comparison) -> dict | None:
+    """The RL group's per-seed correlation of response length with reflection ratio across
+    generation steps, as a table cell (see _cell); None without an RL group or any value."""
+    if comparison.rl is None:
+        return None
+    return _cell(length_reflection_correlations(comparison.rl))
+
+
+def format_reflection_correlation(cell: Mapping | None) -> str:
+    if cell is None:
+        return (
+            "Reflection ratio against mean response length: no correlation to measure (no RL "
+            "rollouts, or a constant series: e.g. no reflection word in any response)."
+        )
+    text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+    if cell["num_seeds"] < cell["of_seeds"]:
+        text += f" ({cell['num_seeds']}/{cell['of_seeds']} seeds)"
+    return (
+        "Reflection ratio against mean response length across generation steps (Pearson r per "
+        f"seed, mean ± std over seeds): {text}."
+    )
+
+
 def _json_safe(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -384,6 +412,9 @@ def build_report(
                 settings=eval_settings(comparison),
             )
         markdown.append(format_table(comparison, table))
+        correlation = reflection_correlation(comparison)
+        if comparison.rl is not None:
+            markdown += [format_reflection_correlation(correlation), ""]
         if written:
             links = ", ".join(f"[{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in written)
             markdown += [f"Plots: {links}", ""]
@@ -395,6 +426,7 @@ def build_report(
                 "rl": _group_record(comparison.rl),
                 "sft": _group_record(comparison.sft),
                 "table": table,
+                "length_reflection_correlation": correlation,
                 "plots": [p.relative_to(out_dir).as_posix() for p in written],
             }
         )

@@ -235,6 +235,7 @@ PLOTS = (
     "train_accuracy.png",
     "response_length.png",
     "reflection_ratios.png",
+    "reflection_and_length.png",
     "reflection_counts.png",
     "sft_loss.png",
     "eval_validation.png",
@@ -381,3 +382,60 @@ def test_cli_reports_a_duplicate_seed_as_an_error(tmp_path):
     assert failed.returncode == 1
     assert "report: error:" in failed.stderr and "seed 0 appears twice" in failed.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_step_correlation_hand_computed():
+    lengths, ratios = [10.0, 20.0, 30.0, 40.0], [0.1, 0.3, 0.2, 0.4]
+    lines = [
+        {"generation_step": step, "epoch": 1, "len": length, "ratio": ratio}
+        for step, (length, ratio) in enumerate(zip(lengths, ratios), start=1)
+    ]
+    lines.append({"generation_step": 5, "epoch": 1, "len": 50.0})  # no ratio: left out
+    # deviations -15, -5, 5, 15 and -0.15, 0.05, -0.05, 0.15: r = 4 / sqrt(500 * 0.05) = 0.8
+    assert plots.step_correlation(lines, "len", "ratio") == pytest.approx(0.8)
+    constant = [dict(line, ratio=0.0) for line in lines]
+    assert math.isnan(plots.step_correlation(constant, "len", "ratio"))
+    assert math.isnan(plots.step_correlation(lines[:2], "len", "ratio"))  # 2 steps: no fit
+
+
+def test_reflection_figure_shows_length_beside_the_ratios(tmp_path):
+    root = write_paper_runs(tmp_path / "runs", with_sft=False)
+    (group,) = report.group_runs([report.load_run(p) for p in report.find_run_dirs([root])])
+    fig = plots._reflection_and_length_figure(group)
+    length_ax, ratio_ax, split_ax = fig.axes
+    steps = np.arange(1, 3 * STEPS_PER_EPOCH + 1)
+    # fixture: length 100 + 10 step + seed, ratio k 0.1 k + 0.02 step + 0.01 seed (seeds 0-2)
+    (length_line,) = length_ax.lines
+    np.testing.assert_array_equal(length_line.get_xdata(), steps)
+    np.testing.assert_allclose(length_line.get_ydata(), 100 + 10 * steps + 1)
+    (ratio_line,) = ratio_ax.lines
+    np.testing.assert_allclose(ratio_line.get_ydata(), 0.02 * steps + 0.01)
+    correct, incorrect = split_ax.lines
+    np.testing.assert_allclose(correct.get_ydata(), 0.1 + 0.02 * steps + 0.01)
+    np.testing.assert_allclose(incorrect.get_ydata(), 0.2 + 0.02 * steps + 0.01)
+    # both grow linearly with the step in every seed: r = 1
+    assert "r(length, ratio) = 1.00 ± 0.00" in ratio_ax.get_title()
+    assert [text.get_text() for text in split_ax.get_legend().get_texts()] == [
+        "correct geo (3 seeds)",
+        "incorrect geo (3 seeds)",
+    ]
+
+
+def test_report_states_the_length_reflection_correlation(tmp_path):
+    root = write_paper_runs(tmp_path / "runs")
+    result = report.build_report([root], tmp_path / "report", plots=False)
+    cell = result["summary"]["comparisons"][0]["length_reflection_correlation"]
+    assert cell["per_seed"] == pytest.approx([1.0, 1.0, 1.0])
+    assert "(Pearson r per seed, mean ± std over seeds): 1.00 ± 0.00." in result["markdown"]
+
+    # A tiny model that never writes a reflection word: a constant ratio, nothing to correlate.
+    flat = write_paper_runs(tmp_path / "flat", with_sft=False)
+    for metrics in flat.glob("*/metrics.jsonl"):
+        lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+        for line in lines:
+            if "reflection/reflection_ratio" in line:
+                line["reflection/reflection_ratio"] = 0.0
+        metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    flat_result = report.build_report([flat], tmp_path / "flat_report", plots=False)
+    assert flat_result["summary"]["comparisons"][0]["length_reflection_correlation"] is None
+    assert "no correlation to measure" in flat_result["markdown"]
