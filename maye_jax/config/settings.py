@@ -53,6 +53,10 @@ def one_of(*choices) -> Check:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
 
+def greater_than(low) -> Check:
+    return lambda value: None if value > low else f"must be > {low}"
+
+
 def in_range(low, high, *, low_open=False) -> Check:
     def check(value):
         ok = (low < value if low_open else low <= value) and value <= high
@@ -244,14 +248,24 @@ class RLSettings:
     kl_reward_coeff: float = opt(0.0, non_negative)
     kl_loss_coeff: float = opt(0.001, non_negative)
     kl_estimator: str = opt("k3", registry(_kl_estimators, "KL estimator"))
+    kl_loss_estimator: str = opt("k3", registry(_kl_estimators, "KL estimator"))
+    kl_clamp: float | None = opt(10.0, positive)
     whiten: bool = opt(True)
     shift_mean: bool = opt(True)
+    whiten_eps: float = opt(1e-8, positive)
+    grpo_eps: float = opt(1e-6, non_negative)
+    grpo_scale_by_std: bool = opt(True)
     policy_loss: str = opt("ppo_clip", registry(_policy_losses, "policy loss"))
     clip_eps_low: float = opt(0.2, in_range(0.0, 1.0))
     clip_eps_high: float = opt(0.2, non_negative)
+    clip_ratio_c: float | None = opt(None, greater_than(1.0))
+    gspo_clip_eps_low: float = opt(3e-4, in_range(0.0, 1.0))
+    gspo_clip_eps_high: float = opt(4e-4, non_negative)
     loss_agg: str = opt("token_mean", registry(_loss_aggregations, "loss aggregation"))
     rollout_is_cap: float | None = opt(None, positive, none_off="0")
     logprob_chunk_size: int = opt(512, positive)
+    dynamic_sampling: bool = opt(False)
+    dynamic_sampling_max_rounds: int = opt(10, positive)
 
     @property
     def uses_reference(self) -> bool:
@@ -280,6 +294,8 @@ class RewardSettings:
     penalty: bool = opt(False)
     min_response_length: int = opt(0, non_negative)
     reward_penalty: float = opt(-0.1)
+    overlong_buffer_len: int | None = opt(None, positive)
+    overlong_penalty_factor: float = opt(1.0, non_negative)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,8 +386,12 @@ class Settings:
             gamma=rl.gamma,
             kl_reward_coeff=rl.kl_reward_coeff,
             kl_estimator=rl.kl_estimator,
+            kl_clamp=rl.kl_clamp,
             whiten=rl.whiten,
             shift_mean=rl.shift_mean,
+            whiten_eps=rl.whiten_eps,
+            grpo_eps=rl.grpo_eps,
+            grpo_scale_by_std=rl.grpo_scale_by_std,
         )
 
     def loss_config(self):
@@ -382,7 +402,12 @@ class Settings:
             policy_loss=rl.policy_loss,
             clip_eps_low=rl.clip_eps_low,
             clip_eps_high=rl.clip_eps_high,
+            clip_ratio_c=rl.clip_ratio_c,
+            gspo_clip_eps_low=rl.gspo_clip_eps_low,
+            gspo_clip_eps_high=rl.gspo_clip_eps_high,
             kl_loss_coeff=rl.kl_loss_coeff,
+            kl_loss_estimator=rl.kl_loss_estimator,
+            kl_clamp=rl.kl_clamp,
             loss_agg=rl.loss_agg,
             max_tokens=self.rollout.max_tokens,
             rollout_is_cap=rl.rollout_is_cap,
@@ -437,6 +462,15 @@ class Settings:
             penalty=(
                 {"min_response_length": r.min_response_length, "reward_penalty": r.reward_penalty}
                 if r.penalty
+                else None
+            ),
+            overlong=(
+                {
+                    "max_tokens": self.rollout.max_tokens,
+                    "buffer_len": r.overlong_buffer_len,
+                    "penalty_factor": r.overlong_penalty_factor,
+                }
+                if r.overlong_buffer_len is not None
                 else None
             ),
             temperature=self.rollout.temperature,
@@ -633,11 +667,18 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
                 f"{rl.ppo_batch_size} is not divisible by rl.micro_batch_size "
                 f"{rl.micro_batch_size}",
             )
-        if rl.advantage_estimator in ("grpo", "rloo") and rollout.num_samples < 2:
+        group_estimators = ("grpo", "rloo", "reinforce_pp_baseline")
+        if rl.advantage_estimator in group_estimators and rollout.num_samples < 2:
             bad(
                 "rollout.num_samples",
                 f"{rl.advantage_estimator} compares the samples of a prompt: needs >= 2, "
                 f"got {rollout.num_samples}",
+            )
+        if rl.dynamic_sampling and rollout.num_samples < 2:
+            bad(
+                "rl.dynamic_sampling",
+                "drops prompt groups whose scores are all equal: needs rollout.num_samples >= 2 "
+                f"(a single sample is always its own group), got {rollout.num_samples}",
             )
         if kind == "rl" and sft.num_epochs is not None:
             bad(
@@ -650,6 +691,20 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
                 "sft.batch_size",
                 f"{sft.batch_size} is not divisible by sft.micro_batch_size {sft.micro_batch_size}",
             )
+    if rl.policy_loss == "gspo" and rl.loss_agg != "seq_mean_token_mean":
+        bad(
+            "rl.loss_agg",
+            f"{rl.loss_agg!r}: policy_loss=gspo averages per sequence; "
+            "set rl.loss_agg=seq_mean_token_mean",
+        )
+    if rl.clip_ratio_c is not None and rl.policy_loss != "ppo_clip":
+        bad("rl.clip_ratio_c", f"dual-clip is part of ppo_clip, not of {rl.policy_loss}")
+    overlong = s.rewards.overlong_buffer_len
+    if overlong is not None and overlong > rollout.max_tokens:
+        bad(
+            "rewards.overlong_buffer_len",
+            f"{overlong} is more than rollout.max_tokens {rollout.max_tokens}",
+        )
     if rollout.engine == "jax" and (rollout.worker_python or rollout.worker_devices):
         bad("rollout.worker_python", "only the hf and vllm engines run a worker process")
     if s.model.attention == "cudnn" and s.model.dtype == "float32":
