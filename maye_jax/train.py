@@ -1,9 +1,13 @@
 """The MAYE RL loop. Each generation step is the four steps of the paper, one call each:
 
-1. prompts     = data_flow(step)                      the next batch of records -> model inputs
+1. prompts     = data_flow(count)                     the next records of the epoch -> model inputs
 2. completions = collect_responses(prompts, step)     the engine loads the weights, samples
-3. trajectory  = make_trajectory(prompts, completions) logprobs (policy, reference), rewards
+3. trajectory  = make_trajectory(prompts, completions) rewards, logprobs (policy, reference)
 4. metrics     = policy_update(trajectory, step)      advantages + jitted sharded updates
+
+With `rl.dynamic_sampling` (DAPO), steps 1-3's rewards repeat for top-up prompts until the
+batch holds only prompt groups whose scores differ (maye_jax/rl/dynamic_sampling.py); an epoch
+then ends when its prompts run out, which can be after fewer steps (maye_jax/data/cursor.py).
 
 Everything around the steps (output folder, resume, metrics, progress, signals, checkpoints,
 the final export) is the run harness's (maye_jax/run/harness.py).
@@ -22,13 +26,14 @@ import numpy as np
 import psutil
 
 from maye_jax.config.settings import Settings, load_settings
+from maye_jax.data.cursor import EpochCursor
 from maye_jax.data.processor import get_prompt_template
-from maye_jax.data.records import epoch_order
 from maye_jax.evaluation.evaluate import evaluate_configured_splits
 from maye_jax.evaluation.scheme import reflection_metrics
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
 from maye_jax.rl.advantages import compute_advantages
-from maye_jax.rl.trajectory import build_trajectory
+from maye_jax.rl.dynamic_sampling import PromptGroups, fill_batch, top_up_seed
+from maye_jax.rl.trajectory import build_trajectory, score_responses
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
@@ -56,8 +61,12 @@ class Trainer:
                 f"config.rl.batch_size: {s.rl.batch_size} responses = {self.prompts_per_step} "
                 f"prompts per step, more than the {len(self.data['train'])} training records"
             )
+        # Without dynamic sampling every epoch has exactly steps_per_epoch steps; with it an epoch
+        # can end sooner (its top-ups use up the prompts), and total_steps is an upper bound
+        # (the learning-rate schedule's horizon; the cosine then stops before its end).
         self.steps_per_epoch = len(self.data["train"]) // self.prompts_per_step
         self.total_steps = self.steps_per_epoch * s.rl.num_epochs
+        self.cursor = EpochCursor(len(self.data["train"]), s.seed)
         self.updates_per_step = (s.rl.batch_size // s.rl.ppo_batch_size) * s.rl.ppo_epochs
         optimizer, schedule = optimizer_for(s, self.total_steps * self.updates_per_step)
         self.hf_model_dir = startup.materialize_start_model(s)  # what a worker engine loads first
@@ -98,37 +107,67 @@ class Trainer:
         self.run_harness: RunHarness | None = None
 
     # -- the four steps -----------------------------------------------------------------------
-    def data_flow(self, step: int):
-        """Step 1: the records of generation step `step` (1-based) and their model inputs."""
-        epoch, index = divmod(step - 1, self.steps_per_epoch)
-        order = epoch_order(len(self.data["train"]), self.settings.seed, epoch)
-        picked = order[index * self.prompts_per_step : (index + 1) * self.prompts_per_step]
-        records = [self.data["train"][i] for i in picked]
+    def data_flow(self, count: int):
+        """Step 1: the next `count` records of the epoch order (fewer if the epoch has fewer
+        left) and their model inputs; the data cursor moves past them."""
+        records = [self.data["train"][i] for i in self.cursor.take(count)]
         encoded = [
             self.processor.encode(r.load_image(), r.question, self.instruction) for r in records
         ]
         return records, encoded
 
-    def collect_responses(self, encoded, step: int):
+    def collect_responses(self, encoded, step: int, round_index: int = 0):
         """Step 2: the rollout engine loads the current weights (in process: no copy; torch-side
-        workers: shared memory), then samples."""
+        workers: shared memory), then samples. `round_index` > 0: a dynamic-sampling top-up,
+        with its own seed."""
         with self.run_harness.section("sync"):
             self.engine.load_policy(self.policy.model(), self.weights_version)
-        r = self.settings.rollout
+        r, seed = self.settings.rollout, self.settings.seed
         sampling = Sampling(
             n=r.num_samples,
             temperature=r.temperature,
             top_p=r.top_p,
             top_k=-1 if r.top_k is None else r.top_k,
             max_tokens=r.max_tokens,
-            seed=self.settings.seed,
+            seed=seed if round_index == 0 else top_up_seed(seed, step, round_index),
             stop_token_ids=STOP_TOKEN_IDS,
         )
         prompts = [Prompt(e["input_ids"], e["pixel_values"], e["image_grid_thw"]) for e in encoded]
         return self.engine.generate(prompts, sampling, step=step)
 
-    def make_trajectory(self, records, encoded, completions):
-        """Step 3: query+response sequences, logprobs (policy, reference), rewards."""
+    def sample_groups(self, count: int, step: int, round_index: int = 0) -> PromptGroups | None:
+        """Steps 1-2 and the rewards of step 3 for the next `count` prompts (None when the epoch
+        has none left): a step's first round, or a dynamic-sampling top-up."""
+        run = self.run_harness
+        with run.section("data"):
+            records, encoded = self.data_flow(count)
+        if not records:
+            return None
+        with run.section("rollout"):
+            completions = self.collect_responses(encoded, step, round_index)
+        with run.section("trajectory"):
+            rewards = score_responses(records, completions, self.settings.trajectory_config())
+        return PromptGroups(records, encoded, completions, rewards)
+
+    def collect_batch(self, step: int) -> tuple[PromptGroups, PromptGroups, dict]:
+        """Steps 1-2 and the rewards for one update batch: (its prompt groups, every group
+        sampled, dynamic-sampling metrics). With `rl.dynamic_sampling`, groups whose scores are
+        all equal are dropped and replaced by top-ups (maye_jax/rl/dynamic_sampling.py)."""
+        groups = self.sample_groups(self.prompts_per_step, step)
+        if not self.settings.rl.dynamic_sampling:
+            return groups, groups, {}
+        batch, metrics, sampled = fill_batch(
+            groups,
+            wanted=self.prompts_per_step,
+            sample_more=lambda count, round_index: self.sample_groups(count, step, round_index),
+            max_rounds=self.settings.rl.dynamic_sampling_max_rounds,
+        )
+        return batch, sampled, metrics
+
+    def make_trajectory(self, groups: PromptGroups):
+        """Step 3: query+response sequences, logprobs (policy, reference); the rewards were
+        scored with the samples (`sample_groups`)."""
+        records, encoded, completions = groups.records, groups.encoded, groups.completions
         return build_trajectory(
             policy=self.policy.model(),
             reference=self.policy.reference(),  # None without a KL term: no forward pass
@@ -139,6 +178,7 @@ class Trainer:
             options=self.settings.trajectory_config(),
             pad_id=self.processor.tokenizer.pad_token_id,
             reference_shares_vision=not self.settings.model.tower_trains,
+            rewards=groups.rewards,
         )
 
     def policy_update(self, trajectory, step: int) -> dict:
@@ -207,6 +247,9 @@ class Trainer:
             weights_version=self.weights_version,
             # this epoch's correctness so far: train/epoch_accuracy of a run resumed mid-epoch
             epoch_correct=[bool(x) for x in self.epoch_correct],
+            # where the next step reads its prompts (dynamic sampling moves it by more than a
+            # step's prompts)
+            data_cursor=self.cursor.state(),
         )
 
     def step_metrics(self, trajectory, update_metrics, timings) -> dict:
@@ -215,7 +258,6 @@ class Trainer:
         mismatch = np.abs(trajectory.logprobs_old[:n] - trajectory.rollout_logprobs[:n])[mask]
         lengths = trajectory.response_lengths[:n]
         metrics = {
-            "train/accuracy": float(np.mean(trajectory.correct[:n])),
             "train/reward/total": float(np.mean(trajectory.scores[:n])),
             "response_length/mean": float(lengths.mean()),
             "response_length/max": int(lengths.max()),
@@ -255,25 +297,39 @@ class Trainer:
                 )
                 self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
                 self.weights_version = start
+                self.cursor = EpochCursor.restore(
+                    len(self.data["train"]),
+                    s.seed,
+                    meta.get("data_cursor"),
+                    step=start,
+                    steps_per_epoch=self.steps_per_epoch,
+                    prompts_per_step=self.prompts_per_step,
+                )
+                if self.cursor.epoch >= s.rl.num_epochs:  # resumed after its last step
+                    run.end_early(start)
                 if start == 0 and s.eval.enabled and s.eval.at_start:
                     run.log(self.evaluate(0, 0), step=0, epoch=0)
                 for step in run.steps(start):
-                    epoch = (step - 1) // self.steps_per_epoch + 1
-                    with run.section("data"):
-                        records, encoded = self.data_flow(step)
-                    with run.section("rollout"):
-                        completions = self.collect_responses(encoded, step)
+                    epoch = self.cursor.epoch + 1
+                    groups, sampled, sampling_metrics = self.collect_batch(step)  # steps 1, 2
                     with run.section("trajectory"):
-                        trajectory = self.make_trajectory(records, encoded, completions)
+                        trajectory = self.make_trajectory(groups)
                     with run.section("update"):
                         update_metrics = self.policy_update(trajectory, step)
                     metrics = self.step_metrics(trajectory, update_metrics, run.timings())
-                    self.epoch_correct.extend(trajectory.correct[: trajectory.num_rows].tolist())
-                    if step % self.steps_per_epoch == 0:
+                    metrics.update(sampling_metrics)
+                    # Training accuracy over every response sampled (dynamic sampling's dropped
+                    # groups too: leaving out all-correct groups would bias it down).
+                    correct = _correct(sampled)
+                    metrics["train/accuracy"] = float(np.mean(correct))
+                    self.epoch_correct.extend(correct)
+                    if self.cursor.end_epoch_if_short(self.prompts_per_step):
                         metrics["train/epoch_accuracy"] = float(np.mean(self.epoch_correct))
                         self.epoch_correct = []
                         if s.eval.enabled and epoch % s.eval.every_epochs == 0:
                             metrics.update(self.evaluate(epoch, step))
+                        if self.cursor.epoch >= s.rl.num_epochs:
+                            run.end_early(step)  # a no-op unless dynamic sampling ended it early
                     progress = dict(
                         acc=f"{metrics['train/accuracy']:.2f}",
                         len=f"{metrics['response_length/mean']:.0f}",
@@ -305,6 +361,14 @@ def run_rl(config) -> dict:
     returns the summary of its evaluations (`metrics.summarize_run`)."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
     return build_trainer(settings).run()
+
+
+def _correct(groups: PromptGroups) -> list[bool]:
+    """Per response: the accuracy reward is 1 (all False without an accuracy reward)."""
+    accuracy = groups.rewards.get("accuracy")
+    if accuracy is None:
+        return [False] * sum(len(samples) for samples in groups.completions)
+    return [score >= 1.0 for score in accuracy]
 
 
 def _rollout_rows(trajectory):

@@ -176,6 +176,25 @@ class RunHarness:
             if self.stop_requested:
                 log.warning("%s: stopped at step %d; checkpoint saved", self.kind, step)
                 return
+            if step >= self.total_steps:  # `end_early` during this step
+                return
+
+    def end_early(self, last_step: int) -> None:
+        """The run has fewer steps than planned (dynamic sampling can use up the epochs'
+        prompts sooner): `last_step` is its final step, checkpointed by `end_step` and counted
+        as finished (the final export follows), and `steps()` yields no further step. Called
+        during that step, or right after `restore` when the run already ended there."""
+        if last_step < self.total_steps:
+            log.info(
+                "%s: the data ends after step %d of at most %d",
+                self.kind,
+                last_step,
+                self.total_steps,
+            )
+            self.total_steps = last_step
+            if self._progress is not None:
+                self._progress.total = last_step
+                self._progress.refresh()
 
     def section(self, name: str):
         """A named timing section of this step (`timings()`)."""

@@ -126,6 +126,56 @@ def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
         assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
 
 
+def dynamic_sampling_config(tmp_path):
+    """2 prompts x 2 samples per step, 8 records, 2 epochs (at most 8 steps). With the language
+    reward alone and 3-token responses, some groups score all the same (no CJK in either)."""
+    c = tiny_config(tmp_path)
+    c.rl.dynamic_sampling = True
+    c.data.synth_num_train = 8
+    c.rl.batch_size, c.rl.ppo_batch_size, c.rl.micro_batch_size = 4, 4, 2
+    c.rewards.names = ("language",)
+    c.rollout.max_tokens = 3
+    c.eval.enabled = False
+    return c
+
+
+def test_dynamic_sampling_resumes_exactly_and_ends_epochs_early(tmp_path):
+    """Dropped groups are replaced by the next prompts of the epoch, so a step can read more
+    than its batch: the data cursor saved in the checkpoint makes resume exact, and an epoch
+    whose prompts run out ends after fewer steps (here the run ends after 6 of at most 8)."""
+    full = dynamic_sampling_config(tmp_path / "full")
+    Trainer(rl_settings(full)).run()
+    reference = read_metrics(tmp_path / "full" / "run")
+    assert [m["generation_step"] for m in reference] == [1, 2, 3, 4, 5, 6]
+    assert [m["epoch"] for m in reference] == [1, 1, 1, 2, 2, 2]
+    extra = [m["dynamic_sampling/extra_prompts"] for m in reference]
+    assert extra == [1, 0, 1, 0, 1, 0]
+    assert sum(m["dynamic_sampling/groups_dropped"] for m in reference) == 3
+    assert [m["dynamic_sampling/groups_refilled"] for m in reference] == [0, 0, 1, 0, 0, 0]
+    # Each epoch read 2 records per step plus the top-ups, and ended with fewer than a step's
+    # 2 records left (epoch 1 read all 8, epoch 2 read 7).
+    for epoch, read in ((1, 8), (2, 7)):
+        lines = [m for m in reference if m["epoch"] == epoch]
+        assert sum(2 + m["dynamic_sampling/extra_prompts"] for m in lines) == read
+        assert "train/epoch_accuracy" in lines[-1]
+    assert (tmp_path / "full" / "run" / "final_hf" / "config.json").is_file()
+
+    config = dynamic_sampling_config(tmp_path / "resumed")
+    first = Trainer(rl_settings(config))
+    first.stop_after_step = 1  # after a step that read 3 prompts instead of 2
+    first.run()
+    config.resume = True
+    Trainer(rl_settings(config)).run()
+    resumed = read_metrics(tmp_path / "resumed" / "run")
+    assert len(resumed) == len(reference)
+    for ours, theirs in zip(resumed, reference):
+        keys = {k for k in theirs if not k.startswith(("time/", "memory/"))}
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+    # Resuming the finished run again runs no step.
+    Trainer(rl_settings(config)).run()
+    assert len(read_metrics(tmp_path / "resumed" / "run")) == len(reference)
+
+
 def _vllm_available() -> bool:
     import os
 
