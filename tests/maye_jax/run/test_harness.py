@@ -30,8 +30,9 @@ def settings_for(tmp_path, **checkpoint):
     return c
 
 
-def train(tmp_path, config, *, total=5, signal_at=None):
-    """A stand-in loop: the state counts steps; a SIGTERM arrives during step `signal_at`."""
+def train(tmp_path, config, *, total=5, signal_at=None, data_ends_at=None):
+    """A stand-in loop: the state counts steps; a SIGTERM arrives during step `signal_at`; the
+    data runs out during step `data_ends_at` (as dynamic sampling can make it)."""
     settings = load_settings(config, kind="sft")
     state = {"count": jnp.zeros((), jnp.int32), "weights": jnp.arange(4.0)}
     shardings = jax.tree.map(lambda x: x.sharding, state)
@@ -42,6 +43,8 @@ def train(tmp_path, config, *, total=5, signal_at=None):
                 state = {"count": state["count"] + 1, "weights": state["weights"] * 2}
                 if step == signal_at:
                     os.kill(os.getpid(), signal.SIGTERM)
+            if step == data_ends_at:
+                run.end_early(step)
             run.log({"count": int(state["count"]), **run.timings()}, step=step, epoch=1)
             run.end_step(step, state, {"note": f"after {step}"})
         return run, state, start, meta
@@ -67,6 +70,24 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues(tm
     assert run.finished and int(state["count"]) == 5
     np.testing.assert_array_equal(np.asarray(state["weights"]), np.arange(4.0) * 2**5)
     assert [m["count"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_a_run_whose_data_ends_early_finishes_there_with_a_checkpoint(tmp_path):
+    config = settings_for(tmp_path, every_steps=10, keep=5)
+    run, state, _, _ = train(tmp_path, config, total=6, data_ends_at=4)
+    out = tmp_path / "run"
+    assert run.finished and run.last_step == 4 and int(state["count"]) == 4
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4]  # the last step, although not on the cadence
+    config.resume = True
+    with RunHarness(
+        out, kind="sft", settings=load_settings(config, kind="sft"), total_steps=6
+    ) as run:
+        state = {"count": jnp.zeros((), jnp.int32), "weights": jnp.arange(4.0)}
+        start, _, _ = run.restore(state, jax.tree.map(lambda x: x.sharding, state))
+        run.end_early(start)  # the resumed loop knows its data ended there
+        assert start == 4 and list(run.steps(start)) == [] and run.finished
+    assert [m["generation_step"] for m in read_metrics(out)] == [1, 2, 3, 4]
 
 
 def test_sections_are_exclusive_of_nested_sections(monkeypatch):
