@@ -29,7 +29,12 @@ from pathlib import Path
 import jax
 
 from maye_jax.config.settings import Settings
-from maye_jax.run.metrics import MetricsWriter, truncate_metrics, write_run_json
+from maye_jax.run.metrics import (
+    MetricsWriter,
+    mark_run_finished,
+    truncate_metrics,
+    write_run_json,
+)
 from maye_jax.storage.train_checkpoints import TrainCheckpointer
 
 log = logging.getLogger("maye_jax")
@@ -108,6 +113,7 @@ class RunHarness:
                 kind=self.kind,
                 config=s.config_dict(),
                 devices=[str(d) for d in jax.devices()],
+                total_steps=self.total_steps,
             )
         # Preemption (SIGTERM) or Ctrl-C (SIGINT): finish the step, checkpoint, stop.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -210,6 +216,11 @@ class RunHarness:
         return self.last_step == self.total_steps
 
     def finish(self, export: Callable[[Path], object] | None) -> None:
-        """The final HF export into `final_hf/`, when the run finished and export is on."""
-        if export is not None and self.finished and self.settings.checkpoint.export_hf:
+        """When every step ran: the final HF export into `final_hf/` (if export is on), then
+        `finished: true` in run.json (reports mark runs without it as interrupted)."""
+        if not self.finished:
+            return
+        if export is not None and self.settings.checkpoint.export_hf:
             export(self.output_dir / "final_hf")
+        if self.describe:
+            mark_run_finished(self.output_dir)

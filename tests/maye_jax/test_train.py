@@ -104,6 +104,7 @@ def test_metrics_file_is_complete(uninterrupted):
             assert f"eval/{split}/{setting}" in steps[-1]
     run = json.loads((uninterrupted / "run.json").read_text())
     assert run["kind"] == "rl" and run["seed"] == 0
+    assert run["total_steps"] == 2 and run["finished"] is True
     assert (uninterrupted / "rollouts" / "step_2.jsonl").is_file()
     assert (uninterrupted / "final_hf" / "config.json").is_file()
     # The mismatch between trainer and sampler logprobs is small in fp32.
@@ -116,8 +117,10 @@ def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     first.stop_after_step = 1  # a preemption after generation step 1
     first.run()
     assert [m["generation_step"] for m in read_metrics(tmp_path / "run")] == [0, 1]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["finished"] is False
     config.resume = True
     Trainer(rl_settings(config)).run()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["finished"] is True
     resumed = read_metrics(tmp_path / "run")
     reference = read_metrics(uninterrupted)
     assert len(resumed) == len(reference)

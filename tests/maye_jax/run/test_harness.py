@@ -44,6 +44,7 @@ def train(tmp_path, config, *, total=5, signal_at=None):
                     os.kill(os.getpid(), signal.SIGTERM)
             run.log({"count": int(state["count"]), **run.timings()}, step=step, epoch=1)
             run.end_step(step, state, {"note": f"after {step}"})
+        run.finish(None)
         return run, state, start, meta
 
 
@@ -57,7 +58,8 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues(tm
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 3]  # the cadence, then the stop
     assert [m["generation_step"] for m in read_metrics(out)] == [1, 2, 3]
-    assert json.loads((out / "run.json").read_text())["kind"] == "sft"
+    record = json.loads((out / "run.json").read_text())
+    assert (record["kind"], record["total_steps"], record["finished"]) == ("sft", 5, False)
     # A metric line written after the checkpoint (a crash before the next one) is dropped.
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({"generation_step": 4, "epoch": 1, "count": 99}) + "\n")
@@ -65,6 +67,7 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues(tm
     run, state, start, meta = train(tmp_path, config)
     assert start == 3 and meta["note"] == "after 3" and meta["generation_step"] == 3
     assert run.finished and int(state["count"]) == 5
+    assert json.loads((out / "run.json").read_text())["finished"] is True
     np.testing.assert_array_equal(np.asarray(state["weights"]), np.arange(4.0) * 2**5)
     assert [m["count"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
 
