@@ -7,6 +7,8 @@
 The direction follows from what `--input` is. HF -> Orbax streams tensor by tensor (each one
 converted and placed on its devices before the next is read); Orbax -> HF writes safetensors
 shards as they fill, plus config and tokenizer/processor files, loadable by transformers/vLLM.
+Either direction shows a tensor-by-tensor progress bar on stderr (`--noprogress`: none); the
+Orbax side is one save or restore call.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ flags.DEFINE_string(
     "Where tokenizer/processor files come from on export (default: the input "
     "directory; if it has none, the offline Qwen tokenizer is written).",
 )
+flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
 
 
 def main(argv):
@@ -68,7 +71,7 @@ def main(argv):
     try:
         if checkpoint.is_orbax_checkpoint(source):
             model, hf_config = checkpoint.load_model(
-                source, param_dtype=param_dtype, shardings=shardings
+                source, param_dtype=param_dtype, shardings=shardings, progress=FLAGS.progress
             )
             dtype = (
                 None
@@ -81,10 +84,13 @@ def main(argv):
                 FLAGS.output,
                 dtype=dtype,
                 tokenizer_source=FLAGS.tokenizer_dir or source,
+                progress=FLAGS.progress,
             )
             _ensure_tokenizer(out, hf_config)
         elif checkpoint.is_hf_directory(source):
-            model, hf_config = checkpoint.load_model(source, param_dtype=param_dtype, place=place)
+            model, hf_config = checkpoint.load_model(
+                source, param_dtype=param_dtype, place=place, progress=FLAGS.progress
+            )
             out = checkpoint.save_orbax(FLAGS.output, model, hf_config, source_dir=source)
         else:
             raise FileNotFoundError(

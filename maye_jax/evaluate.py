@@ -26,6 +26,7 @@ def _define_flags():
     flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype (jax engine).")
     flags.DEFINE_string("output", "", "Optional jsonl of every response with its correctness.")
     flags.DEFINE_string("prompt_template", "maye", "Prompt template name.")
+    flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
 
 
 def main(argv):
@@ -46,7 +47,7 @@ def main(argv):
         dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
         from maye_jax.storage.model_folders import load_model
 
-        model, hf_config = load_model(FLAGS.model, dtype=dtype)
+        model, hf_config = load_model(FLAGS.model, dtype=dtype, progress=FLAGS.progress)
         config = ModelConfig.from_hf(hf_config)
         processor = load_processor(FLAGS.model, family=config.family)
         engine = make_engine(
@@ -69,6 +70,7 @@ def main(argv):
                 seed=FLAGS.seed,
                 step=0,
                 instruction=get_prompt_template(FLAGS.prompt_template),
+                progress=FLAGS.progress,
             )
         finally:
             engine.close()

@@ -239,7 +239,13 @@ def run_sft(config) -> dict:
         def export(out_dir: Path) -> None:
             from maye_jax.storage.model_folders import export_hf
 
-            export_hf(policy.model(), policy.hf_config, out_dir, tokenizer_source=policy.source_dir)
+            export_hf(
+                policy.model(),
+                policy.hf_config,
+                out_dir,
+                tokenizer_source=policy.source_dir,
+                progress=s.logging.progress_bar,
+            )
 
         run.finish(export)
     return summarize_run(s.output_dir)

@@ -240,7 +240,13 @@ class Trainer:
         from maye_jax.storage.model_folders import export_hf
 
         policy = self.policy
-        export_hf(policy.model(), policy.hf_config, out_dir, tokenizer_source=policy.source_dir)
+        export_hf(
+            policy.model(),
+            policy.hf_config,
+            out_dir,
+            tokenizer_source=policy.source_dir,
+            progress=self.settings.logging.progress_bar,
+        )
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
