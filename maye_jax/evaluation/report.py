@@ -26,14 +26,10 @@ Table cells (SPEC §6): per seed, Untrained = the epoch-0 evaluation (of the RL 
 SFT group), mean and max = over epochs 1..E; then mean ± std (ddof=0) over seeds, in percent.
 Rows and plot panels exist only for the (split, setting) pairs some run evaluated.
 
-Interrupted runs: the harness writes `total_steps` (the planned steps) and `finished: false` into
-run.json at the start and sets `finished: true` when every step ran. A run whose run.json says
-`finished: false` (stopped, crashed, or still running) is marked "interrupted at step N of M" in
-table.md, summary.json and the plots' titles and legends. A run.json written before these fields
-existed carries neither and is not marked.
-
-An RL run warmed up by SFT (`sft.warmup_epochs`) keeps the warm-up's metrics in
-`OUTPUT_DIR/sft_warmup/metrics.jsonl`; its loss is plotted beside the RL curves.
+A run whose run.json says `finished: false` (stopped, crashed or still running; the harness sets
+it true when every step ran) is marked "interrupted at step N of M" (M: run.json `total_steps`)
+in table.md, summary.json and the plots; an older run.json without the field is not marked. An
+RL run's SFT warm-up loss (`OUTPUT_DIR/sft_warmup/metrics.jsonl`) is plotted beside its curves.
 """
 
 from __future__ import annotations
