@@ -232,6 +232,7 @@ def _training_figure(group) -> Figure | None:
         ax.set_xlabel("generation step", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)  # values as logged, not "+1.19e1"
         ax.grid(alpha=0.3)
         if len(curves) > 1:
             ax.legend(fontsize=6)
