@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from maye_jax.data.records import Record
+from maye_jax.errors import EvaluationInterrupted, UserError
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
 from maye_jax.rollout.engine import Prompt, Sampling
 
@@ -57,8 +58,12 @@ def evaluate_split(
     batch_size: int = 64,
     stop_token_ids=STOP_TOKEN_IDS,
     reward_timeout_s: float = 5.0,
+    reward_workers: int | None = None,
+    should_stop=None,
 ):
-    """Returns ({f"eval/{split}/{setting}": accuracy}, [response rows]) for one split."""
+    """Returns ({f"eval/{split}/{setting}": accuracy}, [response rows]) for one split.
+    `should_stop()` is asked before every batch: True abandons the evaluation
+    (EvaluationInterrupted), so a stop request is honoured within one batch's time."""
     from maye_jax.evaluation.scheme import pass_at_k
     from maye_jax.rl.rewards import accuracy_rewards
 
@@ -69,6 +74,8 @@ def evaluate_split(
         )
         correct_matrix = []
         for start in range(0, len(records), batch_size):
+            if should_stop is not None and should_stop():
+                raise EvaluationInterrupted(f"evaluation of {split} abandoned at a stop request")
             chunk = records[start : start + batch_size]
             _, prompts = encode_prompts(processor, chunk, instruction)
             # A distinct step per (split, setting) keeps the evaluation draws independent of
@@ -77,7 +84,9 @@ def evaluate_split(
             texts = [c.text for samples in completions for c in samples]
             solutions = [r.solution for r, samples in zip(chunk, completions) for _ in samples]
             answers = [r.answer for r, samples in zip(chunk, completions) for _ in samples]
-            scores = accuracy_rewards(texts, solutions, answers, timeout_s=reward_timeout_s)
+            scores = accuracy_rewards(
+                texts, solutions, answers, timeout_s=reward_timeout_s, num_workers=reward_workers
+            )
             offset = 0
             for record, samples in zip(chunk, completions):
                 flags_ = [s >= 1.0 for s in scores[offset : offset + len(samples)]]
@@ -99,7 +108,15 @@ def evaluate_split(
 
 
 def evaluate_configured_splits(
-    engine, processor, data, settings, *, step: int, instruction: str, responses_path=None
+    engine,
+    processor,
+    data,
+    settings,
+    *,
+    step: int,
+    instruction: str,
+    responses_path=None,
+    should_stop=None,
 ) -> dict:
     """Every split of `settings.eval.splits` present in `data` (RL and SFT share this); with
     `responses_path(split)` given and `eval.save_responses` on, writes each split's responses.
@@ -107,8 +124,8 @@ def evaluate_configured_splits(
     e = settings.eval
     metrics = {}
     for split in e.splits:
-        if split not in data:
-            continue
+        if split not in data:  # never drop an asked-for evaluation silently
+            raise UserError(f"config.eval.splits: {split}: the run has no {split} data")
         split_metrics, rows = evaluate_split(
             engine,
             processor,
@@ -121,6 +138,8 @@ def evaluate_configured_splits(
             instruction=instruction,
             batch_size=e.batch_size,
             reward_timeout_s=settings.rewards.timeout_s,
+            reward_workers=settings.rewards.num_workers,
+            should_stop=should_stop,
         )
         metrics.update(split_metrics)
         if responses_path is not None and e.save_responses:

@@ -152,9 +152,17 @@ def package_versions() -> dict[str, str | None]:
 
 
 def write_run_json(
-    output_dir, *, name: str, seed: int, kind: str, config: Mapping, devices: Sequence[str]
+    output_dir,
+    *,
+    name: str,
+    seed: int,
+    kind: str,
+    config: Mapping,
+    devices: Sequence[str],
+    fingerprint: Mapping | None = None,
 ) -> Path:
-    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices}` (ARCHITECTURE.md)."""
+    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices, fingerprint}`: what the
+    run is (reports group runs by it; a resume is checked against it)."""
     record = dict(
         name=name,
         seed=int(seed),
@@ -163,6 +171,7 @@ def write_run_json(
         git_sha=git_sha(),
         versions=package_versions(),
         devices=list(devices),
+        fingerprint=dict(fingerprint or {}),
     )
     path = Path(output_dir) / "run.json"
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
