@@ -13,10 +13,12 @@ Orbax side is one save or restore call.
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -34,6 +36,9 @@ flags.DEFINE_enum(
     "auto",
     ["auto", "float32", "bfloat16", "float16"],
     "dtype of exported safetensors (Orbax -> HF); auto = the parameters' dtype.",
+)
+flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing non-empty --output folder (else it is refused)."
 )
 flags.DEFINE_integer("fsdp", 0, "Shard parameters over this many devices while converting (0: no).")
 flags.DEFINE_string(
@@ -54,6 +59,16 @@ def main(argv):
 
     started = time.time()
     source = FLAGS.input
+    target = Path(FLAGS.output)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not FLAGS.overwrite:
+            print(
+                f"convert: error: --output: {target} is not empty (a model written over another "
+                "keeps the other's files); choose an empty folder or pass --overwrite to replace it",
+                file=sys.stderr,
+            )
+            return 1
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
     param_dtype = jnp.bfloat16 if FLAGS.param_dtype == "bfloat16" else jnp.float32
     place, shardings = None, None
     if FLAGS.fsdp:
@@ -107,8 +122,6 @@ def main(argv):
 def _ensure_tokenizer(out_dir, hf_config) -> None:
     """An exported directory must be loadable on its own: add the offline tokenizer if the
     source carried no tokenizer files."""
-    from pathlib import Path
-
     if (Path(out_dir) / "tokenizer_config.json").is_file():
         return
     if int(hf_config.text_config.vocab_size) < 151643:
@@ -120,4 +133,6 @@ def _ensure_tokenizer(out_dir, hf_config) -> None:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from maye_jax.run.cli import run_cli
+
+    run_cli("convert", main)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from maye_jax.evaluation.evaluate import SETTINGS, evaluate_split
 
@@ -42,6 +42,15 @@ def main(argv):
     if not FLAGS.model or not FLAGS.data:
         print("evaluate: --model and --data are required", file=sys.stderr)
         return 2
+    if FLAGS.max_tokens < 1:
+        print(f"evaluate: error: --max_tokens={FLAGS.max_tokens}: must be >= 1", file=sys.stderr)
+        return 1
+    if FLAGS.output and not Path(FLAGS.output).absolute().parent.is_dir():
+        print(
+            f"evaluate: error: --output: the folder of {FLAGS.output} does not exist",
+            file=sys.stderr,
+        )
+        return 1
     try:
         records = read_records(FLAGS.data)
         dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
@@ -84,5 +93,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from maye_jax.run.cli import run_cli
+
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    run_cli("evaluate", main)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory or maye-jax checkpoint.", required=True)
@@ -105,6 +106,13 @@ def main(argv):
 
     started = time.time()
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    if FLAGS.temperature <= 0:  # logprobs divide the logits by it
+        print(f"score: error: --temperature={FLAGS.temperature}: must be > 0", file=sys.stderr)
+        return 1
+    output_folder = Path(FLAGS.output).absolute().parent
+    if not output_folder.is_dir():
+        print(f"score: error: --output: folder {output_folder} does not exist", file=sys.stderr)
+        return 1
     try:
         records = read_records(FLAGS.data, required=("question", "response"))
         model, hf_config = load_model(FLAGS.model, dtype=dtype, progress=FLAGS.progress)
@@ -134,4 +142,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from maye_jax.run.cli import run_cli
+
+    run_cli("score", main)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import psutil
 from maye_jax.config.settings import Settings, load_settings
 from maye_jax.data.processor import get_prompt_template
 from maye_jax.data.records import epoch_order
+from maye_jax.errors import EvaluationInterrupted, UserError
 from maye_jax.evaluation.evaluate import evaluate_configured_splits
 from maye_jax.evaluation.scheme import reflection_metrics
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
@@ -32,6 +32,7 @@ from maye_jax.rl.trajectory import build_trajectory
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
+from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
 from maye_jax.run.metrics import read_metrics, summarize_run, write_rollouts
 from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
@@ -45,17 +46,19 @@ log = logging.getLogger("maye_jax")
 class Trainer:
     """Holds the run's state; `run()` is the loop. Built from the run's typed settings."""
 
-    def __init__(self, settings: Settings, *, policy=None, data=None, processor=None):
+    def __init__(
+        self, settings: Settings, *, policy=None, data=None, processor=None, fingerprint=None
+    ):
         self.settings = s = settings
         self.output_dir = Path(s.output_dir).absolute()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.data = data or startup.prepare_data(s)
+        if data is None:
+            files = startup.data_files(s)
+            fingerprint = check_fingerprint(s, files)
+            data = startup.prepare_data(s, files)
+        self.data, self.fingerprint = data, fingerprint
+        check_rl_data(s, data)
         self.prompts_per_step = s.rl.batch_size // s.rollout.num_samples
-        if len(self.data["train"]) < self.prompts_per_step:
-            raise ValueError(
-                f"config.rl.batch_size: {s.rl.batch_size} responses = {self.prompts_per_step} "
-                f"prompts per step, more than the {len(self.data['train'])} training records"
-            )
         self.steps_per_epoch = len(self.data["train"]) // self.prompts_per_step
         self.total_steps = self.steps_per_epoch * s.rl.num_epochs
         self.updates_per_step = (s.rl.batch_size // s.rl.ppo_batch_size) * s.rl.ppo_epochs
@@ -74,6 +77,14 @@ class Trainer:
         else:  # e.g. after an SFT warm-up: keep the weights, start a fresh optimizer
             policy = with_fresh_optimizer(s, policy, optimizer, with_reference=with_reference)
         self.policy = policy
+        log.info(
+            "RL: %d generation steps (%d epochs of %d), %d updates each; rollouts: %s engine",
+            self.total_steps,
+            s.rl.num_epochs,
+            self.steps_per_epoch,
+            self.updates_per_step,
+            s.rollout.engine,
+        )
         self.processor = processor or startup.load_run_processor(
             s, policy.source_dir, policy.model_config.family
         )
@@ -189,6 +200,8 @@ class Trainer:
 
     # -- around the steps ---------------------------------------------------------------------
     def evaluate(self, epoch: int, step: int) -> dict:
+        """The scheme's evaluation of the current weights; a stop request abandons it
+        (EvaluationInterrupted)."""
         self.engine.load_policy(self.policy.model(), self.weights_version)
         folder = self.output_dir / "eval_responses"
         return evaluate_configured_splits(
@@ -199,6 +212,7 @@ class Trainer:
             step=step,
             instruction=self.instruction,
             responses_path=lambda split: folder / f"epoch_{epoch}_{split}.jsonl",
+            should_stop=self.run_harness.should_stop if self.run_harness else None,
         )
 
     def checkpoint_meta(self) -> dict:
@@ -251,7 +265,13 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
         s = self.settings
-        harness = RunHarness(self.output_dir, kind="rl", settings=s, total_steps=self.total_steps)
+        harness = RunHarness(
+            self.output_dir,
+            kind="rl",
+            settings=s,
+            total_steps=self.total_steps,
+            fingerprint=self.fingerprint,
+        )
         harness.stop_after_step = self.stop_after_step
         self.run_harness = harness
         try:
@@ -262,7 +282,12 @@ class Trainer:
                 self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
                 self.weights_version = start
                 if start == 0 and s.eval.enabled and s.eval.at_start:
-                    run.log(self.evaluate(0, 0), step=0, epoch=0)
+                    try:
+                        run.log(self.evaluate(0, 0), step=0, epoch=0)
+                    except EvaluationInterrupted:  # nothing trained yet: nothing to save
+                        raise run.stopped_error() from None
+                if "pending_metrics" in meta:  # stopped during step `start`'s evaluation
+                    self.finish_pending_step(run, start, meta["pending_metrics"])
                 for step in run.steps(start):
                     epoch = (step - 1) // self.steps_per_epoch + 1
                     with run.section("data"):
@@ -275,41 +300,83 @@ class Trainer:
                         update_metrics = self.policy_update(trajectory, step)
                     metrics = self.step_metrics(trajectory, update_metrics, run.timings())
                     self.epoch_correct.extend(trajectory.correct[: trajectory.num_rows].tolist())
+                    if s.logging.save_rollouts:
+                        write_rollouts(self.output_dir, step, _rollout_rows(trajectory))
                     if step % self.steps_per_epoch == 0:
                         metrics["train/epoch_accuracy"] = float(np.mean(self.epoch_correct))
                         self.epoch_correct = []
-                        if s.eval.enabled and epoch % s.eval.every_epochs == 0:
-                            metrics.update(self.evaluate(epoch, step))
+                        if self.evaluation_due(epoch):
+                            try:
+                                metrics.update(self.evaluate(epoch, step))
+                            except EvaluationInterrupted:
+                                # The step is done but its line waits for the evaluation:
+                                # both are saved, and a resume reruns the evaluation whole.
+                                meta = dict(self.checkpoint_meta(), pending_metrics=metrics)
+                                run.end_step(step, self.policy.state, meta)
+                                raise run.stopped_error() from None
                     progress = dict(
                         acc=f"{metrics['train/accuracy']:.2f}",
                         len=f"{metrics['response_length/mean']:.0f}",
                     )
                     run.log(metrics, step=step, epoch=epoch, progress=progress)
-                    if s.logging.save_rollouts:
-                        write_rollouts(self.output_dir, step, _rollout_rows(trajectory))
                     run.end_step(step, self.policy.state, self.checkpoint_meta())
                 run.finish(self.export_hf)
+                if not run.finished:
+                    raise run.stopped_error()
         finally:
             self.engine.close()
         return summarize_run(self.output_dir)
 
+    def evaluation_due(self, epoch: int) -> bool:
+        return self.settings.eval.enabled and epoch % self.settings.eval.every_epochs == 0
+
+    def finish_pending_step(self, run: RunHarness, step: int, metrics: dict) -> None:
+        """The evaluation a stop abandoned at step `step`, rerun; then the step's line."""
+        epoch = (step - 1) // self.steps_per_epoch + 1
+        try:
+            metrics = dict(metrics, **self.evaluate(epoch, step))
+        except EvaluationInterrupted:
+            raise run.stopped_error() from None
+        run.log(metrics, step=step, epoch=epoch)
+
+
+def check_rl_data(settings: Settings, data) -> None:
+    """What the config alone cannot check: enough training records for one step."""
+    prompts_per_step = settings.rl.batch_size // settings.rollout.num_samples
+    if len(data["train"]) < prompts_per_step:
+        raise UserError(
+            f"config.rl.batch_size: {settings.rl.batch_size} responses of "
+            f"{settings.rollout.num_samples} samples = {prompts_per_step} prompts per step, "
+            f"more than the {len(data['train'])} training records"
+        )
+
 
 def build_trainer(settings: Settings) -> Trainer:
     """The RL trainer; with `sft.warmup_epochs` the policy is first warmed up by SFT (the demo),
-    unless the run resumes from its saved start model."""
+    unless the run resumes from its saved start model. The data is read (and checked against
+    the config and a resumed run's record) before any model work."""
     s = settings
+    files = startup.data_files(s)
+    fingerprint = check_fingerprint(s, files)
+    data = startup.prepare_data(s, files)
+    log.info(
+        "data: %s", ", ".join(f"{split} {len(records)} records" for split, records in data.items())
+    )
+    check_rl_data(s, data)
     if not s.sft.warmup_epochs or (s.resume and has_start_model(Path(s.output_dir).absolute())):
-        return Trainer(s)
+        return Trainer(s, data=data, fingerprint=fingerprint)
     from maye_jax.sft import warm_up
 
-    data, policy, processor = warm_up(s)
-    return Trainer(s, policy=policy, data=data, processor=processor)
+    policy, processor = warm_up(s, data)
+    return Trainer(s, policy=policy, data=data, processor=processor, fingerprint=fingerprint)
 
 
 def run_rl(config) -> dict:
-    """The RL run of `config` (an ml_collections config or typed Settings), checked first;
-    returns the summary of its evaluations (`metrics.summarize_run`)."""
+    """The RL run of `config` (an ml_collections config or typed Settings), checked first, in
+    its output folder (checked and prepared before any work); returns the summary of its
+    evaluations (`metrics.summarize_run`). Raises RunStopped when a signal stopped it."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
+    prepare_run_folder(settings)
     return build_trainer(settings).run()
 
 
@@ -347,17 +414,13 @@ def main(argv) -> int:
     del argv
     from absl import flags
 
-    startup.setup_cli_logging()
     settings = load_settings(flags.FLAGS.config, kind="rl")
-    summary = build_trainer(settings).run()
+    summary = run_rl(settings)
     print_summary(summary, settings.output_dir)
     return 0
 
 
 if __name__ == "__main__":
-    from absl import app
+    from maye_jax.run.cli import run_cli
 
-    from maye_jax.config.flags import define_config_flag
-
-    define_config_flag()
-    app.run(lambda argv: sys.exit(main(argv)))
+    run_cli("train", main, config_flag=True)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from maye_jax.data.records import Record
+from maye_jax.errors import EvaluationInterrupted, UserError
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
 from maye_jax.rollout.engine import Prompt, Sampling
 
@@ -58,9 +59,13 @@ def evaluate_split(
     batch_size: int = 64,
     stop_token_ids=STOP_TOKEN_IDS,
     reward_timeout_s: float = 5.0,
+    reward_workers: int | None = None,
+    should_stop=None,
     progress: bool = True,
 ):
     """Returns ({f"eval/{split}/{setting}": accuracy}, [response rows]) for one split.
+    `should_stop()` is asked before every batch: True abandons the evaluation
+    (EvaluationInterrupted), so a stop request is honoured within one batch's time.
 
     `progress`: one progress bar (stderr, with ETA) over every sample of every setting of
     the split, so pass@8's eight samples per prompt weigh eight times pass@1's one."""
@@ -88,6 +93,10 @@ def evaluate_split(
             bar.set_postfix_str(setting)
             correct_matrix = []  # per prompt: one flag per sample
             for start in range(0, len(records), batch_size):
+                if should_stop is not None and should_stop():
+                    raise EvaluationInterrupted(
+                        f"evaluation of {split} abandoned at a stop request"
+                    )
                 chunk = records[start : start + batch_size]
                 # A distinct step per (split, setting) keeps the evaluation draws independent
                 # of the training draws of the same generation step.
@@ -99,6 +108,7 @@ def evaluate_split(
                     instruction=instruction,
                     step=_eval_step(step, split, setting),
                     reward_timeout_s=reward_timeout_s,
+                    reward_workers=reward_workers,
                 )
                 correct_matrix += chunk_correct
                 rows += [dict(split=split, setting=setting, **row) for row in chunk_rows]
@@ -108,7 +118,7 @@ def evaluate_split(
 
 
 def _generate_and_score(
-    engine, processor, records, sampling, *, instruction, step, reward_timeout_s
+    engine, processor, records, sampling, *, instruction, step, reward_timeout_s, reward_workers
 ) -> tuple[list[list[bool]], list[dict]]:
     """(per record: correct flag of each sample, one row per sample) of one generate call."""
     from maye_jax.rl.rewards import accuracy_rewards
@@ -118,7 +128,9 @@ def _generate_and_score(
     texts = [c.text for samples in completions for c in samples]
     solutions = [r.solution for r, samples in zip(records, completions) for _ in samples]
     answers = [r.answer for r, samples in zip(records, completions) for _ in samples]
-    scores = accuracy_rewards(texts, solutions, answers, timeout_s=reward_timeout_s)
+    scores = accuracy_rewards(
+        texts, solutions, answers, timeout_s=reward_timeout_s, num_workers=reward_workers
+    )
     correct, rows, offset = [], [], 0
     for record, samples in zip(records, completions):
         flags_ = [score >= 1.0 for score in scores[offset : offset + len(samples)]]
@@ -137,7 +149,15 @@ def _generate_and_score(
 
 
 def evaluate_configured_splits(
-    engine, processor, data, settings, *, step: int, instruction: str, responses_path=None
+    engine,
+    processor,
+    data,
+    settings,
+    *,
+    step: int,
+    instruction: str,
+    responses_path=None,
+    should_stop=None,
 ) -> dict:
     """Every split of `settings.eval.splits` present in `data` (RL and SFT share this); with
     `responses_path(split)` given and `eval.save_responses` on, writes each split's responses.
@@ -146,8 +166,8 @@ def evaluate_configured_splits(
     e = settings.eval
     metrics = {}
     for split in e.splits:
-        if split not in data:
-            continue
+        if split not in data:  # never drop an asked-for evaluation silently
+            raise UserError(f"config.eval.splits: {split}: the run has no {split} data")
         split_metrics, rows = evaluate_split(
             engine,
             processor,
@@ -160,6 +180,8 @@ def evaluate_configured_splits(
             instruction=instruction,
             batch_size=e.batch_size,
             reward_timeout_s=settings.rewards.timeout_s,
+            reward_workers=settings.rewards.num_workers,
+            should_stop=should_stop,
             progress=settings.logging.progress_bar,
         )
         metrics.update(split_metrics)

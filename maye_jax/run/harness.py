@@ -29,6 +29,7 @@ from pathlib import Path
 import jax
 
 from maye_jax.config.settings import Settings
+from maye_jax.errors import RunAborted, RunStopped
 from maye_jax.run.metrics import (
     MetricsWriter,
     mark_run_finished,
@@ -82,14 +83,17 @@ class RunHarness:
         total_steps: int,
         describe: bool = True,
         checkpoints: bool = True,
+        fingerprint: dict | None = None,
     ):
         self.output_dir = Path(output_dir).absolute()
         self.kind = kind
         self.settings = settings
         self.total_steps = total_steps
         self.describe = describe
+        self.fingerprint = fingerprint
         self.timer = SectionTimer()
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked for the stop
         self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
         self.last_step = 0  # the last step done (resumed runs: the restored one)
         self.writer: MetricsWriter | None = None
@@ -104,7 +108,8 @@ class RunHarness:
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> RunHarness:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if self.describe:
+        resuming = self.settings.resume and (self.output_dir / "run.json").is_file()
+        if self.describe and not resuming:  # a resumed run keeps the record of what it is
             s = self.settings
             write_run_json(
                 self.output_dir,
@@ -113,6 +118,7 @@ class RunHarness:
                 kind=self.kind,
                 config=s.config_dict(),
                 devices=[str(d) for d in jax.devices()],
+                fingerprint=self.fingerprint,
                 total_steps=self.total_steps,
             )
         # Preemption (SIGTERM) or Ctrl-C (SIGINT): finish the step, checkpoint, stop.
@@ -132,9 +138,28 @@ class RunHarness:
             signal.signal(sig, handler)
 
     def _request_stop(self, signum, frame) -> None:
+        """The first SIGINT/SIGTERM: finish (or abandon an evaluation in) this step, checkpoint,
+        stop. The second: stop at once."""
         del frame
-        log.warning("signal %d: will checkpoint and stop after this step", signum)
+        if self.stop_requested and self.stop_signal is not None:
+            raise RunAborted(signum)
+        log.warning(
+            "signal %d: checkpointing and stopping after this step (again: stop at once)", signum
+        )
         self.stop_requested = True
+        self.stop_signal = signum
+
+    def should_stop(self) -> bool:
+        """For long work inside a step (evaluation): True once a stop was requested."""
+        return self.stop_requested
+
+    def stopped_error(self) -> RunStopped:
+        """What the CLI reports for a run that stopped before its last step."""
+        return RunStopped(
+            f"stopped after step {self.last_step} of {self.total_steps} (checkpoint saved in "
+            f"{self.output_dir}); continue it with the same command and --config.resume=True",
+            self.stop_signal or signal.SIGTERM,
+        )
 
     # -- resume ------------------------------------------------------------------------------
     def restore(self, state, state_shardings) -> tuple[int, object, dict]:

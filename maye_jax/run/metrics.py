@@ -159,12 +159,14 @@ def write_run_json(
     kind: str,
     config: Mapping,
     devices: Sequence[str],
+    fingerprint: Mapping | None = None,
     total_steps: int | None = None,
 ) -> Path:
-    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices, total_steps, finished}`
-    (ARCHITECTURE.md). `total_steps` is the run's planned number of steps; `finished` is false
-    until `mark_run_finished` (so a run that was stopped, crashed or is still going reads as
-    not finished)."""
+    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices, fingerprint, total_steps,
+    finished}`: what the run is (reports group runs by it; a resume is checked against it).
+    `total_steps` is the run's planned number of steps; `finished` is false until
+    `mark_run_finished` (so a run that was stopped, crashed or is still going reads as not
+    finished)."""
     record = dict(
         name=name,
         seed=int(seed),
@@ -173,6 +175,7 @@ def write_run_json(
         git_sha=git_sha(),
         versions=package_versions(),
         devices=list(devices),
+        fingerprint=dict(fingerprint or {}),
         total_steps=None if total_steps is None else int(total_steps),
         finished=False,
     )

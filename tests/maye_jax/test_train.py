@@ -74,9 +74,9 @@ def tiny_config(tmp_path, **overrides):
     return c
 
 
-def rl_settings(config):
+def rl_settings(config, check_files=True):
     """The typed settings an RL run reads (checked as the CLI checks them)."""
-    return load_settings(config, kind="rl")
+    return load_settings(config, kind="rl", check_files=check_files)
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +113,12 @@ def test_metrics_file_is_complete(uninterrupted):
 
 def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     config = tiny_config(tmp_path)
+    from maye_jax.errors import RunStopped
+
     first = Trainer(rl_settings(config))
     first.stop_after_step = 1  # a preemption after generation step 1
-    first.run()
+    with pytest.raises(RunStopped, match="stopped after step 1 of 2"):
+        first.run()
     assert [m["generation_step"] for m in read_metrics(tmp_path / "run")] == [0, 1]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["finished"] is False
     config.resume = True
@@ -123,6 +126,40 @@ def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["finished"] is True
     resumed = read_metrics(tmp_path / "run")
     reference = read_metrics(uninterrupted)
+    assert len(resumed) == len(reference)
+    for ours, theirs in zip(resumed, reference):
+        keys = {k for k in theirs if not k.startswith(("time/", "memory/"))}
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+def test_a_stop_during_evaluation_abandons_it_and_resume_reruns_it(uninterrupted, tmp_path):
+    """SIGTERM while step 1's evaluation runs: the evaluation is abandoned within a batch, step 1
+    is checkpointed with its metrics but its line waits; the resumed run reruns the evaluation
+    and its metrics equal the uninterrupted run's."""
+    import os
+    import signal
+
+    from maye_jax.errors import RunStopped
+
+    config = tiny_config(tmp_path)
+    trainer = Trainer(rl_settings(config))
+    generate, sent = trainer.engine.generate, []
+
+    def generate_then_signal(prompts, sampling, *, step=0):
+        if step >= 1_001_000 and not sent:  # the first evaluation call after step 1
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(prompts, sampling, step=step)
+
+    trainer.engine.generate = generate_then_signal
+    with pytest.raises(RunStopped) as stopped:
+        trainer.run()
+    assert stopped.value.signum == signal.SIGTERM and sent
+    assert "--config.resume=True" in str(stopped.value)
+    assert [m["generation_step"] for m in read_metrics(tmp_path / "run")] == [0]
+    config.resume = True
+    Trainer(rl_settings(config)).run()
+    resumed, reference = read_metrics(tmp_path / "run"), read_metrics(uninterrupted)
     assert len(resumed) == len(reference)
     for ours, theirs in zip(resumed, reference):
         keys = {k for k in theirs if not k.startswith(("time/", "memory/"))}
@@ -237,7 +274,7 @@ def test_validation_accuracy_rises_with_rl(tmp_path):
         "train": write(data_dir / "train.jsonl", 8, mixed=False),
         "validation": sft_data["validation"],
     }
-    settings = rl_settings(config)
+    settings = rl_settings(config, check_files=False)  # the data is given below, not read
     source = startup.materialize_start_model(settings)
     optimizer, _ = optimizer_for(settings, 1)
     policy = build_policy(
