@@ -3,6 +3,7 @@
     python -m maye_jax.convert --input=HF_DIR --output=CKPT_DIR            # HF -> Orbax
     python -m maye_jax.convert --input=CKPT_DIR --output=HF_DIR            # Orbax -> HF
     python -m maye_jax.convert --input=HF_DIR --output=CKPT_DIR --fsdp=8   # written sharded
+    python -m maye_jax.convert --input=RUN/checkpoints/N --output=HF_DIR   # a train checkpoint
 
 The direction follows from what `--input` is. HF -> Orbax streams tensor by tensor (each one
 converted and placed on its devices before the next is read); Orbax -> HF writes safetensors
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 from absl import flags
+
+from maye_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -56,6 +59,7 @@ def main(argv):
     import numpy as np
 
     from maye_jax.storage import model_folders as checkpoint
+    from maye_jax.storage.run_models import is_train_checkpoint
 
     started = time.time()
     source = FLAGS.input
@@ -84,7 +88,8 @@ def main(argv):
             np.asarray(value, dtype=param_dtype), sharding_of(name, value.shape)
         )
     try:
-        if checkpoint.is_orbax_checkpoint(source):
+        if checkpoint.is_orbax_checkpoint(source) or is_train_checkpoint(source):
+            # a run's train checkpoint: its start model with the trained parameters
             model, hf_config = checkpoint.load_model(
                 source, param_dtype=param_dtype, shardings=shardings, progress=FLAGS.progress
             )
@@ -98,7 +103,7 @@ def main(argv):
                 hf_config,
                 FLAGS.output,
                 dtype=dtype,
-                tokenizer_source=FLAGS.tokenizer_dir or source,
+                tokenizer_source=FLAGS.tokenizer_dir or checkpoint.tokenizer_source(source),
                 progress=FLAGS.progress,
             )
             _ensure_tokenizer(out, hf_config)
@@ -112,7 +117,7 @@ def main(argv):
                 f"{source}: not an HF model directory (config.json + *.safetensors) nor a "
                 "maye-jax checkpoint (maye_jax.json)"
             )
-    except (FileNotFoundError, ValueError) as error:
+    except (UserError, FileNotFoundError, ValueError) as error:
         print(f"convert: error: {error}", file=sys.stderr)
         return 1
     print(f"convert: wrote {out} in {time.time() - started:.1f} s")

@@ -56,6 +56,16 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def tokenizer_source(path: str | os.PathLike) -> Path:
+    """Where the tokenizer and processor files of the model at `path` are: a train checkpoint's
+    are its run's start model's."""
+    from maye_jax.storage import run_models
+
+    if run_models.is_train_checkpoint(path):
+        return run_models.start_model_of(path)
+    return Path(path)
+
+
 def read_hf_config(path: str | os.PathLike):
     """The transformers config of a local model directory (never touches the network)."""
     from transformers import AutoConfig
@@ -127,13 +137,29 @@ def load_model(
     attention: str = "xla",
     progress: bool = False,
 ) -> tuple[nnx.Module, object]:
-    """(model, hf_config) from an HF model directory or an Orbax checkpoint of ours.
+    """(model, hf_config) from an HF model directory, an Orbax checkpoint of ours, or a run's
+    train checkpoint (`RUN/checkpoints/N`: the run's start model with the trained parameters).
 
     `place(flax_name, array)` puts an HF tensor on devices (default: a single-device array in
     `param_dtype`); `shardings(flax_name, shape)` gives the target sharding of each parameter
     for Orbax restores, so each device reads only its own shards. `progress`: a bar over the
     HF tensors on stderr (an Orbax restore is one call, without a bar).
     """
+    from maye_jax.storage import run_models
+
+    if run_models.is_train_checkpoint(path):
+        model, hf_config = load_model(
+            run_models.start_model_of(path),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            place=place,
+            shardings=shardings,
+            remat=remat,
+            attention=attention,
+            progress=progress,
+        )
+        run_models.restore_trained_params(path, model, param_dtype)
+        return model, hf_config
     hf_config = read_hf_config(path)
     config = ModelConfig.from_hf(hf_config)
     abstract = build_model(

@@ -291,3 +291,52 @@ def test_validation_accuracy_rises_with_rl(tmp_path):
     accuracy = summary["eval/validation/pass@1_t0.6"]
     assert 0.2 <= accuracy["first"] <= 0.8, accuracy  # SFT left the model undecided
     assert accuracy["best"] >= accuracy["first"] + 0.15, accuracy
+
+
+def test_a_train_checkpoint_evaluates_and_converts_as_a_model(uninterrupted, tmp_path):
+    """`RUN/checkpoints/N` holds only the trained tensors: loaded as a model it is the run's
+    start model with those tensors (the frozen tower from the start model), so it gives the
+    final export's weights; `convert` writes it as an HF folder and `evaluate` runs on it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from maye_jax.models.hf_mapping import iter_hf_tensors
+    from maye_jax.storage.model_folders import iter_safetensors, load_model
+
+    checkpoint = uninterrupted / "checkpoints" / "2"
+    model, _ = load_model(checkpoint)
+    exported = dict(iter_safetensors(uninterrupted / "final_hf"))
+    ours = dict(iter_hf_tensors(model))
+    assert ours.keys() == exported.keys()
+    for name, value in ours.items():
+        np.testing.assert_array_equal(np.asarray(value, np.float32), exported[name], name)
+    out = tmp_path / "hf"
+    converted = subprocess.run(
+        [sys.executable, "-m", "maye_jax.convert", f"--input={checkpoint}", f"--output={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert dict(iter_safetensors(out)).keys() == exported.keys()
+    assert (out / "tokenizer_config.json").is_file()
+    validation = next((uninterrupted.parent / "data").rglob("*_validation.jsonl"))
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maye_jax.evaluate",
+            f"--model={checkpoint}",
+            f"--data={validation}",
+            "--settings=pass@1_t0.01",
+            "--max_tokens=4",
+            "--dtype=float32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "eval/test/pass@1_t0.01" in evaluated.stdout
