@@ -62,6 +62,7 @@ def restore_trained_params(checkpoint, model, param_dtype) -> None:
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise UserError(f"{checkpoint}: parameters {unknown[:5]} are not in the start model")
+
     def target(name):  # read straight onto the model's own placement of that parameter
         value = flat[by_name[name]].get_value()
         return jax.ShapeDtypeStruct(value.shape, param_dtype, sharding=value.sharding)
