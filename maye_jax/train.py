@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import psutil
 from maye_jax.config.settings import Settings, load_settings
 from maye_jax.data.cursor import EpochCursor
 from maye_jax.data.processor import get_prompt_template
+from maye_jax.errors import EvaluationInterrupted, UserError
 from maye_jax.evaluation.evaluate import evaluate_configured_splits
 from maye_jax.evaluation.scheme import reflection_metrics
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
@@ -37,6 +37,7 @@ from maye_jax.rl.trajectory import build_trajectory, score_responses
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
+from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
 from maye_jax.run.metrics import read_metrics, summarize_run, write_rollouts
 from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
@@ -50,17 +51,19 @@ log = logging.getLogger("maye_jax")
 class Trainer:
     """Holds the run's state; `run()` is the loop. Built from the run's typed settings."""
 
-    def __init__(self, settings: Settings, *, policy=None, data=None, processor=None):
+    def __init__(
+        self, settings: Settings, *, policy=None, data=None, processor=None, fingerprint=None
+    ):
         self.settings = s = settings
         self.output_dir = Path(s.output_dir).absolute()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.data = data or startup.prepare_data(s)
+        if data is None:
+            files = startup.data_files(s)
+            fingerprint = check_fingerprint(s, files)
+            data = startup.prepare_data(s, files)
+        self.data, self.fingerprint = data, fingerprint
+        check_rl_data(s, data)
         self.prompts_per_step = s.rl.batch_size // s.rollout.num_samples
-        if len(self.data["train"]) < self.prompts_per_step:
-            raise ValueError(
-                f"config.rl.batch_size: {s.rl.batch_size} responses = {self.prompts_per_step} "
-                f"prompts per step, more than the {len(self.data['train'])} training records"
-            )
         # Without dynamic sampling every epoch has exactly steps_per_epoch steps; with it an epoch
         # can end sooner (its top-ups use up the prompts), and total_steps is an upper bound
         # (the learning-rate schedule's horizon; the cosine then stops before its end).
@@ -83,6 +86,14 @@ class Trainer:
         else:  # e.g. after an SFT warm-up: keep the weights, start a fresh optimizer
             policy = with_fresh_optimizer(s, policy, optimizer, with_reference=with_reference)
         self.policy = policy
+        log.info(
+            "RL: %d generation steps (%d epochs of %d), %d updates each; rollouts: %s engine",
+            self.total_steps,
+            s.rl.num_epochs,
+            self.steps_per_epoch,
+            self.updates_per_step,
+            s.rollout.engine,
+        )
         self.processor = processor or startup.load_run_processor(
             s, policy.source_dir, policy.model_config.family
         )
@@ -229,6 +240,8 @@ class Trainer:
 
     # -- around the steps ---------------------------------------------------------------------
     def evaluate(self, epoch: int, step: int) -> dict:
+        """The scheme's evaluation of the current weights; a stop request abandons it
+        (EvaluationInterrupted)."""
         self.engine.load_policy(self.policy.model(), self.weights_version)
         folder = self.output_dir / "eval_responses"
         return evaluate_configured_splits(
@@ -239,6 +252,7 @@ class Trainer:
             step=step,
             instruction=self.instruction,
             responses_path=lambda split: folder / f"epoch_{epoch}_{split}.jsonl",
+            should_stop=self.run_harness.should_stop if self.run_harness else None,
         )
 
     def checkpoint_meta(self) -> dict:
@@ -282,12 +296,24 @@ class Trainer:
         from maye_jax.storage.model_folders import export_hf
 
         policy = self.policy
-        export_hf(policy.model(), policy.hf_config, out_dir, tokenizer_source=policy.source_dir)
+        export_hf(
+            policy.model(),
+            policy.hf_config,
+            out_dir,
+            tokenizer_source=policy.source_dir,
+            progress=self.settings.logging.progress_bar,
+        )
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
         s = self.settings
-        harness = RunHarness(self.output_dir, kind="rl", settings=s, total_steps=self.total_steps)
+        harness = RunHarness(
+            self.output_dir,
+            kind="rl",
+            settings=s,
+            total_steps=self.total_steps,
+            fingerprint=self.fingerprint,
+        )
         harness.stop_after_step = self.stop_after_step
         self.run_harness = harness
         try:
@@ -308,7 +334,12 @@ class Trainer:
                 if self.cursor.epoch >= s.rl.num_epochs:  # resumed after its last step
                     run.end_early(start)
                 if start == 0 and s.eval.enabled and s.eval.at_start:
-                    run.log(self.evaluate(0, 0), step=0, epoch=0)
+                    try:
+                        run.log(self.evaluate(0, 0), step=0, epoch=0)
+                    except EvaluationInterrupted:  # nothing trained yet: nothing to save
+                        raise run.stopped_error() from None
+                if "pending_metrics" in meta:  # stopped during step `start`'s evaluation
+                    self.finish_pending_step(run, start, meta["pending_metrics"])
                 for step in run.steps(start):
                     epoch = self.cursor.epoch + 1
                     groups, sampled, sampling_metrics = self.collect_batch(step)  # steps 1, 2
@@ -323,43 +354,85 @@ class Trainer:
                     correct = _correct(sampled)
                     metrics["train/accuracy"] = float(np.mean(correct))
                     self.epoch_correct.extend(correct)
+                    if s.logging.save_rollouts:
+                        write_rollouts(self.output_dir, step, _rollout_rows(trajectory))
                     if self.cursor.end_epoch_if_short(self.prompts_per_step):
                         metrics["train/epoch_accuracy"] = float(np.mean(self.epoch_correct))
                         self.epoch_correct = []
-                        if s.eval.enabled and epoch % s.eval.every_epochs == 0:
-                            metrics.update(self.evaluate(epoch, step))
                         if self.cursor.epoch >= s.rl.num_epochs:
                             run.end_early(step)  # a no-op unless dynamic sampling ended it early
+                        if self.evaluation_due(epoch):
+                            try:
+                                metrics.update(self.evaluate(epoch, step))
+                            except EvaluationInterrupted:
+                                # The step is done but its line waits for the evaluation:
+                                # both are saved, and a resume reruns the evaluation whole.
+                                meta = dict(self.checkpoint_meta(), pending_metrics=metrics)
+                                run.end_step(step, self.policy.state, meta)
+                                raise run.stopped_error() from None
                     progress = dict(
                         acc=f"{metrics['train/accuracy']:.2f}",
                         len=f"{metrics['response_length/mean']:.0f}",
                     )
                     run.log(metrics, step=step, epoch=epoch, progress=progress)
-                    if s.logging.save_rollouts:
-                        write_rollouts(self.output_dir, step, _rollout_rows(trajectory))
                     run.end_step(step, self.policy.state, self.checkpoint_meta())
                 run.finish(self.export_hf)
+                if not run.finished:
+                    raise run.stopped_error()
         finally:
             self.engine.close()
         return summarize_run(self.output_dir)
 
+    def evaluation_due(self, epoch: int) -> bool:
+        return self.settings.eval.enabled and epoch % self.settings.eval.every_epochs == 0
+
+    def finish_pending_step(self, run: RunHarness, step: int, metrics: dict) -> None:
+        """The evaluation a stop abandoned at step `step`, rerun; then the step's line."""
+        epoch = self.cursor.epoch  # the cursor moved on to the next epoch (0-based) at its end
+        try:
+            metrics = dict(metrics, **self.evaluate(epoch, step))
+        except EvaluationInterrupted:
+            raise run.stopped_error() from None
+        run.log(metrics, step=step, epoch=epoch)
+
+
+def check_rl_data(settings: Settings, data) -> None:
+    """What the config alone cannot check: enough training records for one step."""
+    prompts_per_step = settings.rl.batch_size // settings.rollout.num_samples
+    if len(data["train"]) < prompts_per_step:
+        raise UserError(
+            f"config.rl.batch_size: {settings.rl.batch_size} responses of "
+            f"{settings.rollout.num_samples} samples = {prompts_per_step} prompts per step, "
+            f"more than the {len(data['train'])} training records"
+        )
+
 
 def build_trainer(settings: Settings) -> Trainer:
     """The RL trainer; with `sft.warmup_epochs` the policy is first warmed up by SFT (the demo),
-    unless the run resumes from its saved start model."""
+    unless the run resumes from its saved start model. The data is read (and checked against
+    the config and a resumed run's record) before any model work."""
     s = settings
+    files = startup.data_files(s)
+    fingerprint = check_fingerprint(s, files)
+    data = startup.prepare_data(s, files)
+    log.info(
+        "data: %s", ", ".join(f"{split} {len(records)} records" for split, records in data.items())
+    )
+    check_rl_data(s, data)
     if not s.sft.warmup_epochs or (s.resume and has_start_model(Path(s.output_dir).absolute())):
-        return Trainer(s)
+        return Trainer(s, data=data, fingerprint=fingerprint)
     from maye_jax.sft import warm_up
 
-    data, policy, processor = warm_up(s)
-    return Trainer(s, policy=policy, data=data, processor=processor)
+    policy, processor = warm_up(s, data)
+    return Trainer(s, policy=policy, data=data, processor=processor, fingerprint=fingerprint)
 
 
 def run_rl(config) -> dict:
-    """The RL run of `config` (an ml_collections config or typed Settings), checked first;
-    returns the summary of its evaluations (`metrics.summarize_run`)."""
+    """The RL run of `config` (an ml_collections config or typed Settings), checked first, in
+    its output folder (checked and prepared before any work); returns the summary of its
+    evaluations (`metrics.summarize_run`). Raises RunStopped when a signal stopped it."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
+    prepare_run_folder(settings)
     return build_trainer(settings).run()
 
 
@@ -405,17 +478,13 @@ def main(argv) -> int:
     del argv
     from absl import flags
 
-    startup.setup_cli_logging()
     settings = load_settings(flags.FLAGS.config, kind="rl")
-    summary = build_trainer(settings).run()
+    summary = run_rl(settings)
     print_summary(summary, settings.output_dir)
     return 0
 
 
 if __name__ == "__main__":
-    from absl import app
+    from maye_jax.run.cli import run_cli
 
-    from maye_jax.config.flags import define_config_flag
-
-    define_config_flag()
-    app.run(lambda argv: sys.exit(main(argv)))
+    run_cli("train", main, config_flag=True)

@@ -22,6 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.report_group = ""  # runs with the same report_group share a table (maye_jax/report.py)
     c.output_dir = "runs/run"
     c.resume = False  # continue from the latest checkpoint in output_dir
+    c.overwrite = False  # a new run may delete another run's outputs in output_dir
 
     # The policy: an HF model directory or a maye-jax checkpoint; or a tiny random model.
     c.model = ml_collections.ConfigDict()

@@ -17,16 +17,21 @@ An option that can be off is None when off: 0 or -1 for "off" (the old spelling 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from maye_jax.errors import UserError
+
+log = logging.getLogger("maye_jax")
+
 KINDS = ("rl", "sft", "evaluate", "experiment")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One line per bad value, each naming its field (`config.section.name: value: why`)."""
 
     def __init__(self, problems: list[str]):
@@ -359,6 +364,7 @@ class Settings:
     report_group: str
     output_dir: str
     resume: bool
+    overwrite: bool
     model: ModelSettings
     data: DataSettings
     sharding: ShardingSettings
@@ -501,7 +507,14 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingSettings,
     "experiment": ExperimentSettings,
 }
-TOP_LEVEL = {"name": str, "seed": int, "report_group": str, "output_dir": str, "resume": bool}
+TOP_LEVEL = {
+    "name": str,
+    "seed": int,
+    "report_group": str,
+    "output_dir": str,
+    "resume": bool,
+    "overwrite": bool,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -604,10 +617,11 @@ def _plain(config) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-def load_settings(config, *, kind: str) -> Settings:
+def load_settings(config, *, kind: str, check_files: bool = True) -> Settings:
     """Checks every value of `config` for a run of `kind` (rl | sft | evaluate | experiment)
     and returns the typed settings; raises ConfigError listing every problem, each naming
-    its field. Reads nothing from disk but what is needed to name a bad path."""
+    its field. Reads from disk only whether the files it names exist (`check_files=False`:
+    not even that, e.g. for a run whose start model an earlier run will write)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     if config is None:
@@ -616,7 +630,8 @@ def load_settings(config, *, kind: str) -> Settings:
     problems: list[str] = []
     top = {}
     for name, expected in TOP_LEVEL.items():
-        top[name] = _coerce(values.get(name), expected, f"config.{name}", problems)
+        value = values.get(name, False if expected is bool else None)
+        top[name] = _coerce(value, expected, f"config.{name}", problems)
     unknown = sorted(set(values) - set(TOP_LEVEL) - set(SECTIONS))
     problems += [f"config.{name}: unknown option" for name in unknown]
     sections = {}
@@ -631,8 +646,17 @@ def load_settings(config, *, kind: str) -> Settings:
     settings = Settings(**top, **sections, config=config)
     if not problems:
         problems += cross_field_problems(settings, kind)
+    if not problems and check_files:
+        problems += _file_problems(settings, kind)
     if problems:
         raise ConfigError(problems)
+    if kind in ("rl", "sft", "experiment"):
+        rates = {"optim.learning_rate": settings.optim.learning_rate}
+        if kind != "rl" or settings.sft.warmup_epochs:
+            rates["sft.learning_rate"] = settings.sft.learning_rate
+        for field, rate in rates.items():
+            if rate == 0:
+                log.warning("config.%s is 0: the weights will not change (a control run?)", field)
     return settings
 
 
@@ -709,4 +733,46 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
         bad("rollout.worker_python", "only the hf and vllm engines run a worker process")
     if s.model.attention == "cudnn" and s.model.dtype == "float32":
         bad("model.attention", "cudnn flash attention needs model.dtype=bfloat16")
+    if s.resume and s.overwrite:
+        bad("overwrite", "cannot be combined with resume=True (resume keeps the run's outputs)")
+    return problems
+
+
+def data_file(settings: Settings, split: str) -> str | None:
+    """The configured jsonl file of `split` (resolved against data.root), or None."""
+    from pathlib import Path
+
+    name = getattr(settings.data, f"{split}_file")
+    if not name:
+        return None
+    if settings.data.root and not Path(name).is_absolute():
+        return str(Path(settings.data.root) / name)
+    return name
+
+
+def _file_problems(s: Settings, kind: str) -> list[str]:
+    """Files the run will read, checked before any work: the start model, the training data
+    (unless generated) and every split evaluation is asked to run on."""
+    from pathlib import Path
+
+    problems = []
+    if s.model.path:
+        path = Path(s.model.path)
+        if not ((path / "config.json").is_file() or (path / "maye_jax.json").is_file()):
+            problems.append(
+                f"config.model.path: {s.model.path}: not a model folder (no config.json; an HF "
+                "model directory or a maye-jax checkpoint is expected)"
+            )
+    if kind == "evaluate" or s.data.synth_dir:  # synthetic data: every split is generated
+        return problems
+    needed = {"train": "required (or data.synth_dir to generate data)"}
+    if s.eval.enabled:
+        for split in s.eval.splits:
+            needed[split] = f"eval.splits includes {split}: set the file or drop the split"
+    for split, why in needed.items():
+        path = data_file(s, split)
+        if path is None:
+            problems.append(f"config.data.{split}_file: unset: {why}")
+        elif not Path(path).is_file():
+            problems.append(f"config.data.{split}_file: {path}: no such file")
     return problems

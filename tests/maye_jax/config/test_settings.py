@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[3]
 def base():
     c = default_config()
     c.model.tiny_family = "qwen2_vl"
+    c.data.synth_dir = "/tmp/maye-settings-test"  # generated data: no file to check
     c.rl.batch_size, c.rl.ppo_batch_size, c.rl.micro_batch_size = 8, 4, 2
     return c
 
