@@ -2,18 +2,19 @@
 
 A prompt group (the `rollout.num_samples` responses of one prompt) whose scores are all equal
 (max == min: all correct, all wrong, all penalised) has no signal under a group baseline: its
-advantage is exactly 0 (maye_jax/rl/advantages.py). With `rl.dynamic_sampling` such groups are
+grpo / rloo advantage is exactly 0 (maye_jax/rl/advantages.py). With `rl.dynamic_sampling` such groups are
 dropped, and the step tops its batch up with the next prompts of the epoch order, so the update
 batch keeps its size:
 
-    groups, metrics, sampled = fill_batch(first, wanted=prompts_per_step,
-                                          sample_more=..., max_rounds=rl.dynamic_sampling_max_rounds)
+    batch, metrics, sampled = fill_batch(
+        first, wanted=prompts_per_step, sample_more=..., max_rounds=rl.dynamic_sampling_max_rounds
+    )
 
 `sample_more(count, round)` pulls `count` more prompts (the number of groups still missing)
 from the data, samples and scores them; it returns None when the epoch has no prompt left.
 After `max_rounds` top-ups, or when the epoch runs out, the missing places are filled with the
-dropped groups (earliest first): the batch keeps its size, and those groups add no policy
-gradient (advantage 0), only their KL term. Host-side Python; imports no JAX.
+dropped groups (earliest first): the batch keeps its size (under grpo and rloo those groups
+have advantage 0 and add only their KL term). Host-side Python; imports no JAX.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def apply_length_penalty(
     reward_penalty: float = -0.1,
 ) -> float:
     """``reward_penalty`` *instead of* ``score`` for a response without EOS (cut at max_tokens)
-    or too short (`is_too_short`), as the original's ``PENALISE_NO_EOS`` / ``MIN_RESPONSE_LENGTH``."""
+    or too short (`is_too_short`): the original's ``PENALISE_NO_EOS`` / ``MIN_RESPONSE_LENGTH``."""
     if not finished_with_eos or is_too_short(response_length, min_response_length):
         return reward_penalty
     return score

@@ -38,11 +38,11 @@ class TrajectoryConfig:
     reward_names / reward_options: the enabled rewards and each one's keyword options;
     penalty: None (off) or {min_response_length, reward_penalty} of the original's no-EOS /
     too-short penalty; overlong: None (off) or {max_tokens, buffer_len, penalty_factor} of
-    DAPO's additive overlong penalty (maye_jax/rl/penalties.py); temperature: of the sampling distribution (logprobs of
-    log_softmax(logits / T)); forward_batch_size: rows per logprob forward; chunk_size:
-    sequence chunk of the logits; rows_multiple: the batch's rows round up to this (the PPO
-    mini-batch); max_tokens: R, the response columns (rounded up to 8); prompt_multiple: P
-    rounds up to this, so the update compiles once per prompt bucket."""
+    DAPO's additive overlong penalty (maye_jax/rl/penalties.py); temperature: of the sampling
+    distribution (logprobs of log_softmax(logits / T)); forward_batch_size: rows per logprob
+    forward; chunk_size: sequence chunk of the logits; rows_multiple: the batch's rows round up
+    to this (the PPO mini-batch); max_tokens: R, the response columns (rounded up to 8);
+    prompt_multiple: P rounds up to this, so the update compiles once per prompt bucket."""
 
     reward_names: tuple[str, ...] = ("accuracy", "language")
     reward_options: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
