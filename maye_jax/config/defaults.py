@@ -85,6 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.rollout.worker_batch_rows = 64  # the hf worker's rows per generate call
     c.rollout.gpu_memory_utilization = 0.75
     c.rollout.max_model_len = placeholder(int)  # vLLM's; None: the model's own context length
+    # vLLM's scheduler limit (prompt tokens per step); None: 16384 on CPU (where a generate is
+    # cut into calls that fit it, so no seeded prompt is split), vLLM's own default on a GPU.
+    c.rollout.max_num_batched_tokens = placeholder(int)
+    c.rollout.worker_cpus = placeholder(str)  # pin the worker to these CPUs, e.g. "1"; None: all
     c.rollout.timeout_s = 600.0
     # The JAX sampler's compiled shapes: prompt columns, response columns and rows round up to
     # these (rows to powers of two >= the batch bucket); at most `sampler_max_rows` per call.
@@ -124,6 +128,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.loss_agg = "token_mean"
     c.rl.rollout_is_cap = placeholder(float)  # set (e.g. 2.0): truncated importance sampling
     c.rl.logprob_chunk_size = 512
+    # Response columns of the trajectory and the update: the smallest of `response_len_buckets`
+    # lengths (max_tokens / 2^k, k < buckets, rounded up to 8) that holds the longest response of
+    # each logprob chunk and mini-batch; 1: always max_tokens. Only padding changes.
+    c.rl.response_len_buckets = 4
+    # Rollouts overlapped with the update (hf/vllm worker only): step n+1 is generated, with the
+    # weights after update n-1, while step n's trajectory and update run; needs rollout_is_cap.
+    c.rl.async_rollouts = False
     # DAPO's dynamic sampling: drop prompt groups whose scores are all equal and top the batch
     # up with the next prompts of the epoch, at most `dynamic_sampling_max_rounds` times a step.
     c.rl.dynamic_sampling = False

@@ -82,6 +82,14 @@ def non_empty(values) -> str | None:
     return None if len(values) else "must not be empty"
 
 
+def cpu_list(value) -> str | None:
+    """CPU ids as taskset writes them: "1", "0,2", "2-3"."""
+    import re
+
+    ok = re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value.replace(" ", ""))
+    return None if ok else "expected CPU ids such as 1, 0,2 or 2-3"
+
+
 def registry(names: Callable[[], tuple[str, ...]], what: str) -> Check:
     """A name that must be registered (imported lazily: the registries' modules import JAX)."""
 
@@ -231,6 +239,8 @@ class RolloutSettings:
     worker_batch_rows: int = opt(64, positive)
     gpu_memory_utilization: float = opt(0.75, in_range(0.0, 1.0, low_open=True))
     max_model_len: int | None = opt(None, positive)
+    max_num_batched_tokens: int | None = opt(None, positive)
+    worker_cpus: str | None = opt(None, cpu_list)
     timeout_s: float = opt(600.0, positive)
     sampler_prompt_bucket: int = opt(64, positive)
     sampler_length_bucket: int = opt(128, positive)
@@ -269,6 +279,8 @@ class RLSettings:
     loss_agg: str = opt("token_mean", registry(_loss_aggregations, "loss aggregation"))
     rollout_is_cap: float | None = opt(None, positive, none_off="0")
     logprob_chunk_size: int = opt(512, positive)
+    response_len_buckets: int = opt(4, positive)
+    async_rollouts: bool = opt(False)
     dynamic_sampling: bool = opt(False)
     dynamic_sampling_max_rounds: int = opt(10, positive)
 
@@ -729,12 +741,45 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
             "rewards.overlong_buffer_len",
             f"{overlong} is more than rollout.max_tokens {rollout.max_tokens}",
         )
-    if rollout.engine == "jax" and (rollout.worker_python or rollout.worker_devices):
+    if rollout.engine == "jax" and (
+        rollout.worker_python or rollout.worker_devices or rollout.worker_cpus
+    ):
         bad("rollout.worker_python", "only the hf and vllm engines run a worker process")
+    if kind in ("rl", "experiment") and rl.async_rollouts:
+        problems.extend(_async_rollout_problems(s))
     if s.model.attention == "cudnn" and s.model.dtype == "float32":
         bad("model.attention", "cudnn flash attention needs model.dtype=bfloat16")
     if s.resume and s.overwrite:
         bad("overwrite", "cannot be combined with resume=True (resume keeps the run's outputs)")
+    return problems
+
+
+def _async_rollout_problems(s: Settings) -> list[str]:
+    """What `rl.async_rollouts` needs, and what it is not built for yet."""
+    problems = []
+    if s.rollout.engine == "jax":
+        problems.append(
+            "config.rl.async_rollouts: needs a worker engine (rollout.engine=hf or vllm): the "
+            "in-process JAX sampler shares the trainer's devices"
+        )
+    if s.rl.rollout_is_cap is None:
+        problems.append(
+            "config.rl.rollout_is_cap: required with rl.async_rollouts (e.g. 2.0): responses are "
+            "one update stale, and the truncated importance weight corrects for it"
+        )
+    if s.rl.dynamic_sampling:
+        problems.append(
+            "config.rl.async_rollouts: not built with rl.dynamic_sampling yet (its top-ups "
+            "depend on the step's own rewards)"
+        )
+    import os
+
+    processes = s.sharding.num_processes or int(os.environ.get("MAYE_NUM_PROCESSES") or 1)
+    if processes > 1:
+        problems.append(
+            "config.rl.async_rollouts: not built for several JAX processes yet (one worker "
+            "serves one trainer process)"
+        )
     return problems
 
 

@@ -13,6 +13,15 @@ a socket pair as its channel (protocol.py). Weights go through one shared-memory
 tensors (`frozen_names` exactly, when given; else those under `frozen_prefixes`, the vision
 tower) are written by the first sync only.
 
+A generation can also run while the trainer works (`submit_generate`, then `.result()` of the
+returned `PendingGeneration`): the worker answers one request at a time, so while one is in
+flight any other request (a sync, a score) is refused rather than queued behind it.
+
+The vLLM worker preloads tcmalloc when one is installed (`find_tcmalloc`): vLLM's CPU backend
+asks for it in LD_PRELOAD, and without it every step page-faults on fresh allocations. `cpus`
+pins the worker (and vLLM's OpenMP threads) to those CPUs, e.g. one core of two while the
+trainer holds the other.
+
 Failures are raised here, never swallowed: the worker exiting or being killed
 (WorkerDiedError), not answering within `timeout_s` (WorkerTimeoutError, the worker is killed),
 an engine error (WorkerRequestError, with the worker's traceback), or a sync whose version or
@@ -96,6 +105,8 @@ class WorkerEngine:
         frozen_names: Iterable[str] | None = None,
         frozen_params: Iterable[str] = (),
         max_batch_rows: int = 64,
+        max_num_batched_tokens: int | None = None,
+        cpus: str | None = None,
         log_lines: int = 40,
     ):
         import json
@@ -107,6 +118,8 @@ class WorkerEngine:
         self.log_lines = log_lines
         self.version: int | None = None
         self.last_sync: dict[str, float] = {}
+        self.last_generate: dict[str, int] = {}  # the backend's stats of the last generate
+        self._pending: PendingGeneration | None = None
         self._frozen_sent = False
         self._closed = False
         self._proc: subprocess.Popen | None = None
@@ -129,13 +142,15 @@ class WorkerEngine:
                 devices = ",".join(str(d) for d in devices)
             child_env["CUDA_VISIBLE_DEVICES"] = devices
         engine_args = dict(engine_args or {})
-        if backend == "vllm":  # shorthands for the two vllm.LLM arguments every run sets
+        if backend == "vllm":  # shorthands for the vllm.LLM arguments every run sets
             for name, value in (
                 ("gpu_memory_utilization", gpu_memory_utilization),
                 ("max_model_len", max_model_len),
+                ("max_num_batched_tokens", max_num_batched_tokens),
             ):
                 if value is not None:
                     engine_args.setdefault(name, value)
+            child_env = vllm_worker_env(child_env, python or sys.executable, cpus)
         self._sock, child_sock = socket.socketpair()
         command = [
             str(python or sys.executable),
@@ -147,7 +162,7 @@ class WorkerEngine:
             f"--dtype={dtype}",
             f"--engine-args={json.dumps(engine_args)}",
             f"--max-batch-rows={max_batch_rows}",
-        ]
+        ] + ([f"--cpus={cpus}"] if cpus else [])
         self._cleanup_token = register_cleanup(self._terminate)
         with open(self.log_path, "wb") as log_file:
             self._proc = subprocess.Popen(
@@ -225,6 +240,13 @@ class WorkerEngine:
     def generate(
         self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
     ) -> list[list[Completion]]:
+        return self.submit_generate(prompts, sampling, step=step).result()
+
+    def submit_generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+    ) -> PendingGeneration:
+        """Sends a generate request with the weights version last synced and returns at once;
+        `.result()` waits for the completions (each records that version)."""
         buffers = protocol.BufferList()
         header = dict(
             op="generate",
@@ -233,7 +255,20 @@ class WorkerEngine:
             sampling=protocol.encode_sampling(sampling),
             prompts=[protocol.encode_prompt(prompt, buffers) for prompt in prompts],
         )
-        reply, arrays = self._request(header, buffers.arrays, f"generate (step {step})")
+        what = f"generate (step {step})"
+        self._send(header, buffers.arrays, what)
+        self._pending = PendingGeneration(self, what, time.monotonic() + self.timeout_s)
+        return self._pending
+
+    def _finish_generate(self, pending: PendingGeneration) -> list[list[Completion]]:
+        try:
+            reply, arrays = self._receive(
+                max(pending.deadline - time.monotonic(), 0.0), pending.what, with_buffers=True
+            )
+        finally:
+            self._pending = None
+        self.last_generate = dict(reply.get("stats", {}))
+        version = reply.get("version")
         return [
             [
                 Completion(
@@ -241,11 +276,17 @@ class WorkerEngine:
                     logprobs=arrays[c["logprobs"]].tolist(),
                     text=c["text"],
                     finish_reason=c["finish_reason"],
+                    weights_version=version,
                 )
                 for c in row
             ]
             for row in reply["completions"]
         ]
+
+    @property
+    def in_flight(self) -> bool:
+        """True while a submitted generation has not been collected."""
+        return self._pending is not None
 
     def score(
         self,
@@ -316,14 +357,21 @@ class WorkerEngine:
         unregister_cleanup(self._cleanup_token)
 
     def _request(self, header: dict, buffers: list, what: str) -> tuple[dict, list]:
+        self._send(header, buffers, what)
+        reply, arrays = self._receive(self.timeout_s, what, with_buffers=True)
+        return reply, arrays
+
+    def _send(self, header: dict, buffers: list, what: str) -> None:
         if self._closed:
             raise WorkerError(f"{what}: the worker engine is closed")
+        if self._pending is not None:
+            raise WorkerError(
+                f"{what}: {self._pending.what} is still in flight; collect its result first"
+            )
         try:
             protocol.send_message(self._sock, header, buffers)
         except OSError as error:
             self._raise_dead(what, error)
-        reply, arrays = self._receive(self.timeout_s, what, with_buffers=True)
-        return reply, arrays
 
     def _receive(self, timeout_s: float, what: str, with_buffers: bool = False):
         deadline = time.monotonic() + timeout_s
@@ -386,6 +434,59 @@ class WorkerEngine:
         except OSError:
             return "(no worker log)"
         return "\n".join(lines[-self.log_lines :])
+
+
+class PendingGeneration:
+    """A generation running in the worker; `result()` waits for it (at most the engine's
+    `timeout_s` from the submission) and returns its completions, once."""
+
+    def __init__(self, engine: WorkerEngine, what: str, deadline: float):
+        self.engine = engine
+        self.what = what
+        self.deadline = deadline
+        self._result: list[list[Completion]] | None = None
+
+    def result(self) -> list[list[Completion]]:
+        if self._result is None:
+            self._result = self.engine._finish_generate(self)
+        return self._result
+
+
+TCMALLOC_NAMES = ("libtcmalloc_minimal.so*", "libtcmalloc.so*")
+SYSTEM_LIBRARY_DIRS = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
+
+
+def find_tcmalloc(python, system_dirs=SYSTEM_LIBRARY_DIRS) -> Path | None:
+    """A tcmalloc shared library for the worker's LD_PRELOAD: the one vLLM bundles in its
+    environment (`vllm/libs`), else the system's (e.g. Debian's libtcmalloc-minimal4); None
+    when neither is installed."""
+    env = Path(python).absolute().parent.parent
+    dirs = sorted(env.glob("lib/python3*/site-packages/vllm/libs")) + [Path(d) for d in system_dirs]
+    for directory in dirs:
+        for pattern in TCMALLOC_NAMES:
+            found = sorted(directory.glob(pattern))
+            if found:
+                return found[0]
+    return None
+
+
+def vllm_worker_env(env: Mapping[str, str], python, cpus: str | None) -> dict[str, str]:
+    """The vLLM worker's environment: tcmalloc first in LD_PRELOAD when one is installed (and
+    none is preloaded yet), vLLM's OpenMP threads bound to `cpus` when the worker is pinned."""
+    env = dict(env)
+    tcmalloc = find_tcmalloc(python)
+    preload = env.get("LD_PRELOAD", "")
+    if tcmalloc is not None and "libtcmalloc" not in preload:
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(tcmalloc), preload]))
+    if cpus:
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpus)
+    return env
 
 
 def _signal_group(pid: int, signum: int) -> None:

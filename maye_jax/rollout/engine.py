@@ -46,6 +46,9 @@ class Completion:
     logprobs: list[float]
     text: str
     finish_reason: str  # "stop" | "length"
+    # The weights version (the trainer's generation step whose update made them) that sampled
+    # it; None where the engine was never told one.
+    weights_version: int | None = dataclasses.field(default=None, compare=False)
 
 
 def request_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> int:

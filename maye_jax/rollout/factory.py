@@ -90,5 +90,7 @@ def make_engine(
             ),
             frozen_params=frozen_params or (),
             max_batch_rows=rollout.worker_batch_rows,
+            max_num_batched_tokens=rollout.max_num_batched_tokens,
+            cpus=rollout.worker_cpus,
         )
     raise ValueError(f"unknown rollout engine {kind!r}; known: jax, hf, vllm")

@@ -209,6 +209,7 @@ class JaxSampler:
                         logprobs=logprobs[row, : lengths[row]].tolist(),
                         text=self._decode(ids),
                         finish_reason="stop" if ids and ids[-1] in stop_set else "length",
+                        weights_version=self.weights_version,
                     )
                 )
             out.append(completions)

@@ -15,7 +15,7 @@ Requests (header `op`) and replies (`ok: true` plus fields, or `ok: false, error
     ready     (worker -> trainer, once, unsolicited) backend, model, pid, versions
     sync      path, version, checksum, data_bytes -> version, checksum, num_tensors, seconds
     generate  version, step, sampling{...}, prompts[{tokens, pixels, grid}]
-              -> version, completions[[{tokens, logprobs, text, finish_reason}]]
+              -> version, completions[[{tokens, logprobs, text, finish_reason}]], stats{...}
     score     version, temperature, items[{tokens, pixels, grid, response}] -> logprobs[buffer]
     shutdown  -> ok, then the worker exits
 

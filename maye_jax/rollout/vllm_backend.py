@@ -13,6 +13,18 @@ Scoring (teacher forcing) uses prompt logprobs, which vLLM computes at temperatu
 Weights: `collective_rpc("reload_weights", weights_iterator=[(name, torch view of the mapping)])`
 in process, or `weights_path=<segment directory>` when the engine core is another process;
 then the prefix and encoder caches are reset.
+
+Scheduling. Every request carries its own seed (`request_seed`), so its draws do not depend on
+batching. vLLM's scheduler prefills at most `max_num_batched_tokens` tokens per step and splits a
+prompt that does not fit ("chunked prefill"); after a partial prefill it rewinds the request's
+generator, which only GPU generators allow ("CPU Generator does not use offset"). So on CPU a
+`generate` is cut into engine calls that each fit one scheduler step (`plan_engine_calls`: at most
+`max_num_batched_tokens` prompt tokens and `max_num_seqs` requests), so no prompt is ever split;
+the limit (`rollout.max_num_batched_tokens`, default `CPU_MAX_NUM_BATCHED_TOKENS`) only trades
+memory for fewer calls. The `n` samples of a prompt are `n` requests with their own seeds (vLLM's
+own `n` would seed them seed+i); with n > 1, one 1-token request per prompt runs first, so the
+prompt's KV blocks are in vLLM's prefix cache and its `n` samples prefill only the last partial
+block instead of the whole prompt each (copies scheduled in the same step never share).
 """
 
 from __future__ import annotations
@@ -27,6 +39,10 @@ from maye_jax.qwen_ids import IMAGE_PAD_ID
 from maye_jax.rollout.backend_common import decode_texts, finish, log, torch_view
 from maye_jax.rollout.engine import Completion, Prompt, Sampling, request_seed
 from maye_jax.rollout.shm import SegmentView
+
+# The scheduler limit on CPU when `rollout.max_num_batched_tokens` is unset (vLLM's CPU default is
+# 4096, which a step of 64 requests of ~110-token prompts already exceeds).
+CPU_MAX_NUM_BATCHED_TOKENS = 16384
 
 
 def _accept_pixel_values() -> None:
@@ -81,6 +97,12 @@ class VLLMBackend:
             generation_config="vllm",  # never the model's sampling defaults
         )
         kwargs.update(engine_args)
+        self.on_cpu = _on_cpu()
+        if self.on_cpu and kwargs.get("max_num_batched_tokens") is None:
+            kwargs["max_num_batched_tokens"] = max(
+                CPU_MAX_NUM_BATCHED_TOKENS, int(kwargs.get("max_model_len") or 0)
+            )
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         # the trainer's pixels are already rescaled and normalised: vLLM 0.32 would otherwise
         # normalise again inside the vision tower (mm_device_do_normalize defaults to True)
         kwargs.update(
@@ -95,7 +117,14 @@ class VLLMBackend:
         self.tokenizer = self.llm.get_tokenizer()
         hf_config = self.llm.llm_engine.model_config.hf_config
         self.image_token_id = int(getattr(hf_config, "image_token_id", IMAGE_PAD_ID))
+        self.merge_unit = int(getattr(hf_config.vision_config, "spatial_merge_size", 2)) ** 2
         self.warned_truncation = False
+        config = self.llm.llm_engine.vllm_config
+        self.max_batched_tokens = int(config.scheduler_config.max_num_batched_tokens)
+        self.max_seqs = int(config.scheduler_config.max_num_seqs)
+        self.prefix_caching = bool(config.cache_config.enable_prefix_caching)
+        self.block_size = int(config.cache_config.block_size)
+        self.last_stats: dict[str, int] = {}
 
     def load_weights(self, view: SegmentView, directory: str) -> None:
         if self.in_process:
@@ -143,10 +172,20 @@ class VLLMBackend:
         if truncated and not sampling.greedy and not self.warned_truncation:
             log("top-k/top-p active: vLLM returns logprobs of the truncated distribution")
             self.warned_truncation = True
-        requests, params = [], []
-        for i, prompt in enumerate(prompts):
+        base = [self._request(prompt) for prompt in prompts]
+        lengths = [self._prompt_tokens(request) for request in base]
+        self.last_stats = dict(
+            engine_calls=0, prompt_tokens=0, cached_prompt_tokens=0, block_size=self.block_size
+        )
+        if sampling.n > 1 and self.prefix_caching:
+            # one 1-token request per prompt fills the prefix cache for its n samples
+            warm = SamplingParams(max_tokens=1, temperature=1.0, seed=0, detokenize=False)
+            self._run(base, [warm] * len(base), lengths)
+        requests, params, request_lengths = [], [], []
+        for i, request in enumerate(base):
             for j in range(sampling.n):
-                requests.append(self._request(prompt))
+                requests.append(request)
+                request_lengths.append(lengths[i])
                 params.append(
                     SamplingParams(
                         n=1,
@@ -161,7 +200,7 @@ class VLLMBackend:
                         detokenize=False,
                     )
                 )
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        outputs = self._run(requests, params, request_lengths)
         rows = []
         for index, output in enumerate(outputs):
             _check_prompt(output, prompts[index // sampling.n].prompt_token_ids)
@@ -174,6 +213,37 @@ class VLLMBackend:
         completions = [Completion(t, lp, text, r) for (t, lp, r), text in zip(rows, texts)]
         return [completions[i * sampling.n : (i + 1) * sampling.n] for i in range(len(prompts))]
 
+    def _prompt_tokens(self, request: dict[str, Any]) -> int:
+        """The tokens vLLM prefills for a request: its ids with each image's pad expanded."""
+        tokens = len(request["prompt_token_ids"])
+        image = request.get("multi_modal_data", {}).get("image")
+        if image is not None:
+            grid = np.asarray(image["image_grid_thw"]).reshape(-1, 3)
+            tokens += int(grid.prod(axis=1).sum()) // self.merge_unit - len(grid)
+        return tokens
+
+    def _run(self, requests: list, params: list, lengths: list[int]) -> list:
+        """`llm.generate` of the requests, in order; on CPU in engine calls that each fit one
+        scheduler step (no prompt is split, see the module doc)."""
+        if self.on_cpu:
+            if max(lengths, default=0) > self.max_batched_tokens:
+                raise ValueError(
+                    f"a prompt of {max(lengths)} tokens exceeds vLLM's scheduler limit "
+                    f"{self.max_batched_tokens}: on CPU vLLM cannot split a seeded prompt "
+                    "across steps; raise rollout.max_num_batched_tokens"
+                )
+            calls = plan_engine_calls(lengths, self.max_batched_tokens, self.max_seqs)
+        else:
+            calls = [(0, len(requests))]
+        outputs = []
+        for start, stop in calls:
+            done = self.llm.generate(requests[start:stop], params[start:stop], use_tqdm=False)
+            outputs.extend(done)
+            self.last_stats["engine_calls"] += 1
+            self.last_stats["prompt_tokens"] += sum(len(o.prompt_token_ids) for o in done)
+            self.last_stats["cached_prompt_tokens"] += sum(o.num_cached_tokens or 0 for o in done)
+        return outputs
+
     def score(
         self, items: Sequence[tuple[Prompt, np.ndarray]], temperature: float
     ) -> list[np.ndarray]:
@@ -185,7 +255,11 @@ class VLLMBackend:
             )
         requests = [self._request(prompt, response) for prompt, response in items]
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0, detokenize=False)
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        self.last_stats = dict(
+            engine_calls=0, prompt_tokens=0, cached_prompt_tokens=0, block_size=self.block_size
+        )
+        lengths = [self._prompt_tokens(request) for request in requests]
+        outputs = self._run(requests, [params] * len(requests), lengths)
         scores = []
         for (prompt, response), output in zip(items, outputs):
             _check_prompt(output, np.concatenate([prompt.prompt_token_ids, response]))
@@ -203,3 +277,27 @@ class VLLMBackend:
             if shutdown is not None:
                 shutdown()
         self.llm = None
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def plan_engine_calls(
+    prompt_tokens: Sequence[int], max_batched_tokens: int, max_seqs: int
+) -> list[tuple[int, int]]:
+    """Consecutive [start, stop) ranges of requests, each with at most `max_batched_tokens`
+    prompt tokens and `max_seqs` requests, so the scheduler prefills all of a call's prompts in
+    its first step and never splits one (a prompt longer than the limit gets a call of its own;
+    the backend refuses it before)."""
+    calls, start, tokens = [], 0, 0
+    for index, count in enumerate(prompt_tokens):
+        if index > start and (tokens + count > max_batched_tokens or index - start >= max_seqs):
+            calls.append((start, index))
+            start, tokens = index, 0
+        tokens += count
+    if start < len(prompt_tokens):
+        calls.append((start, len(prompt_tokens)))
+    return calls

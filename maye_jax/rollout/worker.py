@@ -115,7 +115,9 @@ class Worker:
                 ]
                 for row in completions
             ]
-            return dict(ok=True, version=self.version, completions=encoded), out.arrays
+            stats = dict(getattr(self.backend, "last_stats", {}))  # engine calls, cached tokens
+            reply = dict(ok=True, version=self.version, completions=encoded, stats=stats)
+            return reply, out.arrays
         if op == "score":
             items = [
                 (protocol.decode_prompt(item, buffers), buffers[item["response"]])
@@ -178,6 +180,15 @@ def _set_parent_death_signal() -> None:
         pass
 
 
+def parse_cpus(spec: str) -> set[int]:
+    """ "1", "0,2", "2-3" -> the CPU ids."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        low, _, high = part.strip().partition("-")
+        cpus.update(range(int(low), int(high or low) + 1))
+    return cpus
+
+
 def make_backend(name: str, model_dir: str, dtype: str, engine_args: dict, max_batch_rows: int):
     if name == "hf":
         from maye_jax.rollout.hf_backend import HFBackend
@@ -200,8 +211,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--engine-args", default="{}", help="JSON: extra vllm.LLM arguments")
     parser.add_argument("--max-batch-rows", type=int, default=64)
+    parser.add_argument("--cpus", default="", help="pin to these CPUs, e.g. 1 or 2-3")
     args = parser.parse_args(argv)
     _set_parent_death_signal()
+    if args.cpus:  # before torch starts its thread pools
+        os.sched_setaffinity(0, parse_cpus(args.cpus))
     sock = socket.socket(fileno=args.fd)
     sock.set_inheritable(False)  # engine subprocesses must not keep the trainer's socket open
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -59,6 +59,8 @@ RESUME_MAY_CHANGE = (
     "rollout.timeout_s",
     "rollout.gpu_memory_utilization",
     "rollout.max_model_len",
+    "rollout.max_num_batched_tokens",
+    "rollout.worker_cpus",
     "rollout.worker_batch_rows",
     "rollout.sampler_max_rows",
     "rewards.timeout_s",

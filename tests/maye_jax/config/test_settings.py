@@ -207,3 +207,40 @@ def test_rl_math_options_are_checked():
     c.rl.clip_ratio_c = None
     c.rollout.num_samples, c.rl.dynamic_sampling = 2, True
     assert load_settings(c, kind="rl").rl.dynamic_sampling
+
+
+def test_async_rollouts_needs_a_worker_and_the_is_weight_and_refuses_what_is_not_built():
+    c = base()
+    c.rl.async_rollouts = True
+    found = problems(c)
+    assert any(p.startswith("config.rl.async_rollouts: needs a worker engine") for p in found)
+    assert any(
+        p.startswith("config.rl.rollout_is_cap: required with rl.async_rollouts") for p in found
+    )
+    c.rollout.engine = "vllm"
+    c.rl.rollout_is_cap = 2.0
+    assert load_settings(c, kind="rl").rl.async_rollouts
+    c.rl.dynamic_sampling = True
+    c.rollout.num_samples = 2
+    c.sharding.num_processes = 2
+    found = problems(c)
+    assert len(found) == 2
+    assert "rl.dynamic_sampling" in found[0] and "several JAX processes" in found[1]
+
+
+def test_worker_options_are_checked():
+    c = base()
+    c.rollout.worker_cpus = "one"
+    c.rollout.max_num_batched_tokens = 0
+    c.rl.response_len_buckets = 0
+    assert problems(c) == [
+        "config.rollout.max_num_batched_tokens: 0: must be > 0",
+        "config.rollout.worker_cpus: 'one': expected CPU ids such as 1, 0,2 or 2-3",
+        "config.rl.response_len_buckets: 0: must be > 0",
+    ]
+    c = base()
+    c.rollout.engine = "hf"
+    c.rollout.worker_cpus = "1,2-3"
+    c.rollout.max_num_batched_tokens = 8192
+    s = load_settings(c, kind="rl")
+    assert s.rollout.worker_cpus == "1,2-3" and s.rollout.max_num_batched_tokens == 8192

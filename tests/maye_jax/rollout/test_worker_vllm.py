@@ -126,3 +126,51 @@ def test_sampled_logprobs_equal_teacher_forcing(setup, temperature):
     assert [[c.token_ids for c in r] for r in again] == [
         [c.token_ids for c in r] for r in completions
     ]
+
+
+def test_a_step_of_more_than_4096_prompt_tokens_samples_with_shared_prefills(setup):
+    """vLLM on CPU prefills at most max_num_batched_tokens a step and used to split a seeded
+    prompt across steps, then failed ("CPU Generator does not use offset"). 16 distinct prompts
+    of ~360 tokens, 2 samples each: 11.6k prompt tokens in one generate. The logprobs are the
+    trainer's, and the samples reuse the prompt's prefill from the prefix cache."""
+    from PIL import Image
+
+    from maye_jax.data.processor import load_processor
+    from maye_jax.rollout.engine import Prompt
+
+    engine = setup["engine"]
+    if engine.version is None:
+        engine.sync_weights(setup["arrays"], version=1)
+    processor = load_processor(setup["model_dir"], family=FAMILY)
+    rng = np.random.default_rng(5)
+    encoded = []
+    for index in range(16):
+        image = Image.fromarray(rng.integers(0, 255, (56, 56, 3), dtype=np.uint8))
+        question = f"<image>Problem {index}: " + "Find the area of the shaded region. " * 36
+        encoded.append(processor.encode(image, question))
+    prompts = [Prompt(e["input_ids"], e["pixel_values"], e["image_grid_thw"]) for e in encoded]
+    distinct_tokens = sum(len(e["input_ids"]) for e in encoded)
+    assert distinct_tokens > 4096
+
+    sampling = Sampling(n=2, temperature=1.0, max_tokens=3, seed=3)
+    completions = engine.generate(prompts, sampling, step=2)
+    assert [len(row) for row in completions] == [2] * 16
+    stats = engine.last_generate
+    # the 16 one-token warm-up requests, then the 32 samples; all of it in one engine call each
+    assert stats["engine_calls"] == 2
+    assert stats["prompt_tokens"] == 3 * distinct_tokens
+    # each sample finds every full KV block of its prompt cached (vLLM recomputes at least the
+    # prompt's last token), where without the warm-up request none would be
+    block = stats["block_size"]
+    full_blocks = sum((len(e["input_ids"]) - 1) // block * block for e in encoded)
+    assert stats["cached_prompt_tokens"] == 2 * full_blocks > 0.5 * 2 * distinct_tokens
+    rows = [(i, c) for i, row in enumerate(completions) for c in row]
+    model = load_hf_tensors(load_model(setup["model_dir"])[0], setup["arrays"].items())
+    expected = trainer_logprobs(
+        model,
+        setup["hf_config"],
+        [encoded[i] for i, _ in rows],
+        [c.token_ids for _, c in rows],
+    )
+    assert_close([c.logprobs for _, c in rows], expected)
+    assert {c.weights_version for _, c in rows} == {engine.version}
