@@ -12,6 +12,10 @@ float bit patterns (32 masked reductions, exact), and a draw is an inverse-CDF s
 uniform number per row, in two levels (blocks of ids, then ids inside the block). Ties at a
 threshold are all kept, as transformers' top-k does.
 
+Greedy decoding takes the argmax in two levels too (the maxima of blocks of ids, then inside the
+winning block): XLA's CPU argmax over the 152k vocabulary (a reduction over value-index pairs)
+costs about four plain max passes, which made greedy decoding slower than sampling.
+
 Every row has its own random key, so a row's draw does not depend on the other rows of its batch.
 """
 
@@ -97,6 +101,22 @@ def _first_above(cdf: jax.Array, target: jax.Array, positive: jax.Array) -> jax.
     return jnp.clip(index, first, last)
 
 
+def greedy_tokens(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`jnp.argmax(logits, -1)` (the first index of the row's maximum) and the row maxima, for
+    logits [B, V]: the maxima of blocks of ids, then the argmax inside the first block holding
+    the maximum. The block is the largest divisor of V up to 2048 (151936 = 128 x 1187), so the
+    blocks are a reshape, not a padded copy; a V without one falls back to jnp.argmax."""
+    batch, vocab = logits.shape
+    block = next((b for b in range(min(2048, vocab), 31, -1) if vocab % b == 0), None)
+    if block is None or block == vocab:
+        return jnp.argmax(logits, axis=-1), jnp.max(logits, axis=-1)
+    blocks = logits.reshape(batch, vocab // block, block)
+    block_max = jnp.max(blocks, axis=-1)  # [B, V / block]
+    chosen = jnp.argmax(block_max, axis=-1)
+    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]  # [B, block]
+    return chosen * block + jnp.argmax(inside, axis=-1), jnp.max(block_max, axis=-1)
+
+
 def sample_tokens(
     logits: jax.Array,
     keys: jax.Array,
@@ -117,15 +137,19 @@ def sample_tokens(
     """
     logits = logits.astype(jnp.float32)
     if greedy:
-        tokens = jnp.argmax(logits, axis=-1)
-        scaled = logits
-    else:
-        scaled = logits / temperature.astype(jnp.float32)
-        probs = jax.nn.softmax(scaled, axis=-1)
-        if use_top_k or use_top_p:
-            keep = truncation_mask(probs, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
-            probs = jnp.where(keep, probs, 0.0)
-        tokens = sample_from_weights(probs, jax.vmap(jax.random.uniform)(keys))
+        tokens, row_max = greedy_tokens(logits)
+        tokens = tokens.astype(jnp.int32)
+        chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+        # jax.nn.logsumexp's arithmetic, with the row maxima found already
+        shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+        log_norm = jnp.log(jnp.sum(jnp.exp(logits - shift[:, None]), axis=-1)) + shift
+        return tokens, chosen - log_norm
+    scaled = logits / temperature.astype(jnp.float32)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    if use_top_k or use_top_p:
+        keep = truncation_mask(probs, top_k, top_p, use_top_k=use_top_k, use_top_p=use_top_p)
+        probs = jnp.where(keep, probs, 0.0)
+    tokens = sample_from_weights(probs, jax.vmap(jax.random.uniform)(keys))
     tokens = tokens.astype(jnp.int32)
     chosen = jnp.take_along_axis(scaled, tokens[:, None], axis=-1)[:, 0]
     return tokens, chosen - jax.nn.logsumexp(scaled, axis=-1)

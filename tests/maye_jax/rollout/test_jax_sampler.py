@@ -315,3 +315,24 @@ def test_inverse_cdf_draws_follow_the_weights_across_blocks():
     counts = np.bincount(tokens, minlength=vocab)
     assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(weights))
     np.testing.assert_allclose(counts, draws * weights / weights.sum(), atol=1.01)
+
+
+@pytest.mark.parametrize("vocab", [151936, 1000, 997])  # 128 x 1187; 500 x 2; prime: fallback
+def test_greedy_tokens_are_the_first_maximum_and_logprobs_the_log_softmax(vocab):
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((6, vocab)).astype(np.float32)
+    logits[1, [5, vocab - 3]] = 9.0  # ties in different blocks: the first wins
+    logits[2, [vocab // 2, vocab // 2 + 1]] = 9.0  # ties inside one block
+    logits[3, vocab - 1] = 9.0  # the last id
+    logits[4] = 0.0  # all equal: id 0
+    logits[5, 0] = -np.inf
+    tokens, logprobs = jax.jit(lambda x: sample_tokens(x, None, 1.0, 0, 1.0, greedy=True))(
+        jnp.asarray(logits)
+    )
+    expected = np.argmax(logits, axis=-1)
+    np.testing.assert_array_equal(np.asarray(tokens), expected)
+    assert list(expected[1:5]) == [5, vocab // 2, vocab - 1, 0]
+    reference = jnp.take_along_axis(jnp.asarray(logits), jnp.asarray(expected)[:, None], axis=-1)[
+        :, 0
+    ] - jax.nn.logsumexp(jnp.asarray(logits), axis=-1)
+    np.testing.assert_array_equal(np.asarray(logprobs), np.asarray(reference))
