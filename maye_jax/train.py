@@ -223,6 +223,7 @@ class Trainer:
             ),
             features=trajectory.features,
             tower=tower,
+            response_buckets=s.trajectory_config().response_buckets,
         )
         num_micro = s.rl.ppo_batch_size // s.rl.micro_batch_size
         rng = np.random.default_rng([s.seed, step, 7])

@@ -496,6 +496,7 @@ class Settings:
             chunk_size=self.rl.logprob_chunk_size,
             rows_multiple=self.rl.ppo_batch_size,
             max_tokens=self.rollout.max_tokens,
+            response_len_buckets=self.rl.response_len_buckets,
             prompt_multiple=self.data.prompt_multiple,
         )
 

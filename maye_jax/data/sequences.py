@@ -44,15 +44,19 @@ class SequenceBatch:
     def response_len(self) -> int:
         return self.response_mask.shape[1]
 
-    def device_rows(self, start: int, stop: int) -> dict:
+    def device_rows(self, start: int, stop: int, response_len: int | None = None) -> dict:
         """`device_arrays()` of rows [start, stop), without the packed images (which belong to
-        the whole batch): positions [3, B, L] keep their row axis second."""
+        the whole batch): positions [3, B, L] keep their row axis second. `response_len`: only
+        the first response columns (they must hold every response of these rows)."""
+        columns = self.prompt_len + (response_len or self.response_len)
+        if response_len and self.response_mask[start:stop, response_len:].any():
+            raise ValueError(f"rows {start}..{stop} have responses longer than {response_len}")
         arrays = dict(
-            input_ids=self.input_ids[start:stop],
-            attention_mask=self.attention_mask[start:stop],
-            positions=self.positions[:, start:stop],
-            image_feature_index=self.image_feature_index[start:stop],
-            response_mask=self.response_mask[start:stop],
+            input_ids=self.input_ids[start:stop, :columns],
+            attention_mask=self.attention_mask[start:stop, :columns],
+            positions=self.positions[:, start:stop, :columns],
+            image_feature_index=self.image_feature_index[start:stop, :columns],
+            response_mask=self.response_mask[start:stop, : columns - self.prompt_len],
         )
         return jax.tree_util.tree_map(jnp.asarray, arrays)
 
@@ -69,9 +73,28 @@ class SequenceBatch:
         return jax.tree_util.tree_map(jnp.asarray, arrays)
 
 
-# The fixed response length R of the RL and SFT steps is rounded up to this: every padding
-# position still costs a full-vocabulary logit row (152k x hidden) in each forward and backward.
+# The response length R of the RL and SFT steps is rounded up to this: every padding position
+# still costs a full-vocabulary logit row (152k x hidden) in each forward and backward.
 RESPONSE_LEN_MULTIPLE = 8
+
+
+def response_len_buckets(max_tokens: int, count: int) -> tuple[int, ...]:
+    """The response lengths R an RL step may use, ascending: max_tokens / 2^k for k < count,
+    each rounded up to RESPONSE_LEN_MULTIPLE (e.g. 2048, 4 -> 256, 512, 1024, 2048). A batch
+    takes the smallest that holds its longest response, so a run compiles at most `count`
+    response lengths per prompt bucket."""
+    lengths = {
+        round_up(max(1, -(-max_tokens // 2**k)), RESPONSE_LEN_MULTIPLE) for k in range(count)
+    }
+    return tuple(sorted(lengths))
+
+
+def response_bucket(longest: int, buckets: Sequence[int]) -> int:
+    """The smallest of `buckets` (ascending) that holds `longest` response tokens."""
+    for length in buckets:
+        if longest <= length:
+            return length
+    raise ValueError(f"a response of {longest} tokens exceeds the longest bucket {buckets[-1]}")
 
 
 def make_sequence_batch(

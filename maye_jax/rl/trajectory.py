@@ -19,9 +19,10 @@ from flax import nnx
 
 from maye_jax.data.records import Record
 from maye_jax.data.sequences import (
-    RESPONSE_LEN_MULTIPLE,
     SequenceBatch,
     make_sequence_batch,
+    response_bucket,
+    response_len_buckets,
     response_logprobs,
     tower_features,
 )
@@ -41,8 +42,11 @@ class TrajectoryConfig:
     DAPO's additive overlong penalty (maye_jax/rl/penalties.py); temperature: of the sampling
     distribution (logprobs of log_softmax(logits / T)); forward_batch_size: rows per logprob
     forward; chunk_size: sequence chunk of the logits; rows_multiple: the batch's rows round up
-    to this (the PPO mini-batch); max_tokens: R, the response columns (rounded up to 8);
-    prompt_multiple: P rounds up to this, so the update compiles once per prompt bucket."""
+    to this (the PPO mini-batch); max_tokens: the longest response; response_len_buckets: R,
+    the response columns, is the smallest of `response_len_buckets(max_tokens, this)` that holds
+    the batch's longest response (each logprob chunk narrows to its own; 1: always max_tokens
+    rounded up to 8); prompt_multiple: P rounds up to this, so the steps compile once per
+    (prompt, response) bucket."""
 
     reward_names: tuple[str, ...] = ("accuracy", "language")
     reward_options: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
@@ -53,7 +57,12 @@ class TrajectoryConfig:
     chunk_size: int = 512
     rows_multiple: int = 1
     max_tokens: int = 2048
+    response_len_buckets: int = 1
     prompt_multiple: int = 64
+
+    @property
+    def response_buckets(self) -> tuple[int, ...]:
+        return response_len_buckets(self.max_tokens, self.response_len_buckets)
 
 
 @dataclasses.dataclass
@@ -97,26 +106,31 @@ def forward_logprobs(
     temperature: float,
     forward_batch_size: int,
     chunk_size: int,
+    response_buckets: Sequence[int] | None = None,
 ) -> np.ndarray:
-    """Response logprobs [B, R] in row chunks (features index the whole batch's tower output)."""
+    """Response logprobs [B, R] in row chunks (features index the whole batch's tower output).
+    `response_buckets`: each chunk computes only the response columns of the smallest bucket
+    that holds its longest response (the rest are padding, 0)."""
     rows = batch.input_ids.shape[0]
     step = min(forward_batch_size, rows)
-    out = []
+    out = np.zeros(batch.response_mask.shape, np.float32)
     for start in range(0, rows, step):
-        chunk = batch.device_rows(start, start + step)
-        out.append(
-            np.asarray(
-                _logprobs(
-                    model,
-                    chunk,
-                    features,
-                    prompt_len=batch.prompt_len,
-                    temperature=temperature,
-                    chunk_size=chunk_size,
-                )
+        width = batch.response_len
+        if response_buckets:
+            longest = int(batch.response_mask[start : start + step].sum(axis=1).max())
+            width = min(response_bucket(max(longest, 1), response_buckets), width)
+        chunk = batch.device_rows(start, start + step, response_len=width)
+        out[start : start + step, :width] = np.asarray(
+            _logprobs(
+                model,
+                chunk,
+                features,
+                prompt_len=batch.prompt_len,
+                temperature=temperature,
+                chunk_size=chunk_size,
             )
         )
-    return np.concatenate(out, axis=0)
+    return out
 
 
 def score_responses(
@@ -175,7 +189,8 @@ def build_trajectory(
             finished.append(completion.finish_reason == "stop")
     num_rows = len(responses)
     batch_size = round_up(num_rows, o.rows_multiple)
-    # R fixed to max_tokens and P rounded up: the update step compiles once per prompt bucket.
+    # R and P rounded up to buckets: the steps compile once per (prompt, response) bucket.
+    longest = max([len(r) for r in responses] + [1])
     batch = make_sequence_batch(
         row_prompts,
         responses,
@@ -183,7 +198,7 @@ def build_trajectory(
         pad_id=pad_id,
         batch_size=batch_size,
         prompt_multiple=o.prompt_multiple,
-        response_len=round_up(o.max_tokens, RESPONSE_LEN_MULTIPLE),
+        response_len=response_bucket(longest, o.response_buckets),
     )
     features = tower_features(policy, batch.device_arrays()["vision"]) if batch.vision else None
     logprobs_old = forward_logprobs(
@@ -193,6 +208,7 @@ def build_trajectory(
         temperature=o.temperature,
         forward_batch_size=o.forward_batch_size,
         chunk_size=o.chunk_size,
+        response_buckets=o.response_buckets,
     )
     if reference is not None:
         ref_features = features
@@ -205,6 +221,7 @@ def build_trajectory(
             temperature=o.temperature,
             forward_batch_size=o.forward_batch_size,
             chunk_size=o.chunk_size,
+            response_buckets=o.response_buckets,
         )
     else:
         ref_logprobs = np.zeros_like(logprobs_old)

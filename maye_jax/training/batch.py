@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from maye_jax.data.sequences import SequenceBatch
+from maye_jax.data.sequences import SequenceBatch, response_bucket
 from maye_jax.models.configs import VisionConfig
 from maye_jax.models.shapes import bucket
 from maye_jax.models.vision_inputs import pack_images
@@ -49,6 +49,15 @@ from maye_jax.sharding.layout import Layout, row_sharding
 
 # The value each row field holds on a padding row: no token is attended or learned from.
 _PAD_VALUES = {"image_feature_index": -1}
+# Row fields whose last axis is the sequence (P + R columns), and the response (R columns).
+_SEQUENCE_FIELDS = ("input_ids", "attention_mask", "positions", "image_feature_index")
+_RESPONSE_FIELDS = (
+    "response_mask",
+    "advantages",
+    "logprobs_old",
+    "ref_logprobs",
+    "logprobs_rollout",
+)
 
 
 @jax.tree_util.register_dataclass
@@ -103,6 +112,22 @@ class UpdateBatch:
             raise ValueError("take() selects rows of an unsplit batch, before `vision` is attached")
         rows = np.asarray(rows)
         return self._with_rows({n: _take_rows(v, rows) for n, v in self.row_fields().items()})
+
+    def with_response_len(self, response_len: int) -> UpdateBatch:
+        """Only the first `response_len` response columns (before the split; every response of
+        the batch must fit): sequence fields keep P + response_len columns."""
+        if self.is_split:
+            raise ValueError("with_response_len() narrows an unsplit batch")
+        if np.asarray(self.response_mask)[:, response_len:].any():
+            raise ValueError(f"a response of the batch is longer than {response_len}")
+        columns = np.shape(self.input_ids)[-1] - self.response_len + response_len
+        return self._with_rows(
+            {
+                n: v[..., : columns if n in _SEQUENCE_FIELDS else response_len]
+                for n, v in self.row_fields().items()
+                if n in _SEQUENCE_FIELDS or n in _RESPONSE_FIELDS
+            }
+        )
 
     def split(self, num_micro: int) -> UpdateBatch:
         """[B, ...] -> [M, B / M, ...]: consecutive rows form a micro-batch."""
@@ -301,13 +326,23 @@ class MinibatchMaker:
     """The mini-batches of one step, from its rows.
 
     maker = MinibatchMaker.build(batch, per_token=dict(advantages=..., logprobs_old=...),
-                                 features=features, tower=None)
+                                 features=features, tower=None, response_buckets=(256, 2048))
     minibatch = maker(picked_rows, num_micro)     # an UpdateBatch split into micro-batches
+
+    With `response_buckets` (ascending lengths, `sequences.response_len_buckets`), each
+    mini-batch keeps only the response columns of the smallest bucket that holds its longest
+    response: the rest is padding, and the step compiles once per bucket.
     """
 
-    def __init__(self, rows: UpdateBatch, tower: TowerImages | None = None):
+    def __init__(
+        self,
+        rows: UpdateBatch,
+        tower: TowerImages | None = None,
+        response_buckets: Sequence[int] | None = None,
+    ):
         self.rows = rows
         self.tower = tower
+        self.response_buckets = tuple(response_buckets or ())
 
     @classmethod
     def build(
@@ -317,6 +352,7 @@ class MinibatchMaker:
         per_token: Mapping[str, np.ndarray],
         features: jax.Array | None = None,
         tower: TowerImages | None = None,
+        response_buckets: Sequence[int] | None = None,
     ) -> MinibatchMaker:
         """`features`: the frozen tower's output [N, D] for `batch.vision` (None: text only, or
         a tower that trains, given as `tower`)."""
@@ -337,7 +373,7 @@ class MinibatchMaker:
             if batch.vision is not None:
                 raise ValueError("a batch with images needs the frozen tower's features or a tower")
             rows = rows_from_sequences(batch, **per_token)
-        return cls(rows, tower)
+        return cls(rows, tower, response_buckets)
 
     @property
     def num_rows(self) -> int:
@@ -347,6 +383,11 @@ class MinibatchMaker:
         """The mini-batch of rows `picked` (None: all, in order) in `num_micro` micro-batches."""
         picked = np.arange(self.num_rows) if picked is None else np.asarray(picked)
         chosen = self.rows.take(picked)
+        if self.response_buckets:
+            longest = int(np.asarray(chosen.response_mask).sum(axis=1).max())
+            width = response_bucket(max(longest, 1), self.response_buckets)
+            if width < chosen.response_len:
+                chosen = chosen.with_response_len(width)
         if self.tower is None:
             return chosen.split(num_micro)
         vision, index = micro_batch_images(

@@ -1,8 +1,18 @@
-"""maye_jax/rl/trajectory.py's reward scoring: rows prompt-major, the configured penalties."""
+"""maye_jax/rl/trajectory.py: reward scoring (rows prompt-major, the configured penalties) and
+response columns bucketed to the batch's longest response."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
 
 from maye_jax.data.records import Record
-from maye_jax.rl.trajectory import TrajectoryConfig, score_responses
+from maye_jax.data.sequences import response_bucket, response_len_buckets
+from maye_jax.models.configs import ModelConfig
+from maye_jax.models.qwen_vl import build_model
+from maye_jax.rl.trajectory import TrajectoryConfig, build_trajectory, score_responses
 from maye_jax.rollout.engine import Completion
+from maye_jax.tiny import tiny_hf_config
 
 
 def record(index: int, answer: str) -> Record:
@@ -40,3 +50,48 @@ def test_scores_rows_prompt_major_with_the_original_penalty_and_the_overlong_pen
     assert rewards["total"] == [1.0, -1.1, -0.1, -0.5]
     plain = score_responses(records, completions, TrajectoryConfig(reward_names=("accuracy",)))
     assert plain == {"accuracy": [1.0, 1.0, 1.0, 0.0], "total": [1.0, 1.0, 1.0, 0.0]}
+
+
+def test_response_len_buckets():
+    assert response_len_buckets(2048, 4) == (256, 512, 1024, 2048)
+    assert response_len_buckets(40, 4) == (8, 16, 24, 40)
+    assert response_len_buckets(6, 4) == (8,)  # the golden runs' R stays 8
+    assert response_len_buckets(2048, 1) == (2048,)
+    assert [response_bucket(n, (8, 16, 24)) for n in (1, 8, 9, 24)] == [8, 8, 16, 24]
+    with pytest.raises(ValueError, match="exceeds the longest bucket 24"):
+        response_bucket(25, (8, 16, 24))
+
+
+def test_response_buckets_change_only_padding():
+    """R is the bucket of the batch's longest response (16 of 8/16/32/64, not max_tokens 64),
+    each logprob chunk narrows to its own (rows 2-3: 8 columns); the logprobs of every response
+    token are those of the fixed-R trajectory."""
+    config = ModelConfig.from_hf(tiny_hf_config("qwen2_vl", vocab_size=256))
+    model = build_model(config, seed=1)
+    rng = np.random.default_rng(0)
+    prompts = [dict(input_ids=rng.integers(0, 200, 5 + i)) for i in range(4)]
+    completions = [
+        [Completion(list(rng.integers(0, 200, n)), [-0.5] * n, "t", "length")] for n in (3, 9, 5, 2)
+    ]
+    options = TrajectoryConfig(
+        reward_names=(), max_tokens=64, forward_batch_size=2, chunk_size=8, response_len_buckets=4
+    )
+    common = dict(
+        policy=model,
+        reference=model,
+        config=config,
+        records=[record(i, "1") for i in range(4)],
+        prompts=prompts,
+        completions=completions,
+        pad_id=0,
+        rewards={"total": [0.0] * 4},
+    )
+    bucketed = build_trajectory(options=options, **common)
+    fixed = build_trajectory(options=replace(options, response_len_buckets=1), **common)
+    assert (bucketed.batch.response_len, fixed.batch.response_len) == (16, 64)
+    mask = bucketed.batch.response_mask.astype(bool)
+    assert mask.sum() == 19 and not fixed.batch.response_mask[:, 16:].any()
+    for name in ("logprobs_old", "ref_logprobs", "rollout_logprobs"):
+        ours, theirs = getattr(bucketed, name), getattr(fixed, name)[:, :16]
+        np.testing.assert_allclose(ours[mask], theirs[mask], rtol=1e-5, atol=1e-6)
+    assert np.all(bucketed.logprobs_old[2:, 8:] == 0.0)  # the second chunk's 8 columns only

@@ -270,6 +270,40 @@ def test_accumulation_is_exact(data, unsharded):
                 assert metrics[1][name] == pytest.approx(metrics1[1][name], rel=1e-5, abs=1e-7)
 
 
+def with_padding_columns(rows: UpdateBatch, extra: int) -> UpdateBatch:
+    """The same rows with `extra` more response columns of padding (as max_tokens would)."""
+    fill = {"image_feature_index": -1}
+    padded = {}
+    for name, value in rows.row_fields().items():
+        value = np.asarray(value)
+        if name == "image_features":
+            padded[name] = value
+            continue
+        widths = [(0, 0)] * (value.ndim - 1) + [(0, extra)]
+        padded[name] = np.pad(value, widths, constant_values=fill.get(name, 0))
+    return replace(rows, **padded)
+
+
+def test_response_buckets_narrow_a_minibatch_without_changing_its_update(data, unsharded):
+    """Rows padded to R = 24 (max_tokens) and the same rows narrowed to the 8-column bucket that
+    holds their longest response: the same loss, metrics and parameter changes."""
+    padded = with_padding_columns(data["rows"], 16)
+    full = MinibatchMaker(padded)(None, 2)
+    narrow = MinibatchMaker(padded, response_buckets=(8, 16, 24))(None, 2)
+    assert (full.response_len, narrow.response_len) == (24, 8)
+    assert np.shape(narrow.input_ids)[-1] == np.shape(full.input_ids)[-1] - 16
+    changes_full, metrics_full = run_steps(unsharded, full, 2)
+    changes_narrow, metrics_narrow = run_steps(unsharded, narrow, 2)
+    assert_trees_close(changes_narrow, changes_full, 1e-5, "param changes, narrowed")
+    for step in range(2):
+        for name in METRIC_KEYS:
+            assert metrics_narrow[step][name] == pytest.approx(
+                metrics_full[step][name], rel=1e-5, abs=1e-7
+            )
+    with pytest.raises(ValueError, match="longer than 4"):
+        padded.with_response_len(4)
+
+
 @pytest.mark.parametrize("fsdp,tp", [(8, 1), (4, 2)])
 def test_sharded_equals_unsharded(data, unsharded, fsdp, tp):
     """Same loss, gradient norm (a scale error in a sharded reduction would show) and parameter
