@@ -5,6 +5,10 @@
 3. trajectory  = make_trajectory(prompts, completions) rewards, logprobs (policy, reference)
 4. metrics     = policy_update(trajectory, step)      advantages + jitted sharded updates
 
+With `rl.async_rollouts` a torch-side worker generates step n+1's responses while steps 3-4 of
+step n run (maye_jax/rollout/overlap.py: one step off-policy, corrected by the truncated
+importance weight); the trainer waits for them when its update ends.
+
 With `rl.dynamic_sampling` (DAPO), steps 1-3's rewards repeat for top-up prompts until the
 batch holds only prompt groups whose scores differ (maye_jax/rl/dynamic_sampling.py); an epoch
 then ends when its prompts run out, which can be after fewer steps (maye_jax/data/cursor.py).
@@ -17,6 +21,7 @@ python -m maye_jax.train --config=configs/demo.py [--config.rl.kl_loss_coeff=0.0
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -36,6 +41,7 @@ from maye_jax.rl.dynamic_sampling import PromptGroups, fill_batch, top_up_seed
 from maye_jax.rl.trajectory import build_trajectory, score_responses
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_engine
+from maye_jax.rollout.overlap import OverlappedRollouts
 from maye_jax.run import startup
 from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
@@ -109,6 +115,8 @@ class Trainer:
             dtype=s.model.dtype,
             frozen_params=set(policy.frozen),
         )
+        # rl.async_rollouts: step n+1 is generated while step n updates (rollout/overlap.py)
+        self.overlap = OverlappedRollouts(self.engine) if s.rl.async_rollouts else None
         self.step_fn = make_train_step(
             policy.model_def, optimizer, schedule, policy.layout, s.update_config()
         )
@@ -130,11 +138,27 @@ class Trainer:
     def collect_responses(self, encoded, step: int, round_index: int = 0):
         """Step 2: the rollout engine loads the current weights (in process: no copy; torch-side
         workers: shared memory), then samples. `round_index` > 0: a dynamic-sampling top-up,
-        with its own seed."""
+        with its own seed. Overlapped: the responses generated ahead for this step, and the
+        next step's generation starts."""
+        prompts = [_prompt(e) for e in encoded]
+        if self.overlap is not None:
+            return self.overlap.collect(
+                step,
+                prompts,
+                self.sampling(step),
+                model=self.policy.model(),
+                version=self.weights_version,
+                next_prompts=self.prompts_after(step),
+                next_sampling=self.sampling(step + 1),
+                on_sync=lambda: self.run_harness.section("sync"),
+            )
         with self.run_harness.section("sync"):
             self.engine.load_policy(self.policy.model(), self.weights_version)
+        return self.engine.generate(prompts, self.sampling(step, round_index), step=step)
+
+    def sampling(self, step: int, round_index: int = 0) -> Sampling:
         r, seed = self.settings.rollout, self.settings.seed
-        sampling = Sampling(
+        return Sampling(
             n=r.num_samples,
             temperature=r.temperature,
             top_p=r.top_p,
@@ -143,8 +167,25 @@ class Trainer:
             seed=seed if round_index == 0 else top_up_seed(seed, step, round_index),
             stop_token_ids=STOP_TOKEN_IDS,
         )
-        prompts = [Prompt(e["input_ids"], e["pixel_values"], e["image_grid_thw"]) for e in encoded]
-        return self.engine.generate(prompts, sampling, step=step)
+
+    def prompts_after(self, step: int) -> list[Prompt] | None:
+        """The prompts step `step` + 1 will read (without moving the data cursor); None when
+        `step` is the run's last."""
+        cursor = dataclasses.replace(self.cursor)
+        cursor.end_epoch_if_short(self.prompts_per_step)
+        if step >= self.total_steps or cursor.epoch >= self.settings.rl.num_epochs:
+            return None
+        records = [self.data["train"][i] for i in cursor.take(self.prompts_per_step)]
+        return [
+            _prompt(self.processor.encode(r.load_image(), r.question, self.instruction))
+            for r in records
+        ]
+
+    def finish_rollouts(self) -> None:
+        """When an update ends: wait for the responses generated ahead (overlapped rollouts)."""
+        if self.overlap is not None:
+            with self.run_harness.section("rollout"):
+                self.overlap.wait()
 
     def sample_groups(self, count: int, step: int, round_index: int = 0) -> PromptGroups | None:
         """Steps 1-2 and the rewards of step 3 for the next `count` prompts (None when the epoch
@@ -242,7 +283,9 @@ class Trainer:
     # -- around the steps ---------------------------------------------------------------------
     def evaluate(self, epoch: int, step: int) -> dict:
         """The scheme's evaluation of the current weights; a stop request abandons it
-        (EvaluationInterrupted)."""
+        (EvaluationInterrupted). Overlapped rollouts: after the request in flight."""
+        if self.overlap is not None:
+            self.overlap.wait()
         self.engine.load_policy(self.policy.model(), self.weights_version)
         folder = self.output_dir / "eval_responses"
         return evaluate_configured_splits(
@@ -265,9 +308,11 @@ class Trainer:
             # where the next step reads its prompts (dynamic sampling moves it by more than a
             # step's prompts)
             data_cursor=self.cursor.state(),
+            # overlapped rollouts: the next step's finished responses (their weights are gone)
+            **({"pending_rollouts": self.overlap.state()} if self.overlap is not None else {}),
         )
 
-    def step_metrics(self, trajectory, update_metrics, timings) -> dict:
+    def step_metrics(self, trajectory, update_metrics, timings, step: int = 0) -> dict:
         n = trajectory.num_rows
         mask = trajectory.batch.response_mask[:n].astype(bool)
         mismatch = np.abs(trajectory.logprobs_old[:n] - trajectory.rollout_logprobs[:n])[mask]
@@ -286,12 +331,22 @@ class Trainer:
         for name, values in trajectory.reward_components.items():
             metrics[f"train/reward/{name}"] = float(np.mean(values[:n]))
         metrics.update(update_metrics)
+        if self.overlap is not None:
+            metrics.update(self.overlap.metrics(step))
         for name, value in reflection_metrics(
             trajectory.texts, list(trajectory.correct[:n])
         ).items():
             metrics[f"reflection/{name}"] = value
         metrics.update(timings)
         return metrics
+
+    def rollout_rows(self, trajectory) -> list[dict]:
+        """rollouts/step_<n>.jsonl rows; overlapped, each with its weights version."""
+        rows = _rollout_rows(trajectory)
+        if self.overlap is not None:
+            for row, version in zip(rows, self.overlap.last_versions):
+                row["weights_version"] = version
+        return rows
 
     def export_hf(self, out_dir: Path) -> None:
         from maye_jax.storage.model_folders import export_hf
@@ -324,6 +379,8 @@ class Trainer:
                 )
                 self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
                 self.weights_version = start
+                if self.overlap is not None:
+                    self.overlap.restore(meta.get("pending_rollouts"))
                 self.cursor = EpochCursor.restore(
                     len(self.data["train"]),
                     s.seed,
@@ -348,7 +405,8 @@ class Trainer:
                         trajectory = self.make_trajectory(groups)
                     with run.section("update"):
                         update_metrics = self.policy_update(trajectory, step)
-                    metrics = self.step_metrics(trajectory, update_metrics, run.timings())
+                    self.finish_rollouts()
+                    metrics = self.step_metrics(trajectory, update_metrics, run.timings(), step)
                     metrics.update(sampling_metrics)
                     # Training accuracy over every response sampled (dynamic sampling's dropped
                     # groups too: leaving out all-correct groups would bias it down).
@@ -356,7 +414,7 @@ class Trainer:
                     metrics["train/accuracy"] = float(np.mean(correct))
                     self.epoch_correct.extend(correct)
                     if s.logging.save_rollouts:
-                        write_rollouts(self.output_dir, step, _rollout_rows(trajectory))
+                        write_rollouts(self.output_dir, step, self.rollout_rows(trajectory))
                     if self.cursor.end_epoch_if_short(self.prompts_per_step):
                         metrics["train/epoch_accuracy"] = float(np.mean(self.epoch_correct))
                         self.epoch_correct = []
@@ -435,6 +493,10 @@ def run_rl(config) -> dict:
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
     prepare_run_folder(settings)
     return build_trainer(settings).run()
+
+
+def _prompt(encoded: dict) -> Prompt:
+    return Prompt(encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"])
 
 
 def _correct(groups: PromptGroups) -> list[bool]:
