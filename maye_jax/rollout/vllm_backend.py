@@ -22,9 +22,10 @@ generator, which only GPU generators allow ("CPU Generator does not use offset")
 `max_num_batched_tokens` prompt tokens and `max_num_seqs` requests), so no prompt is ever split;
 the limit (`rollout.max_num_batched_tokens`, default `CPU_MAX_NUM_BATCHED_TOKENS`) only trades
 memory for fewer calls. The `n` samples of a prompt are `n` requests with their own seeds (vLLM's
-own `n` would seed them seed+i); with n > 1, one 1-token request per prompt runs first, so the
-prompt's KV blocks are in vLLM's prefix cache and its `n` samples prefill only the last partial
-block instead of the whole prompt each (copies scheduled in the same step never share).
+own `n` would seed them seed+i); with n > 1, one 1-token request per prompt of at least one full
+KV block runs first, so the prompt's blocks are in vLLM's prefix cache and its `n` samples
+prefill only the last partial block instead of the whole prompt each (copies scheduled in the
+same step never share).
 """
 
 from __future__ import annotations
@@ -177,10 +178,12 @@ class VLLMBackend:
         self.last_stats = dict(
             engine_calls=0, prompt_tokens=0, cached_prompt_tokens=0, block_size=self.block_size
         )
-        if sampling.n > 1 and self.prefix_caching:
-            # one 1-token request per prompt fills the prefix cache for its n samples
-            warm = SamplingParams(max_tokens=1, temperature=1.0, seed=0, detokenize=False)
-            self._run(base, [warm] * len(base), lengths)
+        # one 1-token request per prompt fills the prefix cache for its n samples (only prompts
+        # with a full KV block: vLLM caches whole blocks, 128 tokens on CPU)
+        warm = [i for i, n in enumerate(lengths) if n > self.block_size]
+        if sampling.n > 1 and self.prefix_caching and warm:
+            params = SamplingParams(max_tokens=1, temperature=1.0, seed=0, detokenize=False)
+            self._run([base[i] for i in warm], [params] * len(warm), [lengths[i] for i in warm])
         requests, params, request_lengths = [], [], []
         for i, request in enumerate(base):
             for j in range(sampling.n):
