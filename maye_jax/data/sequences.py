@@ -48,15 +48,19 @@ class SequenceBatch:
         """`device_arrays()` of rows [start, stop), without the packed images (which belong to
         the whole batch): positions [3, B, L] keep their row axis second. `response_len`: only
         the first response columns (they must hold every response of these rows)."""
+        return self.device_take(np.arange(start, min(stop, len(self.input_ids))), response_len)
+
+    def device_take(self, rows: np.ndarray, response_len: int | None = None) -> dict:
+        """`device_rows` of the given rows, in that order."""
         columns = self.prompt_len + (response_len or self.response_len)
-        if response_len and self.response_mask[start:stop, response_len:].any():
-            raise ValueError(f"rows {start}..{stop} have responses longer than {response_len}")
+        if response_len and self.response_mask[rows, response_len:].any():
+            raise ValueError(f"rows {list(rows)} have responses longer than {response_len}")
         arrays = dict(
-            input_ids=self.input_ids[start:stop, :columns],
-            attention_mask=self.attention_mask[start:stop, :columns],
-            positions=self.positions[:, start:stop, :columns],
-            image_feature_index=self.image_feature_index[start:stop, :columns],
-            response_mask=self.response_mask[start:stop, : columns - self.prompt_len],
+            input_ids=self.input_ids[rows, :columns],
+            attention_mask=self.attention_mask[rows, :columns],
+            positions=self.positions[:, rows, :columns],
+            image_feature_index=self.image_feature_index[rows, :columns],
+            response_mask=self.response_mask[rows, : columns - self.prompt_len],
         )
         return jax.tree_util.tree_map(jnp.asarray, arrays)
 

@@ -109,21 +109,25 @@ def forward_logprobs(
     response_buckets: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Response logprobs [B, R] in row chunks (features index the whole batch's tower output).
-    `response_buckets`: each chunk computes only the response columns of the smallest bucket
-    that holds its longest response (the rest are padding, 0)."""
+    `response_buckets`: the rows go through in order of response length, and each chunk
+    computes only the response columns of the smallest bucket that holds its longest response
+    (the rest are padding, 0), so a few long responses cost one wide chunk, not every chunk."""
     rows = batch.input_ids.shape[0]
     step = min(forward_batch_size, rows)
+    lengths = batch.response_mask.sum(axis=1)
+    bucketed = response_buckets is not None and len(response_buckets) > 1
+    order = np.argsort(lengths, kind="stable") if bucketed else np.arange(rows)
     out = np.zeros(batch.response_mask.shape, np.float32)
     for start in range(0, rows, step):
+        chunk_rows = order[start : start + step]
         width = batch.response_len
-        if response_buckets:
-            longest = int(batch.response_mask[start : start + step].sum(axis=1).max())
-            width = min(response_bucket(max(longest, 1), response_buckets), width)
-        chunk = batch.device_rows(start, start + step, response_len=width)
-        out[start : start + step, :width] = np.asarray(
+        if bucketed:
+            longest = max(int(lengths[chunk_rows].max()), 1)
+            width = min(response_bucket(longest, response_buckets), width)
+        out[chunk_rows, :width] = np.asarray(
             _logprobs(
                 model,
-                chunk,
+                batch.device_take(chunk_rows, response_len=width),
                 features,
                 prompt_len=batch.prompt_len,
                 temperature=temperature,

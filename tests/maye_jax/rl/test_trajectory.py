@@ -63,9 +63,9 @@ def test_response_len_buckets():
 
 
 def test_response_buckets_change_only_padding():
-    """R is the bucket of the batch's longest response (16 of 8/16/32/64, not max_tokens 64),
-    each logprob chunk narrows to its own (rows 2-3: 8 columns); the logprobs of every response
-    token are those of the fixed-R trajectory."""
+    """R is the bucket of the batch's longest response (16 of 8/16/32/64, not max_tokens 64);
+    the logprob pass takes the rows by length, so the chunk of the two shortest (rows 3 and 0)
+    computes 8 columns; the logprobs of every response token are the fixed-R trajectory's."""
     config = ModelConfig.from_hf(tiny_hf_config("qwen2_vl", vocab_size=256))
     model = build_model(config, seed=1)
     rng = np.random.default_rng(0)
@@ -94,4 +94,5 @@ def test_response_buckets_change_only_padding():
     for name in ("logprobs_old", "ref_logprobs", "rollout_logprobs"):
         ours, theirs = getattr(bucketed, name), getattr(fixed, name)[:, :16]
         np.testing.assert_allclose(ours[mask], theirs[mask], rtol=1e-5, atol=1e-6)
-    assert np.all(bucketed.logprobs_old[2:, 8:] == 0.0)  # the second chunk's 8 columns only
+    assert np.all(bucketed.logprobs_old[[0, 3], 8:] == 0.0)  # their chunk's 8 columns only
+    assert np.all(bucketed.logprobs_old[1, 8:9] != 0.0)
