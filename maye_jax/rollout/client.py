@@ -223,13 +223,14 @@ class WorkerEngine:
         return record.checksum
 
     def generate(
-        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0, first_index: int = 0
     ) -> list[list[Completion]]:
         buffers = protocol.BufferList()
         header = dict(
             op="generate",
             version=self.version,
             step=int(step),
+            first_index=int(first_index),
             sampling=protocol.encode_sampling(sampling),
             prompts=[protocol.encode_prompt(prompt, buffers) for prompt in prompts],
         )

@@ -101,7 +101,9 @@ class Worker:
         if op == "generate":
             prompts = [protocol.decode_prompt(p, buffers) for p in header["prompts"]]
             sampling = protocol.decode_sampling(header["sampling"])
-            completions = self.backend.generate(prompts, sampling, int(header["step"]))
+            completions = self.backend.generate(
+                prompts, sampling, int(header["step"]), int(header.get("first_index", 0))
+            )
             out = protocol.BufferList()
             encoded = [
                 [
