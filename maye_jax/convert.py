@@ -7,12 +7,15 @@
 The direction follows from what `--input` is. HF -> Orbax streams tensor by tensor (each one
 converted and placed on its devices before the next is read); Orbax -> HF writes safetensors
 shards as they fill, plus config and tokenizer/processor files, loadable by transformers/vLLM.
+Either way the output is written as `OUTPUT.partial` and renamed when complete: a folder under
+the output name is always whole, and an existing one is replaced only by a complete one.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from absl import app, flags
 
@@ -48,6 +51,7 @@ def main(argv):
     import numpy as np
 
     from maye_jax.storage import model_folders as checkpoint
+    from maye_jax.storage.atomic import atomic_folder
 
     started = time.time()
     source = FLAGS.input
@@ -75,14 +79,17 @@ def main(argv):
                 if FLAGS.hf_dtype == "auto"
                 else np.dtype(jnp.bfloat16 if FLAGS.hf_dtype == "bfloat16" else FLAGS.hf_dtype)
             )
-            out = checkpoint.export_hf(
-                model,
-                hf_config,
-                FLAGS.output,
-                dtype=dtype,
-                tokenizer_source=FLAGS.tokenizer_dir or source,
-            )
-            _ensure_tokenizer(out, hf_config)
+            # The output appears under its name only once complete, tokenizer files included.
+            with atomic_folder(FLAGS.output) as folder:
+                checkpoint.write_hf_folder(
+                    folder,
+                    model,
+                    hf_config,
+                    dtype=dtype,
+                    tokenizer_source=FLAGS.tokenizer_dir or source,
+                )
+                _ensure_tokenizer(folder, hf_config)
+            out = Path(FLAGS.output).absolute()
         elif checkpoint.is_hf_directory(source):
             model, hf_config = checkpoint.load_model(source, param_dtype=param_dtype, place=place)
             out = checkpoint.save_orbax(FLAGS.output, model, hf_config, source_dir=source)
@@ -101,8 +108,6 @@ def main(argv):
 def _ensure_tokenizer(out_dir, hf_config) -> None:
     """An exported directory must be loadable on its own: add the offline tokenizer if the
     source carried no tokenizer files."""
-    from pathlib import Path
-
     if (Path(out_dir) / "tokenizer_config.json").is_file():
         return
     if int(hf_config.text_config.vocab_size) < 151643:
