@@ -31,6 +31,7 @@ from maye_jax.rl.trajectory import prompt_images
 from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
 from maye_jax.run.harness import RunHarness
+from maye_jax.run.lock import OutputFolderBusy, configured_process_id, hold_output_folder
 from maye_jax.run.metrics import summarize_run
 from maye_jax.training.batch import MinibatchMaker, TowerImages, UpdateBatch
 from maye_jax.training.policy import Policy, build_policy, optimizer_for, with_fresh_optimizer
@@ -218,6 +219,11 @@ def run_sft(config) -> dict:
     continues from the latest), the final policy exported to HF. Returns the summary of its
     evaluations (metrics.summarize_run)."""
     s = config if isinstance(config, Settings) else load_settings(config, kind="sft")
+    with hold_output_folder(s.output_dir, process_id=configured_process_id(s)):
+        return _run_sft(s)
+
+
+def _run_sft(s: Settings) -> dict:
     data, policy, processor = start_for_sft(s)
     engine = None
     if s.eval.enabled:
@@ -250,7 +256,12 @@ def main(argv) -> int:
     from absl import flags
 
     startup.setup_cli_logging()
-    print(json.dumps(run_sft(flags.FLAGS.config), indent=2))
+    try:
+        summary = run_sft(flags.FLAGS.config)
+    except OutputFolderBusy as error:
+        print(f"sft: error: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -33,6 +33,7 @@ from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
 from maye_jax.run.harness import RunHarness
+from maye_jax.run.lock import OutputFolderBusy, configured_process_id, hold_output_folder
 from maye_jax.run.metrics import read_metrics, summarize_run, write_rollouts
 from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
 from maye_jax.training.batch import MinibatchMaker, TowerImages
@@ -302,9 +303,11 @@ def build_trainer(settings: Settings) -> Trainer:
 
 def run_rl(config) -> dict:
     """The RL run of `config` (an ml_collections config or typed Settings), checked first;
-    returns the summary of its evaluations (`metrics.summarize_run`)."""
+    returns the summary of its evaluations (`metrics.summarize_run`). The output folder is
+    locked from the start (the start model, the warm-up) to the end: one run per folder."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
-    return build_trainer(settings).run()
+    with hold_output_folder(settings.output_dir, process_id=configured_process_id(settings)):
+        return build_trainer(settings).run()
 
 
 def _rollout_rows(trajectory):
@@ -343,7 +346,11 @@ def main(argv) -> int:
 
     startup.setup_cli_logging()
     settings = load_settings(flags.FLAGS.config, kind="rl")
-    summary = build_trainer(settings).run()
+    try:
+        summary = run_rl(settings)
+    except OutputFolderBusy as error:
+        print(f"train: error: {error}", file=sys.stderr)
+        return 1
     print_summary(summary, settings.output_dir)
     return 0
 
