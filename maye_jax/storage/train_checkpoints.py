@@ -10,7 +10,8 @@ to continue exactly where it stopped. The reference model is the run's start mod
 
 Integrity. Each checkpoint gets a digest as it is written (storage/digest.py; nothing is
 re-read): `digest.process_<i>.json`, one per process, lists the files that process wrote with
-their sizes (process i owns `*/ocdbt.process_<i>/`, process 0 also every other file), and
+their sizes (process i owns `*/ocdbt.process_<i>/` and `*/process_<i>`, process 0 also every
+other file), and
 process 0's also holds the content digest of every state array, computed on the devices from
 the arrays being saved, and a SHA-256 of `meta`. Before a checkpoint is trusted its listing is
 checked (a missing or truncated file), then it is restored (a file that does not parse fails
@@ -47,7 +48,7 @@ from maye_jax.storage.digest import content_digests, file_sizes, json_digest, li
 log = logging.getLogger("maye_jax")
 
 DIGEST_FORMAT = 1
-_OWNER = re.compile(r"(?:^|/)ocdbt\.process_(\d+)/")
+_OWNER = re.compile(r"(?:^|/)(?:ocdbt\.)?process_(\d+)(?:/|$)")  # files one process wrote
 
 
 class CheckpointError(RuntimeError):
@@ -132,7 +133,8 @@ class TrainCheckpointer:
         def owned(relative: str) -> bool:
             match = _OWNER.search(relative)
             owner = int(match.group(1)) if match else 0
-            return owner == me and not relative.startswith("digest.process_")
+            # digest files (and their temporary names) are being written by the others now
+            return owner == me and "digest.process_" not in relative
 
         record = dict(
             format=DIGEST_FORMAT,

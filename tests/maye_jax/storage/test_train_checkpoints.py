@@ -211,3 +211,80 @@ def test_the_digest_lists_every_file_and_every_array(tmp_path):
     assert record["files"] == on_disk
     assert sorted(record["arrays"]) == ["['count']", "['moments']", "['params']['w']"]
     assert record["arrays"] == digest.content_digests(state_at(1))
+
+
+TWO_PROCESS_SCRIPT = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+process, port, folder, phase = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=process)
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from maye_jax.storage.train_checkpoints import TrainCheckpointer
+mesh = jax.make_mesh((8,), ("x",))
+def state_at(step):
+    data = np.arange(8 * 1024, dtype=np.float32) * (step + 1)
+    w = jax.make_array_from_callback(data.shape, NamedSharding(mesh, P("x")), lambda i: data[i])
+    return {"w": w, "n": jax.device_put(np.int32(step), NamedSharding(mesh, P()))}
+checkpointer = TrainCheckpointer(folder, keep=5)
+if phase == "save":
+    for step in (1, 2):
+        checkpointer.save(step, state_at(step), {"generation_step": step})
+else:
+    template = state_at(0)
+    state, meta = checkpointer.restore_latest(template, jax.tree.map(lambda x: x.sharding, template))
+    local = np.concatenate([np.asarray(s.data) for s in state["w"].addressable_shards])
+    print(json.dumps({"step": meta["generation_step"], "local_sum": float(local.sum())}))
+checkpointer.close()
+"""
+
+
+def run_two_processes(script, folder, phase) -> list[str]:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.getcwd()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port), str(folder), phase],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for i in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs] + [err for _, err in outputs]
+
+
+def test_two_processes_agree_on_the_step_they_restore(tmp_path):
+    """Each process checks the files the other did not write; process 1's truncated data file
+    is seen by process 1 alone, yet both restore step 1 (process 0 is told where)."""
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESS_SCRIPT)
+    folder = tmp_path / "run"
+    run_two_processes(script, folder, "save")
+    step_dir = folder / "checkpoints" / "2"
+    assert json.loads((step_dir / "digest.process_1.json").read_text())["files"]
+    victim = max(step_dir.glob("state/ocdbt.process_1/d/*"), key=lambda p: p.stat().st_size)
+    with open(victim, "r+b") as handle:
+        handle.truncate(100)
+    out0, out1, err0, err1 = run_two_processes(script, folder, "restore")
+    results = [json.loads(out.strip().splitlines()[-1]) for out in (out0, out1)]
+    assert [r["step"] for r in results] == [1, 1]
+    # step 1's values: arange * 2, each process holding its half
+    half = np.arange(8 * 1024, dtype=np.float64).reshape(2, -1) * 2
+    assert [r["local_sum"] for r in results] == [half[0].sum(), half[1].sum()]
+    assert "checkpoints/2 cannot be trusted: damaged on process 1" in err0
+    assert f"{victim.relative_to(step_dir)} has 100 bytes" in err1
