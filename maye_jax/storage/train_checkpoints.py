@@ -306,7 +306,7 @@ def _same_on_every_process(steps: list[int]) -> list[int]:
         return steps
     from jax.experimental import multihost_utils
 
-    padded = np.full(1024, -1, np.int64)
+    padded = np.full(1024, -1, np.int32)
     chosen = sorted(steps, reverse=True)[: len(padded)]
     padded[: len(chosen)] = chosen
     return [int(s) for s in multihost_utils.broadcast_one_to_all(padded) if s >= 0]
