@@ -55,9 +55,9 @@ from maye_jax.rollout.shm import (
     WeightSegment,
     cleanup_stale_segments,
     register_cleanup,
-    remove_stale_folders,
     unregister_cleanup,
 )
+from maye_jax.rollout.stale import remove_stale_folders
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 0.2

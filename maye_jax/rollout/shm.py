@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from maye_jax.rollout.stale import remove_stale_folders
+
 SHM_ROOT = "/dev/shm"
 SEGMENT_PREFIX = "maye-jax-"
 SEGMENT_FILE = "model.safetensors"
@@ -182,54 +184,6 @@ def remove_segment_directory(directory: str) -> None:
 def cleanup_stale_segments(root: str = SHM_ROOT) -> list[str]:
     """Removes segments whose creating process no longer exists; returns their paths."""
     return remove_stale_folders(root, SEGMENT_PREFIX)
-
-
-def remove_stale_folders(root: str, prefix: str) -> list[str]:
-    """Removes the folders `<root>/<prefix><pid>-*` whose process `pid` is gone (or is a newer
-    process that reuses the number); returns their paths. Folders of other names are never
-    touched."""
-    removed = []
-    try:
-        entries = os.listdir(root)
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        if not entry.startswith(prefix):
-            continue
-        try:
-            pid = int(entry[len(prefix) :].split("-")[0])
-        except ValueError:
-            continue
-        path = os.path.join(root, entry)
-        if owner_is_gone(pid, path):
-            remove_segment_directory(path)
-            removed.append(path)
-    return removed
-
-
-def owner_is_gone(pid: int, path: str) -> bool:
-    """True when the process that made `path` has ended: no process `pid`, or one that started
-    after `path` was last changed (the number was reused)."""
-    if not _process_exists(pid):
-        return True
-    try:
-        import psutil
-    except ImportError:  # the worker's environment may lack it: trust the pid alone
-        return False
-    try:
-        return psutil.Process(pid).create_time() > os.stat(path).st_mtime + 1.0
-    except (OSError, psutil.Error):
-        return False
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ---------------------------------------------------------------------------------------------
