@@ -88,6 +88,10 @@ def unlinked(path: Path) -> Path:
     return path
 
 
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def largest_data_file(step_dir: Path) -> Path:
     return max((step_dir / "state").rglob("ocdbt.process_0/d/*"), key=lambda p: p.stat().st_size)
 
@@ -217,7 +221,10 @@ def test_a_full_disk_at_a_checkpoint_write_names_the_error_and_keeps_the_last_on
     log ends with the real error (not Orbax's late "Event loop is closed" reports), nothing of
     step 3 remains, and once there is room the resume reproduces the run."""
     root = tmp_path / "disk"
-    with small_tmpfs(root, size_mb=360) as mounted:
+    copied = sum(folder_bytes(baseline / name) for name in ("start_model", "initial_model"))
+    checkpoint = folder_bytes(baseline / "checkpoints" / "2")
+    room = copied + checkpoint + checkpoint // 2 + 8 * 2**20  # checkpoint 3 does not fit
+    with small_tmpfs(root, size_mb=room // 2**20) as mounted:
         copy_run(baseline, root, step=2, checkpoints=[2], link=False)
         result = run_faulty(root, "disk_full" if mounted else "simulated_disk_full")
         assert result.returncode == 1, result.stderr[-3000:]
@@ -228,7 +235,8 @@ def test_a_full_disk_at_a_checkpoint_write_names_the_error_and_keeps_the_last_on
         run = root / "run"
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
         if mounted:
-            subprocess.run(["mount", "-o", "remount,size=1024m", str(root)], check=True)
+            size = (room + 3 * checkpoint) // 2**20
+            subprocess.run(["mount", "-o", f"remount,size={size}m", str(root)], check=True)
         resumed = resume(root)
         assert comparable(resumed) == comparable(baseline)
         assert not [r for r in caplog.records if "cannot be trusted" in r.getMessage()]
