@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -151,11 +152,25 @@ class TrainCheckpointer:
         remove the step's partial files, so the last good checkpoint is the newest."""
         _OrbaxLateErrors.after_failure = True
         if process_index() == 0:
-            for path in self.directory.glob(f"{generation_step}*"):
-                if path.name == str(generation_step) or path.name.startswith(
-                    f"{generation_step}.orbax-checkpoint-tmp"
-                ):
+            # Orbax's other writes may still be in flight and recreate folders: remove until
+            # nothing comes back for a while (bounded; the next start removes what is left).
+            deadline, quiet_since = time.monotonic() + 10.0, None
+            while time.monotonic() < deadline:
+                partial = [
+                    path
+                    for path in self.directory.glob(f"{generation_step}*")
+                    if path.name == str(generation_step)
+                    or path.name.startswith(f"{generation_step}.orbax-checkpoint-tmp")
+                ]
+                for path in partial:
                     shutil.rmtree(path, ignore_errors=True)
+                if partial:
+                    quiet_since = None
+                elif quiet_since is None:
+                    quiet_since = time.monotonic()
+                elif time.monotonic() - quiet_since > 0.5:
+                    break
+                time.sleep(0.05)
         self._reload()
 
     def _prune(self) -> None:

@@ -229,9 +229,11 @@ def test_a_full_disk_at_a_checkpoint_write_names_the_error_and_keeps_the_last_on
         result = run_faulty(root, "disk_full" if mounted else "simulated_disk_full")
         assert result.returncode == 1, result.stderr[-3000:]
         last = result.stderr.strip().splitlines()[-1]
-        assert "CheckpointWriteError: checkpoint of step 3 not written" in last, last
+        assert "CheckpointWriteError: checkpoint of step 3 not written" in last, result.stderr[
+            -3000:
+        ]
         assert "No space left on device" in last and "last good checkpoint is step 2" in last
-        assert "Event loop is closed" not in result.stderr
+        assert "Event loop is closed" not in result.stderr, result.stderr[-3000:]
         run = root / "run"
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2"]
         if mounted:
