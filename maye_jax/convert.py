@@ -3,12 +3,15 @@
     python -m maye_jax.convert --input=HF_DIR --output=CKPT_DIR            # HF -> Orbax
     python -m maye_jax.convert --input=CKPT_DIR --output=HF_DIR            # Orbax -> HF
     python -m maye_jax.convert --input=HF_DIR --output=CKPT_DIR --fsdp=8   # written sharded
+    python -m maye_jax.convert --input=RUN/checkpoints/N --output=HF_DIR   # a train checkpoint
 
 The direction follows from what `--input` is. HF -> Orbax streams tensor by tensor (each one
 converted and placed on its devices before the next is read); Orbax -> HF writes safetensors
 shards as they fill, plus config and tokenizer/processor files, loadable by transformers/vLLM.
-Either way the output is written as `OUTPUT.partial` and renamed when complete: a folder under
-the output name is always whole, and an existing one is replaced only by a complete one.
+Either direction shows a tensor-by-tensor progress bar on stderr (`--noprogress`: none); the
+Orbax side is one save or restore call. Either way the output is written as `OUTPUT.partial`
+and renamed when complete: a folder under the output name is always whole, and one that
+`--overwrite` replaces is replaced only by a complete one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
+
+from maye_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -36,6 +41,9 @@ flags.DEFINE_enum(
     ["auto", "float32", "bfloat16", "float16"],
     "dtype of exported safetensors (Orbax -> HF); auto = the parameters' dtype.",
 )
+flags.DEFINE_bool(
+    "overwrite", False, "Replace an existing non-empty --output folder (else it is refused)."
+)
 flags.DEFINE_integer("fsdp", 0, "Shard parameters over this many devices while converting (0: no).")
 flags.DEFINE_string(
     "tokenizer_dir",
@@ -43,6 +51,7 @@ flags.DEFINE_string(
     "Where tokenizer/processor files come from on export (default: the input "
     "directory; if it has none, the offline Qwen tokenizer is written).",
 )
+flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
 
 
 def main(argv):
@@ -52,9 +61,22 @@ def main(argv):
 
     from maye_jax.storage import model_folders as checkpoint
     from maye_jax.storage.atomic import atomic_folder
+    from maye_jax.storage.run_models import is_train_checkpoint
 
     started = time.time()
     source = FLAGS.input
+    target = Path(FLAGS.output)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        if not FLAGS.overwrite:
+            print(
+                f"convert: error: --output: {target} is not empty (a model written over another "
+                "keeps the other's files); choose an empty folder or pass --overwrite to replace it",
+                file=sys.stderr,
+            )
+            return 1
+        if not target.is_dir():
+            target.unlink()
+        # a folder is replaced by the new output only once that is complete (atomic_folder)
     param_dtype = jnp.bfloat16 if FLAGS.param_dtype == "bfloat16" else jnp.float32
     place, shardings = None, None
     if FLAGS.fsdp:
@@ -70,9 +92,10 @@ def main(argv):
             np.asarray(value, dtype=param_dtype), sharding_of(name, value.shape)
         )
     try:
-        if checkpoint.is_orbax_checkpoint(source):
+        if checkpoint.is_orbax_checkpoint(source) or is_train_checkpoint(source):
+            # a run's train checkpoint: its start model with the trained parameters
             model, hf_config = checkpoint.load_model(
-                source, param_dtype=param_dtype, shardings=shardings
+                source, param_dtype=param_dtype, shardings=shardings, progress=FLAGS.progress
             )
             dtype = (
                 None
@@ -86,19 +109,22 @@ def main(argv):
                     model,
                     hf_config,
                     dtype=dtype,
-                    tokenizer_source=FLAGS.tokenizer_dir or source,
+                    tokenizer_source=FLAGS.tokenizer_dir or checkpoint.tokenizer_source(source),
+                    progress=FLAGS.progress,
                 )
                 _ensure_tokenizer(folder, hf_config)
             out = Path(FLAGS.output).absolute()
         elif checkpoint.is_hf_directory(source):
-            model, hf_config = checkpoint.load_model(source, param_dtype=param_dtype, place=place)
+            model, hf_config = checkpoint.load_model(
+                source, param_dtype=param_dtype, place=place, progress=FLAGS.progress
+            )
             out = checkpoint.save_orbax(FLAGS.output, model, hf_config, source_dir=source)
         else:
             raise FileNotFoundError(
                 f"{source}: not an HF model directory (config.json + *.safetensors) nor a "
                 "maye-jax checkpoint (maye_jax.json)"
             )
-    except (FileNotFoundError, ValueError) as error:
+    except (UserError, FileNotFoundError, ValueError) as error:
         print(f"convert: error: {error}", file=sys.stderr)
         return 1
     print(f"convert: wrote {out} in {time.time() - started:.1f} s")
@@ -119,4 +145,6 @@ def _ensure_tokenizer(out_dir, hf_config) -> None:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from maye_jax.run.cli import run_cli
+
+    run_cli("convert", main)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from maye_jax.evaluation.evaluate import SETTINGS, evaluate_split
 
@@ -26,6 +27,7 @@ def _define_flags():
     flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype (jax engine).")
     flags.DEFINE_string("output", "", "Optional jsonl of every response with its correctness.")
     flags.DEFINE_string("prompt_template", "maye", "Prompt template name.")
+    flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
 
 
 def main(argv):
@@ -35,26 +37,46 @@ def main(argv):
     from maye_jax.config.settings import RolloutSettings
     from maye_jax.data.processor import get_prompt_template, load_processor
     from maye_jax.data.records import DataError, read_records
+    from maye_jax.errors import UserError
     from maye_jax.models.configs import ModelConfig
     from maye_jax.rollout.factory import make_engine
 
     if not FLAGS.model or not FLAGS.data:
         print("evaluate: --model and --data are required", file=sys.stderr)
         return 2
+    if FLAGS.max_tokens < 1:
+        print(f"evaluate: error: --max_tokens={FLAGS.max_tokens}: must be >= 1", file=sys.stderr)
+        return 1
+    if FLAGS.output and not Path(FLAGS.output).absolute().parent.is_dir():
+        print(
+            f"evaluate: error: --output: the folder of {FLAGS.output} does not exist",
+            file=sys.stderr,
+        )
+        return 1
+    scratch = tempfile.TemporaryDirectory(prefix="maye-evaluate-")
     try:
         records = read_records(FLAGS.data)
         dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
-        from maye_jax.storage.model_folders import load_model
+        from maye_jax.storage.model_folders import (
+            export_hf,
+            is_hf_directory,
+            load_model,
+            tokenizer_source,
+        )
 
-        model, hf_config = load_model(FLAGS.model, dtype=dtype)
+        model, hf_config = load_model(FLAGS.model, dtype=dtype, progress=FLAGS.progress)
         config = ModelConfig.from_hf(hf_config)
-        processor = load_processor(FLAGS.model, family=config.family)
+        model_dir = str(tokenizer_source(FLAGS.model))  # a train checkpoint: its start model's
+        processor = load_processor(model_dir, family=config.family)
+        if FLAGS.engine != "jax" and not is_hf_directory(FLAGS.model):
+            # a worker starts from an HF folder: write the loaded weights as one
+            model_dir = str(export_hf(model, hf_config, scratch.name, tokenizer_source=model_dir))
         engine = make_engine(
             FLAGS.engine,
             model=model,
             config=config,
             tokenizer=processor.tokenizer,
-            model_dir=FLAGS.model,
+            model_dir=model_dir,
             rollout=RolloutSettings(engine=FLAGS.engine, worker_python=FLAGS.worker_python),
             dtype=FLAGS.dtype,
         )
@@ -69,12 +91,15 @@ def main(argv):
                 seed=FLAGS.seed,
                 step=0,
                 instruction=get_prompt_template(FLAGS.prompt_template),
+                progress=FLAGS.progress,
             )
         finally:
             engine.close()
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except (UserError, DataError, FileNotFoundError, ValueError) as error:
         print(f"evaluate: error: {error}", file=sys.stderr)
         return 1
+    finally:
+        scratch.cleanup()
     if FLAGS.output:
         Path(FLAGS.output).write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(json.dumps(metrics, indent=2))
@@ -82,5 +107,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from maye_jax.run.cli import run_cli
+
     _define_flags()
-    app.run(lambda argv: sys.exit(main(argv)))
+    run_cli("evaluate", main)

@@ -23,11 +23,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 from pathlib import Path
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 from ml_collections.config_dict import placeholder
 
 log = logging.getLogger("maye_jax")
@@ -113,7 +112,9 @@ def _run_experiment(c) -> dict:
         start_model = str(Path(warmup.output_dir).absolute() / "final_hf")
     for seed in c.experiment.seeds:
         for kind in ("rl", "sft"):
-            load_settings(arm_config(c, kind, seed, start_model), kind=kind)
+            # the warm-up writes the arms' start model: its folder cannot be checked yet
+            arm = arm_config(c, kind, seed, start_model)
+            load_settings(arm, kind=kind, check_files=warmup is None)
     if warmup is not None and not finished(warmup):
         log.info("experiment: SFT warm-up of the start model -> %s", warmup.output_dir)
         run_sft(warmup)
@@ -133,36 +134,16 @@ def _run_experiment(c) -> dict:
     return build_report(run_dirs, Path(c.output_dir) / "report")
 
 
-FLAGS = flags.FLAGS
-
-
 def main(argv) -> int:
     del argv
-    from maye_jax.run import startup
-
-    startup.setup_cli_logging()
-    c = FLAGS.config
-    if "experiment" not in c:
-        print(
-            "experiment: the config has no 'experiment' section (see maye_jax/experiment.py; "
-            "configs/demo_paper.py is an example)",
-            file=sys.stderr,
-        )
-        return 2
-    from maye_jax.run.lock import OutputFolderBusy
-
-    try:
-        report = run_experiment(c)
-    except OutputFolderBusy as error:
-        print(f"experiment: error: {error}", file=sys.stderr)
-        return 1
+    c = flags.FLAGS.config
+    report = run_experiment(c)
     print(report["markdown"])
     print(json.dumps({"report": str(Path(c.output_dir) / "report")}))
     return 0
 
 
 if __name__ == "__main__":
-    from maye_jax.config.flags import define_config_flag
+    from maye_jax.run.cli import run_cli
 
-    define_config_flag()
-    app.run(lambda argv: sys.exit(main(argv)))
+    run_cli("experiment", main, config_flag=True)

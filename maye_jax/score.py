@@ -14,8 +14,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory or maye-jax checkpoint.", required=True)
@@ -25,43 +26,73 @@ flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("batch_size", 8, "Records per forward pass.")
 flags.DEFINE_float("temperature", 1.0, "Logprobs are log_softmax(logits / temperature).")
 flags.DEFINE_integer("chunk_size", 512, "Sequence chunk of the logprob computation.")
+flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
 
 
 def score_records(
-    model, processor, config, records, *, batch_size=8, temperature=1.0, chunk_size=512
+    model,
+    processor,
+    config,
+    records,
+    *,
+    batch_size=8,
+    temperature=1.0,
+    chunk_size=512,
+    progress: bool = False,
 ):
-    """Yields (record, token_ids, logprobs) in input order."""
+    """Yields (record, token_ids, logprobs) in input order; `progress`: a bar over the
+    records on stderr, with ETA."""
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(records), desc="score", unit="record", disable=not progress, file=sys.stderr
+    )
+    with bar:
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            yield from _score_chunk(
+                model,
+                processor,
+                config,
+                chunk,
+                batch_size=batch_size,
+                temperature=temperature,
+                chunk_size=chunk_size,
+            )
+            bar.update(len(chunk))
+
+
+def _score_chunk(model, processor, config, chunk, *, batch_size, temperature, chunk_size):
+    """(record, token_ids, logprobs) of each record of one forward pass."""
     import jax
     import numpy as np
 
     from maye_jax.data.sequences import make_sequence_batch, score_batch
 
     tokenizer = processor.tokenizer
-    for start in range(0, len(records), batch_size):
-        chunk = records[start : start + batch_size]
-        prompts = [processor.encode(r.load_image(), r.question) for r in chunk]
-        responses = [
-            tokenizer(r.fields["response"], add_special_tokens=False)["input_ids"] for r in chunk
-        ]
-        for record, ids in zip(chunk, responses):
-            if ids and max(ids) >= config.text.vocab_size:
-                raise ValueError(
-                    f"{record.source}: response token id {max(ids)} is outside the "
-                    f"model's vocabulary ({config.text.vocab_size})"
-                )
-        batch = make_sequence_batch(
-            prompts, responses, config, pad_id=tokenizer.pad_token_id, batch_size=batch_size
-        )
-        logprobs = score_batch(
-            model,
-            batch.device_arrays(),
-            prompt_len=batch.prompt_len,
-            temperature=temperature,
-            chunk_size=chunk_size,
-        )
-        logprobs = np.asarray(jax.device_get(logprobs))
-        for row, (record, ids) in enumerate(zip(chunk, responses)):
-            yield record, list(ids), logprobs[row, : len(ids)].tolist()
+    prompts = [processor.encode(r.load_image(), r.question) for r in chunk]
+    responses = [
+        tokenizer(r.fields["response"], add_special_tokens=False)["input_ids"] for r in chunk
+    ]
+    for record, ids in zip(chunk, responses):
+        if ids and max(ids) >= config.text.vocab_size:
+            raise ValueError(
+                f"{record.source}: response token id {max(ids)} is outside the "
+                f"model's vocabulary ({config.text.vocab_size})"
+            )
+    batch = make_sequence_batch(
+        prompts, responses, config, pad_id=tokenizer.pad_token_id, batch_size=batch_size
+    )
+    logprobs = score_batch(
+        model,
+        batch.device_arrays(),
+        prompt_len=batch.prompt_len,
+        temperature=temperature,
+        chunk_size=chunk_size,
+    )
+    logprobs = np.asarray(jax.device_get(logprobs))
+    for row, (record, ids) in enumerate(zip(chunk, responses)):
+        yield record, list(ids), logprobs[row, : len(ids)].tolist()
 
 
 def main(argv):
@@ -75,9 +106,16 @@ def main(argv):
 
     started = time.time()
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
+    if FLAGS.temperature <= 0:  # logprobs divide the logits by it
+        print(f"score: error: --temperature={FLAGS.temperature}: must be > 0", file=sys.stderr)
+        return 1
+    output_folder = Path(FLAGS.output).absolute().parent
+    if not output_folder.is_dir():
+        print(f"score: error: --output: folder {output_folder} does not exist", file=sys.stderr)
+        return 1
     try:
         records = read_records(FLAGS.data, required=("question", "response"))
-        model, hf_config = load_model(FLAGS.model, dtype=dtype)
+        model, hf_config = load_model(FLAGS.model, dtype=dtype, progress=FLAGS.progress)
         config = ModelConfig.from_hf(hf_config)
         family = "qwen2_vl" if config.family == "qwen2_vl" else "qwen2_5_vl"
         processor = load_processor(FLAGS.model, family=family)
@@ -91,6 +129,7 @@ def main(argv):
                 batch_size=FLAGS.batch_size,
                 temperature=FLAGS.temperature,
                 chunk_size=FLAGS.chunk_size,
+                progress=FLAGS.progress,
             ):
                 line = dict(record.fields, response_token_ids=ids, response_logprobs=logprobs)
                 out.write(json.dumps(line, ensure_ascii=False) + "\n")
@@ -103,4 +142,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    from maye_jax.run.cli import run_cli
+
+    run_cli("score", main)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +24,22 @@ from maye_jax.config.settings import Settings, load_settings
 from maye_jax.data.processor import get_prompt_template
 from maye_jax.data.records import epoch_order
 from maye_jax.data.sequences import RESPONSE_LEN_MULTIPLE, make_sequence_batch, tower_features
+from maye_jax.errors import EvaluationInterrupted
 from maye_jax.evaluation.evaluate import evaluate_configured_splits
 from maye_jax.models.shapes import round_up
 from maye_jax.qwen_ids import IM_END_ID
 from maye_jax.rl.trajectory import prompt_images
 from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
+from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
-from maye_jax.run.lock import OutputFolderBusy, configured_process_id, hold_output_folder
+from maye_jax.run.lock import configured_process_id, hold_output_folder
 from maye_jax.run.metrics import summarize_run
 from maye_jax.training.batch import MinibatchMaker, TowerImages, UpdateBatch
 from maye_jax.training.policy import Policy, build_policy, optimizer_for, with_fresh_optimizer
 from maye_jax.training.update import StepUpdates, make_train_step
 
 log = logging.getLogger("maye_jax")
-
-
-class RunStopped(RuntimeError):
-    """A run stopped by a signal before its last step (its checkpoint is saved)."""
 
 
 def sft_targets(tokenizer, records) -> list[list[int]]:
@@ -138,7 +136,7 @@ class SFTRunner:
             if k in ("loss/policy", "grad_norm", "lr")
         }
 
-    def evaluate(self, epoch: int) -> dict:
+    def evaluate(self, epoch: int, should_stop=None) -> dict:
         if self.eval_engine is None:
             return {}
         self.eval_engine.load_policy(self.policy.model(), epoch)
@@ -149,6 +147,7 @@ class SFTRunner:
             self.settings,
             step=epoch,
             instruction=self.instruction,
+            should_stop=should_stop,
         )
 
     def run(
@@ -156,32 +155,49 @@ class SFTRunner:
     ) -> Policy:
         """Trains under `run` (a harness whose `total_steps` is this runner's); a resumed run
         continues after its latest checkpoint. The batch order derives from (seed, epoch), so a
-        resumed run sees the same batches."""
-        start, self.policy.state, _ = run.restore(self.policy.state, self.policy.layout.state)
-        if start == 0 and evaluate_at_start:
-            run.log(self.evaluate(0), step=0, epoch=0)
-        losses = []
-        for step in run.steps(start):
-            epoch = (step - 1) // self.steps_per_epoch + 1
-            with run.section("update"):
-                metrics = self.train_step(step)
-            metrics.update(run.timings())
-            losses.append(metrics["sft/loss"])
-            end_of_epoch = step % self.steps_per_epoch == 0
-            if end_of_epoch and evaluate_every_epoch:
-                metrics.update(self.evaluate(epoch))
-            run.log(metrics, step=step, epoch=epoch)
-            if end_of_epoch:
-                log.info("SFT epoch %d: mean loss %.4f", epoch, float(np.mean(losses)))
-                losses = []
-            run.end_step(step, self.policy.state, dict(seed=self.settings.seed, kind="sft"))
+        resumed run sees the same batches. A stop request during an evaluation abandons it:
+        the step is checkpointed with its metrics, and a resume reruns the evaluation whole.
+        Raises RunStopped when a signal stopped the run before its last step."""
+        start, self.policy.state, meta = run.restore(self.policy.state, self.policy.layout.state)
+        meta_of_step = dict(seed=self.settings.seed, kind="sft")
+        try:
+            if start == 0 and evaluate_at_start:
+                run.log(self.evaluate(0, run.should_stop), step=0, epoch=0)
+            if "pending_metrics" in meta:  # stopped during step `start`'s evaluation
+                epoch = (start - 1) // self.steps_per_epoch + 1
+                metrics = dict(meta["pending_metrics"], **self.evaluate(epoch, run.should_stop))
+                run.log(metrics, step=start, epoch=epoch)
+            losses = []
+            for step in run.steps(start):
+                epoch = (step - 1) // self.steps_per_epoch + 1
+                with run.section("update"):
+                    metrics = self.train_step(step)
+                metrics.update(run.timings())
+                losses.append(metrics["sft/loss"])
+                end_of_epoch = step % self.steps_per_epoch == 0
+                if end_of_epoch and evaluate_every_epoch:
+                    try:
+                        metrics.update(self.evaluate(epoch, run.should_stop))
+                    except EvaluationInterrupted:
+                        pending = dict(meta_of_step, pending_metrics=metrics)
+                        run.end_step(step, self.policy.state, pending)
+                        raise
+                run.log(metrics, step=step, epoch=epoch)
+                if end_of_epoch:
+                    log.info("SFT epoch %d: mean loss %.4f", epoch, float(np.mean(losses)))
+                    losses = []
+                run.end_step(step, self.policy.state, meta_of_step)
+        except EvaluationInterrupted:
+            raise run.stopped_error() from None
+        if not run.finished:
+            raise run.stopped_error()
         return self.policy
 
 
-def start_for_sft(settings: Settings):
+def start_for_sft(settings: Settings, data=None):
     """(data, policy without reference, processor) of a run that begins with SFT: the SFT
     baseline, or the RL demo's warm-up. The optimizer is rebuilt by the SFT runner."""
-    data = startup.prepare_data(settings)
+    data = startup.prepare_data(settings) if data is None else data
     mesh = startup.build_mesh(settings)
     source = startup.materialize_start_model(settings)
     optimizer, _ = optimizer_for(settings, 1)
@@ -190,8 +206,8 @@ def start_for_sft(settings: Settings):
     return data, policy, processor
 
 
-def warm_up(settings: Settings):
-    """The SFT warm-up before RL (`sft.warmup_epochs`): (data, warmed policy, processor).
+def warm_up(settings: Settings, data):
+    """The SFT warm-up before RL (`sft.warmup_epochs`) on `data`: (warmed policy, processor).
 
     It teaches a (possibly random) model the answer format, so it trains the whole LLM,
     embeddings included, whatever RL freezes. Its metrics and checkpoints go to
@@ -199,32 +215,43 @@ def warm_up(settings: Settings):
     run continues it."""
     s = settings
     warm = dataclasses.replace(s, model=dataclasses.replace(s.model, train_embeddings=True))
-    data, policy, processor = start_for_sft(warm)
+    _, policy, processor = start_for_sft(warm, data)
     runner = SFTRunner(warm, policy, processor, data, num_epochs=s.sft.warmup_epochs)
     folder = Path(s.output_dir).absolute() / "sft_warmup"
+    log.info(
+        "SFT warm-up: %d epochs of %d steps (metrics and checkpoints in %s)",
+        s.sft.warmup_epochs,
+        runner.steps_per_epoch,
+        folder,
+    )
     harness = RunHarness(
         folder, kind="sft_warmup", settings=warm, total_steps=runner.total_steps, describe=False
     )
+    started = time.perf_counter()
     with harness as run:
         policy = runner.run(run, evaluate_at_start=False, evaluate_every_epoch=False)
-    if not harness.finished:
-        raise RunStopped(f"the SFT warm-up stopped at step {harness.last_step} (checkpoint saved)")
-    log.info("SFT warm-up: %d epochs done", s.sft.warmup_epochs)
-    return data, policy, processor
+    log.info("SFT warm-up: %d epochs in %.0f s", s.sft.warmup_epochs, time.perf_counter() - started)
+    return policy, processor
 
 
 def run_sft(config) -> dict:
-    """The SFT baseline run of `config` (an ml_collections config or typed Settings): evaluated
-    at epoch 0 and after every epoch like RL, checkpointed by the run harness (`resume`
-    continues from the latest), the final policy exported to HF. Returns the summary of its
-    evaluations (metrics.summarize_run)."""
+    """The SFT baseline run of `config` (an ml_collections config or typed Settings), in its
+    checked output folder: evaluated at epoch 0 and after every epoch like RL, checkpointed by
+    the run harness (`resume` continues from the latest), the final policy exported to HF.
+    Returns the summary of its evaluations (metrics.summarize_run); raises RunStopped when a
+    signal stopped it."""
     s = config if isinstance(config, Settings) else load_settings(config, kind="sft")
+    # The folder is locked before it is checked (and, with overwrite, cleared): a second run
+    # must never touch a running one's outputs.
     with hold_output_folder(s.output_dir, process_id=configured_process_id(s)):
         return _run_sft(s)
 
 
 def _run_sft(s: Settings) -> dict:
-    data, policy, processor = start_for_sft(s)
+    prepare_run_folder(s)
+    files = startup.data_files(s)
+    fingerprint = check_fingerprint(s, files)
+    data, policy, processor = start_for_sft(s, startup.prepare_data(s, files))
     engine = None
     if s.eval.enabled:
         engine = make_engine(
@@ -235,7 +262,14 @@ def _run_sft(s: Settings) -> dict:
             rollout=s.rollout,
         )
     runner = SFTRunner(s, policy, processor, data, num_epochs=s.sft_epochs, eval_engine=engine)
-    with RunHarness(s.output_dir, kind="sft", settings=s, total_steps=runner.total_steps) as run:
+    harness = RunHarness(
+        s.output_dir,
+        kind="sft",
+        settings=s,
+        total_steps=runner.total_steps,
+        fingerprint=fingerprint,
+    )
+    with harness as run:
         policy = runner.run(
             run,
             evaluate_at_start=s.eval.enabled and s.eval.at_start,
@@ -245,7 +279,13 @@ def _run_sft(s: Settings) -> dict:
         def export(out_dir: Path) -> None:
             from maye_jax.storage.model_folders import export_hf
 
-            export_hf(policy.model(), policy.hf_config, out_dir, tokenizer_source=policy.source_dir)
+            export_hf(
+                policy.model(),
+                policy.hf_config,
+                out_dir,
+                tokenizer_source=policy.source_dir,
+                progress=s.logging.progress_bar,
+            )
 
         run.finish(export)
     return summarize_run(s.output_dir)
@@ -255,20 +295,11 @@ def main(argv) -> int:
     del argv
     from absl import flags
 
-    startup.setup_cli_logging()
-    try:
-        summary = run_sft(flags.FLAGS.config)
-    except OutputFolderBusy as error:
-        print(f"sft: error: {error}", file=sys.stderr)
-        return 1
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(run_sft(flags.FLAGS.config), indent=2))
     return 0
 
 
 if __name__ == "__main__":
-    from absl import app
+    from maye_jax.run.cli import run_cli
 
-    from maye_jax.config.flags import define_config_flag
-
-    define_config_flag()
-    app.run(lambda argv: sys.exit(main(argv)))
+    run_cli("sft", main, config_flag=True)

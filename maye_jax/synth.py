@@ -3,9 +3,10 @@ MAYE-format data sets (maye_jax/data/synth.py) as jsonl files plus images."""
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
 from maye_jax.data.synth import FLAVOURS, SOLUTION_STYLES, generate
+from maye_jax.errors import UserError
 
 
 def _define_flags() -> None:
@@ -22,30 +23,36 @@ def _define_flags() -> None:
     flags.DEFINE_integer("max_number", 9, "Text-dominant side lengths are 2..max_number.")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"synth: unexpected arguments {argv[1:]}")
+        raise UserError(f"unexpected arguments {argv[1:]}")
     options = flags.FLAGS
     if not options.out:
-        raise app.UsageError("synth: --out=DIR is required")
+        raise UserError("--out=DIR is required")
     flavours = FLAVOURS if options.flavour == "both" else (options.flavour,)
     for flavour in flavours:
-        paths = generate(
-            options.out,
-            flavour,
-            num_train=options.num_train,
-            num_validation=options.num_validation,
-            num_test=options.num_test,
-            seed=options.seed,
-            image_size=options.image_size,
-            text_only_fraction=options.text_only_fraction,
-            solution_style=options.solution_style,
-            max_number=options.max_number,
-        )
+        try:
+            paths = generate(
+                options.out,
+                flavour,
+                num_train=options.num_train,
+                num_validation=options.num_validation,
+                num_test=options.num_test,
+                seed=options.seed,
+                image_size=options.image_size,
+                text_only_fraction=options.text_only_fraction,
+                solution_style=options.solution_style,
+                max_number=options.max_number,
+            )
+        except ValueError as error:  # a bad option, named by generate
+            raise UserError(str(error).replace("synth.generate: ", "--")) from None
         for split, path in paths.items():
             print(f"{flavour} {split}: {path}")
+    return 0
 
 
 if __name__ == "__main__":
+    from maye_jax.run.cli import run_cli
+
     _define_flags()
-    app.run(main)
+    run_cli("synth", main)

@@ -1,9 +1,13 @@
 """The MAYE RL loop. Each generation step is the four steps of the paper, one call each:
 
-1. prompts     = data_flow(step)                      the next batch of records -> model inputs
+1. prompts     = data_flow(count)                     the next records of the epoch -> model inputs
 2. completions = collect_responses(prompts, step)     the engine loads the weights, samples
-3. trajectory  = make_trajectory(prompts, completions) logprobs (policy, reference), rewards
+3. trajectory  = make_trajectory(prompts, completions) rewards, logprobs (policy, reference)
 4. metrics     = policy_update(trajectory, step)      advantages + jitted sharded updates
+
+With `rl.dynamic_sampling` (DAPO), steps 1-3's rewards repeat for top-up prompts until the
+batch holds only prompt groups whose scores differ (maye_jax/rl/dynamic_sampling.py); an epoch
+then ends when its prompts run out, which can be after fewer steps (maye_jax/data/cursor.py).
 
 Everything around the steps (output folder, resume, metrics, progress, signals, checkpoints,
 the final export) is the run harness's (maye_jax/run/harness.py).
@@ -15,25 +19,27 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import psutil
 
 from maye_jax.config.settings import Settings, load_settings
+from maye_jax.data.cursor import EpochCursor
 from maye_jax.data.processor import get_prompt_template
-from maye_jax.data.records import epoch_order
+from maye_jax.errors import EvaluationInterrupted, UserError
 from maye_jax.evaluation.evaluate import evaluate_configured_splits
 from maye_jax.evaluation.scheme import reflection_metrics
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
 from maye_jax.rl.advantages import compute_advantages
-from maye_jax.rl.trajectory import build_trajectory
+from maye_jax.rl.dynamic_sampling import PromptGroups, fill_batch, top_up_seed
+from maye_jax.rl.trajectory import build_trajectory, score_responses
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
+from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
-from maye_jax.run.lock import OutputFolderBusy, configured_process_id, hold_output_folder
+from maye_jax.run.lock import configured_process_id, hold_output_folder
 from maye_jax.run.metrics import read_metrics, summarize_run, write_rollouts
 from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
 from maye_jax.training.batch import MinibatchMaker, TowerImages
@@ -46,19 +52,25 @@ log = logging.getLogger("maye_jax")
 class Trainer:
     """Holds the run's state; `run()` is the loop. Built from the run's typed settings."""
 
-    def __init__(self, settings: Settings, *, policy=None, data=None, processor=None):
+    def __init__(
+        self, settings: Settings, *, policy=None, data=None, processor=None, fingerprint=None
+    ):
         self.settings = s = settings
         self.output_dir = Path(s.output_dir).absolute()
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.data = data or startup.prepare_data(s)
+        if data is None:
+            files = startup.data_files(s)
+            fingerprint = check_fingerprint(s, files)
+            data = startup.prepare_data(s, files)
+        self.data, self.fingerprint = data, fingerprint
+        check_rl_data(s, data)
         self.prompts_per_step = s.rl.batch_size // s.rollout.num_samples
-        if len(self.data["train"]) < self.prompts_per_step:
-            raise ValueError(
-                f"config.rl.batch_size: {s.rl.batch_size} responses = {self.prompts_per_step} "
-                f"prompts per step, more than the {len(self.data['train'])} training records"
-            )
+        # Without dynamic sampling every epoch has exactly steps_per_epoch steps; with it an epoch
+        # can end sooner (its top-ups use up the prompts), and total_steps is an upper bound
+        # (the learning-rate schedule's horizon; the cosine then stops before its end).
         self.steps_per_epoch = len(self.data["train"]) // self.prompts_per_step
         self.total_steps = self.steps_per_epoch * s.rl.num_epochs
+        self.cursor = EpochCursor(len(self.data["train"]), s.seed)
         self.updates_per_step = (s.rl.batch_size // s.rl.ppo_batch_size) * s.rl.ppo_epochs
         optimizer, schedule = optimizer_for(s, self.total_steps * self.updates_per_step)
         self.hf_model_dir = startup.materialize_start_model(s)  # what a worker engine loads first
@@ -75,6 +87,14 @@ class Trainer:
         else:  # e.g. after an SFT warm-up: keep the weights, start a fresh optimizer
             policy = with_fresh_optimizer(s, policy, optimizer, with_reference=with_reference)
         self.policy = policy
+        log.info(
+            "RL: %d generation steps (%d epochs of %d), %d updates each; rollouts: %s engine",
+            self.total_steps,
+            s.rl.num_epochs,
+            self.steps_per_epoch,
+            self.updates_per_step,
+            s.rollout.engine,
+        )
         self.processor = processor or startup.load_run_processor(
             s, policy.source_dir, policy.model_config.family
         )
@@ -99,37 +119,67 @@ class Trainer:
         self.run_harness: RunHarness | None = None
 
     # -- the four steps -----------------------------------------------------------------------
-    def data_flow(self, step: int):
-        """Step 1: the records of generation step `step` (1-based) and their model inputs."""
-        epoch, index = divmod(step - 1, self.steps_per_epoch)
-        order = epoch_order(len(self.data["train"]), self.settings.seed, epoch)
-        picked = order[index * self.prompts_per_step : (index + 1) * self.prompts_per_step]
-        records = [self.data["train"][i] for i in picked]
+    def data_flow(self, count: int):
+        """Step 1: the next `count` records of the epoch order (fewer if the epoch has fewer
+        left) and their model inputs; the data cursor moves past them."""
+        records = [self.data["train"][i] for i in self.cursor.take(count)]
         encoded = [
             self.processor.encode(r.load_image(), r.question, self.instruction) for r in records
         ]
         return records, encoded
 
-    def collect_responses(self, encoded, step: int):
+    def collect_responses(self, encoded, step: int, round_index: int = 0):
         """Step 2: the rollout engine loads the current weights (in process: no copy; torch-side
-        workers: shared memory), then samples."""
+        workers: shared memory), then samples. `round_index` > 0: a dynamic-sampling top-up,
+        with its own seed."""
         with self.run_harness.section("sync"):
             self.engine.load_policy(self.policy.model(), self.weights_version)
-        r = self.settings.rollout
+        r, seed = self.settings.rollout, self.settings.seed
         sampling = Sampling(
             n=r.num_samples,
             temperature=r.temperature,
             top_p=r.top_p,
             top_k=-1 if r.top_k is None else r.top_k,
             max_tokens=r.max_tokens,
-            seed=self.settings.seed,
+            seed=seed if round_index == 0 else top_up_seed(seed, step, round_index),
             stop_token_ids=STOP_TOKEN_IDS,
         )
         prompts = [Prompt(e["input_ids"], e["pixel_values"], e["image_grid_thw"]) for e in encoded]
         return self.engine.generate(prompts, sampling, step=step)
 
-    def make_trajectory(self, records, encoded, completions):
-        """Step 3: query+response sequences, logprobs (policy, reference), rewards."""
+    def sample_groups(self, count: int, step: int, round_index: int = 0) -> PromptGroups | None:
+        """Steps 1-2 and the rewards of step 3 for the next `count` prompts (None when the epoch
+        has none left): a step's first round, or a dynamic-sampling top-up."""
+        run = self.run_harness
+        with run.section("data"):
+            records, encoded = self.data_flow(count)
+        if not records:
+            return None
+        with run.section("rollout"):
+            completions = self.collect_responses(encoded, step, round_index)
+        with run.section("trajectory"):
+            rewards = score_responses(records, completions, self.settings.trajectory_config())
+        return PromptGroups(records, encoded, completions, rewards)
+
+    def collect_batch(self, step: int) -> tuple[PromptGroups, PromptGroups, dict]:
+        """Steps 1-2 and the rewards for one update batch: (its prompt groups, every group
+        sampled, dynamic-sampling metrics). With `rl.dynamic_sampling`, groups whose scores are
+        all equal are dropped and replaced by top-ups (maye_jax/rl/dynamic_sampling.py)."""
+        groups = self.sample_groups(self.prompts_per_step, step)
+        if not self.settings.rl.dynamic_sampling:
+            return groups, groups, {}
+        batch, metrics, sampled = fill_batch(
+            groups,
+            wanted=self.prompts_per_step,
+            sample_more=lambda count, round_index: self.sample_groups(count, step, round_index),
+            max_rounds=self.settings.rl.dynamic_sampling_max_rounds,
+        )
+        return batch, sampled, metrics
+
+    def make_trajectory(self, groups: PromptGroups):
+        """Step 3: query+response sequences, logprobs (policy, reference); the rewards were
+        scored with the samples (`sample_groups`)."""
+        records, encoded, completions = groups.records, groups.encoded, groups.completions
         return build_trajectory(
             policy=self.policy.model(),
             reference=self.policy.reference(),  # None without a KL term: no forward pass
@@ -140,6 +190,7 @@ class Trainer:
             options=self.settings.trajectory_config(),
             pad_id=self.processor.tokenizer.pad_token_id,
             reference_shares_vision=not self.settings.model.tower_trains,
+            rewards=groups.rewards,
         )
 
     def policy_update(self, trajectory, step: int) -> dict:
@@ -190,6 +241,8 @@ class Trainer:
 
     # -- around the steps ---------------------------------------------------------------------
     def evaluate(self, epoch: int, step: int) -> dict:
+        """The scheme's evaluation of the current weights; a stop request abandons it
+        (EvaluationInterrupted)."""
         self.engine.load_policy(self.policy.model(), self.weights_version)
         folder = self.output_dir / "eval_responses"
         return evaluate_configured_splits(
@@ -200,6 +253,7 @@ class Trainer:
             step=step,
             instruction=self.instruction,
             responses_path=lambda split: folder / f"epoch_{epoch}_{split}.jsonl",
+            should_stop=self.run_harness.should_stop if self.run_harness else None,
         )
 
     def checkpoint_meta(self) -> dict:
@@ -208,6 +262,9 @@ class Trainer:
             weights_version=self.weights_version,
             # this epoch's correctness so far: train/epoch_accuracy of a run resumed mid-epoch
             epoch_correct=[bool(x) for x in self.epoch_correct],
+            # where the next step reads its prompts (dynamic sampling moves it by more than a
+            # step's prompts)
+            data_cursor=self.cursor.state(),
         )
 
     def step_metrics(self, trajectory, update_metrics, timings) -> dict:
@@ -216,7 +273,6 @@ class Trainer:
         mismatch = np.abs(trajectory.logprobs_old[:n] - trajectory.rollout_logprobs[:n])[mask]
         lengths = trajectory.response_lengths[:n]
         metrics = {
-            "train/accuracy": float(np.mean(trajectory.correct[:n])),
             "train/reward/total": float(np.mean(trajectory.scores[:n])),
             "response_length/mean": float(lengths.mean()),
             "response_length/max": int(lengths.max()),
@@ -241,12 +297,24 @@ class Trainer:
         from maye_jax.storage.model_folders import export_hf
 
         policy = self.policy
-        export_hf(policy.model(), policy.hf_config, out_dir, tokenizer_source=policy.source_dir)
+        export_hf(
+            policy.model(),
+            policy.hf_config,
+            out_dir,
+            tokenizer_source=policy.source_dir,
+            progress=self.settings.logging.progress_bar,
+        )
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
         s = self.settings
-        harness = RunHarness(self.output_dir, kind="rl", settings=s, total_steps=self.total_steps)
+        harness = RunHarness(
+            self.output_dir,
+            kind="rl",
+            settings=s,
+            total_steps=self.total_steps,
+            fingerprint=self.fingerprint,
+        )
         harness.stop_after_step = self.stop_after_step
         self.run_harness = harness
         try:
@@ -256,58 +324,128 @@ class Trainer:
                 )
                 self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
                 self.weights_version = start
+                self.cursor = EpochCursor.restore(
+                    len(self.data["train"]),
+                    s.seed,
+                    meta.get("data_cursor"),
+                    step=start,
+                    steps_per_epoch=self.steps_per_epoch,
+                    prompts_per_step=self.prompts_per_step,
+                )
+                if self.cursor.epoch >= s.rl.num_epochs:  # resumed after its last step
+                    run.end_early(start)
                 if start == 0 and s.eval.enabled and s.eval.at_start:
-                    run.log(self.evaluate(0, 0), step=0, epoch=0)
+                    try:
+                        run.log(self.evaluate(0, 0), step=0, epoch=0)
+                    except EvaluationInterrupted:  # nothing trained yet: nothing to save
+                        raise run.stopped_error() from None
+                if "pending_metrics" in meta:  # stopped during step `start`'s evaluation
+                    self.finish_pending_step(run, start, meta["pending_metrics"])
                 for step in run.steps(start):
-                    epoch = (step - 1) // self.steps_per_epoch + 1
-                    with run.section("data"):
-                        records, encoded = self.data_flow(step)
-                    with run.section("rollout"):
-                        completions = self.collect_responses(encoded, step)
+                    epoch = self.cursor.epoch + 1
+                    groups, sampled, sampling_metrics = self.collect_batch(step)  # steps 1, 2
                     with run.section("trajectory"):
-                        trajectory = self.make_trajectory(records, encoded, completions)
+                        trajectory = self.make_trajectory(groups)
                     with run.section("update"):
                         update_metrics = self.policy_update(trajectory, step)
                     metrics = self.step_metrics(trajectory, update_metrics, run.timings())
-                    self.epoch_correct.extend(trajectory.correct[: trajectory.num_rows].tolist())
-                    if step % self.steps_per_epoch == 0:
+                    metrics.update(sampling_metrics)
+                    # Training accuracy over every response sampled (dynamic sampling's dropped
+                    # groups too: leaving out all-correct groups would bias it down).
+                    correct = _correct(sampled)
+                    metrics["train/accuracy"] = float(np.mean(correct))
+                    self.epoch_correct.extend(correct)
+                    if s.logging.save_rollouts:
+                        write_rollouts(self.output_dir, step, _rollout_rows(trajectory))
+                    if self.cursor.end_epoch_if_short(self.prompts_per_step):
                         metrics["train/epoch_accuracy"] = float(np.mean(self.epoch_correct))
                         self.epoch_correct = []
-                        if s.eval.enabled and epoch % s.eval.every_epochs == 0:
-                            metrics.update(self.evaluate(epoch, step))
+                        if self.cursor.epoch >= s.rl.num_epochs:
+                            run.end_early(step)  # a no-op unless dynamic sampling ended it early
+                        if self.evaluation_due(epoch):
+                            try:
+                                metrics.update(self.evaluate(epoch, step))
+                            except EvaluationInterrupted:
+                                # The step is done but its line waits for the evaluation:
+                                # both are saved, and a resume reruns the evaluation whole.
+                                meta = dict(self.checkpoint_meta(), pending_metrics=metrics)
+                                run.end_step(step, self.policy.state, meta)
+                                raise run.stopped_error() from None
                     progress = dict(
                         acc=f"{metrics['train/accuracy']:.2f}",
                         len=f"{metrics['response_length/mean']:.0f}",
                     )
                     run.log(metrics, step=step, epoch=epoch, progress=progress)
-                    if s.logging.save_rollouts:
-                        write_rollouts(self.output_dir, step, _rollout_rows(trajectory))
                     run.end_step(step, self.policy.state, self.checkpoint_meta())
                 run.finish(self.export_hf)
+                if not run.finished:
+                    raise run.stopped_error()
         finally:
             self.engine.close()
         return summarize_run(self.output_dir)
 
+    def evaluation_due(self, epoch: int) -> bool:
+        return self.settings.eval.enabled and epoch % self.settings.eval.every_epochs == 0
+
+    def finish_pending_step(self, run: RunHarness, step: int, metrics: dict) -> None:
+        """The evaluation a stop abandoned at step `step`, rerun; then the step's line."""
+        epoch = self.cursor.epoch  # the cursor moved on to the next epoch (0-based) at its end
+        try:
+            metrics = dict(metrics, **self.evaluate(epoch, step))
+        except EvaluationInterrupted:
+            raise run.stopped_error() from None
+        run.log(metrics, step=step, epoch=epoch)
+
+
+def check_rl_data(settings: Settings, data) -> None:
+    """What the config alone cannot check: enough training records for one step."""
+    prompts_per_step = settings.rl.batch_size // settings.rollout.num_samples
+    if len(data["train"]) < prompts_per_step:
+        raise UserError(
+            f"config.rl.batch_size: {settings.rl.batch_size} responses of "
+            f"{settings.rollout.num_samples} samples = {prompts_per_step} prompts per step, "
+            f"more than the {len(data['train'])} training records"
+        )
+
 
 def build_trainer(settings: Settings) -> Trainer:
     """The RL trainer; with `sft.warmup_epochs` the policy is first warmed up by SFT (the demo),
-    unless the run resumes from its saved start model."""
+    unless the run resumes from its saved start model. The data is read (and checked against
+    the config and a resumed run's record) before any model work."""
     s = settings
+    files = startup.data_files(s)
+    fingerprint = check_fingerprint(s, files)
+    data = startup.prepare_data(s, files)
+    log.info(
+        "data: %s", ", ".join(f"{split} {len(records)} records" for split, records in data.items())
+    )
+    check_rl_data(s, data)
     if not s.sft.warmup_epochs or (s.resume and has_start_model(Path(s.output_dir).absolute())):
-        return Trainer(s)
+        return Trainer(s, data=data, fingerprint=fingerprint)
     from maye_jax.sft import warm_up
 
-    data, policy, processor = warm_up(s)
-    return Trainer(s, policy=policy, data=data, processor=processor)
+    policy, processor = warm_up(s, data)
+    return Trainer(s, policy=policy, data=data, processor=processor, fingerprint=fingerprint)
 
 
 def run_rl(config) -> dict:
-    """The RL run of `config` (an ml_collections config or typed Settings), checked first;
-    returns the summary of its evaluations (`metrics.summarize_run`). The output folder is
-    locked from the start (the start model, the warm-up) to the end: one run per folder."""
+    """The RL run of `config` (an ml_collections config or typed Settings), checked first, in
+    its output folder (checked and prepared before any work); returns the summary of its
+    evaluations (`metrics.summarize_run`). Raises RunStopped when a signal stopped it. The
+    folder is locked from before its check (and, with overwrite, its clearing) to the end: one
+    run per folder, so a second run never touches a running one's outputs."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
     with hold_output_folder(settings.output_dir, process_id=configured_process_id(settings)):
+        prepare_run_folder(settings)
         return build_trainer(settings).run()
+
+
+def _correct(groups: PromptGroups) -> list[bool]:
+    """Per response: the accuracy reward is 1 (all False without an accuracy reward)."""
+    accuracy = groups.rewards.get("accuracy")
+    if accuracy is None:
+        return [False] * sum(len(samples) for samples in groups.completions)
+    return [score >= 1.0 for score in accuracy]
 
 
 def _rollout_rows(trajectory):
@@ -344,21 +482,13 @@ def main(argv) -> int:
     del argv
     from absl import flags
 
-    startup.setup_cli_logging()
     settings = load_settings(flags.FLAGS.config, kind="rl")
-    try:
-        summary = run_rl(settings)
-    except OutputFolderBusy as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        return 1
+    summary = run_rl(settings)
     print_summary(summary, settings.output_dir)
     return 0
 
 
 if __name__ == "__main__":
-    from absl import app
+    from maye_jax.run.cli import run_cli
 
-    from maye_jax.config.flags import define_config_flag
-
-    define_config_flag()
-    app.run(lambda argv: sys.exit(main(argv)))
+    run_cli("train", main, config_flag=True)

@@ -22,6 +22,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.report_group = ""  # runs with the same report_group share a table (maye_jax/report.py)
     c.output_dir = "runs/run"
     c.resume = False  # continue from the latest checkpoint in output_dir
+    c.overwrite = False  # a new run may delete another run's outputs in output_dir
 
     # The policy: an HF model directory or a maye-jax checkpoint; or a tiny random model.
     c.model = ml_collections.ConfigDict()
@@ -99,19 +100,34 @@ def default_config() -> ml_collections.ConfigDict:
     c.rl.ppo_epochs = 1
     c.rl.micro_batch_size = 28  # rows per micro-batch (gradient accumulation inside an update)
     c.rl.forward_batch_size = 112  # rows per logprob forward when building trajectories
-    c.rl.advantage_estimator = "reinforce_pp"
+    c.rl.advantage_estimator = "reinforce_pp"  # reinforce_pp | reinforce_pp_baseline | grpo | rloo
     c.rl.gamma = 1.0
     c.rl.kl_reward_coeff = 0.0
     c.rl.kl_loss_coeff = 0.001
-    c.rl.kl_estimator = "k3"
+    c.rl.kl_estimator = "k3"  # of the KL *reward* (kl_reward_coeff); k1 | k2 | k3
+    c.rl.kl_loss_estimator = "k3"  # of the KL *loss* (kl_loss_coeff); k1 | k2 | k3
+    c.rl.kl_clamp = 10.0  # per-token clamp of both KL terms to [-c, c]; None: no clamp
     c.rl.whiten = True
+    # True: add the mean back after whitening (MAYE, torchtune). NB verl/TRL's shift_mean=True
+    # means the opposite (zero-mean advantages), which is shift_mean=False here.
     c.rl.shift_mean = True
-    c.rl.policy_loss = "ppo_clip"
+    c.rl.whiten_eps = 1e-8
+    c.rl.grpo_eps = 1e-6  # GRPO: (score - mean) / (std + grpo_eps)
+    c.rl.grpo_scale_by_std = True  # False: Dr.GRPO's score - mean
+    c.rl.policy_loss = "ppo_clip"  # ppo_clip | gspo (needs loss_agg=seq_mean_token_mean)
     c.rl.clip_eps_low = 0.2
     c.rl.clip_eps_high = 0.2
+    c.rl.clip_ratio_c = placeholder(float)  # set (e.g. 3.0): PPO dual-clip for negative advantages
+    c.rl.gspo_clip_eps_low = 3e-4  # GSPO's clip range of the sequence ratio (the GSPO paper's)
+    c.rl.gspo_clip_eps_high = 4e-4
+    # token_mean | seq_mean_token_mean | seq_mean_token_sum | seq_mean_token_sum_norm
     c.rl.loss_agg = "token_mean"
     c.rl.rollout_is_cap = placeholder(float)  # set (e.g. 2.0): truncated importance sampling
     c.rl.logprob_chunk_size = 512
+    # DAPO's dynamic sampling: drop prompt groups whose scores are all equal and top the batch
+    # up with the next prompts of the epoch, at most `dynamic_sampling_max_rounds` times a step.
+    c.rl.dynamic_sampling = False
+    c.rl.dynamic_sampling_max_rounds = 10
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 5e-6
@@ -128,9 +144,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.rewards.language_char_class = "cjk"
     c.rewards.timeout_s = 5.0
     c.rewards.num_workers = placeholder(int)  # math-verify processes; None: from the CPU count
-    c.rewards.penalty = False  # the original's optional no-EOS / too-short penalty
+    # The original's no-EOS / too-short penalty: `reward_penalty` *instead of* the score (ON in
+    # its launch script and in paper_preset). Too short: the index of the last valid token
+    # (length - 1) is below min_response_length, so 1 refuses an EOS alone.
+    c.rewards.penalty = False
     c.rewards.min_response_length = 0
     c.rewards.reward_penalty = -0.1
+    # DAPO's soft overlong penalty, added to the score (after the penalty above): 0 up to
+    # rollout.max_tokens - overlong_buffer_len tokens, then down to -overlong_penalty_factor.
+    c.rewards.overlong_buffer_len = placeholder(int)  # None: off
+    c.rewards.overlong_penalty_factor = 1.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.enabled = True
@@ -166,14 +189,20 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def paper_preset(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The original MAYE's choices (SPEC §4): shift_mean on, token-mean loss, KL in the loss only."""
+    """The original MAYE's choices (SPEC §2, §4): shift_mean on, token-mean loss, KL in the loss
+    only (k3), and its launch script's penalty (PENALISE_NO_EOS=True, MIN_RESPONSE_LENGTH=1,
+    REWARD_PENALTY=-0.1)."""
     c.rl.advantage_estimator = "reinforce_pp"
     c.rl.shift_mean = True
     c.rl.whiten = True
     c.rl.loss_agg = "token_mean"
     c.rl.kl_reward_coeff = 0.0
     c.rl.kl_loss_coeff = 0.001
+    c.rl.kl_loss_estimator = "k3"
     c.rl.clip_eps_low = c.rl.clip_eps_high = 0.2
+    c.rewards.penalty = True
+    c.rewards.min_response_length = 1
+    c.rewards.reward_penalty = -0.1
     c.rl.batch_size = 896
     c.rl.ppo_batch_size = 28
     c.rl.ppo_epochs = 1

@@ -17,16 +17,21 @@ An option that can be off is None when off: 0 or -1 for "off" (the old spelling 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from maye_jax.errors import UserError
+
+log = logging.getLogger("maye_jax")
+
 KINDS = ("rl", "sft", "evaluate", "experiment")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One line per bad value, each naming its field (`config.section.name: value: why`)."""
 
     def __init__(self, problems: list[str]):
@@ -51,6 +56,10 @@ def non_negative(value) -> str | None:
 
 def one_of(*choices) -> Check:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def greater_than(low) -> Check:
+    return lambda value: None if value > low else f"must be > {low}"
 
 
 def in_range(low, high, *, low_open=False) -> Check:
@@ -244,14 +253,24 @@ class RLSettings:
     kl_reward_coeff: float = opt(0.0, non_negative)
     kl_loss_coeff: float = opt(0.001, non_negative)
     kl_estimator: str = opt("k3", registry(_kl_estimators, "KL estimator"))
+    kl_loss_estimator: str = opt("k3", registry(_kl_estimators, "KL estimator"))
+    kl_clamp: float | None = opt(10.0, positive)
     whiten: bool = opt(True)
     shift_mean: bool = opt(True)
+    whiten_eps: float = opt(1e-8, positive)
+    grpo_eps: float = opt(1e-6, non_negative)
+    grpo_scale_by_std: bool = opt(True)
     policy_loss: str = opt("ppo_clip", registry(_policy_losses, "policy loss"))
     clip_eps_low: float = opt(0.2, in_range(0.0, 1.0))
     clip_eps_high: float = opt(0.2, non_negative)
+    clip_ratio_c: float | None = opt(None, greater_than(1.0))
+    gspo_clip_eps_low: float = opt(3e-4, in_range(0.0, 1.0))
+    gspo_clip_eps_high: float = opt(4e-4, non_negative)
     loss_agg: str = opt("token_mean", registry(_loss_aggregations, "loss aggregation"))
     rollout_is_cap: float | None = opt(None, positive, none_off="0")
     logprob_chunk_size: int = opt(512, positive)
+    dynamic_sampling: bool = opt(False)
+    dynamic_sampling_max_rounds: int = opt(10, positive)
 
     @property
     def uses_reference(self) -> bool:
@@ -280,6 +299,8 @@ class RewardSettings:
     penalty: bool = opt(False)
     min_response_length: int = opt(0, non_negative)
     reward_penalty: float = opt(-0.1)
+    overlong_buffer_len: int | None = opt(None, positive)
+    overlong_penalty_factor: float = opt(1.0, non_negative)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,6 +364,7 @@ class Settings:
     report_group: str
     output_dir: str
     resume: bool
+    overwrite: bool
     model: ModelSettings
     data: DataSettings
     sharding: ShardingSettings
@@ -370,8 +392,12 @@ class Settings:
             gamma=rl.gamma,
             kl_reward_coeff=rl.kl_reward_coeff,
             kl_estimator=rl.kl_estimator,
+            kl_clamp=rl.kl_clamp,
             whiten=rl.whiten,
             shift_mean=rl.shift_mean,
+            whiten_eps=rl.whiten_eps,
+            grpo_eps=rl.grpo_eps,
+            grpo_scale_by_std=rl.grpo_scale_by_std,
         )
 
     def loss_config(self):
@@ -382,7 +408,12 @@ class Settings:
             policy_loss=rl.policy_loss,
             clip_eps_low=rl.clip_eps_low,
             clip_eps_high=rl.clip_eps_high,
+            clip_ratio_c=rl.clip_ratio_c,
+            gspo_clip_eps_low=rl.gspo_clip_eps_low,
+            gspo_clip_eps_high=rl.gspo_clip_eps_high,
             kl_loss_coeff=rl.kl_loss_coeff,
+            kl_loss_estimator=rl.kl_loss_estimator,
+            kl_clamp=rl.kl_clamp,
             loss_agg=rl.loss_agg,
             max_tokens=self.rollout.max_tokens,
             rollout_is_cap=rl.rollout_is_cap,
@@ -439,6 +470,15 @@ class Settings:
                 if r.penalty
                 else None
             ),
+            overlong=(
+                {
+                    "max_tokens": self.rollout.max_tokens,
+                    "buffer_len": r.overlong_buffer_len,
+                    "penalty_factor": r.overlong_penalty_factor,
+                }
+                if r.overlong_buffer_len is not None
+                else None
+            ),
             temperature=self.rollout.temperature,
             forward_batch_size=self.rl.forward_batch_size,
             chunk_size=self.rl.logprob_chunk_size,
@@ -467,7 +507,14 @@ SECTIONS: dict[str, type] = {
     "logging": LoggingSettings,
     "experiment": ExperimentSettings,
 }
-TOP_LEVEL = {"name": str, "seed": int, "report_group": str, "output_dir": str, "resume": bool}
+TOP_LEVEL = {
+    "name": str,
+    "seed": int,
+    "report_group": str,
+    "output_dir": str,
+    "resume": bool,
+    "overwrite": bool,
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -570,10 +617,11 @@ def _plain(config) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
 
-def load_settings(config, *, kind: str) -> Settings:
+def load_settings(config, *, kind: str, check_files: bool = True) -> Settings:
     """Checks every value of `config` for a run of `kind` (rl | sft | evaluate | experiment)
     and returns the typed settings; raises ConfigError listing every problem, each naming
-    its field. Reads nothing from disk but what is needed to name a bad path."""
+    its field. Reads from disk only whether the files it names exist (`check_files=False`:
+    not even that, e.g. for a run whose start model an earlier run will write)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     if config is None:
@@ -582,7 +630,8 @@ def load_settings(config, *, kind: str) -> Settings:
     problems: list[str] = []
     top = {}
     for name, expected in TOP_LEVEL.items():
-        top[name] = _coerce(values.get(name), expected, f"config.{name}", problems)
+        value = values.get(name, False if expected is bool else None)
+        top[name] = _coerce(value, expected, f"config.{name}", problems)
     unknown = sorted(set(values) - set(TOP_LEVEL) - set(SECTIONS))
     problems += [f"config.{name}: unknown option" for name in unknown]
     sections = {}
@@ -597,8 +646,17 @@ def load_settings(config, *, kind: str) -> Settings:
     settings = Settings(**top, **sections, config=config)
     if not problems:
         problems += cross_field_problems(settings, kind)
+    if not problems and check_files:
+        problems += _file_problems(settings, kind)
     if problems:
         raise ConfigError(problems)
+    if kind in ("rl", "sft", "experiment"):
+        rates = {"optim.learning_rate": settings.optim.learning_rate}
+        if kind != "rl" or settings.sft.warmup_epochs:
+            rates["sft.learning_rate"] = settings.sft.learning_rate
+        for field, rate in rates.items():
+            if rate == 0:
+                log.warning("config.%s is 0: the weights will not change (a control run?)", field)
     return settings
 
 
@@ -633,11 +691,18 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
                 f"{rl.ppo_batch_size} is not divisible by rl.micro_batch_size "
                 f"{rl.micro_batch_size}",
             )
-        if rl.advantage_estimator in ("grpo", "rloo") and rollout.num_samples < 2:
+        group_estimators = ("grpo", "rloo", "reinforce_pp_baseline")
+        if rl.advantage_estimator in group_estimators and rollout.num_samples < 2:
             bad(
                 "rollout.num_samples",
                 f"{rl.advantage_estimator} compares the samples of a prompt: needs >= 2, "
                 f"got {rollout.num_samples}",
+            )
+        if rl.dynamic_sampling and rollout.num_samples < 2:
+            bad(
+                "rl.dynamic_sampling",
+                "drops prompt groups whose scores are all equal: needs rollout.num_samples >= 2 "
+                f"(a single sample is always its own group), got {rollout.num_samples}",
             )
         if kind == "rl" and sft.num_epochs is not None:
             bad(
@@ -650,8 +715,64 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
                 "sft.batch_size",
                 f"{sft.batch_size} is not divisible by sft.micro_batch_size {sft.micro_batch_size}",
             )
+    if rl.policy_loss == "gspo" and rl.loss_agg != "seq_mean_token_mean":
+        bad(
+            "rl.loss_agg",
+            f"{rl.loss_agg!r}: policy_loss=gspo averages per sequence; "
+            "set rl.loss_agg=seq_mean_token_mean",
+        )
+    if rl.clip_ratio_c is not None and rl.policy_loss != "ppo_clip":
+        bad("rl.clip_ratio_c", f"dual-clip is part of ppo_clip, not of {rl.policy_loss}")
+    overlong = s.rewards.overlong_buffer_len
+    if overlong is not None and overlong > rollout.max_tokens:
+        bad(
+            "rewards.overlong_buffer_len",
+            f"{overlong} is more than rollout.max_tokens {rollout.max_tokens}",
+        )
     if rollout.engine == "jax" and (rollout.worker_python or rollout.worker_devices):
         bad("rollout.worker_python", "only the hf and vllm engines run a worker process")
     if s.model.attention == "cudnn" and s.model.dtype == "float32":
         bad("model.attention", "cudnn flash attention needs model.dtype=bfloat16")
+    if s.resume and s.overwrite:
+        bad("overwrite", "cannot be combined with resume=True (resume keeps the run's outputs)")
+    return problems
+
+
+def data_file(settings: Settings, split: str) -> str | None:
+    """The configured jsonl file of `split` (resolved against data.root), or None."""
+    from pathlib import Path
+
+    name = getattr(settings.data, f"{split}_file")
+    if not name:
+        return None
+    if settings.data.root and not Path(name).is_absolute():
+        return str(Path(settings.data.root) / name)
+    return name
+
+
+def _file_problems(s: Settings, kind: str) -> list[str]:
+    """Files the run will read, checked before any work: the start model, the training data
+    (unless generated) and every split evaluation is asked to run on."""
+    from pathlib import Path
+
+    problems = []
+    if s.model.path:
+        path = Path(s.model.path)
+        if not ((path / "config.json").is_file() or (path / "maye_jax.json").is_file()):
+            problems.append(
+                f"config.model.path: {s.model.path}: not a model folder (no config.json; an HF "
+                "model directory or a maye-jax checkpoint is expected)"
+            )
+    if kind == "evaluate" or s.data.synth_dir:  # synthetic data: every split is generated
+        return problems
+    needed = {"train": "required (or data.synth_dir to generate data)"}
+    if s.eval.enabled:
+        for split in s.eval.splits:
+            needed[split] = f"eval.splits includes {split}: set the file or drop the split"
+    for split, why in needed.items():
+        path = data_file(s, split)
+        if path is None:
+            problems.append(f"config.data.{split}_file: unset: {why}")
+        elif not Path(path).is_file():
+            problems.append(f"config.data.{split}_file: {path}: no such file")
     return problems

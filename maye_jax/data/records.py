@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from maye_jax.errors import UserError
+
 log = logging.getLogger(__name__)
 
 RL_FIELDS = ("question", "answer", "solution")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A record problem, always prefixed with `file:line:`."""
 
 

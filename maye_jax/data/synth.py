@@ -285,6 +285,11 @@ def generate(
     """Writes one flavour's three splits and images; returns ``{split: jsonl path}``."""
     if flavour not in FLAVOURS:
         raise ValueError(f"synth.generate: unknown flavour {flavour!r}; expected one of {FLAVOURS}")
+    if num_train < 1:
+        raise ValueError(f"synth.generate: num_train must be >= 1, got {num_train}")
+    for name, count in (("num_validation", num_validation), ("num_test", num_test)):
+        if count < 0:
+            raise ValueError(f"synth.generate: {name} must be >= 0, got {count}")
     if image_size < 32:
         raise ValueError(f"synth.generate: image_size must be >= 32 pixels, got {image_size}")
     if not 2 <= max_number <= 9:

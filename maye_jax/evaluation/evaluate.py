@@ -13,10 +13,12 @@ checkpoint or HF model offline with the same code:
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from maye_jax.data.records import Record
+from maye_jax.errors import EvaluationInterrupted, UserError
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.storage.atomic import atomic_write_text
@@ -58,58 +60,115 @@ def evaluate_split(
     batch_size: int = 64,
     stop_token_ids=STOP_TOKEN_IDS,
     reward_timeout_s: float = 5.0,
+    reward_workers: int | None = None,
+    should_stop=None,
+    progress: bool = True,
 ):
-    """Returns ({f"eval/{split}/{setting}": accuracy}, [response rows]) for one split."""
-    from maye_jax.evaluation.scheme import pass_at_k
-    from maye_jax.rl.rewards import accuracy_rewards
+    """Returns ({f"eval/{split}/{setting}": accuracy}, [response rows]) for one split.
+    `should_stop()` is asked before every batch: True abandons the evaluation
+    (EvaluationInterrupted), so a stop request is honoured within one batch's time.
 
-    metrics, rows = {}, []
-    for setting in settings:
-        sampling = sampling_for(
+    `progress`: one progress bar (stderr, with ETA) over every sample of every setting of
+    the split, so pass@8's eight samples per prompt weigh eight times pass@1's one."""
+    from tqdm import tqdm
+
+    from maye_jax.evaluation.scheme import pass_at_k
+
+    samplings = {
+        setting: sampling_for(
             setting, max_tokens=max_tokens, seed=seed, stop_token_ids=stop_token_ids
         )
-        correct_matrix = []
-        for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            _, prompts = encode_prompts(processor, chunk, instruction)
-            # A distinct step per (split, setting) keeps the evaluation draws independent of
-            # the training draws of the same generation step.
-            completions = engine.generate(prompts, sampling, step=_eval_step(step, split, setting))
-            texts = [c.text for samples in completions for c in samples]
-            solutions = [r.solution for r, samples in zip(chunk, completions) for _ in samples]
-            answers = [r.answer for r, samples in zip(chunk, completions) for _ in samples]
-            scores = accuracy_rewards(texts, solutions, answers, timeout_s=reward_timeout_s)
-            offset = 0
-            for record, samples in zip(chunk, completions):
-                flags_ = [s >= 1.0 for s in scores[offset : offset + len(samples)]]
-                correct_matrix.append(flags_)
-                for completion, ok in zip(samples, flags_):
-                    rows.append(
-                        dict(
-                            split=split,
-                            setting=setting,
-                            id=record.id,
-                            response=completion.text,
-                            correct=bool(ok),
-                            finish_reason=completion.finish_reason,
-                        )
+        for setting in settings
+    }
+    metrics, rows = {}, []
+    total_samples = len(records) * sum(sampling.n for sampling in samplings.values())
+    bar = tqdm(
+        total=total_samples,
+        desc=f"eval {split}",
+        unit="sample",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    with bar:
+        for setting, sampling in samplings.items():
+            bar.set_postfix_str(setting)
+            correct_matrix = []  # per prompt: one flag per sample
+            for start in range(0, len(records), batch_size):
+                if should_stop is not None and should_stop():
+                    raise EvaluationInterrupted(
+                        f"evaluation of {split} abandoned at a stop request"
                     )
-                offset += len(samples)
-        metrics[f"eval/{split}/{setting}"] = pass_at_k(correct_matrix)
+                chunk = records[start : start + batch_size]
+                # A distinct step per (split, setting) keeps the evaluation draws independent
+                # of the training draws of the same generation step.
+                chunk_correct, chunk_rows = _generate_and_score(
+                    engine,
+                    processor,
+                    chunk,
+                    sampling,
+                    instruction=instruction,
+                    step=_eval_step(step, split, setting),
+                    reward_timeout_s=reward_timeout_s,
+                    reward_workers=reward_workers,
+                )
+                correct_matrix += chunk_correct
+                rows += [dict(split=split, setting=setting, **row) for row in chunk_rows]
+                bar.update(len(chunk) * sampling.n)
+            metrics[f"eval/{split}/{setting}"] = pass_at_k(correct_matrix)
     return metrics, rows
 
 
+def _generate_and_score(
+    engine, processor, records, sampling, *, instruction, step, reward_timeout_s, reward_workers
+) -> tuple[list[list[bool]], list[dict]]:
+    """(per record: correct flag of each sample, one row per sample) of one generate call."""
+    from maye_jax.rl.rewards import accuracy_rewards
+
+    _, prompts = encode_prompts(processor, records, instruction)
+    completions = engine.generate(prompts, sampling, step=step)
+    texts = [c.text for samples in completions for c in samples]
+    solutions = [r.solution for r, samples in zip(records, completions) for _ in samples]
+    answers = [r.answer for r, samples in zip(records, completions) for _ in samples]
+    scores = accuracy_rewards(
+        texts, solutions, answers, timeout_s=reward_timeout_s, num_workers=reward_workers
+    )
+    correct, rows, offset = [], [], 0
+    for record, samples in zip(records, completions):
+        flags_ = [score >= 1.0 for score in scores[offset : offset + len(samples)]]
+        correct.append(flags_)
+        for completion, ok in zip(samples, flags_):
+            rows.append(
+                dict(
+                    id=record.id,
+                    response=completion.text,
+                    correct=bool(ok),
+                    finish_reason=completion.finish_reason,
+                )
+            )
+        offset += len(samples)
+    return correct, rows
+
+
 def evaluate_configured_splits(
-    engine, processor, data, settings, *, step: int, instruction: str, responses_path=None
+    engine,
+    processor,
+    data,
+    settings,
+    *,
+    step: int,
+    instruction: str,
+    responses_path=None,
+    should_stop=None,
 ) -> dict:
     """Every split of `settings.eval.splits` present in `data` (RL and SFT share this); with
     `responses_path(split)` given and `eval.save_responses` on, writes each split's responses.
-    The engine must hold the weights to evaluate (`engine.load_policy`)."""
+    The engine must hold the weights to evaluate (`engine.load_policy`); a progress bar per
+    split unless `logging.progress_bar` is off."""
     e = settings.eval
     metrics = {}
     for split in e.splits:
-        if split not in data:
-            continue
+        if split not in data:  # never drop an asked-for evaluation silently
+            raise UserError(f"config.eval.splits: {split}: the run has no {split} data")
         split_metrics, rows = evaluate_split(
             engine,
             processor,
@@ -122,6 +181,9 @@ def evaluate_configured_splits(
             instruction=instruction,
             batch_size=e.batch_size,
             reward_timeout_s=settings.rewards.timeout_s,
+            reward_workers=settings.rewards.num_workers,
+            should_stop=should_stop,
+            progress=settings.logging.progress_bar,
         )
         metrics.update(split_metrics)
         if responses_path is not None and e.save_responses:

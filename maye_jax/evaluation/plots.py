@@ -1,7 +1,10 @@
 """The report's figures: every curve as the mean over seeds with a ±std band (ddof=0).
 
-x-axis (SPEC §6): epochs for accuracy curves, generation steps for length and reflection curves.
-Figures are built with `matplotlib.figure.Figure` (Agg canvas), so no pyplot state is touched.
+x-axis (SPEC §6): epochs for accuracy curves, generation steps for length, reflection and the
+training curves (rewards, losses, KL, entropy, grad norm, clipping, logprob mismatch). A panel
+exists only for a metric some run logged; a group with an interrupted run says so in its
+figure titles and legend labels. Figures are built with `matplotlib.figure.Figure` (Agg
+canvas), so no pyplot state is touched.
 """
 
 from __future__ import annotations
@@ -31,6 +34,42 @@ SETTING_LABELS = {
     "pass@1_t0.6": "pass@1 T=0.6",
     "pass@1_t0.01": "pass@1 T=0.01",
 }
+
+Curve = tuple[str, str, str]  # (metrics key, legend label, color)
+Panel = tuple[str, str, tuple[Curve, ...]]  # (title, y label, curves)
+
+# The curves to look at first when RL goes wrong, per generation step. The reward components
+# (`train/reward/*`, whatever the run logged) go after the accuracy panel.
+TRAINING_PANELS: tuple[Panel, ...] = (
+    ("training accuracy", "accuracy", (("train/accuracy", "RL", RL_COLOR),)),
+    ("policy loss", "loss", (("loss/policy", "RL", RL_COLOR),)),
+    ("KL loss", "loss", (("loss/kl", "RL", RL_COLOR),)),
+    ("total loss", "loss", (("loss/total", "RL", RL_COLOR),)),
+    ("KL to the reference (k3)", "nats / token", (("kl/k3", "RL", RL_COLOR),)),
+    ("approx. KL to the old policy", "nats / token", (("approx_kl", "RL", RL_COLOR),)),
+    ("entropy", "nats / token", (("entropy", "RL", RL_COLOR),)),
+    ("grad norm (before clipping)", "global L2 norm", (("grad_norm", "RL", RL_COLOR),)),
+    (
+        "PPO clip fraction",
+        "fraction of tokens",
+        (("clip_frac/low", "low", "tab:purple"), ("clip_frac/high", "high", RL_COLOR)),
+    ),
+    (
+        "responses cut at max_tokens",
+        "fraction of responses",
+        (("response_length/clip_ratio", "RL", RL_COLOR),),
+    ),
+    (
+        "rollout vs trainer logprob, mean |diff|",
+        "nats",
+        (("mismatch/logprob_abs_mean", "RL", RL_COLOR),),
+    ),
+    (
+        "rollout vs trainer logprob, max |diff|",
+        "nats",
+        (("mismatch/logprob_abs_max", "RL", RL_COLOR),),
+    ),
+)
 
 
 def per_epoch(lines: Sequence[Mapping], key: str) -> dict[int, float]:
@@ -84,15 +123,27 @@ def length_reflection_correlations(group) -> list[float]:
     ]
 
 
-def _draw_band(ax, group, series_of_run: Callable, *, color: str, label: str, scale: float) -> bool:
-    """Draws one group's mean ± std curve; False when no seed has the series."""
+def _draw_band(
+    ax,
+    group,
+    series_of_run: Callable,
+    *,
+    color: str,
+    label: str,
+    scale: float,
+    count_interrupted: bool = True,
+) -> bool:
+    """Draws one group's mean ± std curve; False when no seed has the series. The legend label
+    counts the group's interrupted runs unless `count_interrupted` is False."""
     if group is None:
         return False
     x, mean, std = seed_band([series_of_run(run) for run in group.runs])
     if not len(x):
         return False
     mean, std = scale * mean, scale * std
-    label = f"{label} {group.name} ({len(group.runs)} seeds)"
+    cut = len(group.interrupted) if count_interrupted else 0
+    label = f"{label} {group.name} ({len(group.runs)} seeds"
+    label += f", {cut} interrupted)" if cut else ")"
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot(x, mean, color=color, marker="o" if len(x) < 30 else None, markersize=3, label=label)
     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
@@ -120,13 +171,91 @@ def _grid(num_panels: int, num_columns: int, panel_size=(3.6, 2.6)) -> tuple[Fig
 
 def _save(fig: Figure, path: Path, title: str) -> Path:
     fig.suptitle(title, fontsize=10)
+    # 0.18 inch per title line (a second line notes interrupted runs) above the axes titles
+    height = fig.get_figheight()
+    fig.subplots_adjust(top=1 - (0.57 + 0.18 * (title.count("\n") + 1)) / height)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
 
 
-def _group_title(group) -> str:
-    return f"{group.kind.upper()} {group.name}: mean ± std over {len(group.runs)} seed(s)"
+def _group_title(group, what: str = "") -> str:
+    title = f"{group.kind.upper()} {group.name}{what}: mean ± std over {len(group.runs)} seed(s)"
+    note = group.interruption_note()
+    return f"{title}\n{note}" if note else title
+
+
+def logged_keys(lines_of_runs: Sequence[Sequence[Mapping]]) -> set[str]:
+    """Every key that some line of some run carries with a value (not None)."""
+    return {
+        key for lines in lines_of_runs for line in lines for key, v in line.items() if v is not None
+    }
+
+
+def training_panels(group) -> list[Panel]:
+    """The panels of TRAINING_PANELS (reward components added) that the group's runs logged,
+    each with only its logged curves; a metric no run logged gets no panel."""
+    logged = logged_keys([run.lines for run in group.runs])
+    rewards = sorted(
+        (key for key in logged if key.startswith("train/reward/")),
+        key=lambda key: (key != "train/reward/total", key),
+    )
+    reward_panels = [
+        (f"reward: {key.removeprefix('train/reward/')}", "mean reward", ((key, "RL", RL_COLOR),))
+        for key in rewards
+    ]
+    panels = []
+    for title, ylabel, curves in [TRAINING_PANELS[0], *reward_panels, *TRAINING_PANELS[1:]]:
+        curves = tuple(curve for curve in curves if curve[0] in logged)
+        if curves:
+            panels.append((title, ylabel, curves))
+    return panels
+
+
+def _training_figure(group) -> Figure | None:
+    """One panel per logged training metric against generation steps; None if none."""
+    panels = training_panels(group)
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels), min(4, len(panels)))
+    for ax, (title, ylabel, curves) in zip(axes, panels, strict=True):
+        for key, label, color in curves:
+            _draw_band(
+                ax,
+                group,
+                lambda run, key=key: per_step(run.lines, key),
+                color=color,
+                label=label,
+                scale=1.0,
+            )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("generation step", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.ticklabel_format(axis="y", useOffset=False)  # values as logged, not "+1.19e1"
+        ax.grid(alpha=0.3)
+        if len(curves) > 1:
+            ax.legend(fontsize=6)
+    return fig
+
+
+def _warmup_figure(group) -> Figure | None:
+    """The SFT warm-up's loss per warm-up step (`OUTPUT_DIR/sft_warmup`); None without one."""
+    fig, (ax,) = _grid(1, 1, panel_size=(5.0, 3.4))
+    if not _draw_band(
+        ax,
+        group,
+        lambda run: per_step(run.warmup_lines, "sft/loss"),
+        color=SFT_COLOR,
+        label="SFT warm-up",
+        scale=1.0,
+        count_interrupted=False,  # the RL runs' interruptions, not the warm-up's
+    ):
+        return None
+    ax.set(xlabel="warm-up step", ylabel="loss", title="SFT warm-up loss (before RL)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def _step_panels(group, keys: Sequence[str], titles: Sequence[str], ylabel: str, num_columns):
@@ -152,6 +281,8 @@ def _step_panels(group, keys: Sequence[str], titles: Sequence[str], ylabel: str,
 
 def _eval_figure(comparison, split: str, settings: Sequence[str]) -> Figure | None:
     """Accuracy per epoch under each setting: RL vs SFT, with the untrained (epoch 0) level."""
+    if not settings:
+        return None
     fig, axes = _grid(len(settings), len(settings), panel_size=(4.2, 3.2))
     drawn = False
     for ax, setting in zip(axes, settings, strict=True):
@@ -248,16 +379,26 @@ def _reflection_and_length_figure(group) -> Figure | None:
 
 
 def plot_comparison(
-    comparison, folder: Path, *, splits: Sequence[str], settings: Sequence[str]
+    comparison, folder: Path, *, evaluated: Mapping[str, Sequence[str]]
 ) -> list[Path]:
     """Writes every figure the comparison's runs have data for; returns their paths.
 
-    `comparison` is a `report.Comparison` (an RL and an SFT group, either may be None).
+    `comparison` is a `report.Comparison` (an RL and an SFT group, either may be None);
+    `evaluated` maps each evaluated split to its evaluated settings (`report.evaluated`).
     """
     title = comparison.title.replace("`", "") + ": mean ± std over seeds"
+    groups = [group for group in (comparison.rl, comparison.sft) if group is not None]
+    notes = [f"{g.kind.upper()} {g.interruption_note()}" for g in groups if g.interrupted]
+    title = "\n".join([title, *notes])
     written = []
     rl = comparison.rl
     if rl is not None:
+        fig = _training_figure(rl)
+        if fig is not None:
+            written.append(_save(fig, folder / "training_curves.png", _group_title(rl)))
+        fig = _warmup_figure(rl)
+        if fig is not None:
+            written.append(_save(fig, folder / "sft_warmup_loss.png", _group_title(rl)))
         fig, (ax,) = _grid(1, 1, panel_size=(5.0, 3.4))
         if _draw_band(
             ax,
@@ -311,7 +452,7 @@ def plot_comparison(
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
             written.append(_save(fig, folder / "sft_loss.png", _group_title(comparison.sft)))
-    for split in splits:
+    for split, settings in evaluated.items():
         fig = _eval_figure(comparison, split, settings)
         if fig is not None:
             written.append(_save(fig, folder / f"eval_{split}.png", title))

@@ -24,6 +24,12 @@ Two SFT groups under one key, or one group whose seeds disagree on the key, is a
 
 Table cells (SPEC §6): per seed, Untrained = the epoch-0 evaluation (of the RL group, else of the
 SFT group), mean and max = over epochs 1..E; then mean ± std (ddof=0) over seeds, in percent.
+Rows and plot panels exist only for the (split, setting) pairs some run evaluated.
+
+A run whose run.json says `finished: false` (stopped, crashed or still running; the harness sets
+it true when every step ran) is marked "interrupted at step N of M" (M: run.json `total_steps`)
+in table.md, summary.json and the plots; an older run.json without the field is not marked. An
+RL run's SFT warm-up loss (`OUTPUT_DIR/sft_warmup/metrics.jsonl`) is plotted beside its curves.
 """
 
 from __future__ import annotations
@@ -69,6 +75,24 @@ class Run:
     kind: str  # rl | sft
     config: dict
     lines: list[dict]  # metrics.jsonl
+    total_steps: int | None = None  # run.json: the planned steps (None: not recorded)
+    finished: bool | None = None  # run.json: every planned step ran (None: not recorded)
+    warmup_lines: list[dict] = field(default_factory=list)  # sft_warmup/metrics.jsonl
+
+    @property
+    def last_step(self) -> int:
+        """The last generation step of metrics.jsonl (0 for a run that logged none)."""
+        return max((line["generation_step"] for line in self.lines), default=0)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.finished is False
+
+    @property
+    def interruption(self) -> str:
+        """'seed S at step N of M' (the plan's M when run.json has it)."""
+        planned = f" of {self.total_steps}" if self.total_steps is not None else ""
+        return f"seed {self.seed} at step {self.last_step}{planned}"
 
     @property
     def group_name(self) -> str:
@@ -90,6 +114,15 @@ class Group:
     @property
     def seeds(self) -> list[int]:
         return [run.seed for run in self.runs]
+
+    @property
+    def interrupted(self) -> list[Run]:
+        return [run for run in self.runs if run.interrupted]
+
+    def interruption_note(self) -> str:
+        """'' when every run finished, else 'interrupted: seed 2 at step 5 of 6, ...'."""
+        cut = self.interrupted
+        return "interrupted: " + ", ".join(run.interruption for run in cut) if cut else ""
 
 
 @dataclass
@@ -138,6 +171,29 @@ def load_run(run_dir: Path) -> Run:
     metrics_path = run_dir / "metrics.jsonl"
     if not metrics_path.is_file():
         raise ReportError(f"{metrics_path}: missing (the run wrote run.json but no metrics)")
+    total_steps, finished = record.get("total_steps"), record.get("finished")
+    if total_steps is not None and (
+        isinstance(total_steps, bool) or not isinstance(total_steps, int)
+    ):
+        raise ReportError(f"{record_path}: field 'total_steps' is {total_steps!r}, expected an int")
+    if finished is not None and not isinstance(finished, bool):
+        raise ReportError(f"{record_path}: field 'finished' is {finished!r}, expected true/false")
+    warmup_path = run_dir / "sft_warmup" / "metrics.jsonl"
+    return Run(
+        run_dir=run_dir,
+        name=str(record["name"]),
+        seed=int(record["seed"]),
+        kind=record["kind"],
+        config=dict(record.get("config") or {}),
+        lines=_read_metrics_checked(metrics_path),
+        total_steps=total_steps,
+        finished=finished,
+        warmup_lines=_read_metrics_checked(warmup_path) if warmup_path.is_file() else [],
+    )
+
+
+def _read_metrics_checked(metrics_path: Path) -> list[dict]:
+    """The lines of a metrics.jsonl, each with integer `generation_step` and `epoch`."""
     try:
         lines = read_metrics(metrics_path)
     except json.JSONDecodeError as error:
@@ -146,14 +202,7 @@ def load_run(run_dir: Path) -> Run:
         for key in ("generation_step", "epoch"):
             if not isinstance(line.get(key), int):
                 raise ReportError(f"{metrics_path}:{number}: field '{key}' missing or not an int")
-    return Run(
-        run_dir=run_dir,
-        name=str(record["name"]),
-        seed=int(record["seed"]),
-        kind=record["kind"],
-        config=dict(record.get("config") or {}),
-        lines=lines,
-    )
+    return lines
 
 
 def comparison_key(config: Mapping) -> str:
@@ -269,25 +318,35 @@ def group_summary(group: Group, key: str) -> dict[str, dict | None]:
     }
 
 
-def eval_settings(comparison: Comparison) -> list[str]:
-    """The three SPEC settings, then any other setting found in the runs' eval keys."""
-    settings = list(SETTINGS)
+def evaluated(comparison: Comparison) -> dict[str, list[str]]:
+    """{split: [setting, ...]} of the `eval/<split>/<setting>` keys some run of the comparison
+    logged (not None): the SPEC splits and settings first, in their order, then any other."""
+    found: set[tuple[str, str]] = set()
     for group in (comparison.rl, comparison.sft):
         for run in group.runs if group else []:
             for line in run.lines:
-                for key in line:
+                for key, value in line.items():
                     parts = key.split("/")
-                    if len(parts) == 3 and parts[0] == "eval" and parts[2] not in settings:
-                        settings.append(parts[2])
-    return settings
+                    if len(parts) == 3 and parts[0] == "eval" and value is not None:
+                        found.add((parts[1], parts[2]))
+
+    def order(known: Sequence[str], names: Iterable[str]) -> list[str]:
+        names = set(names)
+        return [n for n in known if n in names] + sorted(names - set(known))
+
+    return {
+        split: order(SETTINGS, (setting for s, setting in found if s == split))
+        for split in order(SPLITS, (split for split, _ in found))
+    }
 
 
 def comparison_table(comparison: Comparison) -> dict:
-    """{split: {setting: {column name: cell | None}}} with cells in [0, 1] (see _cell)."""
+    """{split: {setting: {column name: cell | None}}} with cells in [0, 1] (see _cell), for
+    the evaluated (split, setting) pairs only."""
     table = {}
-    for split in SPLITS:
+    for split, settings in evaluated(comparison).items():
         table[split] = {}
-        for setting in eval_settings(comparison):
+        for setting in settings:
             key = f"eval/{split}/{setting}"
             rl = group_summary(comparison.rl, key) if comparison.rl else {}
             sft = group_summary(comparison.sft, key) if comparison.sft else {}
@@ -315,7 +374,9 @@ def _describe(group: Group | None, kind: str) -> str:
     if group is None:
         return f"{kind.upper()}: none"
     seeds = ", ".join(map(str, group.seeds))
-    return f"{kind.upper()}: `{group.name}`, {len(group.runs)} seed(s) [{seeds}]"
+    note = group.interruption_note()
+    note = f" (**{note}**)" if note else ""
+    return f"{kind.upper()}: `{group.name}`, {len(group.runs)} seed(s) [{seeds}]{note}"
 
 
 def format_table(comparison: Comparison, table: Mapping) -> str:
@@ -337,6 +398,8 @@ def format_table(comparison: Comparison, table: Mapping) -> str:
             values = [format_cell(cells[name]) for name in COLUMNS]
             label = SETTING_LABELS.get(setting, setting)
             rows.append("| " + " | ".join([split, label, *values]) + " |")
+    if not any(table.values()):
+        rows[-2:] = ["No run of this comparison was evaluated (no `eval/` metric)."]
     return "\n".join(rows) + "\n"
 
 
@@ -382,6 +445,10 @@ def _group_record(group: Group | None) -> dict | None:
         "kind": group.kind,
         "seeds": group.seeds,
         "run_dirs": [str(run.run_dir) for run in group.runs],
+        "interrupted": [
+            {"seed": run.seed, "last_step": run.last_step, "total_steps": run.total_steps}
+            for run in group.interrupted
+        ],
     }
 
 
@@ -406,10 +473,7 @@ def build_report(
         written = []
         if plots:
             written = plot_comparison(
-                comparison,
-                out_dir / comparison.folder,
-                splits=SPLITS,
-                settings=eval_settings(comparison),
+                comparison, out_dir / comparison.folder, evaluated=evaluated(comparison)
             )
         markdown.append(format_table(comparison, table))
         correlation = reflection_correlation(comparison)

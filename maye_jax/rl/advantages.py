@@ -2,8 +2,8 @@
 
 Everything here is a pure function of arrays: jit-compatible (no Python control flow on traced
 values; names, configs and shapes are static), callable on NumPy inputs, tested against NumPy loops
-in `tests/maye_jax/test_algorithms.py`. The losses that consume the advantages live in
-`maye_jax/losses.py`.
+in `tests/maye_jax/rl/test_advantages.py`. The losses that consume the advantages live in
+`maye_jax/rl/losses.py`.
 
 Shapes: `B` responses in the batch, `T` padded response length. A `response_mask` is `[B, T]`,
 true on the response's tokens (up to and including the first stop token) and false on the right
@@ -32,6 +32,11 @@ KL_CLAMP = 10.0
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
+LOG_RATIO_CLAMP = 20.0
+"""Every log-ratio is clipped to [-20, 20] before `exp` (as verl and TRL do). exp(20) ~ 5e8 is
+finite with room to spare in fp32 (exp overflows above ~88), so no finite input can give an
+inf ratio and a NaN gradient (0 x inf) on a token whose loss is clamped or clipped anyway."""
+
 KlClamp = float | tuple[float, float] | None
 """`c` clamps to [-c, c], `(low, high)` to [low, high], None disables clamping."""
 
@@ -51,6 +56,12 @@ def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
     """numerator / denominator, and 0 where the denominator is 0 (with finite gradients)."""
     nonzero = denominator != 0
     return jnp.where(nonzero, numerator / jnp.where(nonzero, denominator, 1), 0.0)
+
+
+def clamp_log_ratio(log_ratio: jax.Array) -> jax.Array:
+    """`log_ratio` clipped to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP] (before any `exp`); a clipped
+    token gets no gradient through it, as the peers' clamps do."""
+    return jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
 
 def clamp_values(values: jax.Array, clamp: KlClamp) -> jax.Array:
@@ -83,13 +94,11 @@ def kl_estimate(
       - k1: `log_ratio` (unbiased, high variance, can be negative);
       - k2: `0.5 * log_ratio**2` (biased, always >= 0);
       - k3: with `d = ref_logprobs - logprobs`, `exp(d) - 1 - d` (unbiased, always >= 0).
-    The result is clamped elementwise (default [-10, 10], as the original).
-
-    Note: k3 overflows to inf when `d` > ~88 in float32; the clamp then returns the bound but the
-    gradient through `exp` is NaN. Mask padded positions before calling (as `losses.kl_token_loss`
-    does): real log-probability differences of that size do not occur.
+    The log-ratio is first clipped to [-20, 20] (`LOG_RATIO_CLAMP`, as verl's k3), so `exp` never
+    overflows and every finite input has a finite gradient (0 beyond the clip). The result is
+    then clamped elementwise (default [-10, 10], as the original).
     """
-    log_ratio = as_float(logprobs) - as_float(ref_logprobs)
+    log_ratio = clamp_log_ratio(as_float(logprobs) - as_float(ref_logprobs))
     if kind == "k1":
         kl = log_ratio
     elif kind == "k2":
@@ -207,6 +216,10 @@ def masked_whiten(
     original MAYE inherits: the advantages keep the returns' mean, so with 0/1 accuracy scores
     they stay mostly positive). `shift_mean=False` gives zero-mean advantages. 0 at masked-out
     positions.
+
+    Beware when copying settings between frameworks: verl's and TRL's `shift_mean=True` means
+    the opposite ("subtract the mean", i.e. zero-mean advantages, which is `shift_mean=False`
+    here); here, as in MAYE and torchtune, True means "add the mean back".
     """
     mask = as_mask(mask)
     values = as_float(values)
@@ -227,7 +240,9 @@ class AdvantageConfig:
     """Options of the advantage estimators (hashable, so it can be a static jit argument).
 
     gamma, kl_reward_coeff, kl_estimator, kl_clamp: token rewards and returns (reinforce_pp*).
-    whiten, shift_mean, whiten_eps: the final global whitening (reinforce_pp*).
+    whiten, shift_mean, whiten_eps: the final global whitening (reinforce_pp*). shift_mean=True
+      adds the mean back after whitening (MAYE, torchtune); verl/TRL's `shift_mean=True` means
+      the opposite (zero-mean advantages), i.e. `shift_mean=False` here.
     grpo_eps, grpo_scale_by_std: GRPO's `(score - mean) / (std + eps)`; `scale_by_std=False` is
       Dr.GRPO (`score - mean`).
     """
@@ -321,6 +336,17 @@ def _scores_by_group(scores: jax.Array, num_samples_per_prompt: int, estimator: 
     return scores.reshape(-1, num_samples_per_prompt)
 
 
+def _equal_score_groups(groups: jax.Array) -> jax.Array:  # [prompts, 1] bool
+    """True for a prompt group whose raw scores are all exactly equal (max == min).
+
+    Such a group carries no signal and gets advantage exactly 0. The test is exact equality of
+    the scores, not a small std: the fp32 mean of scores that are not exact (16 x 0.7, or 1.0
+    minus a language penalty) can be one ulp off, which GRPO's division by (std + eps) would
+    blow up to ~0.1; a genuinely small difference between scores keeps its advantage.
+    """
+    return jnp.max(groups, axis=1, keepdims=True) == jnp.min(groups, axis=1, keepdims=True)
+
+
 def _broadcast_over_tokens(sequence_advantages: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.where(mask, sequence_advantages.reshape(-1)[:, None], 0.0)  # [B, T]
 
@@ -372,9 +398,11 @@ def reinforce_pp_advantages(
 def reinforce_pp_baseline_advantages(
     *, scores, response_mask, logprobs, ref_logprobs, num_samples_per_prompt, config
 ) -> jax.Array:
-    """Reinforce++ on baselined scores: each score minus its prompt group's mean score."""
+    """Reinforce++ on baselined scores: each score minus its prompt group's mean score (exactly 0
+    for a group whose scores are all equal; the returns are then whitened as usual)."""
     groups = _scores_by_group(scores, num_samples_per_prompt, "reinforce_pp_baseline")
-    baselined = (groups - jnp.mean(groups, axis=1, keepdims=True)).reshape(-1)
+    baselined = groups - jnp.mean(groups, axis=1, keepdims=True)
+    baselined = jnp.where(_equal_score_groups(groups), 0.0, baselined).reshape(-1)
     return _returns_advantages(baselined, response_mask, logprobs, ref_logprobs, config)
 
 
@@ -386,7 +414,8 @@ def grpo_advantages(
 
     The std is the unbiased (n - 1) sample std, as the GRPO paper's reference implementations
     (trl, verl: `torch.std`) use. `grpo_scale_by_std=False` gives Dr.GRPO's `score - group mean`.
-    A group whose samples all score the same gets advantage 0. Ignores whitening options.
+    A group whose samples all score exactly the same gets advantage exactly 0 (see
+    `_equal_score_groups`). Ignores whitening options.
     """
     del logprobs, ref_logprobs
     _reject_kl_reward(config, "grpo")
@@ -395,6 +424,7 @@ def grpo_advantages(
     if config.grpo_scale_by_std:
         group_std = jnp.std(groups, axis=1, ddof=1, keepdims=True)
         advantages = safe_divide(advantages, group_std + config.grpo_eps)  # 0/0 -> 0 if eps = 0
+    advantages = jnp.where(_equal_score_groups(groups), 0.0, advantages)
     return _broadcast_over_tokens(advantages, response_mask)
 
 
@@ -402,9 +432,11 @@ def grpo_advantages(
 def rloo_advantages(
     *, scores, response_mask, logprobs, ref_logprobs, num_samples_per_prompt, config
 ) -> jax.Array:
-    """RLOO: score minus the mean score of the prompt's other n - 1 samples, on every valid token."""
+    """RLOO: score minus the mean score of the prompt's other n - 1 samples, on every valid token
+    (exactly 0 for a group whose scores are all equal)."""
     del logprobs, ref_logprobs
     _reject_kl_reward(config, "rloo")
     groups = _scores_by_group(scores, num_samples_per_prompt, "rloo")  # [prompts, n]
     others_mean = (jnp.sum(groups, axis=1, keepdims=True) - groups) / (num_samples_per_prompt - 1)
-    return _broadcast_over_tokens(groups - others_mean, response_mask)
+    advantages = jnp.where(_equal_score_groups(groups), 0.0, groups - others_mean)
+    return _broadcast_over_tokens(advantages, response_mask)

@@ -1,7 +1,10 @@
-"""The policy-update objective (SPEC §3): PPO-clip, KL loss, truncated IS, exact loss aggregation.
+"""The policy-update objective (SPEC §3): PPO-clip (with optional dual-clip), GSPO, the KL loss
+(k1/k2/k3), truncated IS, exact loss aggregation.
 
-Pure, jit-compatible functions of `[B, T]` arrays (see `maye_jax/algorithms.py` for the
-conventions: `response_mask` true on response tokens, padded positions never read).
+Pure, jit-compatible functions of `[B, T]` arrays (see `maye_jax/rl/advantages.py` for the
+conventions: `response_mask` true on response tokens, padded positions never read). Every
+log-ratio is clipped to [-20, 20] before `exp` (`advantages.LOG_RATIO_CLAMP`), so no finite
+input gives an inf ratio or a NaN gradient.
 
 Gradient accumulation is exact by construction. Every aggregation mode is
 
@@ -34,6 +37,7 @@ from maye_jax.rl.advantages import (
     KlClamp,
     as_float,
     as_mask,
+    clamp_log_ratio,
     kl_estimate,
     masked_sum,
     safe_divide,
@@ -47,10 +51,15 @@ MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 class LossConfig:
     """Options of the policy objective (hashable, so it can be a static jit argument).
 
-    policy_loss: name in the policy-loss registry ("ppo_clip").
+    policy_loss: name in the policy-loss registry ("ppo_clip", "gspo", "nll").
     clip_eps_low / clip_eps_high: PPO ratio clip range [1 - low, 1 + high].
+    clip_ratio_c: None (off) or PPO dual-clip's bound c > 1 (usually 3): for a negative
+      advantage the token loss is at most `-A * c`, whatever the ratio.
+    gspo_clip_eps_low / gspo_clip_eps_high: GSPO's own clip range of the sequence ratio
+      (3e-4 / 4e-4 as in the GSPO paper: a sequence ratio moves far less than a token's).
     kl_loss_coeff: weight of the KL loss (beta_loss, 0.001 in the paper); 0 disables it.
-    kl_clamp: per-token clamp of the k3 KL loss.
+    kl_loss_estimator: k1 | k2 | k3 (the paper's) estimator of the KL loss.
+    kl_clamp: per-token clamp of the KL loss.
     loss_agg: name in the aggregation registry; max_tokens: Dr.GRPO's constant for
       seq_mean_token_sum_norm (the generation max_tokens).
     rollout_is_cap: None (off) or the cap of the truncated importance-sampling weight (2.0).
@@ -59,7 +68,11 @@ class LossConfig:
     policy_loss: str = "ppo_clip"
     clip_eps_low: float = 0.2
     clip_eps_high: float = 0.2
+    clip_ratio_c: float | None = None
+    gspo_clip_eps_low: float = 3e-4
+    gspo_clip_eps_high: float = 4e-4
     kl_loss_coeff: float = 0.001
+    kl_loss_estimator: str = "k3"
     kl_clamp: KlClamp = KL_CLAMP
     loss_agg: str = "token_mean"
     max_tokens: int = 2048
@@ -113,25 +126,84 @@ def ppo_clip_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """PPO clipped surrogate per token: `max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))`.
 
-    `ratio = exp(logprobs - logprobs_old)`. Per-token metrics (0/1 indicators and values):
+    `ratio = exp(clip(logprobs - logprobs_old, -20, 20))`. With `clip_ratio_c` set (dual-clip,
+    Ye et al. 2020), a token with `A < 0` gets `min(that, -A * clip_ratio_c)`: a very large
+    ratio on a bad token no longer gives an unbounded loss (it gets no gradient instead).
+    Per-token metrics (0/1 indicators and values):
       - clip_frac/low: the clipped branch is the active (strictly larger) one because the ratio
         fell below 1 - eps_low, i.e. `ratio < 1 - eps_low and A < 0`;
       - clip_frac/high: likewise above, `ratio > 1 + eps_high and A > 0`;
         (on these tokens the loss is constant in logprobs: they get no gradient)
+      - clip_frac/dual (dual-clip only): `A < 0` and the `-A * c` bound is the active one;
       - ratio/mean: the ratio; approx_kl: `0.5 * (logprobs - logprobs_old)**2`.
     """
     mask = as_mask(response_mask)
     advantages = jnp.where(mask, as_float(advantages), 0.0)
-    # Masking the log-ratio before exp() keeps garbage padding from producing inf * 0 = NaN grads.
-    log_ratio = jnp.where(mask, as_float(logprobs) - as_float(logprobs_old), 0.0)
+    # Masking the log-ratio before exp() keeps garbage padding from producing inf * 0 = NaN grads;
+    # clipping it keeps a finite but huge one (e.g. 100 in fp32) from doing the same.
+    log_ratio = clamp_log_ratio(jnp.where(mask, as_float(logprobs) - as_float(logprobs_old), 0.0))
     ratio = jnp.exp(log_ratio)
     low, high = 1.0 - config.clip_eps_low, 1.0 + config.clip_eps_high
     token_losses = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, low, high))
     metrics = {
         "clip_frac/low": ((ratio < low) & (advantages < 0)).astype(ratio.dtype),
         "clip_frac/high": ((ratio > high) & (advantages > 0)).astype(ratio.dtype),
+    }
+    if config.clip_ratio_c is not None:
+        dual_bound = -advantages * config.clip_ratio_c
+        dual_active = (advantages < 0) & (token_losses > dual_bound)
+        token_losses = jnp.where(
+            advantages < 0, jnp.minimum(token_losses, dual_bound), token_losses
+        )
+        metrics["clip_frac/dual"] = dual_active.astype(ratio.dtype)
+    metrics["ratio/mean"] = ratio
+    metrics["approx_kl"] = 0.5 * jnp.square(log_ratio)
+    return jnp.where(mask, token_losses, 0.0), metrics
+
+
+@register_policy_loss("gspo")
+def gspo_loss(
+    *,
+    logprobs: ArrayLike,  # [B, T], differentiated
+    logprobs_old: ArrayLike,  # [B, T]
+    advantages: ArrayLike,  # [B, T]
+    response_mask: ArrayLike,  # [B, T]
+    config: LossConfig,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """GSPO (Zheng et al. 2025): PPO's clipped surrogate on the sequence-level ratio
+    `s_i = exp(mean_t (logprobs - logprobs_old))` = (pi(y_i) / pi_old(y_i))^(1 / |y_i|),
+    clipped to [1 - gspo_clip_eps_low, 1 + gspo_clip_eps_high], averaged per sequence
+    (only with `loss_agg="seq_mean_token_mean"`: the objective is (1/G) sum_i of a sequence term).
+
+    In the token form of GSPO-token, `s_it = sg[s_i] * pi_it / sg[pi_it]`: every token of a
+    sequence has the value `s_i`, and `d s_it / d logprobs_it = s_i`, which gives the paper's
+    gradient `s_i A_i (1 / |y_i|) sum_t grad log pi_it` after the per-sequence mean. Metrics as
+    `ppo_clip_loss`, with the sequence ratio on every token (approx_kl stays token-level).
+    """
+    if config.loss_agg != "seq_mean_token_mean":
+        raise ValueError(
+            "policy loss 'gspo' averages per sequence: it needs loss_agg='seq_mean_token_mean', "
+            f"got {config.loss_agg!r}"
+        )
+    mask = as_mask(response_mask)
+    advantages = jnp.where(mask, as_float(advantages), 0.0)
+    logprobs = jnp.where(mask, as_float(logprobs), 0.0)
+    token_log_ratio = jnp.where(mask, logprobs - as_float(logprobs_old), 0.0)  # [B, T]
+    sequence_log_ratio = safe_divide(jnp.sum(token_log_ratio, axis=-1), jnp.sum(mask, axis=-1))
+    log_ratio = (
+        logprobs
+        - jax.lax.stop_gradient(logprobs)
+        + jax.lax.stop_gradient(sequence_log_ratio)[:, None]
+    )  # [B, T]: value log s_i, gradient that of logprobs
+    ratio = jnp.exp(clamp_log_ratio(jnp.where(mask, log_ratio, 0.0)))
+    low, high = 1.0 - config.gspo_clip_eps_low, 1.0 + config.gspo_clip_eps_high
+    token_losses = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, low, high))
+    token_log_ratio = clamp_log_ratio(token_log_ratio)
+    metrics = {
+        "clip_frac/low": ((ratio < low) & (advantages < 0)).astype(ratio.dtype),
+        "clip_frac/high": ((ratio > high) & (advantages > 0)).astype(ratio.dtype),
         "ratio/mean": ratio,
-        "approx_kl": 0.5 * jnp.square(log_ratio),
+        "approx_kl": 0.5 * jnp.square(token_log_ratio),
     }
     return jnp.where(mask, token_losses, 0.0), metrics
 
@@ -157,8 +229,10 @@ def kl_token_loss(
     ref_logprobs: ArrayLike,  # [B, T]
     response_mask: ArrayLike,  # [B, T]
     clamp: KlClamp = KL_CLAMP,
+    kind: str = "k3",
 ) -> jax.Array:  # [B, T]
-    """k3 KL to the reference per token, `clamp(exp(d) - 1 - d)` with `d = ref_logprobs - logprobs`.
+    """KL to the reference per token with the `kind` estimator (`advantages.kl_estimate`); the
+    paper's k3 is `clamp(exp(d) - 1 - d)` with `d = ref_logprobs - logprobs`.
 
     The clamp is per token (the original clamps the micro-batch mean; a per-token clamp keeps
     gradient accumulation exact). A clamped token gets no gradient. 0 at padded positions.
@@ -167,7 +241,7 @@ def kl_token_loss(
     kl = kl_estimate(
         jnp.where(mask, as_float(logprobs), 0.0),
         jnp.where(mask, as_float(ref_logprobs), 0.0),
-        kind="k3",
+        kind=kind,
         clamp=clamp,
     )
     return jnp.where(mask, kl, 0.0)
@@ -186,7 +260,7 @@ def truncated_is_weight(
     """
     mask = as_mask(response_mask)
     log_weight = jnp.where(mask, as_float(logprobs_old) - as_float(logprobs_rollout), 0.0)
-    weight = jnp.minimum(jnp.exp(log_weight), cap)
+    weight = jnp.minimum(jnp.exp(clamp_log_ratio(log_weight)), cap)
     return jax.lax.stop_gradient(jnp.where(mask, weight, 0.0))
 
 
@@ -262,6 +336,13 @@ def _sum_of_sequence_means(token_losses: jax.Array, mask: jax.Array) -> jax.Arra
     return jnp.sum(safe_divide(per_sequence_sum, jnp.sum(mask, axis=-1)))
 
 
+@register_loss_aggregation("seq_mean_token_sum", normalizer=_num_sequences)
+def _sum_of_sequence_sums(token_losses: jax.Array, mask: jax.Array) -> jax.Array:
+    """seq_mean_token_sum: `sum_i [sum_t m_it l_it] / #sequences` (verl's seq-mean-token-sum):
+    each sequence's token sum, averaged over sequences (a longer response weighs more)."""
+    return masked_sum(token_losses, mask)
+
+
 @register_loss_aggregation("seq_mean_token_sum_norm", normalizer=_num_sequences_times_max_tokens)
 def _token_sum_for_constant_length(token_losses: jax.Array, mask: jax.Array) -> jax.Array:
     """seq_mean_token_sum_norm (Dr.GRPO): `sum_i [sum_t m_it l_it / max_tokens] / #sequences`,
@@ -276,9 +357,9 @@ def loss_normalizer(
 ) -> jax.Array:  # scalar float32
     """The denominator of `mode`'s mini-batch loss, computed before splitting into micro-batches.
 
-    token_mean: number of valid tokens; seq_mean_token_mean: number of sequences;
-    seq_mean_token_sum_norm: number of sequences * max_tokens. A "sequence" is a row with at
-    least one valid token.
+    token_mean: number of valid tokens; seq_mean_token_mean and seq_mean_token_sum: number of
+    sequences; seq_mean_token_sum_norm: number of sequences * max_tokens. A "sequence" is a row
+    with at least one valid token.
     """
     return get_loss_aggregation(mode).normalizer(as_mask(response_mask), max_tokens)
 
@@ -317,7 +398,8 @@ def policy_objective(
 
     Metrics: loss/{policy,kl,total} as (weighted sum, this micro-batch's share of the
     normalizer), so summing pairs over micro-batches and dividing gives the mini-batch losses;
-    token means over valid tokens of kl/k3, clip_frac/{low,high}, ratio/mean, approx_kl (and
+    token means over valid tokens of kl/<kl_loss_estimator> (kl/k3 by default),
+    clip_frac/{low,high} (and clip_frac/dual with dual-clip), ratio/mean, approx_kl (and
     is_weight/mean when the IS correction is on). kl metrics only when ref_logprobs is given.
     Summed over several mini-batches, the loss pairs give a normalizer-weighted mean of their
     losses. Metric sums carry no gradient.
@@ -345,11 +427,13 @@ def policy_objective(
     metrics: MetricSums = {"loss/policy": (policy_sum, micro_normalizer)}
 
     if ref_logprobs is not None:
-        kl_token_losses = kl_token_loss(logprobs, ref_logprobs, mask, config.kl_clamp)
+        kl_token_losses = kl_token_loss(
+            logprobs, ref_logprobs, mask, config.kl_clamp, kind=config.kl_loss_estimator
+        )
         kl_sum = aggregation.weighted_sum(kl_token_losses, mask)
         total_sum = total_sum + config.kl_loss_coeff * kl_sum
         metrics["loss/kl"] = (kl_sum, micro_normalizer)
-        token_metrics = {**token_metrics, "kl/k3": kl_token_losses}
+        token_metrics = {**token_metrics, f"kl/{config.kl_loss_estimator}": kl_token_losses}
     elif config.kl_loss_coeff != 0:
         raise ValueError(f"kl_loss_coeff={config.kl_loss_coeff} needs ref_logprobs")
 

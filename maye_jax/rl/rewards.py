@@ -28,6 +28,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from subprocess import PIPE
 
+from maye_jax.rl.penalties import apply_length_penalty, overlong_penalty
+
 logger = logging.getLogger(__name__)
 
 _BOXED_COMMANDS = ("\\boxed", "\\fbox")
@@ -62,6 +64,26 @@ def last_boxed(text: str) -> str | None:
             if depth == 0:
                 return text[position + 1 : match.start()]
     return None
+
+
+_DEGREE_SIGN = re.compile(r"(?:\^\s*)?\s*\u00b0")  # "60°", "60 °", "60^°"
+
+
+def _is_cjk_ideograph(char: str) -> bool:
+    return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf"
+
+
+def normalize_answer(answer: str) -> str:
+    """A boxed answer as math-verify can read it: the Unicode degree sign becomes ``^{\\circ}``
+    (``60°`` = ``60^\\circ``) and a unit in CJK ideographs at the end is dropped (``20厘米``,
+    ``20 平方厘米``, ``60度`` -> ``20``, ``20``, ``60``, as math-verify drops a unit in
+    ``\\text{}``). CJK text elsewhere stays (and fails to parse); an answer that is only CJK
+    text becomes empty and scores 0. Linear time."""
+    answer = _DEGREE_SIGN.sub(lambda _: "^{\\circ}", answer)
+    end = len(answer)
+    while end and (answer[end - 1].isspace() or _is_cjk_ideograph(answer[end - 1])):
+        end -= 1
+    return answer[:end].strip()
 
 
 def ground_truth(solution: str, answer: str | None = None) -> str | None:
@@ -362,6 +384,7 @@ def accuracy_rewards(
 
     A response without a complete ``\\boxed{}``, or whose boxed answer is longer than
     ``max_answer_chars``, scores 0 without a check; identical answer strings score 1 without one.
+    Both answers are normalised first (``normalize_answer``: degree sign, CJK units).
     ``pool`` defaults to the shared pool (resized to ``num_workers`` when given; see close()).
     """
     if len(responses) != len(solutions) or (answers is not None and len(answers) != len(responses)):
@@ -381,7 +404,14 @@ def accuracy_rewards(
             continue
         if len(predicted) > max_answer_chars:
             logger.debug("Response %d: boxed answer of %d chars scores 0", index, len(predicted))
-        elif predicted.strip() == gold.strip():
+            continue
+        if predicted.strip() == gold.strip():
+            scores[index] = 1.0
+            continue
+        predicted, gold = normalize_answer(predicted), normalize_answer(gold)
+        if not predicted or not gold:
+            continue
+        if predicted == gold:
             scores[index] = 1.0
         else:
             to_check.append(index)
@@ -420,19 +450,6 @@ def language_reward(response: str, char_class: str | re.Pattern[str] = "cjk") ->
     return -0.1 * count / len(response)
 
 
-def apply_length_penalty(
-    score: float,
-    finished_with_eos: bool,
-    response_length: int,
-    min_response_length: int = 0,
-    reward_penalty: float = -0.1,
-) -> float:
-    """``reward_penalty`` instead of ``score`` for a response without EOS or that is too short."""
-    if not finished_with_eos or response_length < min_response_length:
-        return reward_penalty
-    return score
-
-
 # ----------------------------------------------------------------------------- registry
 
 RewardFn = Callable[..., list[float]]
@@ -443,7 +460,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     """Registers ``fn(responses, solutions, *, answers, **options) -> list[float]`` as ``name``."""
 
     def decorator(fn: RewardFn) -> RewardFn:
-        if name in _REWARDS or name == "total":
+        if name in _REWARDS or name in ("total", "overlong"):  # "overlong": compute_rewards
             raise ValueError(f"rewards.register_reward: name {name!r} is taken")
         _REWARDS[name] = fn
         return fn
@@ -482,12 +499,15 @@ def compute_rewards(
     response_lengths: Sequence[int] | None = None,
     min_response_length: int = 0,
     reward_penalty: float = -0.1,
+    overlong: dict | None = None,
 ) -> dict[str, list[float]]:
     """Each enabled reward per response, plus ``total`` (their sum).
 
     ``options[name]`` holds keyword options of reward ``name`` (e.g. ``{"accuracy":
     {"timeout_s": 5.0}, "language": {"char_class": "cjk"}}``). With ``finished_with_eos`` given,
-    ``total`` gets apply_length_penalty (``response_lengths`` then required).
+    ``total`` gets apply_length_penalty (``response_lengths`` then required). ``overlong``
+    (``{"max_tokens", "buffer_len", "penalty_factor"}`` of ``penalties.overlong_penalty``) adds
+    the ``overlong`` component to the total, after the length penalty (maye_jax/rl/penalties.py).
     """
     options = options or {}
     rewards = {
@@ -497,12 +517,15 @@ def compute_rewards(
     total = [float(sum(values)) for values in zip(*rewards.values(), strict=True)]
     if not rewards:
         total = [0.0] * len(responses)
+    if (finished_with_eos is not None or overlong is not None) and response_lengths is None:
+        raise ValueError("rewards.compute_rewards: length penalties need response_lengths")
     if finished_with_eos is not None:
-        if response_lengths is None:
-            raise ValueError("rewards.compute_rewards: finished_with_eos needs response_lengths")
         total = [
             apply_length_penalty(score, eos, length, min_response_length, reward_penalty)
             for score, eos, length in zip(total, finished_with_eos, response_lengths, strict=True)
         ]
+    if overlong is not None:
+        rewards["overlong"] = [overlong_penalty(length, **overlong) for length in response_lengths]
+        total = [score + extra for score, extra in zip(total, rewards["overlong"], strict=True)]
     rewards["total"] = total
     return rewards

@@ -3,7 +3,8 @@
 Queries and responses are concatenated in the layout of `maye_jax/sequences.py`, masks and
 M-RoPE positions recomputed on the host, the frozen vision tower run once for the batch, and
 the policy (`logprobs_old`, SPEC §3: recomputed by the trainer) and reference log-probabilities
-computed in chunks of `forward_batch_size` rows. Rewards are scored on the decoded texts.
+computed in chunks of `forward_batch_size` rows. Rewards are scored on the decoded texts
+(`score_responses`, which dynamic sampling calls before the trajectory to drop prompt groups).
 """
 
 from __future__ import annotations
@@ -36,15 +37,17 @@ class TrajectoryConfig:
 
     reward_names / reward_options: the enabled rewards and each one's keyword options;
     penalty: None (off) or {min_response_length, reward_penalty} of the original's no-EOS /
-    too-short penalty; temperature: of the sampling distribution (logprobs of
-    log_softmax(logits / T)); forward_batch_size: rows per logprob forward; chunk_size:
-    sequence chunk of the logits; rows_multiple: the batch's rows round up to this (the PPO
-    mini-batch); max_tokens: R, the response columns (rounded up to 8); prompt_multiple: P
-    rounds up to this, so the update compiles once per prompt bucket."""
+    too-short penalty; overlong: None (off) or {max_tokens, buffer_len, penalty_factor} of
+    DAPO's additive overlong penalty (maye_jax/rl/penalties.py); temperature: of the sampling
+    distribution (logprobs of log_softmax(logits / T)); forward_batch_size: rows per logprob
+    forward; chunk_size: sequence chunk of the logits; rows_multiple: the batch's rows round up
+    to this (the PPO mini-batch); max_tokens: R, the response columns (rounded up to 8);
+    prompt_multiple: P rounds up to this, so the update compiles once per prompt bucket."""
 
     reward_names: tuple[str, ...] = ("accuracy", "language")
     reward_options: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
     penalty: Mapping[str, float] | None = None
+    overlong: Mapping[str, float] | None = None
     temperature: float = 1.0
     forward_batch_size: int = 112
     chunk_size: int = 512
@@ -116,6 +119,30 @@ def forward_logprobs(
     return np.concatenate(out, axis=0)
 
 
+def score_responses(
+    records: Sequence[Record],
+    completions: Sequence[Sequence[Completion]],
+    options: TrajectoryConfig,
+) -> dict[str, list[float]]:
+    """Each reward component and `total` per response, rows prompt-major (all samples of
+    records[0], then records[1], ...), with the configured length penalties."""
+    row_records = [record for record, samples in zip(records, completions) for _ in samples]
+    samples = [completion for group in completions for completion in group]
+    return rewards_lib.compute_rewards(
+        list(options.reward_names),
+        [completion.text for completion in samples],
+        [r.solution for r in row_records],
+        answers=[r.answer for r in row_records],
+        options={name: dict(values) for name, values in options.reward_options.items()},
+        finished_with_eos=(
+            [c.finish_reason == "stop" for c in samples] if options.penalty is not None else None
+        ),
+        response_lengths=[len(completion.token_ids) for completion in samples],
+        **(options.penalty or {}),
+        overlong=None if options.overlong is None else dict(options.overlong),
+    )
+
+
 def build_trajectory(
     *,
     policy: nnx.Module,
@@ -127,9 +154,11 @@ def build_trajectory(
     options: TrajectoryConfig,
     pad_id: int,
     reference_shares_vision: bool = True,
+    rewards: Mapping[str, Sequence[float]] | None = None,
 ) -> Trajectory:
     """`completions[i]` are the samples of `prompts[i]` (of `records[i]`); rows are laid out
     prompt-major (all samples of prompt 0, then prompt 1, ...), as GRPO/RLOO expect.
+    `rewards`: `score_responses` of these rows when already computed (else scored here).
 
     When the vision tower is frozen the reference shares it, so its features are reused."""
     o = options
@@ -184,16 +213,7 @@ def build_trajectory(
         rollout[row, : len(values)] = values
 
     lengths = batch.response_mask.sum(axis=1).astype(np.int64)
-    components = rewards_lib.compute_rewards(
-        list(o.reward_names),
-        texts,
-        [r.solution for r in row_records],
-        answers=[r.answer for r in row_records],
-        options={name: dict(values) for name, values in o.reward_options.items()},
-        finished_with_eos=finished if o.penalty is not None else None,
-        response_lengths=lengths[:num_rows].tolist(),
-        **(o.penalty or {}),
-    )
+    components = score_responses(records, completions, o) if rewards is None else rewards
     padded = {
         name: _pad(np.asarray(values, np.float32), batch_size)
         for name, values in components.items()

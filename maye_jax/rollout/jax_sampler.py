@@ -235,6 +235,8 @@ def _check_sampling(sampling: Sampling) -> None:
         raise ValueError(f"Sampling.n must be >= 1, got {sampling.n}")
     if sampling.max_tokens < 1:
         raise ValueError(f"Sampling.max_tokens must be >= 1, got {sampling.max_tokens}")
+    if sampling.temperature < 0:  # 0 is greedy decoding; below it, logits flip sign
+        raise ValueError(f"Sampling.temperature must be >= 0, got {sampling.temperature}")
     if not 0.0 < sampling.top_p <= 1.0:
         raise ValueError(f"Sampling.top_p must be in (0, 1], got {sampling.top_p}")
     if not sampling.stop_token_ids or min(sampling.stop_token_ids) < 0:

@@ -30,10 +30,12 @@ from pathlib import Path
 import jax
 
 from maye_jax.config.settings import Settings
+from maye_jax.errors import RunAborted, RunStopped
 from maye_jax.run import lock
 from maye_jax.run.metrics import (
     MetricsWriter,
     drop_rollouts_after,
+    mark_run_finished,
     truncate_metrics,
     write_run_json,
 )
@@ -84,14 +86,17 @@ class RunHarness:
         total_steps: int,
         describe: bool = True,
         checkpoints: bool = True,
+        fingerprint: dict | None = None,
     ):
         self.output_dir = Path(output_dir).absolute()
         self.kind = kind
         self.settings = settings
         self.total_steps = total_steps
         self.describe = describe
+        self.fingerprint = fingerprint
         self.timer = SectionTimer()
         self.stop_requested = False
+        self.stop_signal: int | None = None  # the signal that asked for the stop
         self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
         self.last_step = 0  # the last step done (resumed runs: the restored one)
         self.writer: MetricsWriter | None = None
@@ -112,7 +117,8 @@ class RunHarness:
         self._locked = jax.process_index() == 0
         if self._locked:
             lock.acquire(self.output_dir)
-        if self.describe:
+        resuming = self.settings.resume and (self.output_dir / "run.json").is_file()
+        if self.describe and not resuming:  # a resumed run keeps the record of what it is
             s = self.settings
             write_run_json(
                 self.output_dir,
@@ -121,6 +127,8 @@ class RunHarness:
                 kind=self.kind,
                 config=s.config_dict(),
                 devices=[str(d) for d in jax.devices()],
+                fingerprint=self.fingerprint,
+                total_steps=self.total_steps,
             )
         # Preemption (SIGTERM) or Ctrl-C (SIGINT): finish the step, checkpoint, stop.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -141,9 +149,28 @@ class RunHarness:
             lock.release(self.output_dir)
 
     def _request_stop(self, signum, frame) -> None:
+        """The first SIGINT/SIGTERM: finish (or abandon an evaluation in) this step, checkpoint,
+        stop. The second: stop at once."""
         del frame
-        log.warning("signal %d: will checkpoint and stop after this step", signum)
+        if self.stop_requested and self.stop_signal is not None:
+            raise RunAborted(signum)
+        log.warning(
+            "signal %d: checkpointing and stopping after this step (again: stop at once)", signum
+        )
         self.stop_requested = True
+        self.stop_signal = signum
+
+    def should_stop(self) -> bool:
+        """For long work inside a step (evaluation): True once a stop was requested."""
+        return self.stop_requested
+
+    def stopped_error(self) -> RunStopped:
+        """What the CLI reports for a run that stopped before its last step."""
+        return RunStopped(
+            f"stopped after step {self.last_step} of {self.total_steps} (checkpoint saved in "
+            f"{self.output_dir}); continue it with the same command and --config.resume=True",
+            self.stop_signal or signal.SIGTERM,
+        )
 
     # -- resume ------------------------------------------------------------------------------
     def restore(self, state, state_shardings) -> tuple[int, object, dict]:
@@ -193,6 +220,25 @@ class RunHarness:
             if self.stop_requested:
                 log.warning("%s: stopped at step %d; checkpoint saved", self.kind, step)
                 return
+            if step >= self.total_steps:  # `end_early` during this step
+                return
+
+    def end_early(self, last_step: int) -> None:
+        """The run has fewer steps than planned (dynamic sampling can use up the epochs'
+        prompts sooner): `last_step` is its final step, checkpointed by `end_step` and counted
+        as finished (the final export follows), and `steps()` yields no further step. Called
+        during that step, or right after `restore` when the run already ended there."""
+        if last_step < self.total_steps:
+            log.info(
+                "%s: the data ends after step %d of at most %d",
+                self.kind,
+                last_step,
+                self.total_steps,
+            )
+            self.total_steps = last_step
+            if self._progress is not None:
+                self._progress.total = last_step
+                self._progress.refresh()
 
     def section(self, name: str):
         """A named timing section of this step (`timings()`)."""
@@ -227,6 +273,11 @@ class RunHarness:
         return self.last_step == self.total_steps
 
     def finish(self, export: Callable[[Path], object] | None) -> None:
-        """The final HF export into `final_hf/`, when the run finished and export is on."""
-        if export is not None and self.finished and self.settings.checkpoint.export_hf:
+        """When every step ran: the final HF export into `final_hf/` (if export is on), then
+        `finished: true` in run.json (reports mark runs without it as interrupted)."""
+        if not self.finished:
+            return
+        if export is not None and self.settings.checkpoint.export_hf:
             export(self.output_dir / "final_hf")
+        if self.describe:
+            mark_run_finished(self.output_dir)

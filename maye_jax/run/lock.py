@@ -27,13 +27,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from maye_jax.errors import UserError
+
 LOCK_NAME = ".maye.lock"
 
 _held: dict[Path, list[int]] = {}  # folder -> [descriptor, holds]
 _guard = threading.Lock()
 
 
-class OutputFolderBusy(RuntimeError):
+class OutputFolderBusy(UserError):
     """Another process is running in this output folder."""
 
 
@@ -64,6 +66,8 @@ def acquire(folder: Path) -> None:
         if folder in _held:
             _held[folder][1] += 1
             return
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"config.output_dir: {folder} is a file, not a folder")
         folder.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
         try:

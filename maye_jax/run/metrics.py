@@ -202,9 +202,21 @@ def package_versions() -> dict[str, str | None]:
 
 
 def write_run_json(
-    output_dir, *, name: str, seed: int, kind: str, config: Mapping, devices: Sequence[str]
+    output_dir,
+    *,
+    name: str,
+    seed: int,
+    kind: str,
+    config: Mapping,
+    devices: Sequence[str],
+    fingerprint: Mapping | None = None,
+    total_steps: int | None = None,
 ) -> Path:
-    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices}` (ARCHITECTURE.md)."""
+    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices, fingerprint, total_steps,
+    finished}`: what the run is (reports group runs by it; a resume is checked against it).
+    `total_steps` is the run's planned number of steps; `finished` is false until
+    `mark_run_finished` (so a run that was stopped, crashed or is still going reads as not
+    finished)."""
     record = dict(
         name=name,
         seed=int(seed),
@@ -213,10 +225,24 @@ def write_run_json(
         git_sha=git_sha(),
         versions=package_versions(),
         devices=list(devices),
+        fingerprint=dict(fingerprint or {}),
+        total_steps=None if total_steps is None else int(total_steps),
+        finished=False,
     )
-    return atomic_write_text(
-        Path(output_dir) / "run.json", json.dumps(record, indent=2, default=str) + "\n"
-    )
+    return _write_json_atomically(Path(output_dir) / "run.json", record)
+
+
+def mark_run_finished(output_dir) -> Path:
+    """Sets `finished: true` in the run's run.json: every planned step ran (and was exported)."""
+    path = Path(output_dir) / "run.json"
+    record = json.loads(path.read_text())
+    record["finished"] = True
+    return _write_json_atomically(path, record)
+
+
+def _write_json_atomically(path: Path, record: Mapping) -> Path:
+    """A reader (the report, a second process) never sees a half-written run.json."""
+    return atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def write_rollouts(output_dir, generation_step: int, rows: Sequence[Mapping]) -> Path:

@@ -8,6 +8,7 @@ live in train.py / sft.py.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import jax
@@ -23,17 +24,34 @@ log = logging.getLogger("maye_jax")
 
 
 def setup_cli_logging() -> None:
-    """Our INFO logs with timestamps; absl's (Orbax, JAX) only from WARNING up."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    """maye_jax's INFO lines with timestamps on stderr; everything else (absl, Orbax, JAX) from
+    WARNING up.
+
+    Under absl's app.run the root logger already has absl's handler (so `basicConfig` does
+    nothing) at absl's verbosity (WARNING hides INFO): maye_jax gets a handler of its own."""
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    for noisy in ("orbax", "jax", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ours = logging.getLogger("maye_jax")
+    if not any(getattr(h, "_maye_cli", False) for h in ours.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s maye_jax %(levelname)s %(message)s"))
+        handler._maye_cli = True  # one handler however often this runs
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
 
 
-def prepare_data(settings: Settings) -> dict[str, list[Record]]:
-    """Records of every configured split; writes the synthetic dataset first when asked."""
+def data_files(settings: Settings) -> dict[str, str]:
+    """The jsonl file of every configured split, writing the synthetic dataset first when
+    asked (deterministic: the same files every time)."""
+    from maye_jax.config.settings import data_file
+
     data = settings.data
-    files = {"train": data.train_file, "validation": data.validation_file, "test": data.test_file}
+    files = {split: data_file(settings, split) for split in ("train", "validation", "test")}
     if data.synth_dir:
         from maye_jax.data.synth import generate
 
@@ -49,15 +67,19 @@ def prepare_data(settings: Settings) -> dict[str, list[Record]]:
             max_number=data.synth_max_number,
         )
         files = {split: files[split] or str(paths[split]) for split in files}
-    out = {}
-    for split, path in files.items():
-        if path:
-            if data.root and not Path(path).is_absolute():
-                path = str(Path(data.root) / path)
-            out[split] = read_records(path, on_error=data.on_error)
-    if "train" not in out:
+    return {split: path for split, path in files.items() if path}
+
+
+def prepare_data(
+    settings: Settings, files: dict[str, str] | None = None
+) -> dict[str, list[Record]]:
+    """Records of every configured split (`files`: from `data_files`, computed when None)."""
+    files = data_files(settings) if files is None else files
+    if "train" not in files:
         raise ValueError("config.data.train_file (or config.data.synth_dir) is required")
-    return out
+    return {
+        split: read_records(path, on_error=settings.data.on_error) for split, path in files.items()
+    }
 
 
 def build_mesh(settings: Settings):
@@ -81,6 +103,7 @@ def materialize_start_model(settings: Settings) -> Path:
     if not is_hf_directory(path):
         if path.exists():
             log.warning("%s has no weights (an interrupted write): writing it again", path)
+        log.info("start model: a tiny random %s model in %s", m.tiny_family, path)
         hf = tiny_hf_model(
             m.tiny_family,
             vocab_size=151936,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -29,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from maye_jax.models.configs import ModelConfig
-from maye_jax.models.hf_mapping import iter_hf_tensors, load_hf_tensors
+from maye_jax.models.hf_mapping import flax_param_paths, iter_hf_tensors, load_hf_tensors
 from maye_jax.models.qwen_vl import build_model
 from maye_jax.storage.atomic import atomic_folder
 
@@ -61,6 +62,16 @@ def is_hf_directory(path: str | os.PathLike) -> bool:
     return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
 
+def tokenizer_source(path: str | os.PathLike) -> Path:
+    """Where the tokenizer and processor files of the model at `path` are: a train checkpoint's
+    are its run's start model's."""
+    from maye_jax.storage import run_models
+
+    if run_models.is_train_checkpoint(path):
+        return run_models.start_model_of(path)
+    return Path(path)
+
+
 def read_hf_config(path: str | os.PathLike):
     """The transformers config of a local model directory (never touches the network)."""
     from transformers import AutoConfig
@@ -71,8 +82,18 @@ def read_hf_config(path: str | os.PathLike):
     return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
-def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (name, array) for every tensor of every shard, loading one tensor at a time."""
+def _progress_bar(total: int, desc: str, enabled: bool):
+    """A tensor-by-tensor progress bar on stderr, with ETA (a no-op when not `enabled`)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr)
+
+
+def iter_safetensors(
+    path: str | os.PathLike, *, progress: bool = False
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yields (name, array) for every tensor of every shard, loading one tensor at a time;
+    `progress`: a bar over the tensors (counted from the shards' headers)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -84,12 +105,19 @@ def iter_safetensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]
         shards = sorted(p.name for p in path.glob("*.safetensors"))
     if not shards:
         raise FileNotFoundError(f"{path}: no *.safetensors files")
-    for shard in shards:
-        # framework="pt" reads bf16 too (NumPy has no bfloat16); converted per tensor below.
-        with safe_open(str(path / shard), framework="pt") as handle:
-            for name in handle.keys():
-                tensor = handle.get_tensor(name)
-                yield name, _torch_to_numpy(tensor)
+    total = 0
+    if progress:  # only the headers are read
+        for shard in shards:
+            with safe_open(str(path / shard), framework="pt") as handle:
+                total += len(handle.keys())
+    with _progress_bar(total, f"read {path.name}", progress) as bar:
+        for shard in shards:
+            # framework="pt" reads bf16 too (NumPy has no bfloat16); converted per tensor below.
+            with safe_open(str(path / shard), framework="pt") as handle:
+                for name in handle.keys():
+                    tensor = handle.get_tensor(name)
+                    yield name, _torch_to_numpy(tensor)
+                    bar.update(1)
 
 
 def _torch_to_numpy(tensor) -> np.ndarray:
@@ -113,13 +141,31 @@ def load_model(
     shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
     remat: bool | str = False,
     attention: str = "xla",
+    progress: bool = False,
 ) -> tuple[nnx.Module, object]:
-    """(model, hf_config) from an HF model directory or an Orbax checkpoint of ours.
+    """(model, hf_config) from an HF model directory, an Orbax checkpoint of ours, or a run's
+    train checkpoint (`RUN/checkpoints/N`: the run's start model with the trained parameters).
 
     `place(flax_name, array)` puts an HF tensor on devices (default: a single-device array in
     `param_dtype`); `shardings(flax_name, shape)` gives the target sharding of each parameter
-    for Orbax restores, so each device reads only its own shards.
+    for Orbax restores, so each device reads only its own shards. `progress`: a bar over the
+    HF tensors on stderr (an Orbax restore is one call, without a bar).
     """
+    from maye_jax.storage import run_models
+
+    if run_models.is_train_checkpoint(path):
+        model, hf_config = load_model(
+            run_models.start_model_of(path),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            place=place,
+            shardings=shardings,
+            remat=remat,
+            attention=attention,
+            progress=progress,
+        )
+        run_models.restore_trained_params(path, model, param_dtype)
+        return model, hf_config
     hf_config = read_hf_config(path)
     config = ModelConfig.from_hf(hf_config)
     abstract = build_model(
@@ -134,7 +180,8 @@ def load_model(
         return _restore_orbax(path, abstract, param_dtype, shardings), hf_config
     if is_hf_directory(path):
         placer = place or default_placer(param_dtype)
-        model = load_hf_tensors(abstract, iter_safetensors(path), place=placer, source=str(path))
+        tensors = iter_safetensors(path, progress=progress)
+        model = load_hf_tensors(abstract, tensors, place=placer, source=str(path))
         return model, hf_config
     raise FileNotFoundError(
         f"{path}: neither an HF model directory (config.json + *.safetensors) nor a maye-jax "
@@ -224,18 +271,40 @@ def copy_tokenizer_files(source_dir, out_dir) -> list[str]:
     return copied
 
 
-def export_hf(model: nnx.Module, hf_config, out_dir, *, dtype=None, tokenizer_source=None) -> Path:
+def export_hf(
+    model: nnx.Module,
+    hf_config,
+    out_dir,
+    *,
+    dtype=None,
+    tokenizer_source=None,
+    progress: bool = False,
+) -> Path:
     """Writes an HF model directory (safetensors shards + index + config + tokenizer files)
     that transformers and vLLM load as is; `out_dir` appears only once complete. Shards are
-    written as they fill, so host memory stays within one shard."""
+    written as they fill, so host memory stays within one shard. `progress`: a bar over the
+    tensors on stderr, with ETA."""
     out_dir = Path(out_dir).absolute()
     with atomic_folder(out_dir) as folder:
-        write_hf_folder(folder, model, hf_config, dtype=dtype, tokenizer_source=tokenizer_source)
+        write_hf_folder(
+            folder,
+            model,
+            hf_config,
+            dtype=dtype,
+            tokenizer_source=tokenizer_source,
+            progress=progress,
+        )
     return out_dir
 
 
 def write_hf_folder(
-    out_dir: Path, model: nnx.Module, hf_config, *, dtype=None, tokenizer_source=None
+    out_dir: Path,
+    model: nnx.Module,
+    hf_config,
+    *,
+    dtype=None,
+    tokenizer_source=None,
+    progress: bool = False,
 ) -> Path:
     """`export_hf` into an existing folder (no rename)."""
     from safetensors.torch import save_file
@@ -254,15 +323,19 @@ def write_hf_folder(
         shard_files.append(name)
         shard, shard_bytes = {}, 0
 
-    for name, array in iter_hf_tensors(model):
-        if dtype is not None:
-            array = array.astype(dtype)
-        tensor = _numpy_to_torch(np.ascontiguousarray(array))
-        shard[name] = tensor
-        shard_bytes += tensor.numel() * tensor.element_size()
-        if shard_bytes >= SHARD_BYTES:
-            flush()
-    flush()
+    label = out_dir.name.removesuffix(".partial")
+    bar = _progress_bar(len(flax_param_paths(model)), f"write {label}", progress)
+    with bar:
+        for name, array in iter_hf_tensors(model):
+            if dtype is not None:
+                array = array.astype(dtype)
+            tensor = _numpy_to_torch(np.ascontiguousarray(array))
+            shard[name] = tensor
+            shard_bytes += tensor.numel() * tensor.element_size()
+            if shard_bytes >= SHARD_BYTES:
+                flush()
+            bar.update(1)
+        flush()
     # Rename to the HF convention model-0000i-of-0000n.safetensors and write the index.
     total = len(shard_files)
     renamed = {}

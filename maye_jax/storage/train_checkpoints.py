@@ -2,10 +2,11 @@
 
 `OUTPUT_DIR/checkpoints/<step>/` holds the sharded train state (trainable params in fp32,
 AdamW moments, the update counter; Orbax) and `meta` (JSON): always `generation_step` (the
-step it was written after), plus what the loop adds (RL: `seed`, `weights_version` and
-`epoch_correct`, the current epoch's per-response correctness so far; SFT: `seed`, `kind`).
-Data order and every random draw derive from (seed, step), so this is all a resumed run needs
-to continue exactly where it stopped. The reference model is the run's start model
+step it was written after), plus what the loop adds (RL: `seed`, `weights_version`,
+`epoch_correct`, the current epoch's per-response correctness so far, and `data_cursor`, the
+[epoch, position] the next step reads its prompts from; SFT: `seed`, `kind`). Every random
+draw derives from (seed, step), so this is all a resumed run needs to continue exactly where it
+stopped. The reference model is the run's start model
 (`OUTPUT_DIR/start_model`), reloaded on resume.
 
 Integrity. Each checkpoint gets a digest as it is written (storage/digest.py; nothing is

@@ -11,9 +11,10 @@ gradient of its loss *contribution* (`losses.policy_objective`), so 8 micro-batc
 the same loss and gradients as 1 micro-batch of 8. Then global-norm clipping and AdamW on the
 fp32 master weights; the forward runs in the model's compute dtype (bf16 in training).
 
-Metrics (ARCHITECTURE.md keys): loss/{policy,kl,total}, kl/k3, clip_frac/{low,high}, ratio/mean,
-approx_kl, entropy (true entropy of the sampling distribution over the whole vocabulary, chunked),
-grad_norm (before clipping), lr (of this update); loss/kl and kl/k3 only with ref_logprobs,
+Metrics (ARCHITECTURE.md keys): loss/{policy,kl,total}, kl/k3 (kl/<rl.kl_loss_estimator>),
+clip_frac/{low,high} (and clip_frac/dual with PPO dual-clip), ratio/mean, approx_kl, entropy
+(true entropy of the sampling distribution over the whole vocabulary, chunked), grad_norm
+(before clipping), lr (of this update); loss/kl and kl/* only with ref_logprobs,
 is_weight/mean only with the IS correction. A non-finite loss or gradient leaves the state
 unchanged and returns `finite = False`.
 """

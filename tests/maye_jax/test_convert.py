@@ -53,8 +53,12 @@ def test_cli_round_trip_is_bit_exact(hf_dir, tmp_path):
     first = _run_cli(f"--input={hf_dir}", f"--output={ckpt}")
     assert first.returncode == 0, first.stderr[-2000:]
     assert checkpoint.is_orbax_checkpoint(ckpt)
-    second = _run_cli(f"--input={ckpt}", f"--output={back}")
+    second = _run_cli(f"--input={ckpt}", f"--output={back}", "--noprogress")
     assert second.returncode == 0, second.stderr[-2000:]
+    num_tensors = len(_all_tensors(hf_dir))
+    assert f"read {hf_dir.name}: 100%" in first.stderr
+    assert f"{num_tensors}/{num_tensors}" in first.stderr
+    assert "write hf_back" not in second.stderr and "100%" not in second.stderr
     original, restored = _all_tensors(hf_dir), _all_tensors(back)
     assert set(original) == set(restored)
     for name, value in original.items():
@@ -88,6 +92,22 @@ def test_sharded_conversion_places_shards(hf_dir, tmp_path):
     again = restored.language_model.layers[0].mlp.gate_proj.kernel[...]
     assert again.sharding.spec == kernel.sharding.spec
     np.testing.assert_array_equal(np.asarray(again), np.asarray(kernel))
+
+
+def test_progress_bars_count_every_tensor_both_ways(hf_dir, tmp_path, capsys):
+    """HF -> model and model -> HF show one bar each on stderr, over every tensor; the export
+    is the same with and without them."""
+    num_tensors = len(_all_tensors(hf_dir))
+    model, hf_config = checkpoint.load_model(hf_dir, progress=True)
+    checkpoint.export_hf(model, hf_config, tmp_path / "shown", progress=True)
+    shown = capsys.readouterr()
+    assert f"read {hf_dir.name}: 100%" in shown.err and "write shown: 100%" in shown.err
+    assert shown.err.count(f"{num_tensors}/{num_tensors}") >= 2 and shown.out == ""
+    checkpoint.export_hf(model, hf_config, tmp_path / "quiet")
+    assert capsys.readouterr().err == ""
+    quiet, with_bar = _all_tensors(tmp_path / "quiet"), _all_tensors(tmp_path / "shown")
+    assert set(quiet) == set(with_bar) and len(quiet) == num_tensors
+    assert all(np.array_equal(quiet[name], with_bar[name]) for name in quiet)
 
 
 def _copy_with(hf_dir, tmp_path, edit):

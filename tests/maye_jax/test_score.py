@@ -66,6 +66,7 @@ def scored(tmp_path_factory):
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "score: 100%" in result.stderr and "2/2" in result.stderr  # the progress bar
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     return hf, model_dir, root, records, lines
 

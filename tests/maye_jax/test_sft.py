@@ -8,6 +8,7 @@ import pytest
 
 from maye_jax.config.settings import load_settings
 from maye_jax.data.sequences import make_sequence_batch, score_batch
+from maye_jax.errors import RunStopped
 from maye_jax.run.harness import RunHarness
 from maye_jax.sft import SFTRunner, sft_targets, start_for_sft
 from tests.maye_jax.test_train import tiny_config
@@ -147,7 +148,8 @@ def test_sft_resume_continues_exactly(tmp_path):
             return runner.run(h, evaluate_at_start=False, evaluate_every_epoch=False)
 
     full = run("full")
-    run("split", stop_after=1)
+    with pytest.raises(RunStopped, match="stopped after step 1 of 4"):
+        run("split", stop_after=1)
     assert len(read_metrics(tmp_path / "split" / "sft")) == 1
     resumed = run("split", resume=True)
     ours = read_metrics(tmp_path / "split" / "sft")
@@ -157,3 +159,37 @@ def test_sft_resume_continues_exactly(tmp_path):
         assert (a["sft/loss"], a["sft/lr"], a["epoch"]) == (b["sft/loss"], b["sft/lr"], b["epoch"])
     for name, value in full.state.params.items():
         np.testing.assert_array_equal(np.asarray(resumed.state.params[name]), np.asarray(value))
+
+
+def test_a_stopped_warm_up_checkpoints_and_the_resumed_run_equals_the_golden(tmp_path, monkeypatch):
+    """SIGTERM during the SFT warm-up inside an RL run: the warm-up checkpoints and the run
+    stops (RunStopped); resumed, the warm-up continues from its checkpoint and every metric of
+    the warm-up and of RL equals the golden run recorded without a stop."""
+    import os
+    import signal
+
+    from maye_jax.train import run_rl
+    from tests.golden.runs import GOLDEN_DIR, comparable, golden_config
+
+    config = golden_config("warmup_then_rl", tmp_path)
+    train_step = SFTRunner.train_step
+
+    def train_step_then_signal(self, step):
+        metrics = train_step(self, step)
+        if step == 1 and not config.resume:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    monkeypatch.setattr(SFTRunner, "train_step", train_step_then_signal)
+    with pytest.raises(RunStopped, match="stopped after step 1 of 2"):
+        run_rl(config)
+    out = tmp_path / "run"
+    assert (out / "sft_warmup" / "checkpoints" / "1").is_dir()
+    assert not (out / "metrics.jsonl").exists()  # RL has not started
+    config.resume = True
+    run_rl(config)
+    for produced, golden in (
+        (out / "sft_warmup" / "metrics.jsonl", "sft_warmup.metrics.jsonl"),
+        (out / "metrics.jsonl", "metrics.jsonl"),
+    ):
+        assert comparable(produced) == comparable(GOLDEN_DIR / "warmup_then_rl" / golden)

@@ -74,9 +74,9 @@ def tiny_config(tmp_path, **overrides):
     return c
 
 
-def rl_settings(config):
+def rl_settings(config, check_files=True):
     """The typed settings an RL run reads (checked as the CLI checks them)."""
-    return load_settings(config, kind="rl")
+    return load_settings(config, kind="rl", check_files=check_files)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,7 @@ def test_metrics_file_is_complete(uninterrupted):
             assert f"eval/{split}/{setting}" in steps[-1]
     run = json.loads((uninterrupted / "run.json").read_text())
     assert run["kind"] == "rl" and run["seed"] == 0
+    assert run["total_steps"] == 2 and run["finished"] is True
     assert (uninterrupted / "rollouts" / "step_2.jsonl").is_file()
     assert (uninterrupted / "final_hf" / "config.json").is_file()
     # The mismatch between trainer and sampler logprobs is small in fp32.
@@ -112,18 +113,112 @@ def test_metrics_file_is_complete(uninterrupted):
 
 def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     config = tiny_config(tmp_path)
+    from maye_jax.errors import RunStopped
+
     first = Trainer(rl_settings(config))
     first.stop_after_step = 1  # a preemption after generation step 1
-    first.run()
+    with pytest.raises(RunStopped, match="stopped after step 1 of 2"):
+        first.run()
     assert [m["generation_step"] for m in read_metrics(tmp_path / "run")] == [0, 1]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["finished"] is False
     config.resume = True
     Trainer(rl_settings(config)).run()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["finished"] is True
     resumed = read_metrics(tmp_path / "run")
     reference = read_metrics(uninterrupted)
     assert len(resumed) == len(reference)
     for ours, theirs in zip(resumed, reference):
         keys = {k for k in theirs if not k.startswith(("time/", "memory/"))}
         assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+def test_a_stop_during_evaluation_abandons_it_and_resume_reruns_it(uninterrupted, tmp_path):
+    """SIGTERM while step 1's evaluation runs: the evaluation is abandoned within a batch, step 1
+    is checkpointed with its metrics but its line waits; the resumed run reruns the evaluation
+    and its metrics equal the uninterrupted run's."""
+    import os
+    import signal
+
+    from maye_jax.errors import RunStopped
+
+    config = tiny_config(tmp_path)
+    trainer = Trainer(rl_settings(config))
+    generate, sent = trainer.engine.generate, []
+
+    def generate_then_signal(prompts, sampling, *, step=0):
+        if step >= 1_001_000 and not sent:  # the first evaluation call after step 1
+            sent.append(step)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(prompts, sampling, step=step)
+
+    trainer.engine.generate = generate_then_signal
+    with pytest.raises(RunStopped) as stopped:
+        trainer.run()
+    assert stopped.value.signum == signal.SIGTERM and sent
+    assert "--config.resume=True" in str(stopped.value)
+    assert [m["generation_step"] for m in read_metrics(tmp_path / "run")] == [0]
+    config.resume = True
+    Trainer(rl_settings(config)).run()
+    resumed, reference = read_metrics(tmp_path / "run"), read_metrics(uninterrupted)
+    assert len(resumed) == len(reference)
+    for ours, theirs in zip(resumed, reference):
+        keys = {k for k in theirs if not k.startswith(("time/", "memory/"))}
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+
+
+def dynamic_sampling_config(tmp_path):
+    """2 prompts x 2 samples per step, 8 records, 2 epochs (at most 8 steps). With the language
+    reward alone and 3-token responses, some groups score all the same (no CJK in either)."""
+    c = tiny_config(tmp_path)
+    c.rl.dynamic_sampling = True
+    c.data.synth_num_train = 8
+    c.rl.batch_size, c.rl.ppo_batch_size, c.rl.micro_batch_size = 4, 4, 2
+    c.rewards.names = ("language",)
+    c.rollout.max_tokens = 3
+    c.eval.enabled = False
+    return c
+
+
+def test_dynamic_sampling_resumes_exactly_and_ends_epochs_early(tmp_path):
+    """Dropped groups are replaced by the next prompts of the epoch, so a step can read more
+    than its batch: the data cursor saved in the checkpoint makes resume exact, and an epoch
+    whose prompts run out ends after fewer steps (here the run ends after 6 of at most 8)."""
+    from maye_jax.errors import RunStopped
+
+    full = dynamic_sampling_config(tmp_path / "full")
+    Trainer(rl_settings(full)).run()
+    reference = read_metrics(tmp_path / "full" / "run")
+    assert [m["generation_step"] for m in reference] == [1, 2, 3, 4, 5, 6]
+    assert [m["epoch"] for m in reference] == [1, 1, 1, 2, 2, 2]
+    extra = [m["dynamic_sampling/extra_prompts"] for m in reference]
+    assert extra == [1, 0, 1, 0, 1, 0]
+    assert sum(m["dynamic_sampling/groups_dropped"] for m in reference) == 3
+    assert [m["dynamic_sampling/groups_refilled"] for m in reference] == [0, 0, 1, 0, 0, 0]
+    # Each epoch read 2 records per step plus the top-ups, and ended with fewer than a step's
+    # 2 records left (epoch 1 read all 8, epoch 2 read 7).
+    for epoch, read in ((1, 8), (2, 7)):
+        lines = [m for m in reference if m["epoch"] == epoch]
+        assert sum(2 + m["dynamic_sampling/extra_prompts"] for m in lines) == read
+        assert "train/epoch_accuracy" in lines[-1]
+    assert (tmp_path / "full" / "run" / "final_hf" / "config.json").is_file()
+    record = json.loads((tmp_path / "full" / "run" / "run.json").read_text())
+    assert record["finished"] is True and record["total_steps"] == 8  # planned: at most 8
+
+    config = dynamic_sampling_config(tmp_path / "resumed")
+    first = Trainer(rl_settings(config))
+    first.stop_after_step = 1  # after a step that read 3 prompts instead of 2
+    with pytest.raises(RunStopped, match="stopped after step 1 of 8"):
+        first.run()
+    config.resume = True
+    Trainer(rl_settings(config)).run()
+    resumed = read_metrics(tmp_path / "resumed" / "run")
+    assert len(resumed) == len(reference)
+    for ours, theirs in zip(resumed, reference):
+        keys = {k for k in theirs if not k.startswith(("time/", "memory/"))}
+        assert {k: ours[k] for k in keys} == {k: theirs[k] for k in keys}
+    # Resuming the finished run again runs no step.
+    Trainer(rl_settings(config)).run()
+    assert len(read_metrics(tmp_path / "resumed" / "run")) == len(reference)
 
 
 def _vllm_available() -> bool:
@@ -234,7 +329,7 @@ def test_validation_accuracy_rises_with_rl(tmp_path):
         "train": write(data_dir / "train.jsonl", 8, mixed=False),
         "validation": sft_data["validation"],
     }
-    settings = rl_settings(config)
+    settings = rl_settings(config, check_files=False)  # the data is given below, not read
     source = startup.materialize_start_model(settings)
     optimizer, _ = optimizer_for(settings, 1)
     policy = build_policy(
@@ -251,3 +346,52 @@ def test_validation_accuracy_rises_with_rl(tmp_path):
     accuracy = summary["eval/validation/pass@1_t0.6"]
     assert 0.2 <= accuracy["first"] <= 0.8, accuracy  # SFT left the model undecided
     assert accuracy["best"] >= accuracy["first"] + 0.15, accuracy
+
+
+def test_a_train_checkpoint_evaluates_and_converts_as_a_model(uninterrupted, tmp_path):
+    """`RUN/checkpoints/N` holds only the trained tensors: loaded as a model it is the run's
+    start model with those tensors (the frozen tower from the start model), so it gives the
+    final export's weights; `convert` writes it as an HF folder and `evaluate` runs on it."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from maye_jax.models.hf_mapping import iter_hf_tensors
+    from maye_jax.storage.model_folders import iter_safetensors, load_model
+
+    checkpoint = uninterrupted / "checkpoints" / "2"
+    model, _ = load_model(checkpoint)
+    exported = dict(iter_safetensors(uninterrupted / "final_hf"))
+    ours = dict(iter_hf_tensors(model))
+    assert ours.keys() == exported.keys()
+    for name, value in ours.items():
+        np.testing.assert_array_equal(np.asarray(value, np.float32), exported[name], name)
+    out = tmp_path / "hf"
+    converted = subprocess.run(
+        [sys.executable, "-m", "maye_jax.convert", f"--input={checkpoint}", f"--output={out}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert dict(iter_safetensors(out)).keys() == exported.keys()
+    assert (out / "tokenizer_config.json").is_file()
+    validation = next((uninterrupted.parent / "data").rglob("*_validation.jsonl"))
+    evaluated = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maye_jax.evaluate",
+            f"--model={checkpoint}",
+            f"--data={validation}",
+            "--settings=pass@1_t0.01",
+            "--max_tokens=4",
+            "--dtype=float32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "eval/test/pass@1_t0.01" in evaluated.stdout

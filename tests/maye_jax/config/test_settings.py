@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[3]
 def base():
     c = default_config()
     c.model.tiny_family = "qwen2_vl"
+    c.data.synth_dir = "/tmp/maye-settings-test"  # generated data: no file to check
     c.rl.batch_size, c.rl.ppo_batch_size, c.rl.micro_batch_size = 8, 4, 2
     return c
 
@@ -124,7 +125,8 @@ def test_command_line_sets_none_and_values(tmp_path):
         "define_config_flag()\n"
         "def main(argv):\n"
         "    c = flags.FLAGS.config\n"
-        "    print(c.optim.max_grad_norm, c.rl.rollout_is_cap, c.rollout.top_k)\n"
+        "    print(c.optim.max_grad_norm, c.rl.rollout_is_cap, c.rollout.top_k, c.rl.kl_clamp,\n"
+        "          c.rl.clip_ratio_c, c.rewards.overlong_buffer_len, c.rl.grpo_scale_by_std)\n"
         "app.run(main)\n"
     )
     command = [
@@ -134,7 +136,74 @@ def test_command_line_sets_none_and_values(tmp_path):
         "--config.optim.max_grad_norm=None",
         "--config.rl.rollout_is_cap=2.0",
         "--config.rollout.top_k=5",
+        "--config.rl.kl_clamp=None",
+        "--config.rl.clip_ratio_c=3.0",
+        "--config.rewards.overlong_buffer_len=256",
+        "--config.rl.grpo_scale_by_std=False",
     ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["None", "2.0", "5"]
+    assert out.stdout.split() == ["None", "2.0", "5", "None", "3.0", "256", "False"]
+
+
+def test_rl_math_options_reach_the_component_configs():
+    """Every option of the advantage, loss and reward functions is settable from --config."""
+    c = base()
+    c.rl.kl_clamp = None
+    c.rl.whiten_eps = 1e-6
+    c.rl.grpo_eps = 0.0
+    c.rl.grpo_scale_by_std = False
+    c.rl.kl_loss_estimator = "k2"
+    c.rl.clip_ratio_c = 3.0
+    c.rl.gspo_clip_eps_low, c.rl.gspo_clip_eps_high = 2e-4, 5e-4
+    c.rl.loss_agg = "seq_mean_token_sum"
+    c.rewards.overlong_buffer_len = 512
+    c.rewards.overlong_penalty_factor = 0.5
+    s = load_settings(c, kind="rl")
+    advantage, loss = s.advantage_config(), s.loss_config()
+    assert advantage.kl_clamp is None and loss.kl_clamp is None
+    assert advantage.whiten_eps == 1e-6 and advantage.grpo_eps == 0.0
+    assert advantage.grpo_scale_by_std is False
+    assert loss.kl_loss_estimator == "k2" and loss.clip_ratio_c == 3.0
+    assert (loss.gspo_clip_eps_low, loss.gspo_clip_eps_high) == (2e-4, 5e-4)
+    assert loss.loss_agg == "seq_mean_token_sum"
+    assert s.trajectory_config().overlong == {
+        "max_tokens": 2048,
+        "buffer_len": 512,
+        "penalty_factor": 0.5,
+    }
+    defaults = load_settings(base(), kind="rl")
+    assert defaults.advantage_config().kl_clamp == 10.0 and defaults.loss_config().kl_clamp == 10.0
+    assert defaults.loss_config().kl_loss_estimator == "k3" and defaults.rl.kl_estimator == "k3"
+    assert defaults.loss_config().clip_ratio_c is None
+    assert defaults.trajectory_config().overlong is None and not defaults.rl.dynamic_sampling
+
+
+def test_rl_math_options_are_checked():
+    c = base()
+    c.rl.kl_loss_estimator = "k4"
+    c.rl.clip_ratio_c = 0.5
+    c.rl.kl_clamp = -1.0
+    c.rewards.overlong_buffer_len = 0
+    found = problems(c)
+    for line in [
+        "config.rl.kl_loss_estimator: 'k4': unknown KL estimator; known: k1, k2, k3",
+        "config.rl.clip_ratio_c: 0.5: must be > 1.0",
+        "config.rl.kl_clamp: -1.0: must be > 0",
+        "config.rewards.overlong_buffer_len: 0: must be > 0",
+    ]:
+        assert line in found, (line, found)
+    c = base()
+    c.rl.policy_loss = "gspo"  # with the default token_mean aggregation
+    c.rewards.overlong_buffer_len = 4096  # more than max_tokens 2048
+    c.rl.dynamic_sampling = True  # with one sample per prompt
+    found = problems(c)
+    assert any(p.startswith("config.rl.loss_agg: 'token_mean': policy_loss=gspo") for p in found)
+    assert "config.rewards.overlong_buffer_len: 4096 is more than rollout.max_tokens 2048" in found
+    assert any(p.startswith("config.rl.dynamic_sampling: drops prompt groups") for p in found)
+    c = base()
+    c.rl.policy_loss, c.rl.loss_agg, c.rl.clip_ratio_c = "gspo", "seq_mean_token_mean", 3.0
+    assert problems(c) == ["config.rl.clip_ratio_c: dual-clip is part of ppo_clip, not of gspo"]
+    c.rl.clip_ratio_c = None
+    c.rollout.num_samples, c.rl.dynamic_sampling = 2, True
+    assert load_settings(c, kind="rl").rl.dynamic_sampling

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+from maye_jax.config.defaults import default_config
+from maye_jax.config.settings import load_settings
 from maye_jax.data.records import Record
-from maye_jax.evaluation.evaluate import SETTINGS, evaluate_split, sampling_for
+from maye_jax.evaluation.evaluate import (
+    SETTINGS,
+    evaluate_configured_splits,
+    evaluate_split,
+    sampling_for,
+)
 from maye_jax.rollout.engine import Completion
 
 
@@ -78,6 +85,40 @@ def test_pass_at_k_is_any_of_k():
     assert sum(r["correct"] for r in rows if r["setting"] == "pass@8_t1.0") == 2 + 0 + 4
 
 
+def test_progress_bar_counts_every_sample_and_logging_progress_bar_turns_it_off(capsys):
+    """One bar per split on stderr over prompts x samples of every setting (3 x (8+1+1)),
+    none with `logging.progress_bar=False`; the metrics are the same either way."""
+    # prompt 0 is right at its second sample only, prompt 1 never, prompt 2 always
+    answers = [["\\boxed{5}", "\\boxed{0}"], ["\\boxed{9}"], ["\\boxed{2}"]]
+    results = {}
+    for progress_bar in (True, False):
+        c = default_config()
+        c.model.tiny_family = "qwen2_vl"
+        c.eval.splits = ("validation",)
+        c.logging.progress_bar = progress_bar
+        metrics = evaluate_configured_splits(
+            FakeEngine(answers),
+            FakeProcessor(),
+            {"validation": _records(3), "train": _records(1)},
+            load_settings(c, kind="rl", check_files=False),  # the data is in memory
+            step=0,
+            instruction="",
+        )
+        results[progress_bar] = (metrics, capsys.readouterr())
+    (metrics, shown), (quiet_metrics, quiet) = results[True], results[False]
+    assert (
+        metrics
+        == quiet_metrics
+        == {
+            "eval/validation/pass@8_t1.0": 2 / 3,
+            "eval/validation/pass@1_t0.6": 1 / 3,
+            "eval/validation/pass@1_t0.01": 1 / 3,
+        }
+    )
+    assert "eval validation: 100%" in shown.err and "30/30" in shown.err
+    assert shown.out == quiet.out == quiet.err == ""
+
+
 def test_evaluate_cli_on_an_hf_directory(tmp_path):
     """`python -m maye_jax.evaluate` on a tiny HF model: every setting's key, accuracy in [0, 1],
     and the responses file (one line per sample)."""
@@ -117,6 +158,9 @@ def test_evaluate_cli_on_an_hf_directory(tmp_path):
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    # progress on stderr (the model's tensors, then 2 prompts x 10 samples), JSON on stdout
+    assert "read model: 100%" in result.stderr and "eval validation: 100%" in result.stderr
+    assert "20/20" in result.stderr
     metrics = json.loads(result.stdout[result.stdout.index("{") :])
     assert set(metrics) == {f"eval/validation/{s}" for s in SETTINGS}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())

@@ -65,6 +65,38 @@ def eval_line(kind, seed, epoch, num_epochs):
     }
 
 
+# The per-step training metrics of an RL line (metrics.jsonl keys), each a known function of
+# (step, seed) so the plotted seed means can be checked: see train_value.
+TRAIN_KEYS = (
+    "train/reward/total",
+    "train/reward/accuracy",
+    "train/reward/language",
+    "loss/policy",
+    "loss/kl",
+    "loss/total",
+    "kl/k3",
+    "clip_frac/low",
+    "clip_frac/high",
+    "ratio/mean",
+    "approx_kl",
+    "entropy",
+    "grad_norm",
+    "lr",
+    "response_length/clip_ratio",
+    "mismatch/logprob_abs_mean",
+    "mismatch/logprob_abs_max",
+)
+
+
+def train_value(key, step, seed):
+    index = TRAIN_KEYS.index(key)
+    return round(0.1 * index + 0.01 * step * (index % 3 + 1) + 0.003 * seed, 6)
+
+
+def warmup_loss(step, seed):
+    return 5.0 / step + 0.2 * seed
+
+
 def rl_lines(seed, num_epochs):
     lines = [{"generation_step": 0, "epoch": 0, **eval_line("rl", seed, 0, num_epochs)}]
     for step in range(1, num_epochs * STEPS_PER_EPOCH + 1):
@@ -74,7 +106,7 @@ def rl_lines(seed, num_epochs):
             "epoch": epoch,
             "train/accuracy": 0.1 * step,
             "response_length/mean": 100.0 + 10 * step + seed,
-            "loss/policy": 0.5,
+            **{key: train_value(key, step, seed) for key in TRAIN_KEYS},
         }
         for index, name in enumerate(REFLECTION_RATIO_NAMES):
             line[f"reflection/{name}"] = 0.1 * index + 0.02 * step + 0.01 * seed
@@ -104,20 +136,33 @@ def sft_lines(seed, num_epochs):
     return lines
 
 
-def write_run(run_dir, *, name, seed, kind, lines, config=None):
+def write_lines(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def write_run(run_dir, *, name, seed, kind, lines, config=None, finished=True, total_steps=None):
+    """run.json as the harness writes it (`total_steps`: the last step of `lines` unless given;
+    `finished=None` leaves both fields out, as older run.json files) and metrics.jsonl."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True)
     record = dict(name=name, seed=seed, kind=kind, config=config or config_for())
     record.update(git_sha=None, versions={}, devices=["cpu"])
+    if finished is not None:
+        last_step = max(line["generation_step"] for line in lines)
+        record.update(total_steps=total_steps or last_step, finished=finished)
     (run_dir / "run.json").write_text(json.dumps(record))
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    write_lines(run_dir / "metrics.jsonl", lines)
     return run_dir
 
 
-def write_paper_runs(root, *, with_sft=True, rl_name="geo", sft_name="geo_sft", config=None):
-    """RL seeds 0-2 (named per seed, 3 epochs) and SFT seeds 0-1 (one name, 2 epochs)."""
+def write_paper_runs(
+    root, *, with_sft=True, rl_name="geo", sft_name="geo_sft", config=None, warmup=True
+):
+    """RL seeds 0-2 (named per seed, 3 epochs, each after a 4-step SFT warm-up) and SFT seeds
+    0-1 (one name, 2 epochs)."""
     for seed in range(3):
-        write_run(
+        run_dir = write_run(
             Path(root) / f"{rl_name}_seed{seed}",
             name=f"{rl_name}_seed{seed}",
             seed=seed,
@@ -125,6 +170,14 @@ def write_paper_runs(root, *, with_sft=True, rl_name="geo", sft_name="geo_sft", 
             lines=rl_lines(seed, 3),
             config=config,
         )
+        if warmup:
+            write_lines(
+                run_dir / "sft_warmup" / "metrics.jsonl",
+                [
+                    {"generation_step": step, "epoch": 1, "sft/loss": warmup_loss(step, seed)}
+                    for step in range(1, 5)
+                ],
+            )
     if with_sft:
         for seed in range(2):
             write_run(
@@ -232,6 +285,8 @@ def colored_fraction(path):
 
 
 PLOTS = (
+    "training_curves.png",
+    "sft_warmup_loss.png",
     "train_accuracy.png",
     "response_length.png",
     "reflection_ratios.png",
@@ -439,3 +494,199 @@ def test_report_states_the_length_reflection_correlation(tmp_path):
     flat_result = report.build_report([flat], tmp_path / "flat_report", plots=False)
     assert flat_result["summary"]["comparisons"][0]["length_reflection_correlation"] is None
     assert "no correlation to measure" in flat_result["markdown"]
+
+
+def groups_of(root):
+    return report.group_runs([report.load_run(p) for p in report.find_run_dirs([root])])
+
+
+def band_limits(ax):
+    """(lowest, highest) y of the ±std band drawn on `ax` (its one fill_between)."""
+    (band,) = ax.collections
+    y = np.concatenate([path.vertices[:, 1] for path in band.get_paths()])
+    return y.min(), y.max()
+
+
+TRAINING_TITLES = [
+    "training accuracy",
+    "reward: total",
+    "reward: accuracy",
+    "reward: language",
+    "policy loss",
+    "KL loss",
+    "total loss",
+    "KL to the reference (k3)",
+    "approx. KL to the old policy",
+    "entropy",
+    "grad norm (before clipping)",
+    "PPO clip fraction",
+    "responses cut at max_tokens",
+    "rollout vs trainer logprob, mean |diff|",
+    "rollout vs trainer logprob, max |diff|",
+]
+
+
+def test_training_curves_are_the_seed_mean_and_std_of_each_logged_metric(tmp_path):
+    (group,) = groups_of(write_paper_runs(tmp_path / "runs", with_sft=False))
+    fig = plots._training_figure(group)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in axes] == TRAINING_TITLES
+    steps = np.arange(1, 3 * STEPS_PER_EPOCH + 1)
+    for ax, (title, _, curves) in zip(axes, plots.training_panels(group), strict=True):
+        assert len(ax.lines) == len(curves), title
+        for line, (key, _, _) in zip(ax.lines, curves, strict=True):
+            if key == "train/accuracy":  # 0.1 * step in every seed
+                per_seed = np.array([0.1 * steps] * 3)
+            else:
+                per_seed = np.array(
+                    [[train_value(key, s, seed) for s in steps] for seed in (0, 1, 2)]
+                )
+            # per_seed: [seed, step]
+            np.testing.assert_array_equal(line.get_xdata(), steps)
+            np.testing.assert_allclose(line.get_ydata(), per_seed.mean(axis=0), err_msg=key)
+        if len(curves) == 1:
+            mean, std = per_seed.mean(axis=0), per_seed.std(axis=0)
+            np.testing.assert_allclose(band_limits(ax), [(mean - std).min(), (mean + std).max()])
+    clip = axes[TRAINING_TITLES.index("PPO clip fraction")]
+    assert [text.get_text() for text in clip.get_legend().get_texts()] == [
+        "low geo (3 seeds)",
+        "high geo (3 seeds)",
+    ]
+
+
+def test_a_metric_no_run_logged_gets_no_panel(tmp_path):
+    """Runs without a KL term, the low clip fraction or the mismatch, and a reward component
+    that only seed 1 logged (null values count as not logged)."""
+    dropped = ("loss/kl", "kl/k3", "clip_frac/low", "mismatch/logprob_abs_mean")
+    for seed in (0, 1):
+        lines = rl_lines(seed, 1)
+        for line in lines:
+            for key in dropped:
+                line.pop(key, None)
+            line["mismatch/logprob_abs_max"] = None
+            if seed == 1 and line["generation_step"] > 0:
+                line["train/reward/penalty"] = -0.1 * line["generation_step"]
+        write_run(tmp_path / "runs" / f"s{seed}", name="geo", seed=seed, kind="rl", lines=lines)
+    (group,) = groups_of(tmp_path / "runs")
+    fig = plots._training_figure(group)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    gone = {"KL loss", "KL to the reference (k3)"} | {t for t in TRAINING_TITLES if "|diff|" in t}
+    expected = [t for t in TRAINING_TITLES if t not in gone]
+    expected.insert(expected.index("policy loss"), "reward: penalty")
+    assert [ax.get_title() for ax in axes] == expected
+    (penalty,) = axes[expected.index("reward: penalty")].lines  # seed 1 only: no band width
+    np.testing.assert_allclose(penalty.get_ydata(), [-0.1, -0.2])
+    (high,) = axes[expected.index("PPO clip fraction")].lines
+    assert high.get_label() == "high geo (2 seeds)"
+    assert len(fig.axes) == len(expected) == 12  # a 3 x 4 grid, no empty panel
+
+    # An RL group that logged none of the training metrics gets no figure at all.
+    only_eval = [{"generation_step": 0, "epoch": 0, **eval_line("rl", 0, 0, 1)}]
+    write_run(tmp_path / "bare" / "r", name="bare", seed=0, kind="rl", lines=only_eval)
+    (bare,) = groups_of(tmp_path / "bare")
+    assert plots._training_figure(bare) is None
+    summary = report.build_report([tmp_path / "bare"], tmp_path / "report")["summary"]
+    assert summary["comparisons"][0]["plots"] == ["bare/eval_validation.png", "bare/eval_test.png"]
+
+
+def test_warmup_loss_is_the_seed_mean_of_sft_warmup_metrics(tmp_path):
+    (group,) = groups_of(write_paper_runs(tmp_path / "runs", with_sft=False))
+    fig = plots._warmup_figure(group)
+    (line,) = fig.axes[0].lines
+    steps = np.arange(1, 5)
+    np.testing.assert_array_equal(line.get_xdata(), steps)
+    np.testing.assert_allclose(line.get_ydata(), 5.0 / steps + 0.2)  # seeds 0-2: mean 0.2 s
+    np.testing.assert_allclose(
+        band_limits(fig.axes[0]),
+        [5 / 4 + 0.2 - 0.2 * math.sqrt(2 / 3), 5 + 0.2 + 0.2 * math.sqrt(2 / 3)],
+    )
+
+    root = write_paper_runs(tmp_path / "no_warmup", with_sft=False, warmup=False)
+    summary = report.build_report([root], tmp_path / "report")["summary"]
+    assert "geo/sft_warmup_loss.png" not in summary["comparisons"][0]["plots"]
+    assert "geo/training_curves.png" in summary["comparisons"][0]["plots"]
+    assert not (tmp_path / "report" / "geo" / "sft_warmup_loss.png").exists()
+
+
+def only_evals(lines, keep):
+    """`lines` with the eval keys not in `keep` removed."""
+    return [
+        {k: v for k, v in line.items() if not k.startswith("eval/") or k in keep} for line in lines
+    ]
+
+
+def test_settings_and_splits_no_run_evaluated_get_no_row_and_no_panel(tmp_path):
+    rl_keep = {"eval/validation/pass@1_t0.01"}
+    sft_keep = {"eval/validation/pass@8_t1.0", "eval/validation/pass@1_t0.01"}
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        lines = only_evals(rl_lines(seed, 2), rl_keep)
+        lines[-1]["eval/test/pass@1_t0.6"] = None  # logged as null: not evaluated
+        write_run(root / f"rl{seed}", name="geo", seed=seed, kind="rl", lines=lines)
+    lines = only_evals(sft_lines(0, 2), sft_keep)
+    write_run(root / "sft", name="geo_sft", seed=0, kind="sft", lines=lines)
+    (comparison,) = report.pair_groups(groups_of(root))
+    assert report.evaluated(comparison) == {"validation": ["pass@8_t1.0", "pass@1_t0.01"]}
+    result = report.build_report([root], tmp_path / "report")
+    rows = [line for line in result["markdown"].splitlines() if line.startswith("| validation")]
+    assert [row.split("|")[2].strip() for row in rows] == ["pass@8 T=1.0", "pass@1 T=0.01"]
+    assert "| test |" not in result["markdown"]
+    # only SFT evaluated pass@8: the untrained level is SFT's epoch 0, the RL cells are empty
+    row = table_row(result["markdown"], "validation", "pass@8 T=1.0")
+    assert row[:3] == ["0.0 ± 0.0", report.MISSING, report.MISSING]
+    assert all("±" in cell for cell in row[3:])
+    plotted = result["summary"]["comparisons"][0]["plots"]
+    assert "geo/eval_validation.png" in plotted and "geo/eval_test.png" not in plotted
+    fig = plots._eval_figure(comparison, "validation", ["pass@8_t1.0", "pass@1_t0.01"])
+    assert [ax.get_title() for ax in fig.axes] == [
+        "validation: pass@8 T=1.0",
+        "validation: pass@1 T=0.01",
+    ]
+
+    # Runs that evaluated nothing: no eval figure and a table that says so.
+    root = tmp_path / "unevaluated"
+    write_run(root / "r", name="plain", seed=0, kind="rl", lines=only_evals(rl_lines(0, 1), ()))
+    result = report.build_report([root], tmp_path / "report2")
+    assert "No run of this comparison was evaluated" in result["markdown"]
+    assert "| Split |" not in result["markdown"]
+    assert not any("eval_" in p for p in result["summary"]["comparisons"][0]["plots"])
+
+
+def test_interrupted_runs_are_marked_in_the_table_the_summary_and_the_plots(tmp_path):
+    """RL seed 2 stopped after step 4 of 6 (run.json finished: false); SFT seed 1's run.json is
+    of the older format (no total_steps, no finished): it is not marked."""
+    root = tmp_path / "runs"
+    for seed in range(3):
+        lines = rl_lines(seed, 3)
+        cut = dict(finished=False, total_steps=6, lines=lines[:5]) if seed == 2 else {}
+        write_run(root / f"rl{seed}", name="geo", seed=seed, kind="rl", **{"lines": lines, **cut})
+    write_run(root / "sft0", name="geo_sft", seed=0, kind="sft", lines=sft_lines(0, 2))
+    write_run(
+        root / "sft1", name="geo_sft", seed=1, kind="sft", lines=sft_lines(1, 2), finished=None
+    )
+    result = report.build_report([root], tmp_path / "report")
+    assert (
+        "RL: `geo`, 3 seed(s) [0, 1, 2] (**interrupted: seed 2 at step 4 of 6**); "
+        "SFT: `geo_sft`, 2 seed(s) [0, 1]." in result["markdown"]
+    )
+    (comparison,) = result["summary"]["comparisons"]
+    assert comparison["rl"]["interrupted"] == [{"seed": 2, "last_step": 4, "total_steps": 6}]
+    assert comparison["sft"]["interrupted"] == []
+    rl, sft = groups_of(root)
+    assert plots._group_title(rl).endswith("\ninterrupted: seed 2 at step 4 of 6")
+    assert "interrupted" not in plots._group_title(sft)
+    clip = plots._training_figure(rl).axes[TRAINING_TITLES.index("PPO clip fraction")]
+    assert [text.get_text() for text in clip.get_legend().get_texts()] == [
+        "low geo (3 seeds, 1 interrupted)",
+        "high geo (3 seeds, 1 interrupted)",
+    ]
+    (accuracy,) = clip.figure.axes[0].lines  # the mean keeps the steps every seed reached
+    np.testing.assert_array_equal(accuracy.get_xdata(), [1, 2, 3, 4])
+
+
+def test_run_json_with_a_bad_finished_field_is_an_error_naming_the_file(tmp_path):
+    run_dir = write_run(tmp_path / "runs" / "r", name="x", seed=0, kind="rl", lines=rl_lines(0, 1))
+    record = json.loads((run_dir / "run.json").read_text())
+    (run_dir / "run.json").write_text(json.dumps(dict(record, finished="yes")))
+    with pytest.raises(report.ReportError, match=r"r/run.json: field 'finished' is 'yes'"):
+        report.build_report([tmp_path / "runs"], tmp_path / "report", plots=False)

@@ -140,6 +140,27 @@ def test_kl_estimate_clamp_boundaries():
     np.testing.assert_allclose(gradient, [0, 0, 1 - np.exp(-5.0), 0, 1 - np.exp(0.5)], rtol=1e-5)
 
 
+@pytest.mark.parametrize("clamp", [10.0, None])
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_kl_estimate_gradient_is_finite_for_every_finite_log_ratio(kind, clamp):
+    # ref - logp above ~88 overflowed exp() in fp32: the clamped value was finite but the
+    # gradient was 0 x inf = NaN. The log-ratio is now clipped to [-20, 20] before exp.
+    logp = np.array([-100.0, 0.0, -1e30, 0.0, -2.0, -0.5], np.float32)
+    ref = np.array([0.0, -100.0, 0.0, -1e30, -5.0, -0.25], np.float32)
+    value, gradient = jax.value_and_grad(lambda lp: kl_estimate(lp, ref, kind, clamp).sum())(logp)
+    gradient = np.asarray(gradient)
+    assert np.isfinite(float(value)) and np.all(np.isfinite(gradient)), gradient
+    # Beyond the clip the token gets no gradient; inside it, the analytic one.
+    np.testing.assert_array_equal(gradient[:4], 0.0)
+    log_ratio = logp[4:] - ref[4:]
+    analytic = {"k1": np.ones(2), "k2": log_ratio, "k3": 1 - np.exp(-log_ratio)}[kind]
+    np.testing.assert_allclose(gradient[4:], analytic, rtol=1e-5)
+    # The value beyond the clip is the estimator at +-20 (then the usual clamp).
+    expected = [reference_kl(lp, r, kind, -np.inf, np.inf) for lp, r in [(-20, 0), (0, -20)]]
+    expected = np.clip(expected, -clamp, clamp) if clamp else expected
+    np.testing.assert_allclose(kl_estimate(logp[:2], ref[:2], kind, clamp), expected, rtol=1e-6)
+
+
 def test_kl_estimate_rejects_unknown_kind_and_bad_bounds():
     with pytest.raises(ValueError, match="k4.*k1"):
         kl_estimate(np.zeros(2), np.zeros(2), kind="k4")
@@ -375,3 +396,59 @@ def test_compute_advantages_under_jit_matches_eager():
         eager = run(scores=GROUP_SCORES, response_mask=GROUP_MASK)
         jitted = jax.jit(run)(scores=GROUP_SCORES, response_mask=GROUP_MASK)
         np.testing.assert_allclose(jitted, eager, rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups whose scores are all equal, but not exact in fp32
+# ---------------------------------------------------------------------------------------------
+
+# 1.0 minus a language penalty: not exact in binary floating point.
+PENALISED = np.float32(1.0) - np.float32(0.1) * np.float32(3) / np.float32(37)
+
+
+def inexact_groups():
+    """Four groups of 16: all 0.7 (its fp32 mean is one ulp off), all PENALISED, all 0.1, and one
+    with a small but real difference (must keep its signal)."""
+    small = np.full(16, 0.7, np.float32)
+    small[3] = 0.701  # group std 2.5e-4: a std threshold would wrongly zero it
+    groups = [np.full(16, 0.7), np.full(16, PENALISED), np.full(16, 0.1), small]
+    scores = np.concatenate(groups).astype(np.float32)
+    lengths = np.arange(len(scores)) % 5  # ragged, with all-padding rows
+    mask = np.arange(5)[None, :] < lengths[:, None]
+    return scores, mask
+
+
+@pytest.mark.parametrize("name", ["grpo", "rloo", "reinforce_pp_baseline"])
+def test_groups_with_equal_inexact_scores_get_exactly_zero_advantage(name):
+    scores, mask = inexact_groups()
+    config = AdvantageConfig(whiten=False)  # baseline: the returns are the baselined score
+    advantages = np.asarray(
+        compute_advantages(
+            name, scores=scores, response_mask=mask, num_samples_per_prompt=16, config=config
+        )
+    )
+    assert np.all(advantages[:48] == 0.0), np.abs(advantages[:48]).max()
+    # The group with a small real difference keeps its (reference-checked) advantage.
+    group = scores[48:].astype(np.float64)
+    if name == "grpo":
+        expected = (group - group.mean()) / (group.std(ddof=1) + 1e-6)
+    elif name == "rloo":
+        expected = group - (group.sum() - group) / 15
+    else:
+        expected = group - group.mean()
+    last = advantages[48:]
+    rows = mask[48:].any(axis=1)
+    actual = np.array([row[m][0] for row, m in zip(last[rows], mask[48:][rows], strict=True)])
+    assert np.all(actual != 0.0)
+    np.testing.assert_allclose(actual, expected[rows], rtol=5e-3)  # fp32 vs fp64
+
+
+def test_equal_group_check_is_exact_equality_not_a_small_std():
+    # fp32 arithmetic on equal scores gives an ulp-sized mean error: without the exact check,
+    # GRPO divides it by (std + eps) ~ 1.2e-6 and the 0.7 group gets ~0.1 instead of 0.
+    group = np.full((1, 16), 0.7, np.float32)
+    ulp_error = group - np.float32(jax.numpy.mean(group))
+    assert np.all(ulp_error != 0.0), "the fp32 mean of 16 x 0.7 is one ulp off (the bug's cause)"
+    scores, mask = inexact_groups()
+    grpo = compute_advantages("grpo", scores=scores, response_mask=mask, num_samples_per_prompt=16)
+    assert float(np.abs(np.asarray(grpo)[:16]).max()) == 0.0

@@ -19,7 +19,7 @@ from maye_jax.rl.losses import (
 )
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
-MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"]
+MODES = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"]
 
 
 def random_loss_batch(seed: int, batch: int = 8, length: int = 6):
@@ -61,10 +61,13 @@ def reference_token_terms(arrays, mask, config):
         ratio = np.exp(logp - old)
         low, high = 1 - config.clip_eps_low, 1 + config.clip_eps_high
         policy = max(-advantage * ratio, -advantage * min(max(ratio, low), high))
+        if config.clip_ratio_c is not None and advantage < 0:  # dual-clip (Ye et al. 2020)
+            policy = min(policy, -advantage * config.clip_ratio_c)
         if config.rollout_is_cap is not None:
             policy *= min(np.exp(old - rollout), config.rollout_is_cap)
         d = ref - logp
-        k3 = min(max(np.exp(d) - 1 - d, -10.0), 10.0)
+        kl = {"k1": -d, "k2": 0.5 * d**2, "k3": np.exp(d) - 1 - d}[config.kl_loss_estimator]
+        k3 = min(max(kl, -10.0), 10.0)
         clipped_low = ratio < low and advantage < 0
         clipped_high = ratio > high and advantage > 0
         terms[i, t] = (policy, k3, clipped_low, clipped_high, ratio, 0.5 * (logp - old) ** 2)
@@ -82,6 +85,8 @@ def reference_aggregate(token_values: dict, mask, mode, max_tokens):
         ]
         return sum(per_row) / len(rows)
     per_row = [sum(v for (i, _), v in token_values.items() if i == row) for row in rows]
+    if mode == "seq_mean_token_sum":
+        return sum(per_row) / len(rows)
     return sum(p / max_tokens for p in per_row) / len(rows)
 
 
@@ -186,17 +191,19 @@ def test_truncated_is_weight():
 def test_aggregation_hand_computed():
     token_losses = np.array([[1.0, 2.0, 3.0, 99.0], [4.0, 99.0, 99.0, 99.0], [99.0] * 4])
     mask = np.array([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
-    # token_mean (1+2+3+4)/4; seq_mean_token_mean (2 + 4)/2; seq_mean_token_sum_norm (6/4 + 4/4)/2.
+    # token_mean (1+2+3+4)/4; seq_mean_token_mean (2 + 4)/2; seq_mean_token_sum (6 + 4)/2;
+    # seq_mean_token_sum_norm (6/4 + 4/4)/2.
     for mode, normalizer, loss in [
         ("token_mean", 4.0, 2.5),
         ("seq_mean_token_mean", 2.0, 3.0),
+        ("seq_mean_token_sum", 2.0, 5.0),
         ("seq_mean_token_sum_norm", 8.0, 1.25),
     ]:
         assert float(loss_normalizer(mode, mask, max_tokens=4)) == normalizer
         value = aggregate_loss(mode, token_losses, mask, loss_normalizer(mode, mask, 4))
         np.testing.assert_allclose(value, loss, rtol=1e-6, err_msg=mode)
     assert float(aggregate_loss("token_mean", token_losses, np.zeros((3, 4)), 0.0)) == 0.0
-    with pytest.raises(ValueError, match="'mean'.*seq_mean_token_mean, seq_mean_token_sum_norm"):
+    with pytest.raises(ValueError, match="'mean'.*seq_mean_token_sum, seq_mean_token_sum_norm"):
         loss_normalizer("mean", mask, 4)
 
 
@@ -324,3 +331,175 @@ def test_registering_a_new_policy_loss():
         losses._POLICY_LOSSES.pop(name)
     with pytest.raises(ValueError, match=f"'{name}'.*ppo_clip"):
         losses.get_policy_loss(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dual-clip, KL loss estimators, GSPO, finite gradients
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kl_loss_estimator, clip_ratio_c", [("k3", 1.5), ("k1", None), ("k2", 1.3)]
+)
+def test_policy_objective_with_dual_clip_and_each_kl_estimator(kl_loss_estimator, clip_ratio_c):
+    arrays, mask = random_loss_batch(seed=7)
+    arrays["logprobs"] = np.where(mask, arrays["logprobs"] + 0.3, arrays["logprobs"])  # r > 1.5
+    config = LossConfig(
+        kl_loss_coeff=0.1, clip_ratio_c=clip_ratio_c, kl_loss_estimator=kl_loss_estimator
+    )
+    normalizer = loss_normalizer(config.loss_agg, mask, config.max_tokens)
+    loss, metrics = jax.jit(policy_objective, static_argnames="config")(
+        **arrays, response_mask=mask, normalizer=normalizer, config=config
+    )
+    expected_loss, expected_policy, expected_kl, _ = reference_objective(arrays, mask, config)
+    means = finalize_metrics(metrics)
+    np.testing.assert_allclose(loss, expected_loss, **TOLERANCE)
+    np.testing.assert_allclose(means["loss/policy"], expected_policy, **TOLERANCE)
+    np.testing.assert_allclose(means["loss/kl"], expected_kl, **TOLERANCE)
+    assert f"kl/{kl_loss_estimator}" in means
+    assert ("clip_frac/dual" in means) == (clip_ratio_c is not None)
+    if clip_ratio_c:
+        ratio = np.exp(
+            arrays["logprobs"] - arrays["logprobs_old"], where=mask, out=np.ones(mask.shape)
+        )
+        low_branch = np.maximum(ratio, 1 - config.clip_eps_low)
+        dual = mask & (arrays["advantages"] < 0) & (low_branch > clip_ratio_c)
+        assert dual.sum() > 0, "inputs should exercise the dual bound"
+        np.testing.assert_allclose(means["clip_frac/dual"], dual.sum() / mask.sum(), rtol=1e-6)
+
+
+def test_dual_clip_hand_computed_and_bounded_tokens_have_no_gradient():
+    ratio = np.array([[5.0, 2.0, 5.0, 0.5]], np.float32)
+    advantages = np.array([[-1.0, -1.0, 1.0, -2.0]], np.float32)
+
+    def token_losses(logprobs):
+        return ppo_clip_loss(
+            logprobs=logprobs,
+            logprobs_old=np.zeros((1, 4), np.float32),
+            advantages=advantages,
+            response_mask=np.ones((1, 4), bool),
+            config=LossConfig(clip_ratio_c=3.0),
+        )
+
+    values, metrics = token_losses(np.log(ratio))
+    # A=-1, r=5: PPO gives 5, dual-clip caps it at 3; A=-1, r=2: 2 < 3 stays; A=1, r=5: -1.2 (the
+    # bound is for negative advantages only); A=-2, r=0.5: max(1, 1.6) = 1.6 < 6 stays.
+    np.testing.assert_allclose(values, [[3.0, 2.0, -1.2, 1.6]], rtol=1e-6)
+    np.testing.assert_array_equal(metrics["clip_frac/dual"], [[1, 0, 0, 0]])
+    gradient = jax.grad(lambda lp: token_losses(lp)[0].sum())(np.log(ratio))
+    np.testing.assert_allclose(gradient, [[0.0, 2.0, 0.0, 0.0]], rtol=1e-6)
+
+
+def gspo_batch():
+    """Sequences whose mean token log-ratios straddle GSPO's small clip range, with token noise
+    around that mean, sequence advantages of both signs and one all-padding row."""
+    rng = np.random.default_rng(11)
+    lengths = np.array([7, 3, 5, 1, 6, 0])
+    mask = np.arange(7)[None, :] < lengths[:, None]
+    # row: mean log-ratio, advantage -> clipped?
+    # 0: +1e-3, A=+1 -> s = 1.001 > 1 + 4e-4: clipped high; 1: -1e-3, A=-1 -> clipped low;
+    # 2: -1e-3, A=+1 -> s below the range but A > 0: not clipped; 3: +1e-4, A=-1: inside;
+    # 4: +2e-4, A=+1: inside.
+    mean_log_ratio = np.array([1e-3, -1e-3, -1e-3, 1e-4, 2e-4, 0.0])
+    sequence_advantage = np.array([1.0, -1.0, 1.0, -1.0, 1.0, 0.5])
+    noise = rng.normal(0.0, 0.05, size=mask.shape) * mask
+    noise -= mask * (noise.sum(axis=1) / np.maximum(lengths, 1))[:, None]  # zero mean per row
+    logprobs_old = -rng.exponential(1.0, size=mask.shape)
+    logprobs = logprobs_old + mean_log_ratio[:, None] + noise
+    advantages = np.repeat(sequence_advantage[:, None], 7, axis=1)
+    arrays = {
+        "logprobs": logprobs.astype(np.float32),
+        "logprobs_old": logprobs_old.astype(np.float32),
+        "advantages": advantages.astype(np.float32),
+    }
+    for values in arrays.values():
+        values[~mask] = 1e4  # garbage, never read
+    return arrays, mask
+
+
+def test_gspo_matches_the_published_objective_and_gradient():
+    """GSPO (arXiv 2507.18071): J = (1/G) sum_i min(s_i A_i, clip(s_i, 1 - 3e-4, 1 + 4e-4) A_i),
+    s_i = (pi(y_i) / pi_old(y_i))^(1/|y_i|) (here a product of token ratios, then the root), and
+    grad J = (1/G) sum_i s_i A_i (1/|y_i|) sum_t grad log pi(y_it) on unclipped sequences."""
+    arrays, mask = gspo_batch()
+    config = LossConfig(policy_loss="gspo", loss_agg="seq_mean_token_mean", kl_loss_coeff=0.0)
+    rows = [i for i in range(mask.shape[0]) if mask[i].any()]
+    objective, expected_gradient = 0.0, np.zeros(mask.shape)
+    clipped_rows = []
+    for i in rows:
+        n = int(mask[i].sum())
+        token_ratios = np.exp(
+            arrays["logprobs"][i, :n].astype(np.float64) - arrays["logprobs_old"][i, :n]
+        )
+        s = np.prod(token_ratios) ** (1.0 / n)
+        a = float(arrays["advantages"][i, 0])
+        clipped_s = min(max(s, 1 - 3e-4), 1 + 4e-4)
+        objective += min(s * a, clipped_s * a) / len(rows)
+        clipped = s * a > clipped_s * a
+        clipped_rows.append(clipped)
+        if not clipped:
+            expected_gradient[i, :n] = -s * a / n / len(rows)  # of the loss, -J
+    assert clipped_rows == [True, True, False, False, False], clipped_rows
+
+    normalizer = loss_normalizer(config.loss_agg, mask, config.max_tokens)
+
+    def loss_of(logprobs):
+        others = {k: arrays[k] for k in ("logprobs_old", "advantages")}
+        return policy_objective(
+            logprobs=logprobs, **others, response_mask=mask, normalizer=normalizer, config=config
+        )
+
+    (loss, metrics), gradient = jax.jit(jax.value_and_grad(loss_of, has_aux=True))(
+        arrays["logprobs"]
+    )
+    np.testing.assert_allclose(loss, -objective, rtol=1e-6)
+    np.testing.assert_allclose(gradient, expected_gradient, rtol=1e-4, atol=1e-9)
+    means = finalize_metrics(metrics)
+    np.testing.assert_allclose(means["clip_frac/high"], 7 / mask.sum(), rtol=1e-6)  # row 0
+    np.testing.assert_allclose(means["clip_frac/low"], 3 / mask.sum(), rtol=1e-6)  # row 1
+
+
+def test_gspo_averages_per_sequence_only():
+    arrays, mask = gspo_batch()
+    with pytest.raises(ValueError, match="gspo.*seq_mean_token_mean.*'token_mean'"):
+        policy_objective(
+            **arrays,
+            response_mask=mask,
+            normalizer=1.0,
+            config=LossConfig(policy_loss="gspo", kl_loss_coeff=0.0),
+        )
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LossConfig(kl_loss_coeff=0.1, rollout_is_cap=2.0),
+        LossConfig(kl_loss_coeff=0.1, rollout_is_cap=2.0, clip_ratio_c=3.0),
+        LossConfig(kl_loss_coeff=0.1, kl_loss_estimator="k2", kl_clamp=None),
+        LossConfig(policy_loss="gspo", loss_agg="seq_mean_token_mean", kl_loss_coeff=0.1),
+    ],
+    ids=["ppo_is", "dual_clip", "k2_unclamped", "gspo"],
+)
+def test_huge_but_finite_log_ratios_give_finite_gradients(config):
+    """Log-ratios of +-100 overflowed exp() in fp32 (0 x inf = NaN gradients, the run stopped as
+    if diverged): every log-ratio is now clipped to [-20, 20] before exp."""
+    # Per token (columns): logp - old = +100 / -100 with both advantage signs; ref - logp = 100;
+    # old - rollout = 100; and one ordinary token.
+    logprobs = np.array([[0.0, -100.0, 0.0, -100.0, -200.0, -1.0, -0.5]], np.float32)
+    arrays = {
+        "logprobs_old": np.array([[-100.0, 0.0, -100.0, 0.0, -200.0, -1.0, -0.4]], np.float32),
+        "ref_logprobs": np.array([[0.0, -100.0, 0.0, -100.0, -100.0, -1.0, -0.45]], np.float32),
+        "logprobs_rollout": np.array([[0.0, 0.0, -100.0, 0.0, -200.0, -101.0, -0.4]], np.float32),
+        "advantages": np.array([[1.0, 1.0, -1.0, -1.0, 1.0, -1.0, 0.5]], np.float32),
+    }
+    mask = np.ones((1, 7), bool)
+    normalizer = loss_normalizer(config.loss_agg, mask, config.max_tokens)
+
+    def loss_of(lp):
+        return policy_objective(
+            logprobs=lp, **arrays, response_mask=mask, normalizer=normalizer, config=config
+        )[0]
+
+    loss, gradient = jax.value_and_grad(loss_of)(logprobs)
+    assert np.isfinite(float(loss)) and np.all(np.isfinite(np.asarray(gradient))), gradient
+    assert float(np.abs(gradient[0, -1])) > 0  # the ordinary token still learns

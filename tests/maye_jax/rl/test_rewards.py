@@ -275,6 +275,26 @@ def test_registry_and_compute_rewards(pool):
             response_lengths=[2, 4],
         )
         assert result == {"test_length_bonus": [1.0, 2.0], "total": [1.0, -0.1]}
+        # With DAPO's overlong penalty too (max 4 tokens, buffer 2): 2 tokens cost nothing, 4
+        # cost the whole factor, added after the no-EOS penalty replaced the score.
+        result = rewards.compute_rewards(
+            ["test_length_bonus"],
+            ["ab", "abcd", "abc"],
+            ["", "", ""],
+            options={"test_length_bonus": {"scale": 0.5}},
+            finished_with_eos=[True, False, True],
+            response_lengths=[2, 4, 3],
+            overlong={"max_tokens": 4, "buffer_len": 2, "penalty_factor": 1.0},
+        )
+        assert result == {
+            "test_length_bonus": [1.0, 2.0, 1.5],
+            "overlong": [0.0, -1.0, -0.5],
+            "total": [1.0, -1.1, 1.0],
+        }
+        with pytest.raises(ValueError, match="need response_lengths"):
+            rewards.compute_rewards([], ["a"], [""], overlong={"max_tokens": 4, "buffer_len": 2})
+        with pytest.raises(ValueError, match="taken"):
+            rewards.register_reward("overlong")(lambda responses, solutions, **_: [])
     finally:
         rewards._REWARDS.pop("test_length_bonus")
 
@@ -326,6 +346,61 @@ MORE_ACCURACY_CASES = [
     (_boxed("50\\%"), _boxed("0.5"), 1.0),
     (_boxed("\\frac{8}{2}"), _boxed("4"), 1.0),
 ]
+
+
+# Answers math-verify cannot read as written: a Unicode degree sign, a unit in CJK ideographs
+# (normalised first: maye_jax.rl.rewards.normalize_answer).
+NORMALISED_ACCURACY_CASES = [
+    (_boxed("60°"), _boxed("60"), 1.0),
+    (_boxed("60 °"), _boxed("60^\\circ"), 1.0),
+    (_boxed("60^°"), _boxed("60"), 1.0),
+    (_boxed("\\angle A = 60°"), _boxed("60"), 1.0),
+    (_boxed("45°"), _boxed("60"), 0.0),
+    (_boxed("60"), _boxed("60°"), 1.0),  # the gold side is normalised too
+    (_boxed("20\u5398\u7c73"), _boxed("20"), 1.0),  # 20 厘米 (cm)
+    (_boxed("20 \u5e73\u65b9\u5398\u7c73"), _boxed("20"), 1.0),  # 20 平方厘米 (cm^2)
+    (_boxed("x=20\u5398\u7c73"), _boxed("20"), 1.0),
+    (_boxed("3\\sqrt{2}\u7c73"), _boxed("\\sqrt{18}"), 1.0),  # 米 (m)
+    (_boxed("60\u5ea6"), _boxed("60^\\circ"), 1.0),  # 度 (degrees)
+    (_boxed("20\u5398\u7c73"), _boxed("30"), 0.0),
+    (_boxed("20"), _boxed("20\u4e2a"), 1.0),  # 个 (a counter)
+    (_boxed("\u65e0\u89e3"), _boxed("20"), 0.0),  # 无解 (no solution): nothing left to parse
+    (_boxed("\u65e0\u89e3"), _boxed("\u65e0\u89e3"), 1.0),  # identical strings
+    (_boxed("\u4e2d\u6587 5"), _boxed("5"), 0.0),  # CJK before the number is not a unit
+]
+
+
+def test_accuracy_normalises_degree_signs_and_cjk_units(pool):
+    responses, solutions, expected = zip(*NORMALISED_ACCURACY_CASES, strict=True)
+    scores = rewards.accuracy_rewards(list(responses), list(solutions), timeout_s=10.0, pool=pool)
+    wrong = [
+        (r, s, want, got)
+        for r, s, want, got in zip(responses, solutions, expected, scores, strict=True)
+        if got != want
+    ]
+    assert not wrong
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("60\u00b0", "60^{\\circ}"),
+        ("60 \u00b0", "60^{\\circ}"),
+        ("20 \u5e73\u65b9\u5398\u7c73 ", "20"),
+        ("\u4e2d 5", "\u4e2d 5"),
+        ("\u65e0\u89e3", ""),
+        ("12", "12"),
+    ],
+)
+def test_normalize_answer(answer, expected):
+    assert rewards.normalize_answer(answer) == expected
+
+
+def test_normalize_answer_is_linear_on_long_cjk_runs():
+    started = time.perf_counter()
+    assert rewards.normalize_answer("\u4e2d" * 1_000_000 + "x").endswith("x")
+    assert rewards.normalize_answer("5" + "\u4e2d" * 1_000_000) == "5"
+    assert time.perf_counter() - started < 2.0
 
 
 def test_accuracy_reward_second_table():

@@ -30,9 +30,10 @@ def settings_for(tmp_path, **checkpoint):
     return c
 
 
-def train(tmp_path, config, *, total=5, signal_at=None):
-    """A stand-in loop: the state counts steps; a SIGTERM arrives during step `signal_at`."""
-    settings = load_settings(config, kind="sft")
+def train(tmp_path, config, *, total=5, signal_at=None, data_ends_at=None):
+    """A stand-in loop: the state counts steps; a SIGTERM arrives during step `signal_at`; the
+    data runs out during step `data_ends_at` (as dynamic sampling can make it)."""
+    settings = load_settings(config, kind="sft", check_files=False)  # no data is read
     state = {"count": jnp.zeros((), jnp.int32), "weights": jnp.arange(4.0)}
     shardings = jax.tree.map(lambda x: x.sharding, state)
     with RunHarness(settings.output_dir, kind="sft", settings=settings, total_steps=total) as run:
@@ -42,8 +43,11 @@ def train(tmp_path, config, *, total=5, signal_at=None):
                 state = {"count": state["count"] + 1, "weights": state["weights"] * 2}
                 if step == signal_at:
                     os.kill(os.getpid(), signal.SIGTERM)
+            if step == data_ends_at:
+                run.end_early(step)
             run.log({"count": int(state["count"]), **run.timings()}, step=step, epoch=1)
             run.end_step(step, state, {"note": f"after {step}"})
+        run.finish(None)
         return run, state, start, meta
 
 
@@ -57,7 +61,8 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues(tm
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [2, 3]  # the cadence, then the stop
     assert [m["generation_step"] for m in read_metrics(out)] == [1, 2, 3]
-    assert json.loads((out / "run.json").read_text())["kind"] == "sft"
+    record = json.loads((out / "run.json").read_text())
+    assert (record["kind"], record["total_steps"], record["finished"]) == ("sft", 5, False)
     # A metric line written after the checkpoint (a crash before the next one) is dropped.
     with open(out / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({"generation_step": 4, "epoch": 1, "count": 99}) + "\n")
@@ -65,8 +70,26 @@ def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_continues(tm
     run, state, start, meta = train(tmp_path, config)
     assert start == 3 and meta["note"] == "after 3" and meta["generation_step"] == 3
     assert run.finished and int(state["count"]) == 5
+    assert json.loads((out / "run.json").read_text())["finished"] is True
     np.testing.assert_array_equal(np.asarray(state["weights"]), np.arange(4.0) * 2**5)
     assert [m["count"] for m in read_metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_a_run_whose_data_ends_early_finishes_there_with_a_checkpoint(tmp_path):
+    config = settings_for(tmp_path, every_steps=10, keep=5)
+    run, state, _, _ = train(tmp_path, config, total=6, data_ends_at=4)
+    out = tmp_path / "run"
+    assert run.finished and run.last_step == 4 and int(state["count"]) == 4
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [4]  # the last step, although not on the cadence
+    config.resume = True
+    settings = load_settings(config, kind="sft", check_files=False)
+    with RunHarness(out, kind="sft", settings=settings, total_steps=6) as run:
+        state = {"count": jnp.zeros((), jnp.int32), "weights": jnp.arange(4.0)}
+        start, _, _ = run.restore(state, jax.tree.map(lambda x: x.sharding, state))
+        run.end_early(start)  # the resumed loop knows its data ended there
+        assert start == 4 and list(run.steps(start)) == [] and run.finished
+    assert [m["generation_step"] for m in read_metrics(out)] == [1, 2, 3, 4]
 
 
 def test_sections_are_exclusive_of_nested_sections(monkeypatch):

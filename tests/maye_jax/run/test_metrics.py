@@ -11,6 +11,7 @@ import pytest
 from maye_jax.run.metrics import (
     MetricsWriter,
     drop_rollouts_after,
+    mark_run_finished,
     read_metrics,
     truncate_metrics,
     write_rollouts,
@@ -41,10 +42,16 @@ def test_jsonl_and_tensorboard(tmp_path):
 
 
 def test_run_json_and_rollouts(tmp_path):
-    write_run_json(tmp_path, name="demo", seed=3, kind="rl", config={"a": 1}, devices=["cpu:0"])
+    write_run_json(
+        tmp_path, name="demo", seed=3, kind="rl", config={"a": 1}, devices=["cpu:0"], total_steps=12
+    )
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["name"] == "demo" and run["seed"] == 3 and run["kind"] == "rl"
     assert run["versions"]["jax"] and run["devices"] == ["cpu:0"]
+    assert run["total_steps"] == 12 and run["finished"] is False
+    mark_run_finished(tmp_path)
+    assert json.loads((tmp_path / "run.json").read_text()) == dict(run, finished=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]  # no partial file left
     path = write_rollouts(
         tmp_path, 4, [{"prompt_id": "p1", "response": "x", "reward/accuracy": 1.0}]
     )
