@@ -44,6 +44,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from maye_jax.errors import UserError
 from maye_jax.storage.atomic import atomic_write_text, barrier, process_index
 from maye_jax.storage.digest import content_digests, file_sizes, json_digest, listing_problems
 
@@ -53,8 +54,8 @@ DIGEST_FORMAT = 1
 _OWNER = re.compile(r"(?:^|/)(?:ocdbt\.)?process_(\d+)(?:/|$)")  # files one process wrote
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint of the run can be trusted."""
+class CheckpointError(UserError):
+    """No checkpoint of the run can be trusted (a CLI prints it as one line and exits 1)."""
 
 
 class CheckpointWriteError(RuntimeError):
