@@ -33,6 +33,7 @@ from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
 from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
+from maye_jax.run.lock import configured_process_id, hold_output_folder
 from maye_jax.run.metrics import summarize_run
 from maye_jax.training.batch import MinibatchMaker, TowerImages, UpdateBatch
 from maye_jax.training.policy import Policy, build_policy, optimizer_for, with_fresh_optimizer
@@ -240,6 +241,13 @@ def run_sft(config) -> dict:
     Returns the summary of its evaluations (metrics.summarize_run); raises RunStopped when a
     signal stopped it."""
     s = config if isinstance(config, Settings) else load_settings(config, kind="sft")
+    # The folder is locked before it is checked (and, with overwrite, cleared): a second run
+    # must never touch a running one's outputs.
+    with hold_output_folder(s.output_dir, process_id=configured_process_id(s)):
+        return _run_sft(s)
+
+
+def _run_sft(s: Settings) -> dict:
     prepare_run_folder(s)
     files = startup.data_files(s)
     fingerprint = check_fingerprint(s, files)

@@ -39,6 +39,7 @@ from maye_jax.rollout.factory import make_engine
 from maye_jax.run import startup
 from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
+from maye_jax.run.lock import configured_process_id, hold_output_folder
 from maye_jax.run.metrics import read_metrics, summarize_run, write_rollouts
 from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
 from maye_jax.training.batch import MinibatchMaker, TowerImages
@@ -430,10 +431,13 @@ def build_trainer(settings: Settings) -> Trainer:
 def run_rl(config) -> dict:
     """The RL run of `config` (an ml_collections config or typed Settings), checked first, in
     its output folder (checked and prepared before any work); returns the summary of its
-    evaluations (`metrics.summarize_run`). Raises RunStopped when a signal stopped it."""
+    evaluations (`metrics.summarize_run`). Raises RunStopped when a signal stopped it. The
+    folder is locked from before its check (and, with overwrite, its clearing) to the end: one
+    run per folder, so a second run never touches a running one's outputs."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
-    prepare_run_folder(settings)
-    return build_trainer(settings).run()
+    with hold_output_folder(settings.output_dir, process_id=configured_process_id(settings)):
+        prepare_run_folder(settings)
+        return build_trainer(settings).run()
 
 
 def _correct(groups: PromptGroups) -> list[bool]:

@@ -176,7 +176,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 10
-    c.checkpoint.keep = 2
+    c.checkpoint.keep = 2  # the newest kept; older ones deleted once a new one is whole
     c.checkpoint.export_hf = True  # write the final policy as an HF directory
 
     c.logging = ml_collections.ConfigDict()

@@ -21,6 +21,7 @@ from maye_jax.data.records import Record
 from maye_jax.errors import EvaluationInterrupted, UserError
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
 from maye_jax.rollout.engine import Prompt, Sampling
+from maye_jax.storage.atomic import atomic_write_text
 
 SETTINGS: dict[str, dict] = {
     "pass@8_t1.0": dict(n=8, temperature=1.0, top_p=1.0),
@@ -225,7 +226,8 @@ def evaluate_configured_splits(
         if responses_path is not None and e.save_responses and multihost.is_leader():
             path = Path(responses_path(split))
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            # whole or absent: a kill while writing leaves the previous file, never half of it
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return metrics
 
 

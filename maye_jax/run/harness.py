@@ -10,9 +10,10 @@ warm-up before RL) and the experiment's runs.
             run.end_step(step, state, meta)                       # checkpoint cadence, stop
         run.finish(export)                                        # final HF export
 
-It owns the output folder, `run.json`, resuming (the latest checkpoint, and the metric lines
-written after it dropped), the metrics writer, the progress bar, SIGTERM/SIGINT (finish the
-step, checkpoint, stop), the checkpoint cadence (every `checkpoint.every_steps`, at the end
+It owns the output folder (and its lock: one run per folder, run/lock.py), `run.json`,
+resuming (the newest intact checkpoint; the metric lines and rollouts written after it, and a
+torn last metric line, dropped), the metrics writer, the progress bar, SIGTERM/SIGINT (finish
+the step, checkpoint, stop), the checkpoint cadence (every `checkpoint.every_steps`, at the end
 and on a stop) and the final export. The loop itself stays in train.py / sft.py.
 """
 
@@ -30,8 +31,10 @@ import jax
 
 from maye_jax.config.settings import Settings
 from maye_jax.errors import RunAborted, RunStopped
+from maye_jax.run import lock
 from maye_jax.run.metrics import (
     MetricsWriter,
+    drop_rollouts_after,
     mark_run_finished,
     truncate_metrics,
     write_run_json,
@@ -104,10 +107,16 @@ class RunHarness:
         )
         self._progress = None
         self._previous_handlers: dict = {}
+        self._locked = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> RunHarness:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        # Process 0 holds the folder's lock for the run (already held when a caller took it
+        # for the whole run, e.g. run_rl, which also writes the start model).
+        self._locked = jax.process_index() == 0
+        if self._locked:
+            lock.acquire(self.output_dir)
         resuming = self.settings.resume and (self.output_dir / "run.json").is_file()
         if self.describe and not resuming:  # a resumed run keeps the record of what it is
             s = self.settings
@@ -136,6 +145,8 @@ class RunHarness:
             self.checkpointer.close()
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
+        if self._locked:
+            lock.release(self.output_dir)
 
     def _request_stop(self, signum, frame) -> None:
         """The first SIGINT/SIGTERM: finish (or abandon an evaluation in) this step, checkpoint,
@@ -163,8 +174,9 @@ class RunHarness:
 
     # -- resume ------------------------------------------------------------------------------
     def restore(self, state, state_shardings) -> tuple[int, object, dict]:
-        """(start step, state, checkpoint meta): the latest checkpoint's when the run resumes
-        (its later metric lines dropped), else (0, state, {}). Opens the metrics writer."""
+        """(start step, state, checkpoint meta): the newest intact checkpoint's when the run
+        resumes (the metric lines and rollouts of later steps dropped), else (0, state, {}).
+        Opens the metrics writer."""
         start, meta = 0, {}
         if self.settings.resume and self.checkpointer is not None:
             restored = self.checkpointer.restore_latest(state, state_shardings)
@@ -173,6 +185,7 @@ class RunHarness:
                 start = int(meta["generation_step"])
                 log.info("%s: resumed from step %d", self.kind, start)
                 truncate_metrics(self.output_dir, start)
+                drop_rollouts_after(self.output_dir, start)
         lg = self.settings.logging
         self.writer = MetricsWriter(
             self.output_dir,

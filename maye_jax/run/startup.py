@@ -16,6 +16,8 @@ import jax
 from maye_jax.config.settings import Settings
 from maye_jax.data.records import Record, read_records
 from maye_jax.sharding.mesh import initialize_distributed, make_mesh
+from maye_jax.storage.atomic import atomic_folder
+from maye_jax.storage.model_folders import is_hf_directory
 from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
 
 log = logging.getLogger("maye_jax")
@@ -96,7 +98,11 @@ def materialize_start_model(settings: Settings) -> Path:
     from maye_jax.tiny import tiny_hf_model
 
     path = Path(settings.output_dir).absolute() / "initial_model"
-    if not (path / "config.json").is_file():
+    # Written under initial_model.partial and renamed when complete: a folder under the final
+    # name is whole. One without weights (written before that was so) is rewritten.
+    if not is_hf_directory(path):
+        if path.exists():
+            log.warning("%s has no weights (an interrupted write): writing it again", path)
         log.info("start model: a tiny random %s model in %s", m.tiny_family, path)
         hf = tiny_hf_model(
             m.tiny_family,
@@ -106,8 +112,9 @@ def materialize_start_model(settings: Settings) -> Path:
             num_layers=m.tiny_num_layers,
             initializer_range=0.02,
         )
-        hf.save_pretrained(str(path))
-        load_processor(family=m.tiny_family).save_pretrained(path)
+        with atomic_folder(path) as folder:
+            hf.save_pretrained(str(folder))
+            load_processor(family=m.tiny_family).save_pretrained(folder)
     return path
 
 
