@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 NOISE = ("time/", "memory/")
 FLOAT_NOISE = ("mismatch/",)  # trainer vs sampler logprobs: float noise by nature
 
-CONFIG = '''
+CONFIG = """
 from maye_jax.config.defaults import default_config
 
 
@@ -57,7 +57,7 @@ def get_config():
     c.checkpoint.every_steps = 1
     c.logging.progress_bar = False
     return c
-'''
+"""
 
 
 def free_port() -> int:
@@ -127,7 +127,9 @@ def assert_same_metrics(ours: Path, reference: Path) -> None:
         for key in sorted(keys):
             x, y = line_a[key], line_b[key]
             if isinstance(y, (int, float)) and isinstance(x, (int, float)):
-                tolerance = dict(abs=1e-4) if key.startswith(FLOAT_NOISE) else dict(rel=1e-4, abs=1e-6)
+                tolerance = (
+                    dict(abs=1e-4) if key.startswith(FLOAT_NOISE) else dict(rel=1e-4, abs=1e-6)
+                )
                 assert x == pytest.approx(y, **tolerance), (line_b["generation_step"], key, x, y)
             else:
                 assert x == y, key
@@ -173,10 +175,7 @@ def test_process_one_writes_nothing_and_generates_its_share(hsdp_pair):
     run, _ = hsdp_pair
     written = json.loads((run.parent / "written_by_process1.json").read_text())
     assert all(path.startswith(("checkpoints/", "start_model/")) for path in written), written
-    shares = [
-        json.loads(line)
-        for line in (run.parent / "shares.jsonl").read_text().splitlines()
-    ]
+    shares = [json.loads(line) for line in (run.parent / "shares.jsonl").read_text().splitlines()]
     assert {(s["process"], s["step"]) for s in shares} == {(p, s) for p in (0, 1) for s in (1, 2)}
     for share in shares:
         assert share["first_index"] == 2 * share["process"] and share["prompts"] == 2

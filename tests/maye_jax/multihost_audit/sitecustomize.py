@@ -47,7 +47,10 @@ def _hook(event, args):
 class _PatchSampler(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Wraps JaxSampler.generate (and WorkerEngine.generate) once their modules load."""
 
-    targets = {"maye_jax.rollout.jax_sampler": "JaxSampler", "maye_jax.rollout.client": "WorkerEngine"}
+    targets = {
+        "maye_jax.rollout.jax_sampler": "JaxSampler",
+        "maye_jax.rollout.client": "WorkerEngine",
+    }
 
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in self.targets:
