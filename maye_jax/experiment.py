@@ -88,8 +88,8 @@ def finished(run_config) -> bool:
 
 
 def run_experiment(c) -> dict:
-    """Runs what is not finished yet, then the report; returns build_report's result. Every
-    run's config is checked before the first one starts."""
+    """Runs what is not finished yet, then the report; returns build_report's result (None in
+    processes other than 0). Every run's config is checked before the first one starts."""
     from maye_jax.config.settings import load_settings
     from maye_jax.run.lock import configured_process_id, hold_output_folder
 
@@ -131,15 +131,22 @@ def _run_experiment(c) -> dict:
                 run_rl(a)
             else:
                 run_sft(a)
-    return build_report(run_dirs, Path(c.output_dir) / "report")
+    from maye_jax.run import multihost
+
+    report = None
+    if multihost.is_leader():  # several processes: process 0 writes the report
+        report = build_report(run_dirs, Path(c.output_dir) / "report")
+    multihost.barrier("report written")
+    return report
 
 
 def main(argv) -> int:
     del argv
     c = flags.FLAGS.config
     report = run_experiment(c)
-    print(report["markdown"])
-    print(json.dumps({"report": str(Path(c.output_dir) / "report")}))
+    if report is not None:
+        print(report["markdown"])
+        print(json.dumps({"report": str(Path(c.output_dir) / "report")}))
     return 0
 
 

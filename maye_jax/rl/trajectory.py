@@ -155,6 +155,7 @@ def build_trajectory(
     pad_id: int,
     reference_shares_vision: bool = True,
     rewards: Mapping[str, Sequence[float]] | None = None,
+    min_prompt_len: int = 1,
 ) -> Trajectory:
     """`completions[i]` are the samples of `prompts[i]` (of `records[i]`); rows are laid out
     prompt-major (all samples of prompt 0, then prompt 1, ...), as GRPO/RLOO expect.
@@ -184,6 +185,7 @@ def build_trajectory(
         batch_size=batch_size,
         prompt_multiple=o.prompt_multiple,
         response_len=round_up(o.max_tokens, RESPONSE_LEN_MULTIPLE),
+        min_prompt_len=min_prompt_len,
     )
     features = tower_features(policy, batch.device_arrays()["vision"]) if batch.vision else None
     logprobs_old = forward_logprobs(

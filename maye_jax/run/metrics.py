@@ -211,9 +211,12 @@ def write_run_json(
     devices: Sequence[str],
     fingerprint: Mapping | None = None,
     total_steps: int | None = None,
+    processes: int = 1,
+    local_devices: int | None = None,
 ) -> Path:
-    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices, fingerprint, total_steps,
-    finished}`: what the run is (reports group runs by it; a resume is checked against it).
+    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices, processes, local_devices,
+    fingerprint, total_steps, finished}`: what the run is (reports group runs by it; a resume
+    is checked against it); `processes` x `local_devices` JAX processes and devices each.
     `total_steps` is the run's planned number of steps; `finished` is false until
     `mark_run_finished` (so a run that was stopped, crashed or is still going reads as not
     finished)."""
@@ -225,6 +228,8 @@ def write_run_json(
         git_sha=git_sha(),
         versions=package_versions(),
         devices=list(devices),
+        processes=int(processes),
+        local_devices=len(devices) if local_devices is None else int(local_devices),
         fingerprint=dict(fingerprint or {}),
         total_steps=None if total_steps is None else int(total_steps),
         finished=False,
@@ -254,3 +259,17 @@ def write_rollouts(output_dir, generation_step: int, rows: Sequence[Mapping]) ->
         for row in rows
     )
     return atomic_write_text(folder / f"step_{generation_step}.jsonl", text)
+
+
+def print_summary(summary: dict, output_dir) -> None:
+    """The summary, and one line per validation setting: first, best and last accuracy."""
+    print(json.dumps(summary, indent=2))
+    evaluated_at_start = any(line["epoch"] == 0 for line in read_metrics(output_dir))
+    first = "start of RL" if evaluated_at_start else "first evaluation"
+    for key in sorted(k for k in summary if k.startswith("eval/validation/")):
+        row = summary[key]
+        print(
+            f"{key}: {first} {100 * row['first']:.1f}%, best during RL {100 * row['best']:.1f}%, "
+            f"last {100 * row['last']:.1f}%"
+        )
+    print(f"metrics: {Path(output_dir).absolute() / 'metrics.jsonl'}")

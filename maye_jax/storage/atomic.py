@@ -38,13 +38,20 @@ def partial_path(path: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, *, alone: bool = False) -> Iterator[Path]:
     """Yields an empty folder to write into; on success it becomes `path` (replacing a previous
-    `path` only then), on an exception it is removed and `path` is left as it was."""
+    `path` only then), on an exception it is removed and `path` is left as it was. With several
+    processes every one must enter it (an Orbax write), unless `alone`: this process writes the
+    folder by itself (e.g. process 0's HF export from its own copy of the weights)."""
     path = Path(path).absolute()
     partial = partial_path(path)
     replaced = path.with_name(path.name + REPLACED_SUFFIX)
-    primary = process_index() == 0
+    primary = alone or process_index() == 0
+
+    def barrier(name: str) -> None:
+        if not alone:
+            barrier_all(name)
+
     if primary:
         for stale in (partial, replaced):  # left by a writer that was killed
             shutil.rmtree(stale, ignore_errors=True)
@@ -113,7 +120,7 @@ def process_index() -> int:
     return sys.modules["jax"].process_index() if _multiprocess() else 0
 
 
-def barrier(name: str) -> None:
+def barrier_all(name: str) -> None:
     """Waits for every JAX process (nothing to wait for in a single-process run)."""
     if _multiprocess():
         from jax.experimental import multihost_utils

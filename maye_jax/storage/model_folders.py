@@ -279,13 +279,15 @@ def export_hf(
     dtype=None,
     tokenizer_source=None,
     progress: bool = False,
+    alone: bool = True,
 ) -> Path:
     """Writes an HF model directory (safetensors shards + index + config + tokenizer files)
     that transformers and vLLM load as is; `out_dir` appears only once complete. Shards are
     written as they fill, so host memory stays within one shard. `progress`: a bar over the
-    tensors on stderr, with ETA."""
+    tensors on stderr, with ETA. Written by this process alone (several processes: process 0,
+    from its own copy of the weights, `Policy.local_model`)."""
     out_dir = Path(out_dir).absolute()
-    with atomic_folder(out_dir) as folder:
+    with atomic_folder(out_dir, alone=alone) as folder:
         write_hf_folder(
             folder,
             model,

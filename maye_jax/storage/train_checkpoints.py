@@ -45,7 +45,8 @@ import jax
 import numpy as np
 
 from maye_jax.errors import UserError
-from maye_jax.storage.atomic import atomic_write_text, barrier, process_index
+from maye_jax.storage.atomic import atomic_write_text, process_index
+from maye_jax.storage.atomic import barrier_all as barrier
 from maye_jax.storage.digest import content_digests, file_sizes, json_digest, listing_problems
 
 log = logging.getLogger("maye_jax")

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from maye_jax.errors import UserError
+from maye_jax.run.multihost import allgather_rows
 from maye_jax.sharding.layout import DATA_AXES, Layout, row_sharding
 from maye_jax.training.batch import _PAD_VALUES, UpdateBatch
 
@@ -99,3 +101,16 @@ class GlobalMinibatches:
         return _select(
             self.rows, index, num_micro=num_micro, micro_rows=micro_rows, mesh=self.layout.mesh
         )
+
+
+def agree_on_image_features(batch, features):
+    """(features, feature table size) every process shares: the most image tokens of any row
+    of any process; a process without images gets an empty table of that size."""
+    per_row = int((batch.image_feature_index >= 0).sum(axis=1).max())
+    most = int(allgather_rows(np.asarray([per_row])).max())
+    if most and features is None:
+        raise UserError(
+            "several processes: a host whose prompts have no image while another's do is not "
+            "supported yet (mixed text-only and image data)"
+        )
+    return features, most

@@ -47,6 +47,7 @@ def _hook(event, args):
 class _PatchSampler(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Wraps JaxSampler.generate (and WorkerEngine.generate) once their modules load."""
 
+    loaders: dict = {}
     targets = {
         "maye_jax.rollout.jax_sampler": "JaxSampler",
         "maye_jax.rollout.client": "WorkerEngine",
@@ -60,15 +61,15 @@ class _PatchSampler(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             spec = importlib.util.find_spec(fullname)
         finally:
             sys.meta_path.insert(0, self)
-        self._inner = spec.loader
+        self.loaders[fullname] = spec.loader
         spec.loader = self
         return spec
 
     def create_module(self, spec):
-        return self._inner.create_module(spec)
+        return self.loaders[spec.name].create_module(spec)
 
     def exec_module(self, module):
-        self._inner.exec_module(module)
+        self.loaders[module.__name__].exec_module(module)
         cls = getattr(module, self.targets[module.__name__])
         generate = cls.generate
 
