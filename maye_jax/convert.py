@@ -9,12 +9,13 @@ The direction follows from what `--input` is. HF -> Orbax streams tensor by tens
 converted and placed on its devices before the next is read); Orbax -> HF writes safetensors
 shards as they fill, plus config and tokenizer/processor files, loadable by transformers/vLLM.
 Either direction shows a tensor-by-tensor progress bar on stderr (`--noprogress`: none); the
-Orbax side is one save or restore call.
+Orbax side is one save or restore call. Either way the output is written as `OUTPUT.partial`
+and renamed when complete: a folder under the output name is always whole, and one that
+`--overwrite` replaces is replaced only by a complete one.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,6 +60,7 @@ def main(argv):
     import numpy as np
 
     from maye_jax.storage import model_folders as checkpoint
+    from maye_jax.storage.atomic import atomic_folder
     from maye_jax.storage.run_models import is_train_checkpoint
 
     started = time.time()
@@ -72,7 +74,9 @@ def main(argv):
                 file=sys.stderr,
             )
             return 1
-        shutil.rmtree(target) if target.is_dir() else target.unlink()
+        if not target.is_dir():
+            target.unlink()
+        # a folder is replaced by the new output only once that is complete (atomic_folder)
     param_dtype = jnp.bfloat16 if FLAGS.param_dtype == "bfloat16" else jnp.float32
     place, shardings = None, None
     if FLAGS.fsdp:
@@ -98,15 +102,18 @@ def main(argv):
                 if FLAGS.hf_dtype == "auto"
                 else np.dtype(jnp.bfloat16 if FLAGS.hf_dtype == "bfloat16" else FLAGS.hf_dtype)
             )
-            out = checkpoint.export_hf(
-                model,
-                hf_config,
-                FLAGS.output,
-                dtype=dtype,
-                tokenizer_source=FLAGS.tokenizer_dir or checkpoint.tokenizer_source(source),
-                progress=FLAGS.progress,
-            )
-            _ensure_tokenizer(out, hf_config)
+            # The output appears under its name only once complete, tokenizer files included.
+            with atomic_folder(FLAGS.output) as folder:
+                checkpoint.write_hf_folder(
+                    folder,
+                    model,
+                    hf_config,
+                    dtype=dtype,
+                    tokenizer_source=FLAGS.tokenizer_dir or checkpoint.tokenizer_source(source),
+                    progress=FLAGS.progress,
+                )
+                _ensure_tokenizer(folder, hf_config)
+            out = Path(FLAGS.output).absolute()
         elif checkpoint.is_hf_directory(source):
             model, hf_config = checkpoint.load_model(
                 source, param_dtype=param_dtype, place=place, progress=FLAGS.progress

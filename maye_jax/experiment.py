@@ -88,14 +88,23 @@ def finished(run_config) -> bool:
 
 
 def run_experiment(c) -> dict:
-    """Runs what is not finished yet, then the report; returns build_report's result. Every
-    run's config is checked before the first one starts."""
+    """Runs what is not finished yet, then the report; returns build_report's result (None in
+    processes other than 0). Every run's config is checked before the first one starts."""
+    from maye_jax.config.settings import load_settings
+    from maye_jax.run.lock import configured_process_id, hold_output_folder
+
+    settings = load_settings(c, kind="experiment")
+    # One experiment per folder; each run also locks its own sub-folder (same process).
+    with hold_output_folder(c.output_dir, process_id=configured_process_id(settings)):
+        return _run_experiment(c)
+
+
+def _run_experiment(c) -> dict:
     from maye_jax.config.settings import load_settings
     from maye_jax.evaluation.report import build_report
     from maye_jax.sft import run_sft
     from maye_jax.train import run_rl
 
-    load_settings(c, kind="experiment")
     start_model = c.model.path
     warmup = warmup_config(c) if c.experiment.warmup_epochs else None
     if warmup is not None:
@@ -122,15 +131,22 @@ def run_experiment(c) -> dict:
                 run_rl(a)
             else:
                 run_sft(a)
-    return build_report(run_dirs, Path(c.output_dir) / "report")
+    from maye_jax.run import multihost
+
+    report = None
+    if multihost.is_leader():  # several processes: process 0 writes the report
+        report = build_report(run_dirs, Path(c.output_dir) / "report")
+    multihost.barrier("report written")
+    return report
 
 
 def main(argv) -> int:
     del argv
     c = flags.FLAGS.config
     report = run_experiment(c)
-    print(report["markdown"])
-    print(json.dumps({"report": str(Path(c.output_dir) / "report")}))
+    if report is not None:
+        print(report["markdown"])
+        print(json.dumps({"report": str(Path(c.output_dir) / "report")}))
     return 0
 
 

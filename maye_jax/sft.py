@@ -30,11 +30,13 @@ from maye_jax.models.shapes import round_up
 from maye_jax.qwen_ids import IM_END_ID
 from maye_jax.rl.trajectory import prompt_images
 from maye_jax.rollout.factory import make_engine
-from maye_jax.run import startup
+from maye_jax.run import multihost, startup
 from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
+from maye_jax.run.lock import configured_process_id, hold_output_folder
 from maye_jax.run.metrics import summarize_run
 from maye_jax.training.batch import MinibatchMaker, TowerImages, UpdateBatch
+from maye_jax.training.global_batch import GlobalMinibatches, agree_on_image_features
 from maye_jax.training.policy import Policy, build_policy, optimizer_for, with_fresh_optimizer
 from maye_jax.training.update import StepUpdates, make_train_step
 
@@ -56,6 +58,8 @@ class SFTRunner:
         self, settings: Settings, policy, processor, data, *, num_epochs: int, eval_engine=None
     ):
         s = settings
+        if multihost.process_count() > 1:
+            startup.check_multiprocess(s, kind="sft")
         self.settings, self.processor, self.data = s, processor, data
         self.num_epochs = num_epochs
         self.batch_size = s.sft.batch_size
@@ -84,36 +88,55 @@ class SFTRunner:
 
     def minibatch(self, records, num_micro: int) -> UpdateBatch:
         """The step's mini-batch for `records`: their prompts with the solutions as responses,
-        in `num_micro` micro-batches."""
+        in `num_micro` micro-batches. Several processes: each builds the rows of its share of
+        `records` (in a layout they agree on) and the mini-batch is global."""
         tokenizer = self.processor.tokenizer
+        processes = multihost.process_count()
+        rows = self.batch_size // processes
+        if processes > 1:
+            records = records[multihost.process_index() * rows :][:rows]
         encoded = [
             self.processor.encode(r.load_image(), r.question, self.instruction) for r in records
         ]
+        min_prompt_len = 1
+        if processes > 1:
+            longest = max((len(np.asarray(e["input_ids"]).reshape(-1)) for e in encoded), default=1)
+            min_prompt_len = int(multihost.allgather_rows(np.asarray([longest])).max())
         batch = make_sequence_batch(
             encoded,
             sft_targets(tokenizer, records),
             self.policy.model_config,
             pad_id=tokenizer.pad_token_id,
-            batch_size=self.batch_size,
+            batch_size=rows,
             prompt_multiple=self.settings.data.prompt_multiple,
             response_len=self.response_len,
+            min_prompt_len=min_prompt_len,
         )
         zeros = np.zeros(batch.response_mask.shape, np.float32)
         features, tower = None, None
         if batch.vision is not None and self.settings.model.tower_trains:
-            row_prompt = np.full(self.batch_size, -1, np.int32)  # one row per record
+            row_prompt = np.full(rows, -1, np.int32)  # one row per record
             row_prompt[: len(records)] = np.arange(len(records))
             tower = TowerImages(
                 [prompt_images(e) for e in encoded], row_prompt, self.policy.model_config.vision
             )
         elif batch.vision is not None:
-            features = tower_features(self.policy.model(), batch.device_arrays()["vision"])
+            model = self.policy.local_model()
+            features = tower_features(model, batch.device_arrays()["vision"])
+        min_features_per_row = 0
+        if processes > 1:
+            features, min_features_per_row = agree_on_image_features(batch, features)
         maker = MinibatchMaker.build(
             batch,
             per_token=dict(advantages=zeros, logprobs_old=zeros),
             features=features,
             tower=tower,
+            min_features_per_row=min_features_per_row,
         )
+        if processes > 1:
+            return GlobalMinibatches(maker.rows, self.policy.layout, num_processes=processes)(
+                None, num_micro
+            )
         return maker(None, num_micro)
 
     def train_step(self, step: int) -> dict:
@@ -138,7 +161,7 @@ class SFTRunner:
     def evaluate(self, epoch: int, should_stop=None) -> dict:
         if self.eval_engine is None:
             return {}
-        self.eval_engine.load_policy(self.policy.model(), epoch)
+        self.eval_engine.load_policy(self.policy.local_model(), epoch)
         return evaluate_configured_splits(
             self.eval_engine,
             self.processor,
@@ -240,6 +263,14 @@ def run_sft(config) -> dict:
     Returns the summary of its evaluations (metrics.summarize_run); raises RunStopped when a
     signal stopped it."""
     s = config if isinstance(config, Settings) else load_settings(config, kind="sft")
+    # The folder is locked before it is checked (and, with overwrite, cleared): a second run
+    # must never touch a running one's outputs.
+    startup.init_distributed(s)  # several processes: before any folder work (barriers)
+    with hold_output_folder(s.output_dir, process_id=configured_process_id(s)):
+        return _run_sft(s)
+
+
+def _run_sft(s: Settings) -> dict:
     prepare_run_folder(s)
     files = startup.data_files(s)
     fingerprint = check_fingerprint(s, files)
@@ -271,8 +302,11 @@ def run_sft(config) -> dict:
         def export(out_dir: Path) -> None:
             from maye_jax.storage.model_folders import export_hf
 
+            model = policy.local_model()  # several processes: every one takes part
+            if not multihost.is_leader():
+                return
             export_hf(
-                policy.model(),
+                model,
                 policy.hf_config,
                 out_dir,
                 tokenizer_source=policy.source_dir,

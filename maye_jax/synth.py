@@ -29,6 +29,8 @@ def main(argv: list[str]) -> int:
     options = flags.FLAGS
     if not options.out:
         raise UserError("--out=DIR is required")
+    if options.num_train < 1:  # a data set without training records cannot be meant
+        raise UserError(f"--num_train={options.num_train}: must be >= 1")
     flavours = FLAVOURS if options.flavour == "both" else (options.flavour,)
     for flavour in flavours:
         try:

@@ -5,13 +5,13 @@
 3. trajectory  = make_trajectory(prompts, completions) rewards, logprobs (policy, reference)
 4. metrics     = policy_update(trajectory, step)      advantages + jitted sharded updates
 
-With `rl.async_rollouts` a torch-side worker generates step n+1's responses while steps 3-4 of
-step n run (maye_jax/rollout/overlap.py: one step off-policy, corrected by the truncated
-importance weight); the trainer waits for them when its update ends.
-
 With `rl.dynamic_sampling` (DAPO), steps 1-3's rewards repeat for top-up prompts until the
 batch holds only prompt groups whose scores differ (maye_jax/rl/dynamic_sampling.py); an epoch
 then ends when its prompts run out, which can be after fewer steps (maye_jax/data/cursor.py).
+
+With `rl.async_rollouts` a torch-side worker generates step n+1's responses while steps 3-4 of
+step n run (maye_jax/rollout/overlap.py: one step off-policy, corrected by the truncated
+importance weight); the trainer waits for them when its update ends.
 
 Everything around the steps (output folder, resume, metrics, progress, signals, checkpoints,
 the final export) is the run harness's (maye_jax/run/harness.py).
@@ -22,33 +22,43 @@ python -m maye_jax.train --config=configs/demo.py [--config.rl.kl_loss_coeff=0.0
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
+import jax
 import numpy as np
-import psutil
 
 from maye_jax.config.settings import Settings, load_settings
 from maye_jax.data.cursor import EpochCursor
 from maye_jax.data.processor import get_prompt_template
-from maye_jax.errors import EvaluationInterrupted, UserError
+from maye_jax.errors import EvaluationInterrupted
 from maye_jax.evaluation.evaluate import evaluate_configured_splits
-from maye_jax.evaluation.scheme import reflection_metrics
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
-from maye_jax.rl.advantages import compute_advantages
+from maye_jax.rl.advantages import (
+    WHITENING_ESTIMATORS,
+    compute_advantages,
+    masked_whiten_across_processes,
+)
 from maye_jax.rl.dynamic_sampling import PromptGroups, fill_batch, top_up_seed
+from maye_jax.rl.step_rows import gather_step_rows, rollout_rows, step_metrics
 from maye_jax.rl.trajectory import build_trajectory, score_responses
 from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_engine
 from maye_jax.rollout.overlap import OverlappedRollouts
-from maye_jax.run import startup
+from maye_jax.run import multihost, startup
 from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
-from maye_jax.run.metrics import read_metrics, summarize_run, write_rollouts
+from maye_jax.run.lock import configured_process_id, hold_output_folder
+from maye_jax.run.metrics import print_summary, summarize_run, write_rollouts
 from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
 from maye_jax.training.batch import MinibatchMaker, TowerImages
-from maye_jax.training.policy import build_policy, optimizer_for, with_fresh_optimizer
+from maye_jax.training.global_batch import GlobalMinibatches, agree_on_image_features
+from maye_jax.training.policy import (
+    build_policy,
+    host_local_model,
+    optimizer_for,
+    with_fresh_optimizer,
+)
 from maye_jax.training.update import StepUpdates, make_train_step
 
 log = logging.getLogger("maye_jax")
@@ -68,7 +78,7 @@ class Trainer:
             fingerprint = check_fingerprint(s, files)
             data = startup.prepare_data(s, files)
         self.data, self.fingerprint = data, fingerprint
-        check_rl_data(s, data)
+        startup.check_rl_data(s, data)
         self.prompts_per_step = s.rl.batch_size // s.rollout.num_samples
         # Without dynamic sampling every epoch has exactly steps_per_epoch steps; with it an epoch
         # can end sooner (its top-ups use up the prompts), and total_steps is an upper bound
@@ -77,6 +87,11 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * s.rl.num_epochs
         self.cursor = EpochCursor(len(self.data["train"]), s.seed)
         self.updates_per_step = (s.rl.batch_size // s.rl.ppo_batch_size) * s.rl.ppo_epochs
+        self.processes = jax.process_count()  # several: each takes its share of every step
+        self.share = slice(0, self.prompts_per_step)
+        if self.processes > 1:
+            startup.check_multiprocess(s, kind="rl")
+            self.share = multihost.share(self.prompts_per_step, "config.rl.batch_size's prompts")
         optimizer, schedule = optimizer_for(s, self.total_steps * self.updates_per_step)
         self.hf_model_dir = startup.materialize_start_model(s)  # what a worker engine loads first
         # The reference model is held only when a KL term uses it.
@@ -121,6 +136,7 @@ class Trainer:
             policy.model_def, optimizer, schedule, policy.layout, s.update_config()
         )
         self.weights_version = 0  # the generation step whose update made the current weights
+        self.engine_version = None  # the version the rollout engine holds
         self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
         self.epoch_correct: list[bool] = []
         self.run_harness: RunHarness | None = None
@@ -129,7 +145,10 @@ class Trainer:
     def data_flow(self, count: int):
         """Step 1: the next `count` records of the epoch order (fewer if the epoch has fewer
         left) and their model inputs; the data cursor moves past them."""
-        records = [self.data["train"][i] for i in self.cursor.take(count)]
+        picked = list(self.cursor.take(count))
+        if self.processes > 1:  # this host's contiguous share of the step's prompts
+            picked = picked[self.share]
+        records = [self.data["train"][i] for i in picked]
         encoded = [
             self.processor.encode(r.load_image(), r.question, self.instruction) for r in records
         ]
@@ -141,7 +160,7 @@ class Trainer:
         with its own seed. Overlapped: the responses generated ahead for this step, and the
         next step's generation starts."""
         prompts = [_prompt(e) for e in encoded]
-        if self.overlap is not None:
+        if self.overlap is not None:  # one process only (refused at validation otherwise)
             return self.overlap.collect(
                 step,
                 prompts,
@@ -153,8 +172,11 @@ class Trainer:
                 on_sync=lambda: self.run_harness.section("sync"),
             )
         with self.run_harness.section("sync"):
-            self.engine.load_policy(self.policy.model(), self.weights_version)
-        return self.engine.generate(prompts, self.sampling(step, round_index), step=step)
+            self.load_rollout_weights()
+        # Global prompt indices: each host's prompts draw their own seeds.
+        return self.engine.generate(
+            prompts, self.sampling(step, round_index), step=step, first_index=self.share.start
+        )
 
     def sampling(self, step: int, round_index: int = 0) -> Sampling:
         r, seed = self.settings.rollout, self.settings.seed
@@ -187,6 +209,13 @@ class Trainer:
             with self.run_harness.section("rollout"):
                 self.overlap.wait()
 
+    def load_rollout_weights(self) -> None:
+        """The engine gets the current weights once per version; several processes: this
+        host's copy (`Policy.local_model`), so no host waits on another to sample."""
+        if self.engine_version != self.weights_version:
+            self.engine.load_policy(self.policy.local_model(), self.weights_version)
+            self.engine_version = self.weights_version
+
     def sample_groups(self, count: int, step: int, round_index: int = 0) -> PromptGroups | None:
         """Steps 1-2 and the rewards of step 3 for the next `count` prompts (None when the epoch
         has none left): a step's first round, or a dynamic-sampling top-up."""
@@ -218,19 +247,34 @@ class Trainer:
 
     def make_trajectory(self, groups: PromptGroups):
         """Step 3: query+response sequences, logprobs (policy, reference); the rewards were
-        scored with the samples (`sample_groups`)."""
+        scored with the samples (`sample_groups`). Several processes: each on its own rows,
+        with its copy of the weights, in a layout every process shares."""
         records, encoded, completions = groups.records, groups.encoded, groups.completions
+        options = self.settings.trajectory_config()
+        reference = self.policy.reference()  # None without a KL term: no forward pass
+        min_prompt_len = min_response_len = 1
+        if self.processes > 1:  # every process lays out its rows with the same P and R
+            reference = reference and host_local_model(reference)
+            options = dataclasses.replace(options, rows_multiple=1)  # the global batch is whole
+            longest = [
+                max(len(np.asarray(e["input_ids"]).reshape(-1)) for e in encoded),
+                max(len(c.token_ids) for samples in completions for c in samples),
+            ]
+            longest = multihost.allgather_rows(np.asarray([longest])).max(axis=0)
+            min_prompt_len, min_response_len = int(longest[0]), int(longest[1])
         return build_trajectory(
-            policy=self.policy.model(),
-            reference=self.policy.reference(),  # None without a KL term: no forward pass
+            policy=self.policy.local_model(),
+            reference=reference,
             config=self.policy.model_config,
             records=records,
             prompts=encoded,
             completions=completions,
-            options=self.settings.trajectory_config(),
+            options=options,
             pad_id=self.processor.tokenizer.pad_token_id,
             reference_shares_vision=not self.settings.model.tower_trains,
             rewards=groups.rewards,
+            min_prompt_len=min_prompt_len,
+            min_response_len=min_response_len,
         )
 
     def policy_update(self, trajectory, step: int) -> dict:
@@ -238,6 +282,13 @@ class Trainer:
         over shuffled mini-batches."""
         s = self.settings
         batch = trajectory.batch
+        config = s.advantage_config()
+        # Several processes whiten with every process's statistics (groups stay on one host).
+        whiten_across = (
+            self.processes > 1
+            and config.whiten
+            and s.rl.advantage_estimator in WHITENING_ESTIMATORS
+        )
         advantages = np.asarray(
             compute_advantages(
                 s.rl.advantage_estimator,
@@ -246,9 +297,20 @@ class Trainer:
                 logprobs=trajectory.logprobs_old,
                 ref_logprobs=trajectory.ref_logprobs,
                 num_samples_per_prompt=s.rollout.num_samples,
-                config=s.advantage_config(),
+                config=dataclasses.replace(config, whiten=False) if whiten_across else config,
             )
         )
+        if whiten_across:
+            advantages = masked_whiten_across_processes(
+                advantages,
+                batch.response_mask,
+                shift_mean=config.shift_mean,
+                eps=config.whiten_eps,
+                global_sum=multihost.global_sum,
+            )
+        features, min_features_per_row = trajectory.features, 0
+        if self.processes > 1:  # every process's rows get the same feature table size
+            features, min_features_per_row = agree_on_image_features(batch, features)
         tower = None
         if s.model.tower_trains:
             tower = TowerImages(
@@ -262,10 +324,15 @@ class Trainer:
                 ref_logprobs=trajectory.ref_logprobs if s.rl.kl_loss_coeff != 0 else None,
                 logprobs_rollout=trajectory.rollout_logprobs if s.rl.rollout_is_cap else None,
             ),
-            features=trajectory.features,
+            features=features,
             tower=tower,
+            min_features_per_row=min_features_per_row,
             response_buckets=s.trajectory_config().response_buckets,
         )
+        if self.processes > 1:  # every process's rows, one global batch
+            minibatches = GlobalMinibatches(
+                minibatches.rows, self.policy.layout, num_processes=self.processes
+            )
         num_micro = s.rl.ppo_batch_size // s.rl.micro_batch_size
         rng = np.random.default_rng([s.seed, step, 7])
         updates = StepUpdates(f"{step}", name_updates=True)
@@ -286,7 +353,7 @@ class Trainer:
         (EvaluationInterrupted). Overlapped rollouts: after the request in flight."""
         if self.overlap is not None:
             self.overlap.wait()
-        self.engine.load_policy(self.policy.model(), self.weights_version)
+        self.load_rollout_weights()
         folder = self.output_dir / "eval_responses"
         return evaluate_configured_splits(
             self.engine,
@@ -312,53 +379,20 @@ class Trainer:
             **({"pending_rollouts": self.overlap.state()} if self.overlap is not None else {}),
         )
 
-    def step_metrics(self, trajectory, update_metrics, timings, step: int = 0) -> dict:
-        n = trajectory.num_rows
-        mask = trajectory.batch.response_mask[:n].astype(bool)
-        mismatch = np.abs(trajectory.logprobs_old[:n] - trajectory.rollout_logprobs[:n])[mask]
-        lengths = trajectory.response_lengths[:n]
-        metrics = {
-            "train/reward/total": float(np.mean(trajectory.scores[:n])),
-            "response_length/mean": float(lengths.mean()),
-            "response_length/max": int(lengths.max()),
-            "response_length/clip_ratio": float(np.mean(~trajectory.finished[:n])),
-            "response_length/num_eos": int(trajectory.finished[:n].sum()),
-            "mismatch/logprob_abs_mean": float(mismatch.mean()) if mismatch.size else 0.0,
-            "mismatch/logprob_abs_max": float(mismatch.max()) if mismatch.size else 0.0,
-            "memory/host_bytes": int(psutil.Process().memory_info().rss),
-            "memory/device_bytes": startup.device_memory_bytes(),
-        }
-        for name, values in trajectory.reward_components.items():
-            metrics[f"train/reward/{name}"] = float(np.mean(values[:n]))
-        metrics.update(update_metrics)
-        if self.overlap is not None:
-            metrics.update(self.overlap.metrics(step))
-        for name, value in reflection_metrics(
-            trajectory.texts, list(trajectory.correct[:n])
-        ).items():
-            metrics[f"reflection/{name}"] = value
-        metrics.update(timings)
-        return metrics
-
-    def rollout_rows(self, trajectory) -> list[dict]:
-        """rollouts/step_<n>.jsonl rows; overlapped, each with its weights version."""
-        rows = _rollout_rows(trajectory)
-        if self.overlap is not None:
-            for row, version in zip(rows, self.overlap.last_versions):
-                row["weights_version"] = version
-        return rows
-
     def export_hf(self, out_dir: Path) -> None:
         from maye_jax.storage.model_folders import export_hf
 
         policy = self.policy
-        export_hf(
-            policy.model(),
-            policy.hf_config,
-            out_dir,
-            tokenizer_source=policy.source_dir,
-            progress=self.settings.logging.progress_bar,
-        )
+        model = policy.local_model()  # several processes: every one takes part (a gather)
+        if multihost.is_leader():
+            export_hf(
+                model,
+                policy.hf_config,
+                out_dir,
+                tokenizer_source=policy.source_dir,
+                progress=self.settings.logging.progress_bar,
+            )
+        multihost.barrier("final export written")
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self) -> dict:
@@ -379,8 +413,6 @@ class Trainer:
                 )
                 self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
                 self.weights_version = start
-                if self.overlap is not None:
-                    self.overlap.restore(meta.get("pending_rollouts"))
                 self.cursor = EpochCursor.restore(
                     len(self.data["train"]),
                     s.seed,
@@ -389,6 +421,8 @@ class Trainer:
                     steps_per_epoch=self.steps_per_epoch,
                     prompts_per_step=self.prompts_per_step,
                 )
+                if self.overlap is not None:
+                    self.overlap.restore(meta.get("pending_rollouts"))
                 if self.cursor.epoch >= s.rl.num_epochs:  # resumed after its last step
                     run.end_early(start)
                 if start == 0 and s.eval.enabled and s.eval.at_start:
@@ -406,15 +440,21 @@ class Trainer:
                     with run.section("update"):
                         update_metrics = self.policy_update(trajectory, step)
                     self.finish_rollouts()
-                    metrics = self.step_metrics(trajectory, update_metrics, run.timings(), step)
+                    rows = gather_step_rows(trajectory)  # every process's
+                    metrics = step_metrics(
+                        rows, update_metrics, run.timings(), startup.device_memory_bytes()
+                    )
+                    if self.overlap is not None:
+                        metrics.update(self.overlap.metrics(step))
+                        rows.weights_versions = self.overlap.last_versions
                     metrics.update(sampling_metrics)
                     # Training accuracy over every response sampled (dynamic sampling's dropped
                     # groups too: leaving out all-correct groups would bias it down).
-                    correct = _correct(sampled)
+                    correct = multihost.allgather_rows(np.asarray(_correct(sampled))).tolist()
                     metrics["train/accuracy"] = float(np.mean(correct))
                     self.epoch_correct.extend(correct)
-                    if s.logging.save_rollouts:
-                        write_rollouts(self.output_dir, step, self.rollout_rows(trajectory))
+                    if s.logging.save_rollouts and multihost.is_leader():
+                        write_rollouts(self.output_dir, step, rollout_rows(rows))
                     if self.cursor.end_epoch_if_short(self.prompts_per_step):
                         metrics["train/epoch_accuracy"] = float(np.mean(self.epoch_correct))
                         self.epoch_correct = []
@@ -455,17 +495,6 @@ class Trainer:
         run.log(metrics, step=step, epoch=epoch)
 
 
-def check_rl_data(settings: Settings, data) -> None:
-    """What the config alone cannot check: enough training records for one step."""
-    prompts_per_step = settings.rl.batch_size // settings.rollout.num_samples
-    if len(data["train"]) < prompts_per_step:
-        raise UserError(
-            f"config.rl.batch_size: {settings.rl.batch_size} responses of "
-            f"{settings.rollout.num_samples} samples = {prompts_per_step} prompts per step, "
-            f"more than the {len(data['train'])} training records"
-        )
-
-
 def build_trainer(settings: Settings) -> Trainer:
     """The RL trainer; with `sft.warmup_epochs` the policy is first warmed up by SFT (the demo),
     unless the run resumes from its saved start model. The data is read (and checked against
@@ -477,7 +506,7 @@ def build_trainer(settings: Settings) -> Trainer:
     log.info(
         "data: %s", ", ".join(f"{split} {len(records)} records" for split, records in data.items())
     )
-    check_rl_data(s, data)
+    startup.check_rl_data(s, data)
     if not s.sft.warmup_epochs or (s.resume and has_start_model(Path(s.output_dir).absolute())):
         return Trainer(s, data=data, fingerprint=fingerprint)
     from maye_jax.sft import warm_up
@@ -489,14 +518,14 @@ def build_trainer(settings: Settings) -> Trainer:
 def run_rl(config) -> dict:
     """The RL run of `config` (an ml_collections config or typed Settings), checked first, in
     its output folder (checked and prepared before any work); returns the summary of its
-    evaluations (`metrics.summarize_run`). Raises RunStopped when a signal stopped it."""
+    evaluations (`metrics.summarize_run`). Raises RunStopped when a signal stopped it. The
+    folder is locked from before its check (and, with overwrite, its clearing) to the end: one
+    run per folder, so a second run never touches a running one's outputs."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
-    prepare_run_folder(settings)
-    return build_trainer(settings).run()
-
-
-def _prompt(encoded: dict) -> Prompt:
-    return Prompt(encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"])
+    startup.init_distributed(settings)  # several processes: before any folder work (barriers)
+    with hold_output_folder(settings.output_dir, process_id=configured_process_id(settings)):
+        prepare_run_folder(settings)
+        return build_trainer(settings).run()
 
 
 def _correct(groups: PromptGroups) -> list[bool]:
@@ -505,36 +534,6 @@ def _correct(groups: PromptGroups) -> list[bool]:
     if accuracy is None:
         return [False] * sum(len(samples) for samples in groups.completions)
     return [score >= 1.0 for score in accuracy]
-
-
-def _rollout_rows(trajectory):
-    rows = []
-    for i in range(trajectory.num_rows):
-        row = dict(
-            prompt_id=trajectory.prompt_ids[i],
-            response=trajectory.texts[i],
-            response_length=int(trajectory.response_lengths[i]),
-            finished=bool(trajectory.finished[i]),
-            score=float(trajectory.scores[i]),
-        )
-        for name, values in trajectory.reward_components.items():
-            row[f"reward/{name}"] = float(values[i])
-        rows.append(row)
-    return rows
-
-
-def print_summary(summary: dict, output_dir) -> None:
-    """The summary, and one line per validation setting: first, best and last accuracy."""
-    print(json.dumps(summary, indent=2))
-    evaluated_at_start = any(line["epoch"] == 0 for line in read_metrics(output_dir))
-    first = "start of RL" if evaluated_at_start else "first evaluation"
-    for key in sorted(k for k in summary if k.startswith("eval/validation/")):
-        row = summary[key]
-        print(
-            f"{key}: {first} {100 * row['first']:.1f}%, best during RL {100 * row['best']:.1f}%, "
-            f"last {100 * row['last']:.1f}%"
-        )
-    print(f"metrics: {Path(output_dir).absolute() / 'metrics.jsonl'}")
 
 
 def main(argv) -> int:
@@ -551,3 +550,7 @@ if __name__ == "__main__":
     from maye_jax.run.cli import run_cli
 
     run_cli("train", main, config_flag=True)
+
+
+def _prompt(encoded: dict) -> Prompt:
+    return Prompt(encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"])

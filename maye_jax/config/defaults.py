@@ -65,13 +65,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.synth_solution_style = "full"  # "short": computation + box only (cheaper CPU demo)
 
     c.sharding = ml_collections.ConfigDict()
-    c.sharding.fsdp = 1
+    c.sharding.fsdp = 1  # devices the weights shard over (per host in a multi-host run)
     c.sharding.tp = 1
-    c.sharding.dp = 1
+    c.sharding.dp = placeholder(int)  # None: one dp row per process (HSDP); 1: FSDP across hosts
     c.sharding.max_replicated_fraction = 0.05
-    c.sharding.coordinator_address = placeholder(str)  # multi-host: jax.distributed
+    # Several processes (one per host): jax.distributed. None: $MAYE_COORDINATOR,
+    # $MAYE_NUM_PROCESSES, $MAYE_PROCESS_ID, else JAX's cluster detection (SLURM, ...).
+    c.sharding.coordinator_address = placeholder(str)  # e.g. "node0:12345"
     c.sharding.num_processes = placeholder(int)
     c.sharding.process_id = placeholder(int)
+    c.sharding.local_device_ids = placeholder(tuple)  # this host's training GPUs, e.g. (0, ..., 6)
 
     c.rollout = ml_collections.ConfigDict()
     c.rollout.engine = "jax"  # jax | hf | vllm
@@ -187,7 +190,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 10
-    c.checkpoint.keep = 2
+    c.checkpoint.keep = 2  # the newest kept; older ones deleted once a new one is whole
     c.checkpoint.export_hf = True  # write the final policy as an HF directory
 
     c.logging = ml_collections.ConfigDict()

@@ -217,11 +217,12 @@ class DataSettings:
 class ShardingSettings:
     fsdp: int = opt(1, positive)
     tp: int = opt(1, positive)
-    dp: int = opt(1, positive)
+    dp: int | None = opt(None, positive)
     max_replicated_fraction: float | None = opt(0.05, in_range(0.0, 1.0))
     coordinator_address: str | None = opt(None)
     num_processes: int | None = opt(None, positive, none_off="-1")
     process_id: int | None = opt(None, non_negative, none_off="-1")
+    local_device_ids: tuple[int, ...] | None = opt(None, each(non_negative))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -568,6 +569,10 @@ def _coerce(value, hint, where: str, problems: list[str]):
             problems.append(f"{where}: {value!r}: expected a tuple")
             return value
         items = _split_names(value)
+        if typing.get_args(kind)[0] is int:  # "0,1,2" from the command line
+            items = tuple(
+                int(i) if isinstance(i, str) and i.strip().isdigit() else i for i in items
+            )
         if typing.get_args(kind)[0] is int and any(
             isinstance(i, bool) or not isinstance(i, int) for i in items
         ):
@@ -750,6 +755,7 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
         problems.extend(_async_rollout_problems(s))
     if s.model.attention == "cudnn" and s.model.dtype == "float32":
         bad("model.attention", "cudnn flash attention needs model.dtype=bfloat16")
+    problems += multiprocess_problems(s, kind)
     if s.resume and s.overwrite:
         bad("overwrite", "cannot be combined with resume=True (resume keeps the run's outputs)")
     return problems
@@ -773,13 +779,42 @@ def _async_rollout_problems(s: Settings) -> list[str]:
             "config.rl.async_rollouts: not built with rl.dynamic_sampling yet (its top-ups "
             "depend on the step's own rewards)"
         )
-    import os
+    return problems
 
-    processes = s.sharding.num_processes or int(os.environ.get("MAYE_NUM_PROCESSES") or 1)
-    if processes > 1:
+
+def multiprocess_problems(s: Settings, kind: str, processes: int | None = None) -> list[str]:
+    """What several processes do not support (yet), or cannot split evenly (`processes`: the
+    actual count, once known; else the configured one)."""
+    processes = processes or s.sharding.num_processes
+    if not processes or processes == 1:
+        return []
+    problems = []
+    if s.model.tower_trains:
         problems.append(
-            "config.rl.async_rollouts: not built for several JAX processes yet (one worker "
-            "serves one trainer process)"
+            "config.model.train_vit: a vision tower that trains is not supported with several "
+            "processes (each micro-batch packs every host's images)"
+        )
+    if kind in ("rl", "experiment"):
+        prompts = s.rl.batch_size // s.rollout.num_samples
+        if prompts % processes:
+            problems.append(
+                f"config.rl.batch_size: {prompts} prompts per step do not split over "
+                f"{processes} processes"
+            )
+        if s.rl.dynamic_sampling:
+            problems.append("config.rl.dynamic_sampling: not supported with several processes")
+        if s.rl.async_rollouts:
+            problems.append(
+                "config.rl.async_rollouts: not built for several processes yet (one worker "
+                "serves one trainer process)"
+            )
+    if (kind in ("sft", "experiment") or s.sft.warmup_epochs) and s.sft.batch_size % processes:
+        problems.append(
+            f"config.sft.batch_size: {s.sft.batch_size} does not split over {processes} processes"
+        )
+    if s.sharding.process_id is not None and s.sharding.process_id >= processes:
+        problems.append(
+            f"config.sharding.process_id: {s.sharding.process_id} >= num_processes {processes}"
         )
     return problems
 

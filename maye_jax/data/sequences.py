@@ -112,12 +112,14 @@ def make_sequence_batch(
     prompt_multiple: int | None = None,
     response_len: int | None = None,
     batch_size: int | None = None,
+    min_prompt_len: int = 1,
 ) -> SequenceBatch:
     """`prompts`: processor outputs (input_ids, pixel_values, image_grid_thw) of each row;
     `responses`: token ids of each row's response (may be empty). `batch_size` pads the batch
     with empty rows (all padding) to a fixed size. Fixed shapes mean fewer compilations of the
     jitted steps: `response_len` fixes R (e.g. to max_tokens), `prompt_multiple` rounds P
-    more coarsely than `length_multiple`."""
+    more coarsely than `length_multiple`; P holds at least `min_prompt_len` (several processes
+    pass the longest prompt of all, so their batches have one shape)."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     rows = batch_size or len(prompts)
@@ -125,7 +127,7 @@ def make_sequence_batch(
         raise ValueError(f"batch_size {rows} < {len(prompts)} rows")
     prompt_ids = [np.asarray(p["input_ids"]).reshape(-1) for p in prompts]
     _check_vocabulary(prompt_ids, responses, pad_id, config.text.vocab_size)
-    longest_prompt = max(1, *(len(p) for p in prompt_ids))
+    longest_prompt = max(min_prompt_len, 1, *(len(p) for p in prompt_ids))
     prompt_len = round_up(longest_prompt, prompt_multiple or length_multiple)
     longest = max([len(r) for r in responses] + [min_response_len])
     if response_len is None:

@@ -270,6 +270,11 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def split_paths(out_dir, flavour: str) -> dict[str, Path]:
+    """Where `generate` writes each split of `flavour` under `out_dir`."""
+    return {split: Path(out_dir) / flavour / f"{flavour}_{split}.jsonl" for split in SPLITS}
+
+
 def generate(
     out_dir: str | Path,
     flavour: str,
@@ -285,9 +290,11 @@ def generate(
     """Writes one flavour's three splits and images; returns ``{split: jsonl path}``."""
     if flavour not in FLAVOURS:
         raise ValueError(f"synth.generate: unknown flavour {flavour!r}; expected one of {FLAVOURS}")
-    if num_train < 1:
-        raise ValueError(f"synth.generate: num_train must be >= 1, got {num_train}")
-    for name, count in (("num_validation", num_validation), ("num_test", num_test)):
+    for name, count in (
+        ("num_train", num_train),
+        ("num_validation", num_validation),
+        ("num_test", num_test),
+    ):
         if count < 0:
             raise ValueError(f"synth.generate: {name} must be >= 0, got {count}")
     if image_size < 32:
@@ -301,7 +308,7 @@ def generate(
     flavour_dir = Path(out_dir) / flavour
     (flavour_dir / "images").mkdir(parents=True, exist_ok=True)
     sizes = {"train": num_train, "validation": num_validation, "test": num_test}
-    paths = {}
+    paths = split_paths(out_dir, flavour)
     for split in SPLITS:
         rng = random.Random(f"maye_jax.synth/{seed}/{flavour}/{split}")
         test_problems = []
@@ -329,6 +336,5 @@ def generate(
             if solution_style == "short":
                 record["solution"] = shorten_solution(record["solution"])
             lines.append(json.dumps(record, ensure_ascii=False))
-        paths[split] = flavour_dir / f"{flavour}_{split}.jsonl"
         _write_atomically(paths[split], "".join(line + "\n" for line in lines).encode("utf-8"))
     return paths

@@ -21,6 +21,7 @@ from maye_jax.data.records import Record
 from maye_jax.errors import EvaluationInterrupted, UserError
 from maye_jax.qwen_ids import STOP_TOKEN_IDS
 from maye_jax.rollout.engine import Prompt, Sampling
+from maye_jax.storage.atomic import atomic_write_text
 
 SETTINGS: dict[str, dict] = {
     "pass@8_t1.0": dict(n=8, temperature=1.0, top_p=1.0),
@@ -62,8 +63,17 @@ def evaluate_split(
     reward_workers: int | None = None,
     should_stop=None,
     progress: bool = True,
+    first_index: int = 0,
+    combine=None,
+    num_batches: int | None = None,
 ):
     """Returns ({f"eval/{split}/{setting}": accuracy}, [response rows]) for one split.
+    `records[i]` samples with the seeds of global prompt index `first_index + i`, so the results
+    do not depend on `batch_size` or on how records are shared between hosts; `combine`
+    (several processes: `multihost.allgather_objects`) turns this process's per-setting
+    correctness and rows into every process's, in order, before the accuracies are taken;
+    `num_batches` (several processes: the largest share's) keeps every process's loop, and so
+    its `should_stop` calls, in step.
     `should_stop()` is asked before every batch: True abandons the evaluation
     (EvaluationInterrupted), so a stop request is honoured within one batch's time.
 
@@ -79,7 +89,8 @@ def evaluate_split(
         )
         for setting in settings
     }
-    metrics, rows = {}, []
+    correct_by_setting, rows = {}, []
+    num_batches = -(-len(records) // batch_size) if num_batches is None else num_batches
     total_samples = len(records) * sum(sampling.n for sampling in samplings.values())
     bar = tqdm(
         total=total_samples,
@@ -92,12 +103,14 @@ def evaluate_split(
         for setting, sampling in samplings.items():
             bar.set_postfix_str(setting)
             correct_matrix = []  # per prompt: one flag per sample
-            for start in range(0, len(records), batch_size):
+            for start in range(0, num_batches * batch_size, batch_size):
                 if should_stop is not None and should_stop():
                     raise EvaluationInterrupted(
                         f"evaluation of {split} abandoned at a stop request"
                     )
                 chunk = records[start : start + batch_size]
+                if not chunk:  # this process's share ended before another's
+                    continue
                 # A distinct step per (split, setting) keeps the evaluation draws independent
                 # of the training draws of the same generation step.
                 chunk_correct, chunk_rows = _generate_and_score(
@@ -109,22 +122,37 @@ def evaluate_split(
                     step=_eval_step(step, split, setting),
                     reward_timeout_s=reward_timeout_s,
                     reward_workers=reward_workers,
+                    first_index=first_index + start,
                 )
                 correct_matrix += chunk_correct
                 rows += [dict(split=split, setting=setting, **row) for row in chunk_rows]
                 bar.update(len(chunk) * sampling.n)
-            metrics[f"eval/{split}/{setting}"] = pass_at_k(correct_matrix)
+            correct_by_setting[setting] = correct_matrix
+    if combine is not None:  # every process's results, in process (= record) order
+        parts = combine((correct_by_setting, rows))
+        correct_by_setting = {s: [c for part, _ in parts for c in part[s]] for s in samplings}
+        rows = [row for _, part_rows in parts for row in part_rows]
+    metrics = {f"eval/{split}/{s}": pass_at_k(correct_by_setting[s]) for s in samplings}
     return metrics, rows
 
 
 def _generate_and_score(
-    engine, processor, records, sampling, *, instruction, step, reward_timeout_s, reward_workers
+    engine,
+    processor,
+    records,
+    sampling,
+    *,
+    instruction,
+    step,
+    reward_timeout_s,
+    reward_workers,
+    first_index,
 ) -> tuple[list[list[bool]], list[dict]]:
     """(per record: correct flag of each sample, one row per sample) of one generate call."""
     from maye_jax.rl.rewards import accuracy_rewards
 
     _, prompts = encode_prompts(processor, records, instruction)
-    completions = engine.generate(prompts, sampling, step=step)
+    completions = engine.generate(prompts, sampling, step=step, first_index=first_index)
     texts = [c.text for samples in completions for c in samples]
     solutions = [r.solution for r, samples in zip(records, completions) for _ in samples]
     answers = [r.answer for r, samples in zip(records, completions) for _ in samples]
@@ -163,15 +191,22 @@ def evaluate_configured_splits(
     `responses_path(split)` given and `eval.save_responses` on, writes each split's responses.
     The engine must hold the weights to evaluate (`engine.load_policy`); a progress bar per
     split unless `logging.progress_bar` is off."""
+    from maye_jax.run import multihost
+
     e = settings.eval
     metrics = {}
     for split in e.splits:
         if split not in data:  # never drop an asked-for evaluation silently
             raise UserError(f"config.eval.splits: {split}: the run has no {split} data")
+        # Several processes: each evaluates its contiguous share of the records on its own
+        # engine, and the results are gathered (as strings and flags, not arrays).
+        records = data[split]
+        per_process = -(-len(records) // multihost.process_count())
+        first = min(multihost.process_index() * per_process, len(records))
         split_metrics, rows = evaluate_split(
             engine,
             processor,
-            data[split],
+            records[first : first + per_process],
             split=split,
             settings=list(e.settings),
             max_tokens=e.max_tokens,
@@ -183,12 +218,16 @@ def evaluate_configured_splits(
             reward_workers=settings.rewards.num_workers,
             should_stop=should_stop,
             progress=settings.logging.progress_bar,
+            first_index=first,
+            combine=multihost.allgather_objects if multihost.process_count() > 1 else None,
+            num_batches=-(-per_process // e.batch_size),
         )
         metrics.update(split_metrics)
-        if responses_path is not None and e.save_responses:
+        if responses_path is not None and e.save_responses and multihost.is_leader():
             path = Path(responses_path(split))
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            # whole or absent: a kill while writing leaves the previous file, never half of it
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return metrics
 
 

@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 KL_CLAMP = 10.0
@@ -230,9 +231,36 @@ def masked_whiten(
     return jnp.where(mask, whitened, 0.0)
 
 
+def masked_whiten_across_processes(
+    values: np.ndarray,  # [B, T] this process's rows
+    mask: np.ndarray,  # [B, T]
+    *,
+    shift_mean: bool,
+    eps: float,
+    global_sum,  # array -> its sum over every process (multihost.global_sum)
+) -> np.ndarray:  # [B, T]
+    """`masked_whiten` with the statistics of every process's rows together: the mean from
+    global sums and counts, then (a second pass) the variance from the global sum of squared
+    deviations from that mean, Bessel-corrected, so the result does not depend on how the
+    rows are split between processes."""
+    mask = np.asarray(mask, bool)
+    values = np.asarray(values, np.float64)
+    total, count = global_sum(np.asarray([np.where(mask, values, 0.0).sum(), mask.sum()]))
+    mean = total / count if count else 0.0
+    squares = global_sum(np.asarray([np.where(mask, np.square(values - mean), 0.0).sum()]))[0]
+    var = squares / (count - 1) if count > 1 else 0.0
+    whitened = (values - mean) / np.sqrt(var + eps)
+    if shift_mean:
+        whitened = whitened + mean
+    return np.where(mask, whitened, 0.0).astype(np.float32)
+
+
 # --------------------------------------------------------------------------------------------------
 # Advantage estimators
 # --------------------------------------------------------------------------------------------------
+
+# The estimators whose last step whitens over the whole batch (`AdvantageConfig.whiten`).
+WHITENING_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -173,10 +173,14 @@ def build_trajectory(
     pad_id: int,
     reference_shares_vision: bool = True,
     rewards: Mapping[str, Sequence[float]] | None = None,
+    min_prompt_len: int = 1,
+    min_response_len: int = 1,
 ) -> Trajectory:
     """`completions[i]` are the samples of `prompts[i]` (of `records[i]`); rows are laid out
     prompt-major (all samples of prompt 0, then prompt 1, ...), as GRPO/RLOO expect.
     `rewards`: `score_responses` of these rows when already computed (else scored here).
+    `min_prompt_len`/`min_response_len`: the longest prompt and response of every process's
+    rows, so that all processes lay out their rows with the same P and R.
 
     When the vision tower is frozen the reference shares it, so its features are reused."""
     o = options
@@ -202,7 +206,8 @@ def build_trajectory(
         pad_id=pad_id,
         batch_size=batch_size,
         prompt_multiple=o.prompt_multiple,
-        response_len=response_bucket(longest, o.response_buckets),
+        response_len=response_bucket(max(longest, min_response_len), o.response_buckets),
+        min_prompt_len=min_prompt_len,
     )
     features = tower_features(policy, batch.device_arrays()["vision"]) if batch.vision else None
     logprobs_old = forward_logprobs(

@@ -30,6 +30,12 @@ worker's log. Generation requests name the weights version the trainer last sync
 refuses any other, so a rollout can never silently use stale weights. The segment is unlinked
 and the worker stopped on `close()`, at interpreter exit and on SIGTERM.
 
+Nothing outlives the run: a worker whose trainer was killed (SIGKILL; it gets SIGTERM from the
+kernel) removes the segment and its log folder (`/tmp/maye-worker-<trainer pid>-*`) itself; a
+worker that cannot be started (WorkerStartError, e.g. a wrong `python`) leaves no socket or
+folder; and what a SIGKILL of both leaves is removed when the next worker engine starts (only
+folders of these names whose process is gone).
+
 This module imports no JAX: `sync_weights` takes any mapping of HF names to arrays that
 `numpy.asarray` accepts (JAX arrays are fetched one at a time while being written).
 """
@@ -56,9 +62,11 @@ from maye_jax.rollout.engine import Completion, Prompt, Sampling
 from maye_jax.rollout.shm import (
     FROZEN_PREFIXES,
     WeightSegment,
+    cleanup_stale_segments,
     register_cleanup,
     unregister_cleanup,
 )
+from maye_jax.rollout.stale import remove_stale_folders
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 0.2
@@ -82,6 +90,19 @@ class WorkerRequestError(WorkerError):
 
 class SyncError(WorkerError):
     pass
+
+
+class WorkerStartError(WorkerError):
+    pass
+
+
+LOG_DIR_PREFIX = "maye-worker-"
+
+
+def remove_stale_worker_folders() -> list[str]:
+    """Log folders and segments whose trainer process is gone (a SIGKILL of trainer and worker
+    alike); returns what was removed."""
+    return remove_stale_folders(tempfile.gettempdir(), LOG_DIR_PREFIX) + cleanup_stale_segments()
 
 
 class WorkerEngine:
@@ -128,7 +149,8 @@ class WorkerEngine:
             if frozen_names is None
             else WeightSegment(frozen_prefixes=(), frozen_names=frozen_names)
         )
-        self._log_dir = tempfile.mkdtemp(prefix="maye-worker-")
+        remove_stale_worker_folders()
+        self._log_dir = tempfile.mkdtemp(prefix=f"{LOG_DIR_PREFIX}{os.getpid()}-")
         self.log_path = os.path.join(self._log_dir, "worker.log")
 
         child_env = dict(os.environ)
@@ -162,19 +184,30 @@ class WorkerEngine:
             f"--dtype={dtype}",
             f"--engine-args={json.dumps(engine_args)}",
             f"--max-batch-rows={max_batch_rows}",
+            # what the worker removes if this process dies without closing it
+            f"--parent-pid={os.getpid()}",
+            f"--segment-dir={self.segment.directory}",
+            f"--log-dir={self._log_dir}",
         ] + ([f"--cpus={cpus}"] if cpus else [])
         self._cleanup_token = register_cleanup(self._terminate)
-        with open(self.log_path, "wb") as log_file:
-            self._proc = subprocess.Popen(
-                command,
-                pass_fds=(child_sock.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=child_env,
-                cwd=str(PROJECT_ROOT),
-                start_new_session=True,  # its own process group: close() reaches engine children
-            )
+        try:
+            with open(self.log_path, "wb") as log_file:
+                self._proc = subprocess.Popen(
+                    command,
+                    pass_fds=(child_sock.fileno(),),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=child_env,
+                    cwd=str(PROJECT_ROOT),
+                    start_new_session=True,  # its own group: close() reaches engine children
+                )
+        except (OSError, subprocess.SubprocessError) as error:
+            child_sock.close()
+            self._terminate()
+            raise WorkerStartError(
+                f"{backend} worker could not be started with {command[0]!r}: {error}"
+            ) from error
         child_sock.close()
         try:
             self.info = self._receive(start_timeout_s, "start")
@@ -238,12 +271,12 @@ class WorkerEngine:
         return record.checksum
 
     def generate(
-        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0, first_index: int = 0
     ) -> list[list[Completion]]:
-        return self.submit_generate(prompts, sampling, step=step).result()
+        return self.submit_generate(prompts, sampling, step=step, first_index=first_index).result()
 
     def submit_generate(
-        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0, first_index: int = 0
     ) -> PendingGeneration:
         """Sends a generate request with the weights version last synced and returns at once;
         `.result()` waits for the completions (each records that version)."""
@@ -252,6 +285,7 @@ class WorkerEngine:
             op="generate",
             version=self.version,
             step=int(step),
+            first_index=int(first_index),
             sampling=protocol.encode_sampling(sampling),
             prompts=[protocol.encode_prompt(prompt, buffers) for prompt in prompts],
         )

@@ -60,9 +60,11 @@ def request_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> 
 
 class RolloutEngine(Protocol):
     def generate(
-        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0, first_index: int = 0
     ) -> list[list[Completion]]:
-        """Per prompt, `sampling.n` completions."""
+        """Per prompt, `sampling.n` completions; prompt i draws with the seeds of global prompt
+        index `first_index + i` (`request_seed`), so results do not depend on how the prompts
+        are split into calls (evaluation batches, hosts)."""
 
     def sync_weights(self, named_hf_arrays: Mapping[str, np.ndarray], version: int) -> str:
         """Loads new weights (HF names and layouts); returns the checksum the engine verified."""

@@ -161,7 +161,7 @@ class HFBackend:
         return inputs, length
 
     def generate(
-        self, prompts: Sequence[Prompt], sampling: Sampling, step: int
+        self, prompts: Sequence[Prompt], sampling: Sampling, step: int, first_index: int = 0
     ) -> list[list[Completion]]:
         from transformers import GenerationConfig, LogitsProcessorList
 
@@ -180,7 +180,7 @@ class HFBackend:
                 [(prompts[i], []) for i, _ in batch], left_pad=True
             )
             generators = [
-                torch.Generator().manual_seed(request_seed(sampling.seed, step, i, j))
+                torch.Generator().manual_seed(request_seed(sampling.seed, step, first_index + i, j))
                 for i, j in batch
             ]
             sampler = _SeededSampler(sampling, generators)

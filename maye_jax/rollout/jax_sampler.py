@@ -20,7 +20,8 @@ all three components, as transformers generates it. Shapes are static per (promp
 rows, R, greedy, truncation): rows are powers of two (at least `batch_bucket`), P a multiple of
 `prompt_bucket`, R a multiple of `length_bucket`, so a run compiles a bounded number of programs.
 
-Randomness: the key of sample j of prompt i is `request_seed(seed, step, i, j)`, folded with the
+Randomness: the key of sample j of prompt i is `request_seed(seed, step, i, j)` (i: the prompt's
+global index, `first_index + ` its position in the call), folded with the
 token index at every step, so a completion does not depend on which requests share its batch.
 """
 
@@ -121,9 +122,10 @@ class JaxSampler:
 
     # -- sampling -----------------------------------------------------------------------
     def generate(
-        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0
+        self, prompts: Sequence[Prompt], sampling: Sampling, *, step: int = 0, first_index: int = 0
     ) -> list[list[Completion]]:
-        """Per prompt, `sampling.n` completions (SPEC §3 logprobs, stop token included)."""
+        """Per prompt, `sampling.n` completions (SPEC §3 logprobs, stop token included).
+        `prompts[i]` draws with the seeds of global prompt index `first_index + i`."""
         _check_sampling(sampling)
         for index, prompt in enumerate(prompts):
             if np.asarray(prompt.prompt_token_ids).size == 0:
@@ -132,7 +134,7 @@ class JaxSampler:
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), per_chunk):
             chunk = list(prompts[start : start + per_chunk])
-            results.extend(self._generate_chunk(chunk, start, sampling, step))
+            results.extend(self._generate_chunk(chunk, first_index + start, sampling, step))
         return results
 
     def _generate_chunk(

@@ -21,8 +21,10 @@ still in cache): the wrapping uint64 sum of every 512 KiB chunk of the data regi
 with the length by BLAKE2b. It detects stale or torn data, not deliberate forgery.
 
 Cleanup: segments are unlinked on `close()`, at interpreter exit and on SIGTERM (the handler is
-installed only where SIGTERM still has its default action), and segments left by processes
-that no longer exist (SIGKILL) are removed when a new segment is created.
+installed only where SIGTERM still has its default action); the segment's path is chosen
+before the worker starts and given to it, so a worker whose trainer was killed (SIGKILL)
+removes it; and segments left by processes that no longer exist (a killed trainer and
+worker) are removed when a new worker engine starts.
 
 This module imports no JAX; the worker uses the reading half in a torch-only environment.
 """
@@ -43,10 +45,13 @@ import struct
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+from maye_jax.rollout.stale import remove_stale_folders
 
 SHM_ROOT = "/dev/shm"
 SEGMENT_PREFIX = "maye-jax-"
@@ -178,32 +183,7 @@ def remove_segment_directory(directory: str) -> None:
 
 def cleanup_stale_segments(root: str = SHM_ROOT) -> list[str]:
     """Removes segments whose creating process no longer exists; returns their paths."""
-    removed = []
-    try:
-        entries = os.listdir(root)
-    except FileNotFoundError:
-        return removed
-    for entry in entries:
-        if not entry.startswith(SEGMENT_PREFIX):
-            continue
-        try:
-            pid = int(entry[len(SEGMENT_PREFIX) :].split("-")[0])
-        except ValueError:
-            continue
-        if not _process_exists(pid):
-            remove_segment_directory(os.path.join(root, entry))
-            removed.append(os.path.join(root, entry))
-    return removed
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return remove_stale_folders(root, SEGMENT_PREFIX)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +229,10 @@ class WeightSegment:
         self.frozen_prefixes = tuple(frozen_prefixes)
         self.frozen_names = frozenset(frozen_names)
         self.root = root
-        self.directory: str | None = None
+        # Named now (created on the first write), so a worker knows it from its start.
+        self.directory = os.path.join(
+            root, f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        )
         self.path: str | None = None
         self.slots: list[Slot] = []
         self.header_bytes = 0
@@ -335,9 +318,6 @@ class WeightSegment:
         self.header_bytes = aligned_end - _HEADER_LENGTH.size  # data starts 64-byte aligned
 
         cleanup_stale_segments(self.root)
-        self.directory = os.path.join(
-            self.root, f"{SEGMENT_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        )
         os.mkdir(self.directory, 0o700)
         self._cleanup_token = register_cleanup(self.close)
         self.path = os.path.join(self.directory, SEGMENT_FILE)
@@ -373,8 +353,7 @@ class WeightSegment:
             except BufferError:  # numpy views still alive; the unlink below still frees it
                 pass
             self._map = None
-        if self.directory is not None:
-            remove_segment_directory(self.directory)
+        remove_segment_directory(self.directory)
         if self._cleanup_token is not None:
             unregister_cleanup(self._cleanup_token)
             self._cleanup_token = None
@@ -457,10 +436,14 @@ def _copy_transposed(target: np.ndarray, source: np.ndarray, slot: Slot, sums: C
     target, source = target.view(as_int), source.view(as_int)
     try:
         import torch
-
-        torch.from_numpy(target).copy_(torch.from_numpy(source))
     except ImportError:
         _copy_tiled(target, source)
+    else:
+        with warnings.catch_warnings():
+            # A fetched JAX array is read-only; torch warns that its tensor could be written
+            # through, but this one is only read.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            torch.from_numpy(target).copy_(torch.from_numpy(source))
     sums.advance(slot.end)
 
 

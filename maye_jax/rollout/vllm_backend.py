@@ -165,7 +165,7 @@ class VLLMBackend:
         return request
 
     def generate(
-        self, prompts: Sequence[Prompt], sampling: Sampling, step: int
+        self, prompts: Sequence[Prompt], sampling: Sampling, step: int, first_index: int = 0
     ) -> list[list[Completion]]:
         from vllm import SamplingParams
 
@@ -196,7 +196,7 @@ class VLLMBackend:
                         top_p=sampling.top_p,
                         top_k=sampling.top_k if sampling.top_k > 0 else 0,
                         max_tokens=sampling.max_tokens,
-                        seed=request_seed(sampling.seed, step, i, j),
+                        seed=request_seed(sampling.seed, step, first_index + i, j),
                         stop_token_ids=list(sampling.stop_token_ids),
                         ignore_eos=True,  # stop exactly at the requested stop tokens
                         logprobs=0,

@@ -101,7 +101,9 @@ class Worker:
         if op == "generate":
             prompts = [protocol.decode_prompt(p, buffers) for p in header["prompts"]]
             sampling = protocol.decode_sampling(header["sampling"])
-            completions = self.backend.generate(prompts, sampling, int(header["step"]))
+            completions = self.backend.generate(
+                prompts, sampling, int(header["step"]), int(header.get("first_index", 0))
+            )
             out = protocol.BufferList()
             encoded = [
                 [
@@ -203,6 +205,57 @@ def make_backend(name: str, model_dir: str, dtype: str, engine_args: dict, max_b
     raise ValueError(f"unknown backend {name!r}")
 
 
+class Leftovers:
+    """What this worker removes when it ends without the trainer's goodbye: the weight segment
+    (the trainer named it at start, so even a trainer killed before the first sync is
+    covered) and, when the trainer is gone (killed: the kernel sent SIGTERM), the log folder
+    the trainer made for it. Idempotent; runs from the SIGTERM handler and at exit, so a
+    signal arriving during the exit's cleanup still completes it."""
+
+    def __init__(self, parent_pid: int | None, segment_dir: str | None, log_dir: str | None):
+        self.parent_pid = parent_pid
+        self.segment_dir = segment_dir
+        self.log_dir = log_dir
+        self.shutdown_requested = False  # the trainer said goodbye: it removes its own files
+        # The trainer's end of the socket closed without a goodbye. A dying process closes its
+        # files before its children are handed to a new parent, so this can come first.
+        self.connection_closed = False
+
+    def trainer_gone(self) -> bool:
+        reparented = self.parent_pid is not None and os.getppid() != self.parent_pid
+        return reparented or self.connection_closed
+
+    def wait_for_trainer_exit(self, sock: socket.socket | None, seconds: float) -> None:
+        """After a SIGTERM: the kernel sends it when the thread that started this worker ends,
+        which in a process being killed can be before the process is gone (and this worker
+        handed to a new parent). Waits until it is gone, or `seconds` (a live trainer that
+        stops this worker on purpose removes the folders itself)."""
+        deadline = time.monotonic() + seconds
+        while not self.trainer_gone() and time.monotonic() < deadline:
+            if sock is not None and _peer_closed(sock):
+                self.connection_closed = True
+                return
+            time.sleep(0.02)
+
+    def remove(self, segment_directory: str | None = None) -> None:
+        from maye_jax.rollout.shm import remove_segment_directory
+
+        if not self.shutdown_requested:
+            for directory in {self.segment_dir, segment_directory} - {None}:
+                remove_segment_directory(directory)
+        if self.log_dir and self.trainer_gone():
+            remove_segment_directory(self.log_dir)
+
+
+def _peer_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=("hf", "vllm", "null"), required=True)
@@ -212,15 +265,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--engine-args", default="{}", help="JSON: extra vllm.LLM arguments")
     parser.add_argument("--max-batch-rows", type=int, default=64)
     parser.add_argument("--cpus", default="", help="pin to these CPUs, e.g. 1 or 2-3")
+    parser.add_argument("--parent-pid", type=int, default=None, help="the trainer's pid")
+    parser.add_argument("--segment-dir", default=None, help="removed if the trainer dies")
+    parser.add_argument("--log-dir", default=None, help="removed if the trainer dies")
     args = parser.parse_args(argv)
+    leftovers = Leftovers(args.parent_pid, args.segment_dir, args.log_dir)
+    worker, sock = None, None
+
+    def on_sigterm(signum, frame):
+        leftovers.wait_for_trainer_exit(sock, seconds=2.0)
+        leftovers.remove(worker.segment_directory if worker is not None else None)
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     _set_parent_death_signal()
     if args.cpus:  # before torch starts its thread pools
         os.sched_setaffinity(0, parse_cpus(args.cpus))
+    if leftovers.trainer_gone():  # it died before the death signal was armed
+        leftovers.remove()
+        return 143
     sock = socket.socket(fileno=args.fd)
     sock.set_inheritable(False)  # engine subprocesses must not keep the trainer's socket open
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    worker = None
-    shutdown_requested = False
     try:
         started = time.perf_counter()
         backend = make_backend(
@@ -236,9 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 header, buffers = protocol.recv_message(sock)
             except protocol.ConnectionClosed:
                 log("trainer closed the connection")
+                leftovers.connection_closed = True
                 break
             if header.get("op") == "shutdown":
-                shutdown_requested = True
+                leftovers.shutdown_requested = True
                 protocol.send_message(sock, dict(ok=True))
                 break
             try:
@@ -259,13 +325,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pass
         return 1
     finally:
+        # the trainer unlinks its segment; if it vanished without saying goodbye, do it here
+        leftovers.remove(worker.segment_directory if worker is not None else None)
         if worker is not None:
             worker.close()
-        # the trainer unlinks its segment; if it vanished without saying goodbye, do it here
-        if not shutdown_requested and worker is not None and worker.segment_directory:
-            from maye_jax.rollout.shm import remove_segment_directory
-
-            remove_segment_directory(worker.segment_directory)
         sock.close()
     return 0
 

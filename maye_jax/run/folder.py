@@ -79,33 +79,50 @@ def outputs_present(folder: Path) -> list[str]:
 
 
 def prepare_run_folder(settings) -> Path:
-    """Checks (and, with `overwrite`, clears) the run's folder before any work; returns it."""
+    """Checks (and, with `overwrite`, clears) the run's folder before any work; returns it.
+    Several processes: every one checks (so all raise the same error), process 0 alone clears
+    and writes, and all must see the same folder (a shared file system)."""
+    from maye_jax.run import multihost
+
     folder = Path(settings.output_dir).absolute()
+    present = _check_run_folder(folder, settings)
+    multihost.barrier("run folder checked")
+    if multihost.is_leader():
+        if present and not settings.resume:  # overwrite (the check refused it otherwise)
+            for name in present:
+                path = folder / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            log.warning(
+                "overwrite: deleted the previous run's %s in %s", ", ".join(present), folder
+            )
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / ".maye-write-probe"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as error:
+            raise RunFolderError(f"config.output_dir: {folder} is not writable: {error}") from None
+    multihost.barrier("run folder prepared")
+    multihost.check_shared_folder(folder)
+    return folder
+
+
+def _check_run_folder(folder: Path, settings) -> list[str]:
+    """The run outputs in `folder`; raises when the run may not start there (see the module
+    doc). Reads only."""
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"config.output_dir: {folder} is a file, not a folder")
     present = outputs_present(folder) if folder.is_dir() else []
     if settings.resume:
         if (folder / "run.json").is_file():
             check_resume_config(folder, settings.config_dict())
-    elif present:
-        if not settings.overwrite:
-            raise RunFolderError(
-                f"config.output_dir: {folder} holds another run ({', '.join(present)}): "
-                "resume it with --config.resume=True, choose another --config.output_dir, "
-                "or delete that run with --config.overwrite=True"
-            )
-        for name in present:
-            path = folder / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        log.warning("overwrite: deleted the previous run's %s in %s", ", ".join(present), folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".maye-write-probe"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise RunFolderError(f"config.output_dir: {folder} is not writable: {error}") from None
-    return folder
+    elif present and not settings.overwrite:
+        raise RunFolderError(
+            f"config.output_dir: {folder} holds another run ({', '.join(present)}): "
+            "resume it with --config.resume=True, choose another --config.output_dir, "
+            "or delete that run with --config.overwrite=True"
+        )
+    return present
 
 
 def _flatten(config: Mapping, prefix: str = "") -> dict[str, object]:

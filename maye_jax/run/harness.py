@@ -10,9 +10,10 @@ warm-up before RL) and the experiment's runs.
             run.end_step(step, state, meta)                       # checkpoint cadence, stop
         run.finish(export)                                        # final HF export
 
-It owns the output folder, `run.json`, resuming (the latest checkpoint, and the metric lines
-written after it dropped), the metrics writer, the progress bar, SIGTERM/SIGINT (finish the
-step, checkpoint, stop), the checkpoint cadence (every `checkpoint.every_steps`, at the end
+It owns the output folder (and its lock: one run per folder, run/lock.py), `run.json`,
+resuming (the newest intact checkpoint; the metric lines and rollouts written after it, and a
+torn last metric line, dropped), the metrics writer, the progress bar, SIGTERM/SIGINT (finish
+the step, checkpoint, stop), the checkpoint cadence (every `checkpoint.every_steps`, at the end
 and on a stop) and the final export. The loop itself stays in train.py / sft.py.
 """
 
@@ -30,8 +31,10 @@ import jax
 
 from maye_jax.config.settings import Settings
 from maye_jax.errors import RunAborted, RunStopped
+from maye_jax.run import lock, multihost
 from maye_jax.run.metrics import (
     MetricsWriter,
+    drop_rollouts_after,
     mark_run_finished,
     truncate_metrics,
     write_run_json,
@@ -92,7 +95,8 @@ class RunHarness:
         self.describe = describe
         self.fingerprint = fingerprint
         self.timer = SectionTimer()
-        self.stop_requested = False
+        self.stop_requested = False  # a signal arrived (in this process)
+        self.stop_agreed = False  # every process stops after this step (decided in end_step)
         self.stop_signal: int | None = None  # the signal that asked for the stop
         self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
         self.last_step = 0  # the last step done (resumed runs: the restored one)
@@ -104,12 +108,19 @@ class RunHarness:
         )
         self._progress = None
         self._previous_handlers: dict = {}
+        self._locked = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> RunHarness:
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        # Process 0 holds the folder's lock for the run (already held when a caller took it
+        # for the whole run, e.g. run_rl, which also writes the start model).
+        self._locked = jax.process_index() == 0
+        if self._locked:
+            lock.acquire(self.output_dir)
         resuming = self.settings.resume and (self.output_dir / "run.json").is_file()
-        if self.describe and not resuming:  # a resumed run keeps the record of what it is
+        # Several processes: process 0 writes every file of the run (run.json, metrics).
+        if self.describe and not resuming and multihost.is_leader():
             s = self.settings
             write_run_json(
                 self.output_dir,
@@ -120,6 +131,8 @@ class RunHarness:
                 devices=[str(d) for d in jax.devices()],
                 fingerprint=self.fingerprint,
                 total_steps=self.total_steps,
+                processes=jax.process_count(),
+                local_devices=len(jax.local_devices()),
             )
         # Preemption (SIGTERM) or Ctrl-C (SIGINT): finish the step, checkpoint, stop.
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -136,6 +149,8 @@ class RunHarness:
             self.checkpointer.close()
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
+        if self._locked:
+            lock.release(self.output_dir)
 
     def _request_stop(self, signum, frame) -> None:
         """The first SIGINT/SIGTERM: finish (or abandon an evaluation in) this step, checkpoint,
@@ -150,8 +165,9 @@ class RunHarness:
         self.stop_signal = signum
 
     def should_stop(self) -> bool:
-        """For long work inside a step (evaluation): True once a stop was requested."""
-        return self.stop_requested
+        """For long work inside a step (evaluation): True once a stop was requested (of any
+        process: every process calls this at the same points and gets the same answer)."""
+        return multihost.any_process(self.stop_requested)
 
     def stopped_error(self) -> RunStopped:
         """What the CLI reports for a run that stopped before its last step."""
@@ -163,8 +179,9 @@ class RunHarness:
 
     # -- resume ------------------------------------------------------------------------------
     def restore(self, state, state_shardings) -> tuple[int, object, dict]:
-        """(start step, state, checkpoint meta): the latest checkpoint's when the run resumes
-        (its later metric lines dropped), else (0, state, {}). Opens the metrics writer."""
+        """(start step, state, checkpoint meta): the newest intact checkpoint's when the run
+        resumes (the metric lines and rollouts of later steps dropped), else (0, state, {}).
+        Opens the metrics writer."""
         start, meta = 0, {}
         if self.settings.resume and self.checkpointer is not None:
             restored = self.checkpointer.restore_latest(state, state_shardings)
@@ -172,8 +189,13 @@ class RunHarness:
                 state, meta = restored
                 start = int(meta["generation_step"])
                 log.info("%s: resumed from step %d", self.kind, start)
-                truncate_metrics(self.output_dir, start)
+                if multihost.is_leader():
+                    truncate_metrics(self.output_dir, start)
+                    drop_rollouts_after(self.output_dir, start)
         lg = self.settings.logging
+        self.last_step = start
+        if not multihost.is_leader():
+            return start, state, meta  # metrics are written by process 0
         self.writer = MetricsWriter(
             self.output_dir,
             tensorboard=lg.tensorboard,
@@ -183,7 +205,6 @@ class RunHarness:
             config=self.settings.config_dict(),
             append=bool(start),
         )
-        self.last_step = start
         return start, state, meta
 
     # -- the steps ---------------------------------------------------------------------------
@@ -197,14 +218,14 @@ class RunHarness:
             initial=start,
             desc=f"{self.settings.name} {self.kind}",
             unit="step",
-            disable=not self.settings.logging.progress_bar,
+            disable=not self.settings.logging.progress_bar or not multihost.is_leader(),
             file=sys.stderr,
         )
         for step in range(start + 1, self.total_steps + 1):
             self.timer.take()  # a step's timings start with it
             yield step
             self._progress.update(1)
-            if self.stop_requested:
+            if self.stop_agreed:  # not the local flag: a late signal waits for the next step
                 log.warning("%s: stopped at step %d; checkpoint saved", self.kind, step)
                 return
             if step >= self.total_steps:  # `end_early` during this step
@@ -236,6 +257,8 @@ class RunHarness:
         return {f"time/{k}_seconds": v for k, v in self.timer.take().items()}
 
     def log(self, metrics: dict, *, step: int, epoch: int, progress: dict | None = None) -> dict:
+        if self.writer is None:  # not process 0: nothing to write
+            return dict(metrics, generation_step=step, epoch=epoch)
         line = self.writer.write(metrics, generation_step=step, epoch=epoch)
         if progress and self._progress is not None:
             self._progress.set_postfix(**progress)
@@ -246,10 +269,13 @@ class RunHarness:
         self.last_step = step
         if self.stop_after_step == step:
             self.stop_requested = True
+        # Several processes stop together: a signal one process saw stops every one, at the
+        # same step, with one checkpoint.
+        self.stop_agreed = multihost.any_process(self.stop_requested)
         due = (
             step % self.settings.checkpoint.every_steps == 0
             or step == self.total_steps
-            or self.stop_requested
+            or self.stop_agreed
         )
         if due and self.checkpointer is not None:
             self.checkpointer.save(step, state, dict(meta, generation_step=step))
@@ -265,6 +291,7 @@ class RunHarness:
         if not self.finished:
             return
         if export is not None and self.settings.checkpoint.export_hf:
-            export(self.output_dir / "final_hf")
-        if self.describe:
+            export(self.output_dir / "final_hf")  # every process: the export may gather
+        if self.describe and multihost.is_leader():
             mark_run_finished(self.output_dir)
+        multihost.barrier("run finished")

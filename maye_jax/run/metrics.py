@@ -8,6 +8,7 @@ so reports can group runs; `rollouts/step_<n>.jsonl` keeps every rollout of a st
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -16,6 +17,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
+
+from maye_jax.storage.atomic import append_line, atomic_write_text, open_for_append
+
+log = logging.getLogger("maye_jax")
 
 VERSIONED_PACKAGES = (
     "jax",
@@ -53,9 +58,12 @@ class MetricsWriter:
     ):
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(
-            self.output_dir / "metrics.jsonl", "a" if append else "w", encoding="utf-8"
-        )
+        path = self.output_dir / "metrics.jsonl"
+        if not append:
+            atomic_write_text(path, "")
+        # One whole line per write, synced: a kill or a full disk leaves at most a torn last
+        # line, which `read_metrics` drops.
+        self._jsonl = open_for_append(path)
         self._tensorboard = None
         self._wandb = None
         if tensorboard:
@@ -82,8 +90,7 @@ class MetricsWriter:
     def write(self, metrics: Mapping, *, generation_step: int, epoch: int) -> dict:
         line = {"generation_step": int(generation_step), "epoch": int(epoch)}
         line.update({k: _jsonable(v) for k, v in metrics.items()})
-        self._jsonl.write(json.dumps(line) + "\n")
-        self._jsonl.flush()
+        append_line(self._jsonl, json.dumps(line))
         numeric = {k: v for k, v in line.items() if isinstance(v, (int, float)) and v is not None}
         if self._tensorboard is not None:
             for key, value in numeric.items():
@@ -101,11 +108,41 @@ class MetricsWriter:
             self._wandb.finish()
 
 
+def read_jsonl(path) -> list[dict]:
+    """The objects of a JSON-lines file that is only ever appended to. A last line that does not
+    parse was torn by a kill or a full disk while being written: it is dropped with a warning.
+    Any other line that does not parse is an error naming the file and line."""
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    out = []
+    for number, text in enumerate(lines, start=1):
+        if not text.strip():
+            continue
+        try:
+            out.append(json.loads(text))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                log.warning(
+                    "%s: dropped its torn last line %d (%d characters, %s): it was being "
+                    "written when the run stopped",
+                    path,
+                    number,
+                    len(text),
+                    error.msg,
+                )
+                break
+            raise ValueError(f"{path}:{number}: not a JSON line ({error.msg})") from None
+    return out
+
+
 def read_metrics(path) -> list[dict]:
+    """The lines of `metrics.jsonl` (a run folder or the file), a torn last line dropped."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def summarize_run(output_dir) -> dict:
@@ -119,12 +156,25 @@ def summarize_run(output_dir) -> dict:
 
 
 def truncate_metrics(output_dir, step: int) -> None:
-    """Drops the metric lines written after the checkpoint a resumed run continues from."""
+    """Drops the metric lines written after the checkpoint a resumed run continues from (and a
+    torn last line), rewriting the file through a temporary file and a rename."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
         return
     kept = [m for m in read_metrics(path) if m["generation_step"] <= step]
-    path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in kept))
+
+
+def drop_rollouts_after(output_dir, step: int) -> list[Path]:
+    """Removes `rollouts/step_<n>.jsonl` of the steps after `step` (a resumed run writes them
+    again); returns what it removed."""
+    removed = []
+    for path in sorted((Path(output_dir) / "rollouts").glob("step_*.jsonl")):
+        number = path.stem.removeprefix("step_")
+        if number.isdigit() and int(number) > step:
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def git_sha(directory=None) -> str | None:
@@ -161,9 +211,12 @@ def write_run_json(
     devices: Sequence[str],
     fingerprint: Mapping | None = None,
     total_steps: int | None = None,
+    processes: int = 1,
+    local_devices: int | None = None,
 ) -> Path:
-    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices, fingerprint, total_steps,
-    finished}`: what the run is (reports group runs by it; a resume is checked against it).
+    """`{name, seed, kind: rl|sft, config, git_sha, versions, devices, processes, local_devices,
+    fingerprint, total_steps, finished}`: what the run is (reports group runs by it; a resume
+    is checked against it); `processes` x `local_devices` JAX processes and devices each.
     `total_steps` is the run's planned number of steps; `finished` is false until
     `mark_run_finished` (so a run that was stopped, crashed or is still going reads as not
     finished)."""
@@ -175,6 +228,8 @@ def write_run_json(
         git_sha=git_sha(),
         versions=package_versions(),
         devices=list(devices),
+        processes=int(processes),
+        local_devices=len(devices) if local_devices is None else int(local_devices),
         fingerprint=dict(fingerprint or {}),
         total_steps=None if total_steps is None else int(total_steps),
         finished=False,
@@ -192,20 +247,29 @@ def mark_run_finished(output_dir) -> Path:
 
 def _write_json_atomically(path: Path, record: Mapping) -> Path:
     """A reader (the report, a second process) never sees a half-written run.json."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(partial, path)
-    return path
+    return atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
 
 
 def write_rollouts(output_dir, generation_step: int, rows: Sequence[Mapping]) -> Path:
     """`rollouts/step_<n>.jsonl`: prompt id, response and each reward component per rollout."""
     folder = Path(output_dir) / "rollouts"
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{generation_step}.jsonl"
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(
-                json.dumps({k: _jsonable(v) for k, v in row.items()}, ensure_ascii=False) + "\n"
-            )
-    return path
+    text = "".join(
+        json.dumps({k: _jsonable(v) for k, v in row.items()}, ensure_ascii=False) + "\n"
+        for row in rows
+    )
+    return atomic_write_text(folder / f"step_{generation_step}.jsonl", text)
+
+
+def print_summary(summary: dict, output_dir) -> None:
+    """The summary, and one line per validation setting: first, best and last accuracy."""
+    print(json.dumps(summary, indent=2))
+    evaluated_at_start = any(line["epoch"] == 0 for line in read_metrics(output_dir))
+    first = "start of RL" if evaluated_at_start else "first evaluation"
+    for key in sorted(k for k in summary if k.startswith("eval/validation/")):
+        row = summary[key]
+        print(
+            f"{key}: {first} {100 * row['first']:.1f}%, best during RL {100 * row['best']:.1f}%, "
+            f"last {100 * row['last']:.1f}%"
+        )
+    print(f"metrics: {Path(output_dir).absolute() / 'metrics.jsonl'}")

@@ -8,6 +8,11 @@ An Orbax model checkpoint is a directory:
 Loading either kind goes through one function, `load_model`, which builds the model abstractly
 and fills it tensor by tensor (HF) or shard by shard (Orbax), so no device ever holds more
 than its own shards and the host at most one full tensor at a time.
+
+Writing either kind (`save_orbax`, `export_hf`) goes through `storage.atomic.atomic_folder`:
+the folder is written under `<name>.partial` and renamed when complete, so a folder under its
+final name is always whole. `write_orbax_folder` / `write_hf_folder` write into a folder the
+caller already holds (e.g. `convert`, which adds tokenizer files before the rename).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from flax import nnx
 from maye_jax.models.configs import ModelConfig
 from maye_jax.models.hf_mapping import flax_param_paths, iter_hf_tensors, load_hf_tensors
 from maye_jax.models.qwen_vl import build_model
+from maye_jax.storage.atomic import atomic_folder
 
 FORMAT_NAME = "maye-jax-params"
 FORMAT_VERSION = 1
@@ -224,11 +230,19 @@ def _fill_state_from_str_dict(state, tree):
 
 
 def save_orbax(path: str | os.PathLike, model: nnx.Module, hf_config, source_dir=None) -> Path:
-    """Writes params/ (Orbax), config.json, maye_jax.json and the source's tokenizer files."""
+    """Writes params/ (Orbax), config.json, maye_jax.json and the source's tokenizer files into
+    `path`, which appears only once complete."""
+    path = Path(path).absolute()
+    with atomic_folder(path) as folder:
+        write_orbax_folder(folder, model, hf_config, source_dir=source_dir)
+    return path
+
+
+def write_orbax_folder(path: Path, model: nnx.Module, hf_config, source_dir=None) -> Path:
+    """`save_orbax` into an existing folder (no rename)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
-    path.mkdir(parents=True, exist_ok=True)
     pure = _pure_dict_with_str_keys(nnx.state(model, nnx.Param).to_pure_dict())
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / "params", pure, force=True)
@@ -265,14 +279,39 @@ def export_hf(
     dtype=None,
     tokenizer_source=None,
     progress: bool = False,
+    alone: bool = True,
 ) -> Path:
     """Writes an HF model directory (safetensors shards + index + config + tokenizer files)
-    that transformers and vLLM load as is. Shards are written as they fill, so host memory
-    stays within one shard. `progress`: a bar over the tensors on stderr, with ETA."""
+    that transformers and vLLM load as is; `out_dir` appears only once complete. Shards are
+    written as they fill, so host memory stays within one shard. `progress`: a bar over the
+    tensors on stderr, with ETA. Written by this process alone (several processes: process 0,
+    from its own copy of the weights, `Policy.local_model`)."""
+    out_dir = Path(out_dir).absolute()
+    with atomic_folder(out_dir, alone=alone) as folder:
+        write_hf_folder(
+            folder,
+            model,
+            hf_config,
+            dtype=dtype,
+            tokenizer_source=tokenizer_source,
+            progress=progress,
+        )
+    return out_dir
+
+
+def write_hf_folder(
+    out_dir: Path,
+    model: nnx.Module,
+    hf_config,
+    *,
+    dtype=None,
+    tokenizer_source=None,
+    progress: bool = False,
+) -> Path:
+    """`export_hf` into an existing folder (no rename)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     weight_map, shard, shard_bytes, shard_files = {}, {}, 0, []
 
     def flush():
@@ -286,7 +325,8 @@ def export_hf(
         shard_files.append(name)
         shard, shard_bytes = {}, 0
 
-    bar = _progress_bar(len(flax_param_paths(model)), f"write {out_dir.name}", progress)
+    label = out_dir.name.removesuffix(".partial")
+    bar = _progress_bar(len(flax_param_paths(model)), f"write {label}", progress)
     with bar:
         for name, array in iter_hf_tensors(model):
             if dtype is not None:

@@ -353,9 +353,11 @@ class MinibatchMaker:
         features: jax.Array | None = None,
         tower: TowerImages | None = None,
         response_buckets: Sequence[int] | None = None,
+        min_features_per_row: int = 0,
     ) -> MinibatchMaker:
         """`features`: the frozen tower's output [N, D] for `batch.vision` (None: text only, or
-        a tower that trains, given as `tower`)."""
+        a tower that trains, given as `tower`). Each row's feature table holds at least
+        `min_features_per_row` (several processes pass the most of any, so rows agree)."""
         per_token = {n: v for n, v in per_token.items() if v is not None}
         if tower is not None:  # image tokens marked; each micro-batch re-indexes its own
             rows = rows_from_sequences(
@@ -364,7 +366,9 @@ class MinibatchMaker:
         elif features is not None:
             per_row = int((batch.image_feature_index >= 0).sum(axis=1).max())
             image_features, local_index = per_row_image_features(
-                features, batch.image_feature_index, features_per_row=bucket(per_row, 4)
+                features,
+                batch.image_feature_index,
+                features_per_row=bucket(max(per_row, min_features_per_row), 4),
             )
             rows = rows_from_sequences(
                 batch, image_features=image_features, image_feature_index=local_index, **per_token

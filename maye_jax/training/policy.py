@@ -14,6 +14,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maye_jax.config.settings import Settings
 from maye_jax.models.configs import ModelConfig
@@ -53,6 +57,14 @@ class Policy:
 
     def model(self):
         return policy_model(self.model_def, self.state, self.frozen)
+
+    def local_model(self):
+        """The current policy on this process's devices only (several processes): each host
+        samples, scores and exports with it without talking to the others. With one dp row per
+        host (HSDP) this host's shards are a whole copy and nothing is copied; otherwise (FSDP
+        across hosts) the parameters are gathered from every process, a full copy per host and
+        per call. One process: the policy itself."""
+        return host_local_model(self.model())
 
     def reference(self):
         return (
@@ -157,3 +169,44 @@ def _policy_from_model(
         hf_config,
         source_dir,
     )
+
+
+def host_local_model(model):
+    """`model` with every parameter on this process's devices (see `Policy.local_model`)."""
+    if jax.process_count() == 1:
+        return model
+    graphdef, state = nnx.split(model)
+    flat = dict(nnx.to_flat_state(state))
+    for path, variable in flat.items():
+        value = variable.get_value()
+        if isinstance(value, jax.Array) and not value.is_fully_addressable:
+            flat[path] = variable.replace(_local_copy(value))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _local_copy(value: jax.Array) -> jax.Array:
+    """A fully addressable copy of a global array on this process's devices."""
+    sharding = value.sharding
+    mesh = sharding.mesh
+    rows = [
+        r
+        for r in range(mesh.shape["dp"])
+        if {d.process_index for d in mesh.devices[r].reshape(-1)} == {jax.process_index()}
+    ]
+    if rows:  # HSDP: this host's dp row holds the whole array over its own devices: no copy
+        local = NamedSharding(
+            Mesh(mesh.devices[rows[0] : rows[0] + 1], mesh.axis_names), sharding.spec
+        )
+        global_index = sharding.devices_indices_map(value.shape)
+        by_device = {shard.device: shard.data for shard in value.addressable_shards}
+        arrays = []
+        for device, index in local.devices_indices_map(value.shape).items():
+            if index != global_index[device]:
+                break  # the array is split over dp too: no whole copy here
+            arrays.append(by_device[device])
+        else:
+            return jax.make_array_from_single_device_arrays(value.shape, local, arrays)
+    # FSDP across hosts: no host holds a whole copy; gather one (a full copy per host per call)
+    full = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    local_mesh = Mesh(np.array(jax.local_devices()).reshape(1, -1, 1), ("dp", "fsdp", "tp"))
+    return jax.device_put(full, NamedSharding(local_mesh, PartitionSpec()))

@@ -4,21 +4,26 @@ Parity is checked against the trainer's own teacher-forced logprobs (`score_batc
 (1e-4, fp32): the worker's `score` request on fixed responses, and the logprobs the worker
 returns for the tokens it samples. The model directory carries a hostile generation_config.json
 (repetition penalty, top-k 1, n-gram bans, ...) that the worker must ignore. Failure handling:
-a SIGKILLed or hung worker raises with its log lines; segments never outlive their process.
+a SIGKILLed or hung worker raises with its log lines; neither the segment nor the worker's log
+folder outlives the run (a killed trainer, a worker that cannot start), and what a kill of both
+leaves is removed at the next start.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
 import jax
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 
@@ -370,3 +375,123 @@ def test_sigterm_of_trainer_leaves_nothing_in_dev_shm(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail("the worker outlived the trainer")
+
+
+SIGKILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import numpy as np
+    from maye_jax.rollout.client import WorkerEngine
+    engine = WorkerEngine("null")
+    arrays = {"model.norm.weight": np.ones(1 << 20, np.float32)}
+    if sys.argv[1] == "synced":
+        engine.sync_weights(arrays, version=1)
+    else:  # the segment is written but the sync request never left (the race of a kill)
+        engine.segment.write(arrays, 1)
+    print(engine.segment.directory, engine.pid, engine.log_path, flush=True)
+    time.sleep(120)
+    """
+)
+
+
+def wait_for_exit(pid: int, seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("phase", ["synced", "written_not_sent"])
+def test_sigkill_of_trainer_leaves_no_segment_and_no_log_folder(tmp_path, phase):
+    """The kernel sends the orphaned worker SIGTERM; it removes the segment (whose path it got
+    at start, so a kill between writing the segment and sending the sync is covered too) and
+    the log folder the dead trainer made for it."""
+    script = tmp_path / "trainer.py"
+    script.write_text(SIGKILL_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), phase],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()),
+    )
+    try:
+        directory, worker_pid, log_path = proc.stdout.readline().split()
+        assert os.path.isdir(directory) and os.path.isfile(log_path)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    assert wait_for_exit(int(worker_pid)), "the worker outlived the trainer"
+    assert not os.path.exists(directory)
+    assert not os.path.exists(os.path.dirname(log_path))
+
+
+def test_a_worker_that_cannot_start_leaks_no_socket_or_folder(tmp_path):
+    from maye_jax.rollout.client import WorkerStartError
+
+    def our_log_folders():
+        prefix = f"maye-worker-{os.getpid()}-"
+        return {e for e in os.listdir(tempfile.gettempdir()) if e.startswith(prefix)}
+
+    folders, descriptors = our_log_folders(), set(os.listdir("/proc/self/fd"))
+    with pytest.raises(WorkerStartError, match="could not be started with '/no/such/python'"):
+        WorkerEngine("null", python="/no/such/python")
+    assert our_log_folders() == folders
+    assert set(os.listdir("/proc/self/fd")) <= descriptors
+
+
+def test_leftovers_of_a_killed_trainer_and_worker_are_removed_at_the_next_start(tmp_path):
+    """A SIGKILL of trainer and worker leaves both folders: the next worker engine removes the
+    ones whose process is gone, and nothing else."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    temp = tempfile.gettempdir()
+    stale = [
+        os.path.join(temp, f"maye-worker-{dead.pid}-dead1"),
+        os.path.join(SHM_ROOT, f"{SEGMENT_PREFIX}{dead.pid}-dead1"),
+        # this process's number, but made before it started: by an earlier process
+        os.path.join(temp, f"maye-worker-{os.getpid()}-reused"),
+    ]
+    kept = [
+        os.path.join(temp, f"maye-worker-{os.getpid()}-alive"),  # a live engine's
+        os.path.join(SHM_ROOT, f"{SEGMENT_PREFIX}{os.getpid()}-alive"),
+        os.path.join(temp, f"not-maye-worker-{dead.pid}-x"),  # not ours
+    ]
+    for path in stale + kept:
+        os.makedirs(path)
+        with open(os.path.join(path, "file"), "w") as handle:
+            handle.write("x")
+    an_hour_ago = time.time() - 3600 - (time.time() - psutil.Process().create_time())
+    os.utime(stale[2], (an_hour_ago, an_hour_ago))
+    try:
+        engine = WorkerEngine("null")
+        engine.close()
+        assert [os.path.exists(p) for p in stale] == [False, False, False]
+        assert [os.path.exists(p) for p in kept] == [True, True, True]
+    finally:
+        for path in stale + kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def test_syncing_read_only_arrays_warns_nothing():
+    """Arrays fetched from JAX are read-only; the transposed copy into the segment must not
+    trigger PyTorch's "non-writable array" warning (it is only read)."""
+    import warnings
+
+    from maye_jax.rollout.shm import SegmentReader, WeightSegment
+
+    kernel = np.asarray(jax.numpy.arange(64 * 32, dtype=np.float32).reshape(64, 32))
+    assert not kernel.flags.writeable
+    segment = WeightSegment()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            record = segment.write({"model.layers.0.mlp.down_proj.weight": kernel.T}, 1)
+        view = SegmentReader().read(record.path, 1, record.checksum)
+        np.testing.assert_array_equal(view.tensors["model.layers.0.mlp.down_proj.weight"], kernel.T)
+    finally:
+        segment.close()

@@ -1,15 +1,19 @@
-"""The metrics writer: JSONL lines with step/epoch, TensorBoard events, run.json, rollouts."""
+"""The metrics writer: JSONL lines with step/epoch, TensorBoard events, run.json, rollouts;
+a torn last line (a kill or a full disk mid-write) is dropped, rewrites go through a rename."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 
 from maye_jax.run.metrics import (
     MetricsWriter,
+    drop_rollouts_after,
     mark_run_finished,
     read_metrics,
+    truncate_metrics,
     write_rollouts,
     write_run_json,
 )
@@ -53,3 +57,42 @@ def test_run_json_and_rollouts(tmp_path):
     )
     assert path.name == "step_4.jsonl"
     assert json.loads(path.read_text())["prompt_id"] == "p1"
+
+
+def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_named(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    whole = [json.dumps({"generation_step": s, "epoch": 1, "x": s / 3}) for s in (1, 2)]
+    path.write_text("\n".join(whole) + "\n" + whole[1][:9])  # a kill mid-write
+    assert read_metrics(tmp_path) == [json.loads(line) for line in whole]
+    assert "metrics.jsonl: dropped its torn last line 3" in caplog.text
+    path.write_text(whole[0] + "\n{broken\n" + whole[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON line"):
+        read_metrics(tmp_path)
+
+
+def test_truncate_metrics_rewrites_through_a_rename_and_drops_a_torn_tail(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    for step in (1, 2, 3):
+        writer.write({"loss": step / 7}, generation_step=step, epoch=1)
+    writer.close()
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "a") as handle:
+        handle.write('{"generation_step": 4, "epo')
+    inode = path.stat().st_ino
+    truncate_metrics(tmp_path, 2)
+    assert path.stat().st_ino != inode  # a new file renamed into place, never rewritten in place
+    assert [m["loss"] for m in read_metrics(tmp_path)] == [1 / 7, 2 / 7]
+    writer = MetricsWriter(tmp_path, append=True)  # the resumed run appends whole lines
+    writer.write({"loss": 3 / 7}, generation_step=3, epoch=1)
+    writer.close()
+    assert [m["generation_step"] for m in read_metrics(tmp_path)] == [1, 2, 3]
+
+
+def test_rollouts_after_the_resumed_step_are_dropped_and_rewritten_whole(tmp_path):
+    for step in (1, 2, 3):
+        write_rollouts(tmp_path, step, [{"prompt_id": f"p{step}"}])
+    first = (tmp_path / "rollouts" / "step_1.jsonl").stat().st_ino
+    assert [p.name for p in drop_rollouts_after(tmp_path, 1)] == ["step_2.jsonl", "step_3.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == ["step_1.jsonl"]
+    write_rollouts(tmp_path, 1, [{"prompt_id": "again"}])
+    assert (tmp_path / "rollouts" / "step_1.jsonl").stat().st_ino != first

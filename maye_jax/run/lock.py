@@ -1,0 +1,119 @@
+"""One run per output folder: an exclusive lock held for the life of the run.
+
+`hold_output_folder(folder)` takes `fcntl.flock(LOCK_EX | LOCK_NB)` on `folder/.maye.lock`
+and writes the holder (pid, host, start time) into it. The OS releases the lock when the
+process dies, however it dies, so a killed run never leaves a stale lock; a second run on the
+same folder is refused at once (`OutputFolderBusy`, naming the holder's pid and host).
+
+One holder per process: locks are counted per folder, so the RL run, its SFT warm-up
+(OUTPUT_DIR/sft_warmup), the run harness and the experiment runner (its folder and each run's)
+take them freely within one process; a second `flock` on another descriptor of the same file
+would fail even in the process that holds it. A forked child closes its copies of the
+descriptors, so it cannot keep a lock alive after the run ends.
+
+Several JAX processes write one folder, so only process 0 locks it. (Multi-host runs are not
+built yet: the configured process id decides, because the lock is taken before JAX starts.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from maye_jax.errors import UserError
+
+LOCK_NAME = ".maye.lock"
+
+_held: dict[Path, list[int]] = {}  # folder -> [descriptor, holds]
+_guard = threading.Lock()
+
+
+class OutputFolderBusy(UserError):
+    """Another process is running in this output folder."""
+
+
+@contextlib.contextmanager
+def hold_output_folder(folder, *, process_id: int | None = None) -> Iterator[None]:
+    """Holds `folder`'s lock inside the block (nothing to hold for processes other than 0)."""
+    if process_id:
+        yield
+        return
+    folder = Path(folder).absolute()
+    acquire(folder)
+    try:
+        yield
+    finally:
+        release(folder)
+
+
+def configured_process_id(settings) -> int:
+    """This process's index in a multi-process run, as configured (0 when there is one)."""
+    process_id = settings.sharding.process_id
+    if process_id is None:
+        process_id = os.environ.get("MAYE_PROCESS_ID") or 0
+    return int(process_id)
+
+
+def acquire(folder: Path) -> None:
+    with _guard:
+        if folder in _held:
+            _held[folder][1] += 1
+            return
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"config.output_dir: {folder} is a file, not a folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(descriptor)
+            os.close(descriptor)
+            raise OutputFolderBusy(
+                f"{folder} is in use by another run (pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')}, started {holder.get('started', '?')}): wait for "
+                "it to end or stop it, or choose another output_dir"
+            ) from None
+        holder = dict(pid=os.getpid(), host=socket.gethostname(), started=time.strftime("%c"))
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
+        _held[folder] = [descriptor, 1]
+
+
+def release(folder: Path) -> None:
+    with _guard:
+        entry = _held.get(folder)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del _held[folder]
+            os.close(entry[0])  # releases the flock
+
+
+def holds(folder) -> bool:
+    """True when this process holds `folder`'s lock."""
+    return Path(folder).absolute() in _held
+
+
+def _read_holder(descriptor: int) -> dict:
+    try:
+        return json.loads(os.pread(descriptor, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        return {}
+
+
+def _close_in_child() -> None:
+    for descriptor, _ in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(descriptor)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)

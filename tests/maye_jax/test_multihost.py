@@ -1,0 +1,251 @@
+"""`python -m maye_jax.train` as 2 processes x 4 CPU devices (jax.distributed on 127.0.0.1,
+gloo collectives) equals 1 process x 8 devices on the same mesh shape: every metrics row, the
+final HF export, what each process wrote and generated, and a stop seen by one process only.
+
+One reference run per variant per session (module fixtures); tiny one-layer model, 2 steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from maye_jax.run.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+NOISE = ("time/", "memory/")
+FLOAT_NOISE = ("mismatch/",)  # trainer vs sampler logprobs: float noise by nature
+
+CONFIG = """
+from maye_jax.config.defaults import default_config
+
+
+def get_config():
+    c = default_config()
+    c.name = "multihost"
+    c.output_dir = "run"
+    c.model.tiny_family = "qwen2_vl"
+    c.model.tiny_hidden_size = 64
+    c.model.tiny_num_layers = 1
+    c.model.dtype = c.model.frozen_dtype = "float32"
+    c.data.synth_dir = "data"
+    c.data.synth_num_train, c.data.synth_num_validation, c.data.synth_num_test = 8, 4, 2
+    c.data.synth_image_size = 56
+    c.data.max_pixels = 4 * 28 * 28
+    c.rollout.max_tokens = 6
+    c.rollout.num_samples = 1
+    c.rl.num_epochs = 1
+    c.rl.batch_size = 4  # 4 prompts per step: 2 per host
+    c.rl.ppo_batch_size = 4
+    c.rl.micro_batch_size = 4
+    c.rl.forward_batch_size = 4
+    c.rl.kl_loss_coeff = 0.01
+    c.optim.learning_rate = 1e-3
+    c.eval.max_tokens = 4
+    c.eval.splits = ("validation",)
+    c.eval.settings = ("pass@8_t1.0", "pass@1_t0.01")
+    c.eval.batch_size = 1  # so a process's share of the split takes several batches
+    c.checkpoint.every_steps = 1
+    c.logging.progress_bar = False
+    return c
+"""
+
+
+AUDIT = Path(__file__).resolve().parent / "multihost_audit"  # sitecustomize: what each did
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def environment(devices: int, folder: Path, name: str) -> dict:
+    import jax
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"  # never inherited
+    env["JAX_PLATFORMS"] = "cpu"
+    # the test session's compilation cache: the pairs of every test compile the same programs
+    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    env["PYTHONPATH"] = os.pathsep.join([str(AUDIT), env.get("PYTHONPATH", "")])
+    env["MAYE_AUDIT_ROOT"] = str(folder / "run")
+    env["MAYE_AUDIT_LOG"] = str(folder / f"audit{name}.jsonl")
+    return env
+
+
+def start(folder: Path, overrides: dict, *, process_id=None, port=None, devices=8):
+    command = [sys.executable, "-m", "maye_jax.train", f"--config={folder / 'config.py'}"]
+    command += [f"--config.{key}={value}" for key, value in overrides.items()]
+    name = "" if process_id is None else str(process_id)
+    if process_id is not None:
+        command += [
+            f"--config.sharding.coordinator_address=127.0.0.1:{port}",
+            "--config.sharding.num_processes=2",
+            f"--config.sharding.process_id={process_id}",
+        ]
+    log = open(folder / f"process{name}.log", "a")
+    env = environment(devices, folder, name)
+    return subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=log)
+
+
+def run_folder(tmp: Path) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "config.py").write_text(CONFIG)
+    return tmp
+
+
+def run_single(tmp: Path, overrides: dict) -> Path:
+    """The reference: the same run in this test process (its 8 devices, one process)."""
+    import importlib.util
+
+    from maye_jax.train import run_rl
+
+    folder = run_folder(tmp)
+    spec = importlib.util.spec_from_file_location("multihost_config", folder / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.output_dir, config.data.synth_dir = str(folder / "run"), str(folder / "data")
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        setattr(config[section], name, value)
+    run_rl(config)
+    return folder / "run"
+
+
+def run_pair(folder: Path, overrides: dict, *, stop_process=None):
+    """Both processes of one run (4 CPU devices each); with `stop_process`, SIGTERM to that
+    process alone once the run has written its first checkpoint. Returns the exit codes."""
+    port = free_port()
+    processes = [start(folder, overrides, process_id=i, port=port, devices=4) for i in (0, 1)]
+    if stop_process is not None:
+        deadline = time.time() + 600
+        while not (folder / "run" / "checkpoints" / "1").is_dir() and time.time() < deadline:
+            time.sleep(0.1)
+        processes[stop_process].send_signal(signal.SIGTERM)
+    return [p.wait(timeout=600) for p in processes]
+
+
+def logs(folder: Path) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in sorted(folder.glob("process*.log")))
+
+
+def audit(folder: Path, process: int, kind: str) -> list[dict]:
+    path = folder / f"audit{process}.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def assert_same_metrics(ours: Path, reference: Path) -> None:
+    a, b = read_metrics(ours), read_metrics(reference)
+    assert [m["generation_step"] for m in a] == [m["generation_step"] for m in b]
+    for line_a, line_b in zip(a, b):
+        keys = {k for k in line_b if not k.startswith(NOISE)}
+        assert keys == {k for k in line_a if not k.startswith(NOISE)}
+        for key in sorted(keys):
+            x, y = line_a[key], line_b[key]
+            if isinstance(y, float) or isinstance(x, float):
+                close = dict(abs=1e-4) if key.startswith(FLOAT_NOISE) else dict(rel=1e-4, abs=1e-6)
+                assert x == pytest.approx(y, **close), (line_b["generation_step"], key, x, y)
+            else:
+                assert x == y, (line_b["generation_step"], key, x, y)
+
+
+HSDP_REFERENCE = {"sharding.dp": 2, "sharding.fsdp": 4}
+HSDP = {"sharding.fsdp": 4}  # dp unset: one dp row per process
+
+
+@pytest.fixture(scope="module")
+def hsdp(tmp_path_factory):
+    reference = run_single(tmp_path_factory.mktemp("hsdp_reference"), HSDP_REFERENCE)
+    folder = run_folder(tmp_path_factory.mktemp("hsdp_pair"))
+    return folder, run_pair(folder, HSDP), reference
+
+
+def test_two_processes_equal_one_on_the_same_mesh(hsdp):
+    """HSDP (one dp row per host, FSDP over its 4 devices), Reinforce++ with whitening and the
+    KL loss, evaluation at the start and the end: the metrics, the run record and the final
+    export equal those of 1 process x 8 devices."""
+    folder, codes, reference = hsdp
+    run = folder / "run"
+    assert codes == [0, 0], logs(folder)
+    assert_same_metrics(run, reference)
+    record = json.loads((run / "run.json").read_text())
+    assert record["processes"] == 2 and record["local_devices"] == 4
+    assert len(record["devices"]) == 8 and record["finished"]
+    from maye_jax.storage.model_folders import iter_safetensors
+
+    ours = dict(iter_safetensors(run / "final_hf"))
+    theirs = dict(iter_safetensors(reference / "final_hf"))
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(str(run / "final_hf"))
+
+
+def test_process_one_writes_nothing_and_each_host_generates_its_share(hsdp):
+    """Process 1 writes no file of the run (only its part of the collective Orbax writes of
+    the checkpoints and the start model), and each host sampled its own 2 of a step's 4
+    prompts, with their global indices."""
+    folder, _, _ = hsdp
+    written = {r["path"] for r in audit(folder, 1, "write")}
+    assert all(p.startswith(("checkpoints", "start_model")) for p in written), sorted(written)
+    assert any(
+        not p.startswith(("checkpoints", "start_model"))
+        for p in {r["path"] for r in audit(folder, 0, "write")}
+    )  # the audit does see process 0's files
+    for process in (0, 1):
+        rollouts = [r for r in audit(folder, process, "generate") if r["step"] < 1_000_000]
+        assert [r["step"] for r in rollouts] == [1, 2]
+        assert all((r["first_index"], r["prompts"]) == (2 * process, 2) for r in rollouts)
+
+
+def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_path):
+    """FSDP over all 8 devices of both hosts (dp=1; every host gathers its copy of the weights
+    to sample), an SFT warm-up first (each host's share of every SFT batch), then GRPO with 2
+    samples per prompt (the groups stay on one host)."""
+    overrides = {
+        "sharding.dp": 1,
+        "sharding.fsdp": 8,
+        "rl.advantage_estimator": "grpo",
+        "rollout.num_samples": 2,
+        "rl.batch_size": 8,
+        "rl.ppo_batch_size": 8,
+        "rl.micro_batch_size": 4,
+        "sft.warmup_epochs": 1,
+        "sft.batch_size": 4,
+        "sft.micro_batch_size": 2,
+    }
+    folder = run_folder(tmp_path / "pair")
+    assert run_pair(folder, overrides) == [0, 0], logs(folder)
+    reference = run_single(tmp_path / "single", overrides)
+    assert_same_metrics(folder / "run", reference)
+    assert_same_metrics(folder / "run" / "sft_warmup", reference / "sft_warmup")
+
+
+def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupted(tmp_path):
+    """The hf worker engine (one torch worker per host, synced from its host's copy); SIGTERM
+    to process 1 alone: both stop at the same step with one checkpoint and exit 143, and the
+    resumed run's metrics equal the uninterrupted run's."""
+    engine = {"rollout.engine": "hf"}
+    folder = run_folder(tmp_path / "pair")
+    codes = run_pair(folder, HSDP | engine, stop_process=1)
+    assert codes == [128 + signal.SIGTERM] * 2, logs(folder)
+    run = folder / "run"
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and max(m["generation_step"] for m in read_metrics(run)) == steps[-1] < 2
+    assert run_pair(folder, HSDP | engine | {"resume": True}) == [0, 0], logs(folder)
+    assert_same_metrics(run, run_single(tmp_path / "single", HSDP_REFERENCE | engine))
