@@ -224,8 +224,10 @@ def test_async_rollouts_needs_a_worker_and_the_is_weight_and_refuses_what_is_not
     c.rollout.num_samples = 2
     c.sharding.num_processes = 2
     found = problems(c)
-    assert len(found) == 2
-    assert "rl.dynamic_sampling" in found[0] and "several JAX processes" in found[1]
+    assert "config.rl.async_rollouts: not built with rl.dynamic_sampling yet" in found[0]
+    assert any(
+        p.startswith("config.rl.async_rollouts: not built for several processes") for p in found
+    )
 
 
 def test_worker_options_are_checked():
