@@ -185,10 +185,12 @@ class SFTRunner:
         try:
             if start == 0 and evaluate_at_start:
                 run.log(self.evaluate(0, run.should_stop), step=0, epoch=0)
+                run.keep_best(0)
             if "pending_metrics" in meta:  # stopped during step `start`'s evaluation
                 epoch = (start - 1) // self.steps_per_epoch + 1
                 metrics = dict(meta["pending_metrics"], **self.evaluate(epoch, run.should_stop))
                 run.log(metrics, step=start, epoch=epoch)
+                run.keep_best(start)
             losses = []
             for step in run.steps(start):
                 epoch = (step - 1) // self.steps_per_epoch + 1
@@ -285,26 +287,13 @@ def _run_sft(s: Settings) -> dict:
             rollout=s.rollout,
         )
     runner = SFTRunner(s, policy, processor, data, num_epochs=s.sft_epochs, eval_engine=engine)
-    harness = RunHarness(
-        s.output_dir,
-        kind="sft",
-        settings=s,
-        total_steps=runner.total_steps,
-        fingerprint=fingerprint,
-    )
-    with harness as run:
-        policy = runner.run(
-            run,
-            evaluate_at_start=s.eval.enabled and s.eval.at_start,
-            evaluate_every_epoch=s.eval.enabled,
-        )
 
-        def export(out_dir: Path) -> None:
-            from maye_jax.storage.model_folders import export_hf
+    def export(out_dir: Path) -> None:
+        """The policy's current weights as an HF folder (the final and the best evaluation's)."""
+        from maye_jax.storage.model_folders import export_hf
 
-            model = policy.local_model()  # several processes: every one takes part
-            if not multihost.is_leader():
-                return
+        model = policy.local_model()  # several processes: every one takes part
+        if multihost.is_leader():
             export_hf(
                 model,
                 policy.hf_config,
@@ -312,7 +301,22 @@ def _run_sft(s: Settings) -> dict:
                 tokenizer_source=policy.source_dir,
                 progress=s.logging.progress_bar,
             )
+        multihost.barrier(f"exported {out_dir.name}")
 
+    harness = RunHarness(
+        s.output_dir,
+        kind="sft",
+        settings=s,
+        total_steps=runner.total_steps,
+        fingerprint=fingerprint,
+        export=export,
+    )
+    with harness as run:
+        runner.run(
+            run,
+            evaluate_at_start=s.eval.enabled and s.eval.at_start,
+            evaluate_every_epoch=s.eval.enabled,
+        )
         run.finish(export)
     return summarize_run(s.output_dir)
 

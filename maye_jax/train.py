@@ -403,6 +403,7 @@ class Trainer:
             settings=s,
             total_steps=self.total_steps,
             fingerprint=self.fingerprint,
+            export=self.export_hf,
         )
         harness.stop_after_step = self.stop_after_step
         self.run_harness = harness
@@ -430,6 +431,7 @@ class Trainer:
                         run.log(self.evaluate(0, 0), step=0, epoch=0)
                     except EvaluationInterrupted:  # nothing trained yet: nothing to save
                         raise run.stopped_error() from None
+                    run.keep_best(0)
                 if "pending_metrics" in meta:  # stopped during step `start`'s evaluation
                     self.finish_pending_step(run, start, meta["pending_metrics"])
                 for step in run.steps(start):
@@ -493,6 +495,7 @@ class Trainer:
         except EvaluationInterrupted:
             raise run.stopped_error() from None
         run.log(metrics, step=step, epoch=epoch)
+        run.keep_best(step)
 
 
 def build_trainer(settings: Settings) -> Trainer:
@@ -528,6 +531,10 @@ def run_rl(config) -> dict:
         return build_trainer(settings).run()
 
 
+def _prompt(encoded: dict) -> Prompt:
+    return Prompt(encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"])
+
+
 def _correct(groups: PromptGroups) -> list[bool]:
     """Per response: the accuracy reward is 1 (all False without an accuracy reward)."""
     accuracy = groups.rewards.get("accuracy")
@@ -550,7 +557,3 @@ if __name__ == "__main__":
     from maye_jax.run.cli import run_cli
 
     run_cli("train", main, config_flag=True)
-
-
-def _prompt(encoded: dict) -> Prompt:
-    return Prompt(encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"])

@@ -192,6 +192,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 10
     c.checkpoint.keep = 2  # the newest kept; older ones deleted once a new one is whole
     c.checkpoint.export_hf = True  # write the final policy as an HF directory
+    # An evaluation metric (e.g. "eval/validation/pass@1_t0.6"): the checkpoint of its best
+    # value is kept besides the newest ones and exported to best_hf/ (None: off)
+    c.checkpoint.keep_best = None
 
     c.logging = ml_collections.ConfigDict()
     c.logging.tensorboard = False

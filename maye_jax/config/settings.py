@@ -349,6 +349,7 @@ class CheckpointSettings:
     every_steps: int = opt(10, positive)
     keep: int = opt(2, positive)
     export_hf: bool = opt(True)
+    keep_best: str | None = opt(None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -756,9 +757,26 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
     if s.model.attention == "cudnn" and s.model.dtype == "float32":
         bad("model.attention", "cudnn flash attention needs model.dtype=bfloat16")
     problems += multiprocess_problems(s, kind)
+    problems += _keep_best_problems(s)
     if s.resume and s.overwrite:
         bad("overwrite", "cannot be combined with resume=True (resume keeps the run's outputs)")
     return problems
+
+
+def _keep_best_problems(s: Settings) -> list[str]:
+    """`checkpoint.keep_best` names a metric the run's evaluations write."""
+    name = s.checkpoint.keep_best
+    if name is None:
+        return []
+    field = "config.checkpoint.keep_best"
+    if not s.eval.enabled:
+        return [f"{field}: needs evaluations (eval.enabled=True)"]
+    known = [f"eval/{split}/{setting}" for split in s.eval.splits for setting in s.eval.settings]
+    if name not in known:
+        return [
+            f"{field}: {name!r} is not a metric the evaluations write; known: {', '.join(known)}"
+        ]
+    return []
 
 
 def _async_rollout_problems(s: Settings) -> list[str]:

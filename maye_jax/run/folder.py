@@ -35,6 +35,7 @@ RUN_OUTPUTS = (
     "sft_warmup",
     "final_hf",
     "best_hf",
+    "best.json",
     "tensorboard",
     "wandb",
 )

@@ -14,12 +14,15 @@ It owns the output folder (and its lock: one run per folder, run/lock.py), `run.
 resuming (the newest intact checkpoint; the metric lines and rollouts written after it, and a
 torn last metric line, dropped), the metrics writer, the progress bar, SIGTERM/SIGINT (finish
 the step, checkpoint, stop), the checkpoint cadence (every `checkpoint.every_steps`, at the end
-and on a stop) and the final export. The loop itself stays in train.py / sft.py.
+and on a stop), the final export, and the best evaluation's checkpoint and export
+(`checkpoint.keep_best`, run/best.py: the loop calls `keep_best` where an evaluation is logged
+without `end_step` after it). The loop itself stays in train.py / sft.py.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import sys
@@ -32,13 +35,16 @@ import jax
 from maye_jax.config.settings import Settings
 from maye_jax.errors import RunAborted, RunStopped
 from maye_jax.run import lock, multihost
+from maye_jax.run.best import BEST_MODEL, BEST_RECORD, BestEvaluation, read_best_record
 from maye_jax.run.metrics import (
     MetricsWriter,
     drop_rollouts_after,
     mark_run_finished,
+    read_metrics,
     truncate_metrics,
     write_run_json,
 )
+from maye_jax.storage.atomic import atomic_write_text
 from maye_jax.storage.train_checkpoints import TrainCheckpointer
 
 log = logging.getLogger("maye_jax")
@@ -75,7 +81,9 @@ class RunHarness:
     """One run's life around its steps (see the module doc).
 
     kind: "rl" | "sft" | "sft_warmup" (the warm-up before RL: its own metrics and checkpoints
-    under `output_dir`, no run.json, no export). `checkpoints=False` writes none (tests)."""
+    under `output_dir`, no run.json, no export). `checkpoints=False` writes none (tests).
+    `export`: writes the current policy as an HF folder (every process calls it), for
+    `checkpoint.keep_best`'s `best_hf/`."""
 
     def __init__(
         self,
@@ -87,6 +95,7 @@ class RunHarness:
         describe: bool = True,
         checkpoints: bool = True,
         fingerprint: dict | None = None,
+        export: Callable[[Path], object] | None = None,
     ):
         self.output_dir = Path(output_dir).absolute()
         self.kind = kind
@@ -105,6 +114,11 @@ class RunHarness:
             TrainCheckpointer(self.output_dir, keep=settings.checkpoint.keep)
             if checkpoints
             else None
+        )
+        self.export = export
+        keep_best = settings.checkpoint.keep_best
+        self.best = (
+            BestEvaluation(keep_best) if keep_best and describe and self.checkpointer else None
         )
         self._progress = None
         self._previous_handlers: dict = {}
@@ -192,6 +206,8 @@ class RunHarness:
                 if multihost.is_leader():
                     truncate_metrics(self.output_dir, start)
                     drop_rollouts_after(self.output_dir, start)
+        if self.best is not None and start:
+            self._restore_best(start)
         lg = self.settings.logging
         self.last_step = start
         if not multihost.is_leader():
@@ -221,6 +237,8 @@ class RunHarness:
             disable=not self.settings.logging.progress_bar or not multihost.is_leader(),
             file=sys.stderr,
         )
+        if self.best is not None and self.best.pending:  # a crash cut off its export
+            self._write_best()
         for step in range(start + 1, self.total_steps + 1):
             self.timer.take()  # a step's timings start with it
             yield step
@@ -257,6 +275,8 @@ class RunHarness:
         return {f"time/{k}_seconds": v for k, v in self.timer.take().items()}
 
     def log(self, metrics: dict, *, step: int, epoch: int, progress: dict | None = None) -> dict:
+        if self.best is not None:  # every process: the evaluations' metrics are global
+            self.best.note(metrics, step=step, epoch=epoch)
         if self.writer is None:  # not process 0: nothing to write
             return dict(metrics, generation_step=step, epoch=epoch)
         line = self.writer.write(metrics, generation_step=step, epoch=epoch)
@@ -272,13 +292,76 @@ class RunHarness:
         # Several processes stop together: a signal one process saw stops every one, at the
         # same step, with one checkpoint.
         self.stop_agreed = multihost.any_process(self.stop_requested)
+        new_best = self.best is not None and self.best.pending and self.best.step == step
         due = (
             step % self.settings.checkpoint.every_steps == 0
             or step == self.total_steps
             or self.stop_agreed
+            or new_best
         )
+        if new_best:  # kept from now on; the previous best is pruned with the save
+            self.checkpointer.protected = {step}
         if due and self.checkpointer is not None:
             self.checkpointer.save(step, state, dict(meta, generation_step=step))
+        if new_best:
+            self._write_best()
+
+    def keep_best(self, step: int) -> None:
+        """After an evaluation logged without `end_step` after it (at the start, step 0: the
+        start weights; or the evaluation a stop abandoned, rerun on resume, whose step is
+        checkpointed already): keeps it if it is the new best."""
+        if self.best is None or not self.best.pending or self.best.step != step:
+            return
+        self.checkpointer.protected = {step} if step else set()
+        self.checkpointer.prune()
+        self._write_best()
+
+    def _write_best(self) -> None:
+        """The best evaluation's export (`best_hf/`, from the current weights), then its record
+        (`best.json`): a record names an export that is whole."""
+        best = self.best
+        if self.export is not None:
+            self.export(self.output_dir / BEST_MODEL)
+        if multihost.is_leader():
+            atomic_write_text(
+                self.output_dir / BEST_RECORD, json.dumps(best.record(), indent=1) + "\n"
+            )
+        best.pending = False
+        log.info(
+            "%s: best %s = %.4f at step %d: its checkpoint is kept, its weights are in %s",
+            self.kind,
+            best.metric,
+            best.value,
+            best.step,
+            self.output_dir / BEST_MODEL,
+        )
+
+    def _restore_best(self, start: int) -> None:
+        """A resumed run's best so far, from its metric lines (the source of truth); its
+        checkpoint is protected again. If a crash cut off the export of the best, and the run
+        resumes from that step's checkpoint, the export is redone (`steps`)."""
+        best = None
+        if multihost.is_leader():
+            best = BestEvaluation.from_lines(self.best.metric, read_metrics(self.output_dir))
+        best = multihost.allgather_objects(best)[0]
+        self.best = best
+        if best.step:
+            self.checkpointer.protected = {best.step}
+        if best.step is None or (
+            best.matches(read_best_record(self.output_dir))
+            and (self.output_dir / BEST_MODEL).is_dir()
+        ):
+            return
+        if best.step == start:
+            best.pending = True  # the restored weights are the best's: export them again
+        else:
+            log.warning(
+                "%s: the export of the best evaluation (step %d) is missing and its weights "
+                "are not the restored ones; %s is not rewritten",
+                self.kind,
+                best.step,
+                self.output_dir / BEST_MODEL,
+            )
 
     @property
     def finished(self) -> bool:

@@ -25,6 +25,7 @@ the step they restore.
 Retention: Orbax keeps everything (its own `max_to_keep` deletes before the new checkpoint is
 written); once a new checkpoint is complete and its listing checked, the ones beyond `keep`
 are deleted, so even with keep=1 the previous checkpoint remains until its successor is whole.
+Steps in `protected` (the best evaluation's, `checkpoint.keep_best`) are kept besides them.
 A write that fails (a full disk) removes its partial files and raises `CheckpointWriteError`
 naming the real error and the last good checkpoint.
 """
@@ -73,6 +74,7 @@ class TrainCheckpointer:
 
         self._ocp = ocp
         self.keep = keep
+        self.protected: set[int] = set()  # kept whatever their age (the best evaluation's)
         self.directory = Path(output_dir).absolute() / "checkpoints"
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # pruned here, after the new checkpoint is whole
@@ -129,7 +131,7 @@ class TrainCheckpointer:
                 f"checkpoint of step {generation_step} not written: {_describe(error)}; "
                 f"the last good checkpoint is {last_good}"
             ) from error
-        self._prune()
+        self.prune()
 
     def _write_digest(self, step_dir: Path, arrays: dict[str, str], meta: dict) -> None:
         me, count = process_index(), jax.process_count()
@@ -176,9 +178,10 @@ class TrainCheckpointer:
                 time.sleep(0.05)
         self._reload()
 
-    def _prune(self) -> None:
+    def prune(self) -> None:
         for step in self.steps()[self.keep :]:
-            self._delete(step)
+            if step not in self.protected:
+                self._delete(step)
 
     def _delete(self, step: int) -> None:
         self._reload()
