@@ -21,9 +21,31 @@ import logging
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
+from maye_jax.config.field_rules import (
+    DTYPES,
+    cpu_list,
+    each,
+    greater_than,
+    in_range,
+    known_advantage_estimators,
+    known_char_classes,
+    known_eval_settings,
+    known_kl_estimators,
+    known_loss_aggregations,
+    known_policy_losses,
+    known_prompt_templates,
+    known_reward_names,
+    known_schedules,
+    non_empty,
+    non_negative,
+    one_of,
+    opt,
+    positive,
+    registry,
+)
 from maye_jax.errors import UserError
 
 log = logging.getLogger("maye_jax")
@@ -37,130 +59,6 @@ class ConfigError(UserError, ValueError):
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
-
-
-# --------------------------------------------------------------------------------------------------
-# Field rules
-# --------------------------------------------------------------------------------------------------
-
-Check = Callable[[Any], str | None]  # a problem with the value, or None
-
-
-def positive(value) -> str | None:
-    return None if value > 0 else "must be > 0"
-
-
-def non_negative(value) -> str | None:
-    return None if value >= 0 else "must be >= 0"
-
-
-def one_of(*choices) -> Check:
-    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
-
-
-def greater_than(low) -> Check:
-    return lambda value: None if value > low else f"must be > {low}"
-
-
-def in_range(low, high, *, low_open=False) -> Check:
-    def check(value):
-        ok = (low < value if low_open else low <= value) and value <= high
-        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}]"
-
-    return check
-
-
-def each(check: Check) -> Check:
-    def check_all(values):
-        problems = [p for p in (check(v) for v in values) if p]
-        return problems[0] if problems else None
-
-    return check_all
-
-
-def non_empty(values) -> str | None:
-    return None if len(values) else "must not be empty"
-
-
-def cpu_list(value) -> str | None:
-    """CPU ids as taskset writes them: "1", "0,2", "2-3"."""
-    import re
-
-    ok = re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value.replace(" ", ""))
-    return None if ok else "expected CPU ids such as 1, 0,2 or 2-3"
-
-
-def registry(names: Callable[[], tuple[str, ...]], what: str) -> Check:
-    """A name that must be registered (imported lazily: the registries' modules import JAX)."""
-
-    def check(value):
-        known = names()
-        return None if value in known else f"unknown {what}; known: {', '.join(sorted(known))}"
-
-    return check
-
-
-def opt(default=None, check: Check | None = None, *, none_off: str | None = None):
-    """A field with its default and rule. `none_off`: the old "off" spelling (e.g. "0") that
-    now means nothing, refused with a message naming None."""
-    return dataclasses.field(default=default, metadata={"check": check, "none_off": none_off})
-
-
-def _advantage_estimators():
-    from maye_jax.rl.advantages import advantage_estimator_names
-
-    return advantage_estimator_names()
-
-
-def _policy_losses():
-    from maye_jax.rl.losses import policy_loss_names
-
-    return policy_loss_names()
-
-
-def _loss_aggregations():
-    from maye_jax.rl.losses import loss_aggregation_names
-
-    return loss_aggregation_names()
-
-
-def _kl_estimators():
-    from maye_jax.rl.advantages import KL_ESTIMATORS
-
-    return KL_ESTIMATORS
-
-
-def _reward_names():
-    from maye_jax.rl.rewards import reward_names
-
-    return reward_names()
-
-
-def _char_classes():
-    from maye_jax.rl.rewards import CHAR_CLASSES
-
-    return tuple(CHAR_CLASSES)
-
-
-def _eval_settings():
-    from maye_jax.evaluation.evaluate import SETTINGS
-
-    return tuple(SETTINGS)
-
-
-def _prompt_templates():
-    from maye_jax.data.processor import prompt_template_names
-
-    return prompt_template_names()
-
-
-def _schedules():
-    from maye_jax.training.optim import SCHEDULES
-
-    return SCHEDULES
-
-
-DTYPES = ("float32", "bfloat16")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,7 +96,7 @@ class DataSettings:
     validation_file: str | None = opt(None)
     test_file: str | None = opt(None)
     on_error: str = opt("fail", one_of("fail", "skip"))
-    prompt_template: str = opt("maye", registry(_prompt_templates, "prompt template"))
+    prompt_template: str = opt("maye", registry(known_prompt_templates, "prompt template"))
     min_pixels: int = opt(4 * 28 * 28, positive)
     max_pixels: int = opt(16384 * 28 * 28, positive)
     prompt_multiple: int = opt(64, positive)
@@ -258,26 +156,26 @@ class RLSettings:
     micro_batch_size: int = opt(28, positive)
     forward_batch_size: int = opt(112, positive)
     advantage_estimator: str = opt(
-        "reinforce_pp", registry(_advantage_estimators, "advantage estimator")
+        "reinforce_pp", registry(known_advantage_estimators, "advantage estimator")
     )
     gamma: float = opt(1.0, in_range(0.0, 1.0))
     kl_reward_coeff: float = opt(0.0, non_negative)
     kl_loss_coeff: float = opt(0.001, non_negative)
-    kl_estimator: str = opt("k3", registry(_kl_estimators, "KL estimator"))
-    kl_loss_estimator: str = opt("k3", registry(_kl_estimators, "KL estimator"))
+    kl_estimator: str = opt("k3", registry(known_kl_estimators, "KL estimator"))
+    kl_loss_estimator: str = opt("k3", registry(known_kl_estimators, "KL estimator"))
     kl_clamp: float | None = opt(10.0, positive)
     whiten: bool = opt(True)
     shift_mean: bool = opt(True)
     whiten_eps: float = opt(1e-8, positive)
     grpo_eps: float = opt(1e-6, non_negative)
     grpo_scale_by_std: bool = opt(True)
-    policy_loss: str = opt("ppo_clip", registry(_policy_losses, "policy loss"))
+    policy_loss: str = opt("ppo_clip", registry(known_policy_losses, "policy loss"))
     clip_eps_low: float = opt(0.2, in_range(0.0, 1.0))
     clip_eps_high: float = opt(0.2, non_negative)
     clip_ratio_c: float | None = opt(None, greater_than(1.0))
     gspo_clip_eps_low: float = opt(3e-4, in_range(0.0, 1.0))
     gspo_clip_eps_high: float = opt(4e-4, non_negative)
-    loss_agg: str = opt("token_mean", registry(_loss_aggregations, "loss aggregation"))
+    loss_agg: str = opt("token_mean", registry(known_loss_aggregations, "loss aggregation"))
     rollout_is_cap: float | None = opt(None, positive, none_off="0")
     logprob_chunk_size: int = opt(512, positive)
     response_len_buckets: int = opt(4, positive)
@@ -299,14 +197,16 @@ class OptimSettings:
     eps: float = opt(1e-5, positive)
     weight_decay: float = opt(0.01, non_negative)
     max_grad_norm: float | None = opt(1.0, positive, none_off="0")
-    schedule: str = opt("warmup_cosine", registry(_schedules, "schedule"))
+    schedule: str = opt("warmup_cosine", registry(known_schedules, "schedule"))
     warmup_fraction: float = opt(0.1, in_range(0.0, 1.0))
 
 
 @dataclasses.dataclass(frozen=True)
 class RewardSettings:
-    names: tuple[str, ...] = opt(("accuracy", "language"), each(registry(_reward_names, "reward")))
-    language_char_class: str = opt("cjk", registry(_char_classes, "character class"))
+    names: tuple[str, ...] = opt(
+        ("accuracy", "language"), each(registry(known_reward_names, "reward"))
+    )
+    language_char_class: str = opt("cjk", registry(known_char_classes, "character class"))
     timeout_s: float = opt(5.0, positive)
     num_workers: int | None = opt(None, positive)
     penalty: bool = opt(False)
@@ -325,7 +225,7 @@ class EvalSettings:
     splits: tuple[str, ...] = opt(("validation", "test"), each(one_of("validation", "test")))
     settings: tuple[str, ...] = opt(
         ("pass@8_t1.0", "pass@1_t0.6", "pass@1_t0.01"),
-        each(registry(_eval_settings, "evaluation setting")),
+        each(registry(known_eval_settings, "evaluation setting")),
     )
     save_responses: bool = opt(False)
     batch_size: int = opt(64, positive)
@@ -641,6 +541,8 @@ def load_settings(config, *, kind: str, check_files: bool = True) -> Settings:
     and returns the typed settings; raises ConfigError listing every problem, each naming
     its field. Reads from disk only whether the files it names exist (`check_files=False`:
     not even that, e.g. for a run whose start model an earlier run will write)."""
+    from maye_jax.config.cross_checks import cross_field_problems, file_problems
+
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     if config is None:
@@ -666,7 +568,7 @@ def load_settings(config, *, kind: str, check_files: bool = True) -> Settings:
     if not problems:
         problems += cross_field_problems(settings, kind)
     if not problems and check_files:
-        problems += _file_problems(settings, kind)
+        problems += file_problems(settings, kind)
     if problems:
         raise ConfigError(problems)
     if kind in ("rl", "sft", "experiment"):
@@ -677,201 +579,3 @@ def load_settings(config, *, kind: str, check_files: bool = True) -> Settings:
             if rate == 0:
                 log.warning("config.%s is 0: the weights will not change (a control run?)", field)
     return settings
-
-
-def cross_field_problems(s: Settings, kind: str) -> list[str]:
-    """Rules that tie fields together (sizes that must divide, options that need others)."""
-    problems = []
-    rl, rollout, sft = s.rl, s.rollout, s.sft
-
-    def bad(field: str, message: str) -> None:
-        problems.append(f"config.{field}: {message}")
-
-    if not s.output_dir:
-        bad("output_dir", "required")
-    if not s.model.path and not s.model.tiny_family:
-        bad("model.path", "set model.path (an HF directory or checkpoint) or model.tiny_family")
-    if s.data.min_pixels > s.data.max_pixels:
-        bad("data.min_pixels", f"{s.data.min_pixels} > data.max_pixels {s.data.max_pixels}")
-    if kind in ("rl", "experiment"):
-        if rl.batch_size % rollout.num_samples:
-            bad(
-                "rl.batch_size",
-                f"{rl.batch_size} is not divisible by rollout.num_samples {rollout.num_samples}",
-            )
-        if rl.batch_size % rl.ppo_batch_size:
-            bad(
-                "rl.batch_size",
-                f"{rl.batch_size} is not divisible by rl.ppo_batch_size {rl.ppo_batch_size}",
-            )
-        if rl.ppo_batch_size % rl.micro_batch_size:
-            bad(
-                "rl.ppo_batch_size",
-                f"{rl.ppo_batch_size} is not divisible by rl.micro_batch_size "
-                f"{rl.micro_batch_size}",
-            )
-        group_estimators = ("grpo", "rloo", "reinforce_pp_baseline")
-        if rl.advantage_estimator in group_estimators and rollout.num_samples < 2:
-            bad(
-                "rollout.num_samples",
-                f"{rl.advantage_estimator} compares the samples of a prompt: needs >= 2, "
-                f"got {rollout.num_samples}",
-            )
-        if rl.dynamic_sampling and rollout.num_samples < 2:
-            bad(
-                "rl.dynamic_sampling",
-                "drops prompt groups whose scores are all equal: needs rollout.num_samples >= 2 "
-                f"(a single sample is always its own group), got {rollout.num_samples}",
-            )
-        if kind == "rl" and sft.num_epochs is not None:
-            bad(
-                "sft.num_epochs",
-                "is the SFT baseline's epoch count; the SFT warm-up before RL is sft.warmup_epochs",
-            )
-    if kind in ("sft", "experiment") or (kind == "rl" and sft.warmup_epochs):
-        if sft.batch_size % sft.micro_batch_size:
-            bad(
-                "sft.batch_size",
-                f"{sft.batch_size} is not divisible by sft.micro_batch_size {sft.micro_batch_size}",
-            )
-    if rl.policy_loss == "gspo" and rl.loss_agg != "seq_mean_token_mean":
-        bad(
-            "rl.loss_agg",
-            f"{rl.loss_agg!r}: policy_loss=gspo averages per sequence; "
-            "set rl.loss_agg=seq_mean_token_mean",
-        )
-    if rl.clip_ratio_c is not None and rl.policy_loss != "ppo_clip":
-        bad("rl.clip_ratio_c", f"dual-clip is part of ppo_clip, not of {rl.policy_loss}")
-    overlong = s.rewards.overlong_buffer_len
-    if overlong is not None and overlong > rollout.max_tokens:
-        bad(
-            "rewards.overlong_buffer_len",
-            f"{overlong} is more than rollout.max_tokens {rollout.max_tokens}",
-        )
-    if rollout.engine == "jax" and (
-        rollout.worker_python or rollout.worker_devices or rollout.worker_cpus
-    ):
-        bad("rollout.worker_python", "only the hf and vllm engines run a worker process")
-    if kind in ("rl", "experiment") and rl.async_rollouts:
-        problems.extend(_async_rollout_problems(s))
-    if s.model.attention == "cudnn" and s.model.dtype == "float32":
-        bad("model.attention", "cudnn flash attention needs model.dtype=bfloat16")
-    problems += multiprocess_problems(s, kind)
-    problems += _keep_best_problems(s)
-    if s.resume and s.overwrite:
-        bad("overwrite", "cannot be combined with resume=True (resume keeps the run's outputs)")
-    return problems
-
-
-def _keep_best_problems(s: Settings) -> list[str]:
-    """`checkpoint.keep_best` names a metric the run's evaluations write."""
-    name = s.checkpoint.keep_best
-    if name is None:
-        return []
-    field = "config.checkpoint.keep_best"
-    if not s.eval.enabled:
-        return [f"{field}: needs evaluations (eval.enabled=True)"]
-    known = [f"eval/{split}/{setting}" for split in s.eval.splits for setting in s.eval.settings]
-    if name not in known:
-        return [
-            f"{field}: {name!r} is not a metric the evaluations write; known: {', '.join(known)}"
-        ]
-    return []
-
-
-def _async_rollout_problems(s: Settings) -> list[str]:
-    """What `rl.async_rollouts` needs, and what it is not built for yet."""
-    problems = []
-    if s.rollout.engine == "jax":
-        problems.append(
-            "config.rl.async_rollouts: needs a worker engine (rollout.engine=hf or vllm): the "
-            "in-process JAX sampler shares the trainer's devices"
-        )
-    if s.rl.rollout_is_cap is None:
-        problems.append(
-            "config.rl.rollout_is_cap: required with rl.async_rollouts (e.g. 2.0): responses are "
-            "one update stale, and the truncated importance weight corrects for it"
-        )
-    if s.rl.dynamic_sampling:
-        problems.append(
-            "config.rl.async_rollouts: not built with rl.dynamic_sampling yet (its top-ups "
-            "depend on the step's own rewards)"
-        )
-    return problems
-
-
-def multiprocess_problems(s: Settings, kind: str, processes: int | None = None) -> list[str]:
-    """What several processes do not support (yet), or cannot split evenly (`processes`: the
-    actual count, once known; else the configured one)."""
-    processes = processes or s.sharding.num_processes
-    if not processes or processes == 1:
-        return []
-    problems = []
-    if s.model.tower_trains:
-        problems.append(
-            "config.model.train_vit: a vision tower that trains is not supported with several "
-            "processes (each micro-batch packs every host's images)"
-        )
-    if kind in ("rl", "experiment"):
-        prompts = s.rl.batch_size // s.rollout.num_samples
-        if prompts % processes:
-            problems.append(
-                f"config.rl.batch_size: {prompts} prompts per step do not split over "
-                f"{processes} processes"
-            )
-        if s.rl.dynamic_sampling:
-            problems.append("config.rl.dynamic_sampling: not supported with several processes")
-        if s.rl.async_rollouts:
-            problems.append(
-                "config.rl.async_rollouts: not built for several processes yet (one worker "
-                "serves one trainer process)"
-            )
-    if (kind in ("sft", "experiment") or s.sft.warmup_epochs) and s.sft.batch_size % processes:
-        problems.append(
-            f"config.sft.batch_size: {s.sft.batch_size} does not split over {processes} processes"
-        )
-    if s.sharding.process_id is not None and s.sharding.process_id >= processes:
-        problems.append(
-            f"config.sharding.process_id: {s.sharding.process_id} >= num_processes {processes}"
-        )
-    return problems
-
-
-def data_file(settings: Settings, split: str) -> str | None:
-    """The configured jsonl file of `split` (resolved against data.root), or None."""
-    from pathlib import Path
-
-    name = getattr(settings.data, f"{split}_file")
-    if not name:
-        return None
-    if settings.data.root and not Path(name).is_absolute():
-        return str(Path(settings.data.root) / name)
-    return name
-
-
-def _file_problems(s: Settings, kind: str) -> list[str]:
-    """Files the run will read, checked before any work: the start model, the training data
-    (unless generated) and every split evaluation is asked to run on."""
-    from pathlib import Path
-
-    problems = []
-    if s.model.path:
-        path = Path(s.model.path)
-        if not ((path / "config.json").is_file() or (path / "maye_jax.json").is_file()):
-            problems.append(
-                f"config.model.path: {s.model.path}: not a model folder (no config.json; an HF "
-                "model directory or a maye-jax checkpoint is expected)"
-            )
-    if kind == "evaluate" or s.data.synth_dir:  # synthetic data: every split is generated
-        return problems
-    needed = {"train": "required (or data.synth_dir to generate data)"}
-    if s.eval.enabled:
-        for split in s.eval.splits:
-            needed[split] = f"eval.splits includes {split}: set the file or drop the split"
-    for split, why in needed.items():
-        path = data_file(s, split)
-        if path is None:
-            problems.append(f"config.data.{split}_file: unset: {why}")
-        elif not Path(path).is_file():
-            problems.append(f"config.data.{split}_file: {path}: no such file")
-    return problems

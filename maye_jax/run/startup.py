@@ -50,7 +50,7 @@ def setup_cli_logging() -> None:
 def data_files(settings: Settings) -> dict[str, str]:
     """The jsonl file of every configured split, writing the synthetic dataset first when
     asked (deterministic: the same files every time)."""
-    from maye_jax.config.settings import data_file
+    from maye_jax.config.cross_checks import data_file
 
     data = settings.data
     files = {split: data_file(settings, split) for split in ("train", "validation", "test")}
@@ -187,7 +187,7 @@ def device_memory_bytes() -> int:
 
 def check_multiprocess(settings: Settings, *, kind: str) -> None:
     """What the config alone could not check: the actual process count's constraints."""
-    from maye_jax.config.settings import multiprocess_problems
+    from maye_jax.config.cross_checks import multiprocess_problems
 
     problems = multiprocess_problems(settings, kind, jax.process_count())
     if problems:
