@@ -126,13 +126,16 @@ def run_single(tmp: Path, overrides: dict) -> Path:
 
 def run_pair(folder: Path, overrides: dict, *, stop_process=None):
     """Both processes of one run (4 CPU devices each); with `stop_process`, SIGTERM to that
-    process alone once the run has written its first checkpoint. Returns the exit codes."""
+    process alone once the start evaluation's line is written (so the signal lands during
+    step 1, before either process decides whether step 1 is the last). Returns the exit
+    codes."""
     port = free_port()
     processes = [start(folder, overrides, process_id=i, port=port, devices=4) for i in (0, 1)]
     if stop_process is not None:
+        metrics = folder / "run" / "metrics.jsonl"
         deadline = time.time() + 600
-        while not (folder / "run" / "checkpoints" / "1").is_dir() and time.time() < deadline:
-            time.sleep(0.1)
+        while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
+            time.sleep(0.05)
         processes[stop_process].send_signal(signal.SIGTERM)
     return [p.wait(timeout=600) for p in processes]
 
@@ -246,6 +249,7 @@ def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupt
     assert codes == [128 + signal.SIGTERM] * 2, logs(folder)
     run = folder / "run"
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps and max(m["generation_step"] for m in read_metrics(run)) == steps[-1] < 2
+    assert steps == [1], steps  # both stopped after step 1, with one checkpoint
+    assert max(m["generation_step"] for m in read_metrics(run)) == 1
     assert run_pair(folder, HSDP | engine | {"resume": True}) == [0, 0], logs(folder)
     assert_same_metrics(run, run_single(tmp_path / "single", HSDP_REFERENCE | engine))
