@@ -25,10 +25,11 @@ class FakeEngine:
     def __init__(self, answers):
         self.answers = answers
 
-    def generate(self, prompts, sampling, *, step=0):
+    def generate(self, prompts, sampling, *, step=0, first_index=0):
+        answers = self.answers[first_index:]  # prompts[i] is the split's record first_index + i
         return [
             [
-                Completion([1], [-0.1], self.answers[i][j % len(self.answers[i])], "stop")
+                Completion([1], [-0.1], answers[i][j % len(answers[i])], "stop")
                 for j in range(sampling.n)
             ]
             for i in range(len(prompts))
