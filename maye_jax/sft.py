@@ -292,13 +292,14 @@ def _run_sft(s: Settings) -> dict:
         """The policy's current weights as an HF folder (the final and the best evaluation's)."""
         from maye_jax.storage.model_folders import export_hf
 
-        model = policy.local_model()  # several processes: every one takes part
+        trained = runner.policy  # the runner's (its own optimizer), not the one passed in
+        model = trained.local_model()  # several processes: every one takes part
         if multihost.is_leader():
             export_hf(
                 model,
-                policy.hf_config,
+                trained.hf_config,
                 out_dir,
-                tokenizer_source=policy.source_dir,
+                tokenizer_source=trained.source_dir,
                 progress=s.logging.progress_bar,
             )
         multihost.barrier(f"exported {out_dir.name}")

@@ -1,28 +1,13 @@
 """The redesigned trainer reproduces the golden runs recorded before it (tests/golden/runs.py):
-every line of metrics and rollouts, every key (time and memory aside). Token counts, texts and
-every other non-float value must be equal; floats equal to float32 rounding. XLA compiles for
-the CPU it runs on (AVX-512 or AVX2, FMA or not), so the last bits of a sum differ between CPU
-models: the goldens recorded on one machine are reproduced bit for bit there, and to a few ulps
-of float32 on another (measured: at most 2e-7 absolute on these tiny runs' metrics)."""
+every line of metrics and rollouts, every key (time and memory aside); token counts, texts and
+every other non-float value equal, floats to float32 rounding (`tests.golden.runs.same_value`:
+XLA's code, hence the last bits, depend on the CPU model)."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from tests.golden.runs import GOLDEN_DIR, NAMES, comparable, recorded_files, run_golden
-
-# float32 rounding of values of order 1 and of tiny losses, after a few updates
-RTOL, ATOL = 1e-5, 1e-6
-
-
-def _same(a, b) -> bool:
-    if isinstance(a, float) and isinstance(b, float):
-        return math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL)
-    if isinstance(a, float) or isinstance(b, float):  # an int where the golden has a float
-        return False
-    return a == b
+from tests.golden.runs import GOLDEN_DIR, NAMES, assert_same_lines, recorded_files, run_golden
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -32,9 +17,4 @@ def test_golden_run_is_reproduced(name, tmp_path):
     produced = recorded_files(out)
     assert sorted(produced) == sorted(expected)
     for label, path in produced.items():
-        ours, theirs = comparable(path), comparable(expected[label])
-        assert len(ours) == len(theirs), label
-        for line, (a, b) in enumerate(zip(ours, theirs)):
-            assert sorted(a) == sorted(b), f"{name}/{label} line {line + 1}: keys differ"
-            differing = {k: (a[k], b[k]) for k in a if not _same(a[k], b[k])}
-            assert not differing, f"{name}/{label} line {line + 1}: {differing}"
+        assert_same_lines(path, expected[label], f"{name}/{label}")

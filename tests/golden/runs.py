@@ -10,6 +10,7 @@ Each run writes `OUTPUT_DIR/metrics.jsonl`; the test compares every key but `tim
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -100,6 +101,30 @@ def run_golden(name: str, tmp: Path) -> Path:
 def comparable(path: Path) -> list[dict]:
     lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [{k: v for k, v in line.items() if not k.startswith(NOISE_PREFIXES)} for line in lines]
+
+
+# XLA compiles for the CPU it runs on (AVX-512 or AVX2, FMA or not), so the last bits of a sum
+# differ between CPU models: a golden is reproduced bit for bit on the machine that recorded it
+# and to float32 rounding elsewhere. Everything that is not a float must be equal.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def same_value(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=RTOL, abs_tol=ATOL)
+    if isinstance(a, float) or isinstance(b, float):  # an int where the golden has a float
+        return False
+    return a == b
+
+
+def assert_same_lines(ours: Path, theirs: Path, label: str) -> None:
+    """The `comparable` lines of two files agree: the same keys, values as `same_value`."""
+    a_lines, b_lines = comparable(ours), comparable(theirs)
+    assert len(a_lines) == len(b_lines), label
+    for line, (a, b) in enumerate(zip(a_lines, b_lines)):
+        assert sorted(a) == sorted(b), f"{label} line {line + 1}: keys differ"
+        differing = {k: (a[k], b[k]) for k in a if not same_value(a[k], b[k])}
+        assert not differing, f"{label} line {line + 1}: {differing}"
 
 
 def recorded_files(output_dir: Path) -> dict[str, Path]:

@@ -169,7 +169,7 @@ def test_a_stopped_warm_up_checkpoints_and_the_resumed_run_equals_the_golden(tmp
     import signal
 
     from maye_jax.train import run_rl
-    from tests.golden.runs import GOLDEN_DIR, comparable, golden_config
+    from tests.golden.runs import GOLDEN_DIR, assert_same_lines, golden_config
 
     config = golden_config("warmup_then_rl", tmp_path)
     train_step = SFTRunner.train_step
@@ -192,4 +192,4 @@ def test_a_stopped_warm_up_checkpoints_and_the_resumed_run_equals_the_golden(tmp
         (out / "sft_warmup" / "metrics.jsonl", "sft_warmup.metrics.jsonl"),
         (out / "metrics.jsonl", "metrics.jsonl"),
     ):
-        assert comparable(produced) == comparable(GOLDEN_DIR / "warmup_then_rl" / golden)
+        assert_same_lines(produced, GOLDEN_DIR / "warmup_then_rl" / golden, golden)

@@ -145,11 +145,11 @@ def test_a_stop_during_evaluation_abandons_it_and_resume_reruns_it(uninterrupted
     trainer = Trainer(rl_settings(config))
     generate, sent = trainer.engine.generate, []
 
-    def generate_then_signal(prompts, sampling, *, step=0):
+    def generate_then_signal(prompts, sampling, *, step=0, first_index=0):
         if step >= 1_001_000 and not sent:  # the first evaluation call after step 1
             sent.append(step)
             os.kill(os.getpid(), signal.SIGTERM)
-        return generate(prompts, sampling, step=step)
+        return generate(prompts, sampling, step=step, first_index=first_index)
 
     trainer.engine.generate = generate_then_signal
     with pytest.raises(RunStopped) as stopped:
