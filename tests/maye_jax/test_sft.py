@@ -113,17 +113,24 @@ def test_sft_cli_run_writes_the_scheme_checkpoints_and_export(tmp_path):
     from maye_jax.sft import run_sft
 
     config = _sft_config(tmp_path)
+    metric = "eval/validation/pass@1_t0.01"
+    config.checkpoint.keep_best = metric
     summary = run_sft(config)
     out = tmp_path / "run"
     lines = read_metrics(out)
     assert [m["generation_step"] for m in lines] == [0, 1, 2, 3, 4]
-    evaluated = [m["epoch"] for m in lines if "eval/validation/pass@1_t0.01" in m]
+    evaluated = [m["epoch"] for m in lines if metric in m]
     assert evaluated == [0, 1, 2]  # the untrained model, then every epoch
     assert json.loads((out / "run.json").read_text())["kind"] == "sft"
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [
-        "3",
-        "4",
-    ]  # every step, keeping the last `checkpoint.keep`
+    # The best evaluation (the first of the highest values) is recorded and exported; its
+    # checkpoint is kept besides the last `checkpoint.keep` (the start model has none).
+    scored = [(m[metric], -m["generation_step"]) for m in lines if metric in m]
+    best_step = -max(scored)[1]
+    best = json.loads((out / "best.json").read_text())
+    assert (best["metric"], best["generation_step"]) == (metric, best_step)
+    assert (out / "best_hf" / "config.json").is_file()
+    kept = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == sorted({3, 4} | ({best_step} if best_step else set()))
     assert (out / "final_hf" / "config.json").is_file()
     assert "eval/validation/pass@1_t0.01" in summary
 
