@@ -324,6 +324,39 @@ def random_sequences(config: ModelConfig, lengths: Lengths, rows: int, seed: int
 # --------------------------------------------------------------------------------------------------
 
 
+def seven_b_proportions(config: ModelConfig) -> ModelConfig:
+    """`config`'s decoder with a 7B's proportions at its hidden size: head_dim 128, the MLP
+    18944 / 3584 of hidden (rounded to 64), 2 query heads per KV head."""
+    heads = max(1, config.text.hidden_size // 128)
+    text = dataclasses.replace(
+        config.text,
+        intermediate_size=round(config.text.hidden_size * 18944 / 3584 / 64) * 64,
+        num_heads=heads,
+        num_kv_heads=max(1, heads // 2),
+        mrope_section=(16, 24, 24),
+    )
+    return dataclasses.replace(config, text=text)
+
+
+def fp32_update_step(config: ModelConfig, update_config):
+    """(the random fp32 model of `config`, its jitted train step, train state, frozen) on one
+    device, AdamW at a constant 1e-5: the update the CPU benchmarks time."""
+    from maye_jax.sharding.mesh import make_mesh
+    from maye_jax.training.optim import OptimizerConfig, make_optimizer
+    from maye_jax.training.train_state import create_train_state
+    from maye_jax.training.update import make_train_step
+
+    model = build_model(config, seed=0)
+    optimizer, schedule = make_optimizer(
+        OptimizerConfig(learning_rate=1e-5, schedule="constant"), total_updates=1000
+    )
+    model_def, state, frozen, layout = create_train_state(
+        model, make_mesh(fsdp=1), optimizer, frozen_dtype=jnp.float32
+    )
+    step = make_train_step(model_def, optimizer, schedule, layout, update_config)
+    return model, step, state, frozen
+
+
 def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
     """Median wall seconds of `run()` (which must block until its result is ready) over
     `repeats` calls after `warmup` untimed ones."""
@@ -341,13 +374,14 @@ def default_matmul_size() -> int:
     return 8192 if jax.devices()[0].platform == "gpu" else 256
 
 
-def matmul_baseline(size: int = 0, repeats: int = 10, chain: int = 8) -> dict:
-    """bf16 [n, n] @ [n, n] on random data, `chain` dependent products in one program (so
-    dispatch does not count): the rate that model FLOPs are compared with (MFU)."""
+def matmul_baseline(size: int = 0, repeats: int = 10, chain: int = 8, dtype=jnp.bfloat16) -> dict:
+    """[n, n] @ [n, n] in `dtype` (bf16 by default) on random data, `chain` dependent products
+    in one program (so dispatch does not count): the rate that model FLOPs are compared with
+    (MFU)."""
     size = size or default_matmul_size()
     key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (size, size), jnp.bfloat16)
-    b = (jax.random.normal(key_b, (size, size)) / math.sqrt(size)).astype(jnp.bfloat16)
+    a = jax.random.normal(key_a, (size, size), dtype)
+    b = (jax.random.normal(key_b, (size, size)) / math.sqrt(size)).astype(dtype)
     products = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, y: y @ w, x))
     timing = median_seconds(lambda: products(a, b).block_until_ready(), repeats, warmup=2)
     flops = 2 * size**3 * chain

@@ -20,7 +20,6 @@ responses, forward chunks of 112 rows, mini-batches of 28) under the same spread
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
@@ -28,8 +27,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import fp32_update_step, seven_b_proportions  # noqa: E402
 
 from maye_jax.data.sequences import (  # noqa: E402
     make_sequence_batch,
@@ -37,15 +36,11 @@ from maye_jax.data.sequences import (  # noqa: E402
     response_len_buckets,
 )
 from maye_jax.models.configs import ModelConfig  # noqa: E402
-from maye_jax.models.qwen_vl import build_model  # noqa: E402
 from maye_jax.rl.losses import LossConfig  # noqa: E402
 from maye_jax.rl.trajectory import forward_logprobs  # noqa: E402
-from maye_jax.sharding.mesh import make_mesh  # noqa: E402
 from maye_jax.tiny import tiny_hf_config  # noqa: E402
 from maye_jax.training.batch import MinibatchMaker  # noqa: E402
-from maye_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
-from maye_jax.training.train_state import create_train_state  # noqa: E402
-from maye_jax.training.update import UpdateConfig, make_train_step  # noqa: E402
+from maye_jax.training.update import UpdateConfig  # noqa: E402
 
 
 def response_lengths(rows: int, args, seed: int) -> np.ndarray:
@@ -83,19 +78,9 @@ def main() -> None:
     fixed = response_len_buckets(args.max_tokens, 1)
 
     config = ModelConfig.from_hf(tiny_hf_config("qwen2_5_vl", vocab_size=4096, hidden_size=256))
-    text = dataclasses.replace(
-        config.text, intermediate_size=1344, num_heads=2, num_kv_heads=1, mrope_section=(16, 24, 24)
-    )
-    config = dataclasses.replace(config, text=text)
-    model = build_model(config, seed=0)
-    optimizer, schedule = make_optimizer(
-        OptimizerConfig(learning_rate=1e-5, schedule="constant"), total_updates=1000
-    )
-    model_def, state, frozen, layout = create_train_state(
-        model, make_mesh(fsdp=1), optimizer, frozen_dtype=jnp.float32
-    )
-    step = make_train_step(
-        model_def, optimizer, schedule, layout, UpdateConfig(loss=LossConfig(kl_loss_coeff=0.0))
+    config = seven_b_proportions(config)  # head_dim 128, MLP 1344, 2 query heads, 1 KV head
+    model, step, state, frozen = fp32_update_step(
+        config, UpdateConfig(loss=LossConfig(kl_loss_coeff=0.0))
     )
 
     rng = np.random.default_rng(args.seed)

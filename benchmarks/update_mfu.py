@@ -22,11 +22,8 @@ backward), which on a CPU costs about as much time as the matmul itself.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,32 +31,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _common import fp32_update_step, matmul_baseline, median_seconds, seven_b_proportions  # noqa: E402
 from _update_parts import model_flops  # noqa: E402
 from update_throughput import make_batch  # noqa: E402
 
 from maye_jax.models.configs import ModelConfig  # noqa: E402
-from maye_jax.models.qwen_vl import build_model  # noqa: E402
 from maye_jax.rl.losses import LossConfig  # noqa: E402
-from maye_jax.sharding.mesh import make_mesh  # noqa: E402
 from maye_jax.tiny import tiny_hf_config  # noqa: E402
-from maye_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
-from maye_jax.training.train_state import create_train_state  # noqa: E402
-from maye_jax.training.update import UpdateConfig, make_train_step  # noqa: E402
-
-
-def matmul_rate(size: int, repeats: int = 5, chain: int = 8) -> float:
-    """FLOP/s of fp32 [size, size] products, `chain` dependent ones per program."""
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (size, size), jnp.float32)
-    b = jax.random.normal(key_b, (size, size), jnp.float32) / np.sqrt(size)
-    products = jax.jit(lambda x, w: jax.lax.fori_loop(0, chain, lambda _, y: y @ w, x))
-    products(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        products(a, b).block_until_ready()
-        times.append(time.perf_counter() - started)
-    return 2 * size**3 * chain / statistics.median(times)
+from maye_jax.training.update import UpdateConfig  # noqa: E402
 
 
 def main() -> None:
@@ -83,26 +62,11 @@ def main() -> None:
     )
     config = ModelConfig.from_hf(hf_config)
     if not args.demo:  # a 7B's proportions: head_dim 128, MLP 5.3x hidden, GQA
-        heads = max(1, args.hidden // 128)
-        text = dataclasses.replace(
-            config.text,
-            intermediate_size=round(args.hidden * 18944 / 3584 / 64) * 64,
-            num_heads=heads,
-            num_kv_heads=max(1, heads // 2),
-            mrope_section=(16, 24, 24),
-        )
-        config = dataclasses.replace(config, text=text)
-    model = build_model(config, seed=0)
-    optimizer, schedule = make_optimizer(
-        OptimizerConfig(learning_rate=1e-5, schedule="constant"), total_updates=1000
-    )
-    model_def, state, frozen, layout = create_train_state(
-        model, make_mesh(fsdp=1), optimizer, frozen_dtype=jnp.float32
-    )
+        config = seven_b_proportions(config)
     update_config = UpdateConfig(
         loss=LossConfig(kl_loss_coeff=0.001), logprob_chunk_size=args.chunk
     )
-    step = make_train_step(model_def, optimizer, schedule, layout, update_config)
+    _, step, state, frozen = fp32_update_step(config, update_config)
     minibatch = make_batch(config, args, np.random.default_rng(0)).split(1)
     num_params = sum(int(np.prod(v.shape)) for n, v in state.params.items())
     flops = model_flops(num_params, config, args.rows, args.prompt + args.response)
@@ -113,15 +77,13 @@ def main() -> None:
         holder["state"], metrics, _ = step(holder["state"], frozen, minibatch)
         jax.block_until_ready(metrics["loss/total"])
 
+    def matmul_rate() -> float:  # fp32 FLOP/s of this machine, now
+        return matmul_baseline(args.matmul, repeats=5, dtype=jnp.float32)["tflops"] * 1e12
+
     update()  # compile
-    baseline = matmul_rate(args.matmul)
-    times = []
-    for _ in range(args.steps):
-        started = time.perf_counter()
-        update()
-        times.append(time.perf_counter() - started)
-    seconds = statistics.median(times)
-    baseline = (baseline + matmul_rate(args.matmul)) / 2  # before and after the updates
+    baseline = matmul_rate()
+    seconds = median_seconds(update, args.steps, warmup=0)["median"]
+    baseline = (baseline + matmul_rate()) / 2  # before and after the updates
     achieved = flops["total"] / seconds
     print(
         f"update: {num_params / 1e6:.2f}M trainable parameters (hidden {args.hidden}, "
