@@ -49,13 +49,15 @@ def token_logprobs(
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def one_chunk(args):
         hidden_chunk, target_chunk = args
+        # One [B * C, D] @ [D, V] product (not "bcd,vd->bcv"): XLA:CPU transposes the
+        # gradient of a product that contracts over two dimensions (see layers.Linear).
         logits = jnp.einsum(
-            "bcd,vd->bcv",
-            hidden_chunk,
+            "nd,vd->nv",
+            hidden_chunk.reshape(-1, dim),
             weight,
             precision=matmul_precision(hidden.dtype),
             preferred_element_type=jnp.float32,
-        )
+        ).reshape(*hidden_chunk.shape[:-1], -1)
         logits = logits / jnp.float32(temperature)
         log_normalizer = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, target_chunk[..., None], axis=-1)[..., 0]
