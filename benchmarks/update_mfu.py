@@ -38,7 +38,7 @@ from update_throughput import make_batch  # noqa: E402
 from maye_jax.models.configs import ModelConfig  # noqa: E402
 from maye_jax.rl.losses import LossConfig  # noqa: E402
 from maye_jax.tiny import tiny_hf_config  # noqa: E402
-from maye_jax.training.update import UpdateConfig  # noqa: E402
+from maye_jax.training.update import UpdateConfig, scans_layers  # noqa: E402
 
 
 def main() -> None:
@@ -53,6 +53,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512, help="rl.logprob_chunk_size")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--matmul", type=int, default=1024)
+    parser.add_argument(
+        "--scan_layers",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="UpdateConfig.scan_layers (auto: looped here, on one CPU device)",
+    )
     args = parser.parse_args()
     if args.demo:  # configs/demo.py: hidden 128, 4 layers, 152k vocab, 16-row mini-batches
         args.hidden, args.vocab, args.rows = 128, 151936, 16
@@ -64,9 +70,12 @@ def main() -> None:
     if not args.demo:  # a 7B's proportions: head_dim 128, MLP 5.3x hidden, GQA
         config = seven_b_proportions(config)
     update_config = UpdateConfig(
-        loss=LossConfig(kl_loss_coeff=0.001), logprob_chunk_size=args.chunk
+        loss=LossConfig(kl_loss_coeff=0.001),
+        logprob_chunk_size=args.chunk,
+        scan_layers={"auto": None, "true": True, "false": False}[args.scan_layers],
     )
     _, step, state, frozen = fp32_update_step(config, update_config)
+    scanned = scans_layers(update_config, step.layout)
     minibatch = make_batch(config, args, np.random.default_rng(0)).split(1)
     num_params = sum(int(np.prod(v.shape)) for n, v in state.params.items())
     flops = model_flops(num_params, config, args.rows, args.prompt + args.response)
@@ -88,7 +97,8 @@ def main() -> None:
     print(
         f"update: {num_params / 1e6:.2f}M trainable parameters (hidden {args.hidden}, "
         f"{args.layers} layers, vocab {args.vocab}), {args.rows} rows x {args.prompt}+"
-        f"{args.response} tokens, logprob chunk {args.chunk}, fp32, {os.cpu_count()} CPU cores"
+        f"{args.response} tokens, logprob chunk {args.chunk}, layers "
+        f"{'scanned' if scanned else 'looped'}, fp32, {os.cpu_count()} CPU cores"
     )
     print(
         f"model FLOPs per update {flops['total'] / 1e9:.2f} G (attention {flops['attention'] / 1e9:.2f} G); "

@@ -44,6 +44,12 @@ class Layout:
         return NamedSharding(self.mesh, PartitionSpec())
 
     @property
+    def shards_params(self) -> bool:
+        """Whether any parameter is split over devices (False: every device holds them all)."""
+        shardings = [*self.params.values(), *self.frozen.values()]
+        return any(not sharding.is_fully_replicated for sharding in shardings)
+
+    @property
     def data_parallel_size(self) -> int:
         """How many ways a batch's rows are split (the product of the data axes)."""
         return data_parallel_size(self.mesh)

@@ -51,12 +51,26 @@ class UpdateConfig:
     are those of `log_softmax(logits / temperature)`; logprob_chunk_size: sequence chunk for the
     logits (memory); scan_layers: run the decoder layers as one scan over stacked weights
     (`models/layer_scan.py`), which bounds FSDP's gathered weights and full-size gradients to
-    one layer at a time."""
+    one layer at a time; False: the model's own layer loop; None: `scans_layers` decides."""
 
     loss: LossConfig = LossConfig()
     temperature: float = 1.0
     logprob_chunk_size: int = 512
-    scan_layers: bool = True
+    scan_layers: bool | None = None
+
+
+def scans_layers(config: UpdateConfig, layout: Layout | None) -> bool:
+    """Whether the step scans the decoder layers. None (the default) scans unless the run is on
+    the CPU with whole (unsharded) parameters: there the scan buys no memory (nothing is
+    gathered) and its stacked residuals and weights cost about a fifth of an update at hidden
+    512 (`benchmarks/update_mfu.py`: 1.52 s scanned, 1.25 s looped); sharded parameters and
+    accelerators keep the scan, which bounds gathered weights and compile time at 28 layers."""
+    if config.scan_layers is not None:
+        return config.scan_layers
+    if layout is None:
+        return jax.default_backend() != "cpu"
+    on_cpu = all(d.platform == "cpu" for d in layout.mesh.devices.flat)
+    return not (on_cpu and not layout.shards_params)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -119,7 +133,7 @@ def micro_batch_loss(
     frozen = cast(frozen, layout and layout.frozen)
     model = model_def.merge(params, frozen)
     stacked_layers = None
-    if config.scan_layers:
+    if scans_layers(config, layout):
         shardings = layout and {**layout.params, **layout.frozen}
         stacked_layers = stack_layers({**params, **frozen}, shardings)
     prompt_len = micro.input_ids.shape[-1] - micro.response_len
@@ -239,7 +253,7 @@ def make_train_step(
     donated and kept in `layout`. The mini-batch is put on the mesh first: each micro-batch
     padded with empty rows to a multiple of the data axes (so its rows shard instead of being
     replicated), then `UpdateBatch.on_mesh`. `.jitted` is the bare jitted function (e.g. to
-    `.lower()` it on abstract inputs)."""
+    `.lower()` it on abstract inputs); `.layout` the layout it was made for."""
     step = functools.partial(
         train_step,
         model_def=model_def,
@@ -259,6 +273,7 @@ def make_train_step(
         return jitted(state, frozen, minibatch.on_mesh(layout))
 
     run.jitted = jitted
+    run.layout = layout
     return run
 
 

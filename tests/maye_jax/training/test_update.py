@@ -46,6 +46,7 @@ from maye_jax.training.update import (
     accumulate_gradients,
     check_finite,
     make_train_step,
+    scans_layers,
 )
 
 ROWS = 8
@@ -341,14 +342,28 @@ def test_micro_batches_that_do_not_divide_the_mesh_are_padded_not_replicated(dat
             assert ours[name] == pytest.approx(expected[name], rel=1e-5, abs=1e-6), name
 
 
-def test_scanned_layers_equal_the_model_loop(data, unsharded):
-    """UpdateConfig.scan_layers (the default) computes what the model's own layer loop does."""
-    looped = Setup(data["model"], make_mesh(fsdp=1), config=replace(CONFIG, scan_layers=False))
+def test_scanned_layers_equal_the_model_loop(data):
+    """UpdateConfig.scan_layers=True computes what the model's own layer loop does."""
+    mesh = make_mesh(fsdp=1)
+    scanned = Setup(data["model"], mesh, config=replace(CONFIG, scan_layers=True))
+    looped = Setup(data["model"], mesh, config=replace(CONFIG, scan_layers=False))
     minibatch = make_minibatch(data["rows"], 2)
-    grads, sums = looped.grads(looped.state.params, looped.frozen, minibatch)
-    expected, expected_sums = unsharded.grads(unsharded.state.params, unsharded.frozen, minibatch)
-    assert_trees_close(host(grads), host(expected), 1e-5, "looped-layer gradient")
+    grads, sums = scanned.grads(scanned.state.params, scanned.frozen, minibatch)
+    expected, expected_sums = looped.grads(looped.state.params, looped.frozen, minibatch)
+    assert_trees_close(host(grads), host(expected), 1e-5, "scanned-layer gradient")
     assert relative_error(sums["loss/total"][0], expected_sums["loss/total"][0]) <= 1e-6
+
+
+def test_layers_are_scanned_where_parameters_are_sharded_and_looped_on_one_cpu(data, unsharded):
+    """scan_layers=None: the scan where FSDP gathers layer by layer, the faster loop where the
+    CPU holds whole parameters; an explicit True/False is kept."""
+    assert unsharded.layout.shards_params is False
+    assert scans_layers(CONFIG, unsharded.layout) is False
+    sharded_layout = Setup(data["model"], make_mesh(fsdp=4)).layout
+    assert sharded_layout.shards_params is True
+    assert scans_layers(CONFIG, sharded_layout) is True
+    assert scans_layers(replace(CONFIG, scan_layers=True), unsharded.layout) is True
+    assert scans_layers(replace(CONFIG, scan_layers=False), sharded_layout) is False
 
 
 @pytest.mark.parametrize(
