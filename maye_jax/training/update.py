@@ -63,7 +63,7 @@ def scans_layers(config: UpdateConfig, layout: Layout | None) -> bool:
     """Whether the step scans the decoder layers. None (the default) scans unless the run is on
     the CPU with whole (unsharded) parameters: there the scan buys no memory (nothing is
     gathered) and its stacked residuals and weights cost about a fifth of an update at hidden
-    512 (`benchmarks/update_mfu.py`: 1.52 s scanned, 1.25 s looped); sharded parameters and
+    512 (`benchmarks/update_mfu.py`: 1.60 s scanned, 1.36 s looped); sharded parameters and
     accelerators keep the scan, which bounds gathered weights and compile time at 28 layers."""
     if config.scan_layers is not None:
         return config.scan_layers
