@@ -295,7 +295,9 @@ def test_response_buckets_narrow_a_minibatch_without_changing_its_update(data, u
     assert np.shape(narrow.input_ids)[-1] == np.shape(full.input_ids)[-1] - 16
     changes_full, metrics_full = run_steps(unsharded, full, 2)
     changes_narrow, metrics_narrow = run_steps(unsharded, narrow, 2)
-    assert_trees_close(changes_narrow, changes_full, 1e-5, "param changes, narrowed")
+    # 1e-4 as for every parameter change here: Adam divides by sqrt(v), which magnifies the fp32
+    # rounding of the narrower sums (1.1e-5 on the CI machine); a masking error would be O(1).
+    assert_trees_close(changes_narrow, changes_full, 1e-4, "param changes, narrowed")
     for step in range(2):
         for name in METRIC_KEYS:
             assert metrics_narrow[step][name] == pytest.approx(
