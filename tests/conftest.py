@@ -1,17 +1,51 @@
-"""Test-session setup: 8 fake CPU devices and a persistent JAX compilation cache.
+"""Test-session setup: 8 fake CPU devices, a persistent JAX compilation cache, and scratch
+folders for module-scoped runs that do not outlive their module.
 
-Both must be configured before JAX is first imported, which is why they live here.
+The device count and the cache must be configured before JAX is first imported, which is why
+they live here.
 """
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 _CACHE_DIR = os.environ.get(
     "MAYE_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "maye_jax", "jax_cache")
 )
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+@pytest.fixture(scope="module")
+def module_scratch(tmp_path_factory, request):
+    """Makes folders for a module-scoped fixture's runs and removes them when the module's tests
+    end, unless one of them failed (kept then, for debugging, as pytest keeps a failed tmp_path).
+
+    An end-to-end run writes checkpoints of the 152k-vocabulary tiny model, hundreds of MB each;
+    kept to the end of the session they would add up to many GB on a CI disk."""
+    failures_before = request.session.testsfailed
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield make
+    if request.session.testsfailed == failures_before:
+        for path in made:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def pytest_report_header(config):
+    """Free disk where the tests write: a full disk fails end-to-end tests with an OS error deep in
+    a checkpoint write, and this line says so up front."""
+    where = Path(tempfile.gettempdir())
+    free_gib = shutil.disk_usage(where).free / 2**30
+    return f"disk: {free_gib:.1f} GiB free in {where} (the suite needs about 3 GiB at its peak)"

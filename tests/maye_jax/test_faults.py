@@ -40,9 +40,9 @@ def fault_config(root: Path):
     return c
 
 
-@pytest.fixture(scope="session")
-def baseline(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("baseline")
+@pytest.fixture(scope="module")
+def baseline(module_scratch) -> Path:
+    root = module_scratch("baseline")
     run_rl(fault_config(root))
     return root / "run"
 

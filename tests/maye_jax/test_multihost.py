@@ -170,9 +170,9 @@ HSDP = {"sharding.fsdp": 4}  # dp unset: one dp row per process
 
 
 @pytest.fixture(scope="module")
-def hsdp(tmp_path_factory):
-    reference = run_single(tmp_path_factory.mktemp("hsdp_reference"), HSDP_REFERENCE)
-    folder = run_folder(tmp_path_factory.mktemp("hsdp_pair"))
+def hsdp(module_scratch):
+    reference = run_single(module_scratch("hsdp_reference"), HSDP_REFERENCE)
+    folder = run_folder(module_scratch("hsdp_pair"))
     return folder, run_pair(folder, HSDP), reference
 
 

@@ -22,8 +22,8 @@ RESPONSES = [
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory):
-    root = tmp_path_factory.mktemp("score")
+def scored(module_scratch):
+    root = module_scratch("score")
     model_dir = root / "model"
     hf = tiny_hf_model("qwen2_vl", tied=False, seed=5, vocab_size=151936, initializer_range=0.2)
     hf.save_pretrained(str(model_dir))

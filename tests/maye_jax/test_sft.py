@@ -28,9 +28,9 @@ def train(runner, folder, settings, **harness_options):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(module_scratch):
     """(settings, data, a fresh policy per call, processor)."""
-    config = tiny_config(tmp_path_factory.mktemp("sft"))
+    config = tiny_config(module_scratch("sft"))
     config.sft.batch_size = config.sft.micro_batch_size = 4
     config.sft.learning_rate = 1e-2
     settings = sft_settings(config)

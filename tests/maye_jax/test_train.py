@@ -80,8 +80,8 @@ def rl_settings(config, check_files=True):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("full")
+def uninterrupted(module_scratch):
+    tmp = module_scratch("full")
     Trainer(rl_settings(tiny_config(tmp))).run()
     return tmp / "run"
 

@@ -31,8 +31,8 @@ def async_config(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("async")
+def uninterrupted(module_scratch):
+    tmp = module_scratch("async")
     Trainer(rl_settings(async_config(tmp))).run()
     return tmp / "run"
 

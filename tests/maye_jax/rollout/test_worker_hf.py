@@ -125,8 +125,8 @@ def assert_close(actual: list, expected: list, tolerance: float = TOLERANCE) -> 
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("worker_hf")
+def setup(module_scratch):
+    root = module_scratch("worker_hf")
     model_dir = make_model_dir(root)
     model, hf_config = load_model(model_dir)
     encoded, prompts = make_prompts(model_dir)

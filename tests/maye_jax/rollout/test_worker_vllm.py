@@ -51,8 +51,8 @@ ENGINE_ARGS = dict(
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("worker_vllm")
+def setup(module_scratch):
+    root = module_scratch("worker_vllm")
     model_dir = make_model_dir(root, family=FAMILY, seed=7)
     model, hf_config = load_model(model_dir)
     encoded, prompts = make_prompts(model_dir, FAMILY)
