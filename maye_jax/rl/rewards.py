@@ -2,33 +2,36 @@
 
 Accuracy compares the response's last ``\\boxed{...}`` with the solution's last boxed value using
 math-verify's LaTeX extraction only (never its expression parser, which evaluates Python-like input
-such as ``9**9**9**9``). Every comparison runs in a worker subprocess; a comparison that exceeds its
-time limit gets its worker killed (SIGKILL, so C-level sympy work stops too), the worker is
-replaced, and the response scores 0. math-verify's own ``signal.alarm`` timeouts are disabled.
-
-The workers are plain ``python -c`` subprocesses speaking JSON lines over pipes rather than
-multiprocessing children, so they never re-import the trainer's ``__main__`` module (and JAX).
-This module imports no JAX.
+such as ``9**9**9**9``). The comparisons run in killable worker subprocesses (rl/verifier.py): one
+over its time limit scores 0. This module imports no JAX.
 """
 
 from __future__ import annotations
 
-import atexit
-import json
 import logging
-import os
-import queue
 import re
-import select
-import subprocess
-import sys
-import threading
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
-from subprocess import PIPE
 
 from maye_jax.rl.penalties import apply_length_penalty, overlong_penalty
+from maye_jax.rl.verifier import VerifierPool, close, default_num_workers, shared_pool
+
+__all__ = [
+    "CHAR_CLASSES",
+    "RewardFn",
+    "VerifierPool",
+    "accuracy_reward",
+    "accuracy_rewards",
+    "close",
+    "compute_rewards",
+    "default_num_workers",
+    "get_reward",
+    "ground_truth",
+    "language_reward",
+    "last_boxed",
+    "normalize_answer",
+    "register_reward",
+    "reward_names",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,278 +99,6 @@ def ground_truth(solution: str, answer: str | None = None) -> str | None:
     return solution if solution.strip() else None
 
 
-# ----------------------------------------------------------------------------- worker side
-
-
-def _compare_answers(predicted: str, gold: str) -> float:
-    """1.0 if the two LaTeX answers are mathematically equal per math-verify, else 0.0."""
-    from math_verify import LatexExtractionConfig, parse, verify
-
-    latex_only = [LatexExtractionConfig()]
-
-    def parse_latex(answer: str) -> list:
-        return parse(
-            "\\boxed{" + answer + "}",
-            extraction_config=latex_only,
-            fallback_mode="no_fallback",
-            parsing_timeout=None,
-        )
-
-    gold_parsed = parse_latex(gold)
-    predicted_parsed = parse_latex(predicted)
-    if not gold_parsed or not predicted_parsed:
-        return 0.0
-    return 1.0 if verify(gold_parsed, predicted_parsed, timeout_seconds=None) else 0.0
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Asks Linux to SIGKILL this worker when its parent dies, so a hung check never outlives it."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-
-def _serve_verifier(parent_pid: int) -> None:
-    """Worker main loop: one JSON task per stdin line, one JSON score per stdout line."""
-    _die_with_parent(parent_pid)
-    output = os.fdopen(os.dup(1), "w")  # the protocol channel; stray prints go to stderr
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # silences "timeout disabled"
-    _compare_answers("1", "1")  # import and warm up before announcing readiness
-    output.write('{"ready": true}\n')
-    output.flush()
-    for line in sys.stdin.buffer:
-        task = json.loads(line)
-        try:
-            score = _compare_answers(task["predicted"], task["gold"])
-        except Exception:  # a parse/compare failure is a wrong answer, not a crash
-            score = 0.0
-        output.write(json.dumps({"score": score}) + "\n")
-        output.flush()
-
-
-# ----------------------------------------------------------------------------- parent side
-
-
-class _Spawner:
-    """Starts worker processes from one long-lived thread.
-
-    Linux delivers the parent-death signal when the *thread* that started a child exits, so
-    workers are started from this thread (alive as long as the process), not from whichever
-    short-lived thread happens to call the pool.
-    """
-
-    def __init__(self) -> None:
-        self.owner_pid = os.getpid()  # a forked child must start its own spawner
-        self._requests: queue.Queue = queue.Queue()
-        threading.Thread(target=self._serve, name="verifier-spawner", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            reply, command, env = self._requests.get()
-            try:
-                reply.put(subprocess.Popen(command, stdin=PIPE, stdout=PIPE, env=env))
-            except BaseException as error:  # handed to the caller, raised there
-                reply.put(error)
-
-    def start(self, command: list[str], env: dict[str, str]) -> subprocess.Popen:
-        reply: queue.Queue = queue.Queue(maxsize=1)
-        self._requests.put((reply, command, env))
-        result = reply.get()
-        if isinstance(result, BaseException):
-            raise result
-        return result
-
-
-_spawner: _Spawner | None = None
-_spawner_lock = threading.Lock()
-
-
-def _start_worker_process() -> subprocess.Popen:
-    global _spawner
-    project_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [project_root, env.get("PYTHONPATH")]))
-    code = f"from maye_jax.rl.rewards import _serve_verifier as serve; serve({os.getpid()})"
-    with _spawner_lock:
-        if _spawner is None or _spawner.owner_pid != os.getpid():
-            _spawner = _Spawner()
-        spawner = _spawner
-    return spawner.start([sys.executable, "-c", code], env)
-
-
-class _Worker:
-    """One verifier subprocess and the bytes read from it so far."""
-
-    def __init__(self) -> None:
-        self.process = _start_worker_process()
-        self.started_at = time.monotonic()
-        self.ready = False
-        self.buffer = b""
-        self.task_index: int | None = None
-        self.deadline = 0.0
-
-    def fileno(self) -> int:
-        return self.process.stdout.fileno()
-
-    def send(self, task_index: int, predicted: str, gold: str, timeout_s: float) -> None:
-        message = json.dumps({"predicted": predicted, "gold": gold}) + "\n"  # ASCII-escaped
-        self.process.stdin.write(message.encode("ascii"))
-        self.process.stdin.flush()
-        self.task_index = task_index
-        self.deadline = time.monotonic() + timeout_s
-
-    def read_messages(self) -> list[dict] | None:
-        """Complete messages now readable; None when the worker has exited (EOF)."""
-        chunk = os.read(self.fileno(), 1 << 16)
-        if not chunk:
-            return None
-        self.buffer += chunk
-        *lines, self.buffer = self.buffer.split(b"\n")
-        return [json.loads(line) for line in lines if line.strip()]
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        for stream in (self.process.stdin, self.process.stdout):
-            try:
-                stream.close()
-            except OSError:
-                pass
-
-
-class VerifierPool:
-    """A small pool of killable math-verify workers; started lazily, safe to call from threads."""
-
-    def __init__(self, num_workers: int = 2, startup_timeout_s: float = 120.0) -> None:
-        if num_workers < 1:
-            raise ValueError(f"rewards.VerifierPool: num_workers must be >= 1, got {num_workers}")
-        self.num_workers = num_workers
-        self.startup_timeout_s = startup_timeout_s
-        self._workers: list[_Worker] = []
-        self._lock = threading.Lock()
-
-    def worker_pids(self) -> list[int]:
-        """Process ids of the current workers (for monitoring and tests)."""
-        return [worker.process.pid for worker in self._workers]
-
-    def verify(self, pairs: Sequence[tuple[str, str]], timeout_s: float = 5.0) -> list[float]:
-        """Scores ``(predicted, gold)`` answer pairs; a pair over ``timeout_s`` seconds scores 0."""
-        with self._lock:
-            while len(self._workers) < self.num_workers:
-                self._workers.append(_Worker())
-            scores = [0.0] * len(pairs)
-            pending = deque(range(len(pairs)))
-            while pending or any(worker.task_index is not None for worker in self._workers):
-                for worker in self._workers:
-                    if pending and worker.ready and worker.task_index is None:
-                        index = pending.popleft()
-                        try:
-                            worker.send(index, *pairs[index], timeout_s)
-                        except (BrokenPipeError, OSError):
-                            pending.appendleft(index)  # the worker died while idle; retry elsewhere
-                            self._replace(worker)
-                self._wait_and_collect(pairs, scores)
-            return scores
-
-    def _wait_and_collect(self, pairs: Sequence[tuple[str, str]], scores: list[float]) -> None:
-        """Waits for results until the nearest deadline; kills and replaces workers past it."""
-        now = time.monotonic()
-        deadlines = [w.deadline for w in self._workers if w.task_index is not None]
-        wait_s = max(0.0, min(deadlines) - now) if deadlines else 1.0
-        readable, _, _ = select.select(self._workers, [], [], wait_s)
-        for worker in readable:
-            messages = worker.read_messages()
-            if messages is None:  # exited: crashed, or killed from outside
-                if not worker.ready:
-                    raise RuntimeError(
-                        "rewards.VerifierPool: a verifier worker exited during start-up with code "
-                        f"{worker.process.wait()}; see its stderr above"
-                    )
-                if worker.task_index is not None:
-                    logger.warning(
-                        "Verifier worker %d died on response %d; scoring it 0 and replacing it",
-                        worker.process.pid,
-                        worker.task_index,
-                    )
-                self._replace(worker)
-                continue
-            for message in messages:
-                if message.get("ready"):
-                    worker.ready = True
-                elif worker.task_index is not None:
-                    scores[worker.task_index] = float(message["score"])
-                    worker.task_index = None
-        now = time.monotonic()
-        for worker in list(self._workers):
-            if worker.task_index is not None and now >= worker.deadline:
-                predicted = pairs[worker.task_index][0]
-                logger.warning(
-                    "Verifier timed out on response %d (answer %.80r); scoring it 0, restarting worker",
-                    worker.task_index,
-                    predicted,
-                )
-                self._replace(worker)
-            elif not worker.ready and now - worker.started_at > self.startup_timeout_s:
-                raise RuntimeError(
-                    f"rewards.VerifierPool: a worker was not ready after {self.startup_timeout_s} s"
-                )
-
-    def _replace(self, worker: _Worker) -> None:
-        worker.kill()
-        self._workers[self._workers.index(worker)] = _Worker()
-
-    def close(self) -> None:
-        """Kills every worker; the pool restarts them if used again."""
-        with self._lock:
-            for worker in self._workers:
-                worker.kill()
-            self._workers = []
-
-    def __enter__(self) -> VerifierPool:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.close()
-
-
-def default_num_workers() -> int:
-    """Half the host's cores, between 1 and 8."""
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
-
-
-_shared_pool: VerifierPool | None = None
-
-
-def _get_shared_pool(num_workers: int | None) -> VerifierPool:
-    """The shared pool; ``num_workers=None`` keeps its current size (default_num_workers())."""
-    global _shared_pool
-    if _shared_pool is not None and num_workers not in (None, _shared_pool.num_workers):
-        _shared_pool.close()
-        _shared_pool = None
-    if _shared_pool is None:
-        _shared_pool = VerifierPool(num_workers or default_num_workers())
-    return _shared_pool
-
-
-def close() -> None:
-    """Shuts down the shared verifier pool (also run at interpreter exit)."""
-    global _shared_pool
-    if _shared_pool is not None:
-        _shared_pool.close()
-        _shared_pool = None
-
-
-atexit.register(close)
-
-
 # ----------------------------------------------------------------------------- rewards
 
 
@@ -417,7 +148,7 @@ def accuracy_rewards(
             to_check.append(index)
             pairs.append((predicted, gold))
     if pairs:
-        pool = pool or _get_shared_pool(num_workers)
+        pool = pool or shared_pool(num_workers)
         for index, score in zip(to_check, pool.verify(pairs, timeout_s), strict=True):
             scores[index] = score
     return scores

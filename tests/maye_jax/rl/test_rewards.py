@@ -1,4 +1,5 @@
-"""Tests for maye_jax/rewards.py: boxed extraction, accuracy in killable workers, language, registry."""
+"""Tests for maye_jax/rl/rewards.py and rl/verifier.py: boxed extraction, accuracy in killable
+workers, language, registry."""
 
 import os
 import re
@@ -6,10 +7,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from maye_jax.rl import rewards
+from maye_jax.rl import rewards, verifier
 
 
 @pytest.fixture(scope="module")
@@ -193,15 +195,23 @@ def test_workers_outlive_the_thread_that_started_them():
         assert single_pool.worker_pids() == [pid]
 
 
+def test_workers_import_the_package_from_this_checkout():
+    """The worker's PYTHONPATH gets the folder holding the maye_jax package, so a checkout
+    that is not installed still starts its workers."""
+    import maye_jax
+
+    assert verifier._PROJECT_ROOT == str(Path(maye_jax.__file__).resolve().parents[1])
+
+
 def test_shared_pool_starts_lazily_and_close_stops_it():
     rewards.close()
-    assert rewards._shared_pool is None
+    assert verifier._shared_pool is None
     assert rewards.accuracy_reward("\\boxed{0.5}", "\\boxed{\\frac12}") == 1.0
     assert rewards.accuracy_reward("\\boxed{0.5}", "\\boxed{\\frac13}") == 0.0
-    pids = rewards._shared_pool.worker_pids()
+    pids = verifier._shared_pool.worker_pids()
     assert len(pids) == rewards.default_num_workers()
     rewards.close()
-    assert rewards._shared_pool is None
+    assert verifier._shared_pool is None
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
