@@ -23,14 +23,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
-from pathlib import Path
 from subprocess import PIPE
 
+from maye_jax.checkout import env_with_checkout
+
 logger = logging.getLogger(__name__)
-
-# The folder holding the maye_jax package, so a worker imports this checkout even uninstalled.
-_PROJECT_ROOT = str(Path(__file__).resolve().parents[2])
-
 
 # ----------------------------------------------------------------------------- worker side
 
@@ -127,8 +124,7 @@ _spawner_lock = threading.Lock()
 
 def _start_worker_process() -> subprocess.Popen:
     global _spawner
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_ROOT, env.get("PYTHONPATH")]))
+    env = env_with_checkout(os.environ)  # a worker imports this checkout even uninstalled
     code = f"from maye_jax.rl.verifier import _serve_verifier as serve; serve({os.getpid()})"
     with _spawner_lock:
         if _spawner is None or _spawner.owner_pid != os.getpid():

@@ -57,6 +57,8 @@ from typing import Any
 
 import numpy as np
 
+from maye_jax import checkout
+from maye_jax.checkout import env_with_checkout
 from maye_jax.rollout import protocol
 from maye_jax.rollout.engine import Completion, Prompt, Sampling
 from maye_jax.rollout.shm import (
@@ -68,7 +70,6 @@ from maye_jax.rollout.shm import (
 )
 from maye_jax.rollout.stale import remove_stale_folders
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POLL_SECONDS = 0.2
 
 
@@ -153,11 +154,7 @@ class WorkerEngine:
         self._log_dir = tempfile.mkdtemp(prefix=f"{LOG_DIR_PREFIX}{os.getpid()}-")
         self.log_path = os.path.join(self._log_dir, "worker.log")
 
-        child_env = dict(os.environ)
-        child_env.update(env or {})
-        child_env["PYTHONPATH"] = os.pathsep.join(
-            [str(PROJECT_ROOT)] + [p for p in [child_env.get("PYTHONPATH")] if p]
-        )
+        child_env = env_with_checkout({**os.environ, **(env or {})})
         child_env.setdefault("PYTHONUNBUFFERED", "1")
         if devices is not None:
             if not isinstance(devices, str):
@@ -199,7 +196,7 @@ class WorkerEngine:
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
                     env=child_env,
-                    cwd=str(PROJECT_ROOT),
+                    cwd=str(checkout.ROOT),
                     start_new_session=True,  # its own group: close() reaches engine children
                 )
         except (OSError, subprocess.SubprocessError) as error:

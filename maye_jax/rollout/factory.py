@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from maye_jax import checkout
 from maye_jax.qwen_ids import PAD_ID
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_VLLM_PYTHON = PROJECT_ROOT / ".venv-vllm" / "bin" / "python"  # scripts/setup_vllm_env.sh
+DEFAULT_VLLM_PYTHON = checkout.ROOT / ".venv-vllm" / "bin" / "python"  # scripts/setup_vllm_env.sh
 
 
 def vllm_python(worker_python: str | None = None) -> Path:

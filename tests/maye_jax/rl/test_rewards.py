@@ -199,8 +199,11 @@ def test_workers_import_the_package_from_this_checkout():
     """The worker's PYTHONPATH gets the folder holding the maye_jax package, so a checkout
     that is not installed still starts its workers."""
     import maye_jax
+    from maye_jax.checkout import ROOT, env_with_checkout
 
-    assert verifier._PROJECT_ROOT == str(Path(maye_jax.__file__).resolve().parents[1])
+    assert ROOT == Path(maye_jax.__file__).resolve().parents[1]
+    env = env_with_checkout({"PYTHONPATH": "elsewhere"})
+    assert env["PYTHONPATH"] == os.pathsep.join([str(ROOT), "elsewhere"])
 
 
 def test_shared_pool_starts_lazily_and_close_stops_it():
