@@ -34,7 +34,7 @@ def main(argv):
     del argv
     import jax.numpy as jnp
 
-    from maye_jax.config.settings import RolloutSettings
+    from maye_jax.config.settings import section_settings
     from maye_jax.data.processor import get_prompt_template, load_processor
     from maye_jax.data.records import DataError, read_records
     from maye_jax.errors import UserError
@@ -77,7 +77,9 @@ def main(argv):
             config=config,
             tokenizer=processor.tokenizer,
             model_dir=model_dir,
-            rollout=RolloutSettings(engine=FLAGS.engine, worker_python=FLAGS.worker_python),
+            rollout=section_settings(
+                "rollout", engine=FLAGS.engine, worker_python=FLAGS.worker_python
+            ),
             dtype=FLAGS.dtype,
         )
         try:

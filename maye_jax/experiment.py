@@ -27,18 +27,16 @@ from pathlib import Path
 
 import ml_collections
 from absl import flags
-from ml_collections.config_dict import placeholder
 
 log = logging.getLogger("maye_jax")
 
 
 def default_experiment() -> ml_collections.ConfigDict:
-    e = ml_collections.ConfigDict()
-    e.seeds = (0, 1, 2)
-    e.warmup_epochs = placeholder(int)  # None: the arms start from `model` itself
-    e.sft_epochs = placeholder(int)  # None: rl.num_epochs
-    e.sft_learning_rate = placeholder(float)  # None: sft.learning_rate
-    return e
+    """The `experiment` section with its declared defaults (maye_jax/config/options.py)."""
+    from maye_jax.config.defaults import section_config
+    from maye_jax.config.options import ExperimentSettings
+
+    return section_config(ExperimentSettings)
 
 
 def _base(c) -> ml_collections.ConfigDict:

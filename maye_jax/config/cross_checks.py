@@ -48,6 +48,12 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
                 f"{rl.advantage_estimator} compares the samples of a prompt: needs >= 2, "
                 f"got {rollout.num_samples}",
             )
+        if rl.kl_reward_coeff != 0 and rl.advantage_estimator in _score_only_estimators():
+            bad(
+                "rl.kl_reward_coeff",
+                f"{rl.kl_reward_coeff}: {rl.advantage_estimator} uses sequence scores only; set "
+                "rl.kl_reward_coeff=0 and use rl.kl_loss_coeff for a KL penalty",
+            )
         if rl.dynamic_sampling and rollout.num_samples < 2:
             bad(
                 "rl.dynamic_sampling",
@@ -92,6 +98,12 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
     if s.resume and s.overwrite:
         bad("overwrite", "cannot be combined with resume=True (resume keeps the run's outputs)")
     return problems
+
+
+def _score_only_estimators() -> tuple[str, ...]:
+    from maye_jax.rl.advantages import SCORE_ONLY_ESTIMATORS
+
+    return SCORE_ONLY_ESTIMATORS
 
 
 def _keep_best_problems(s: Settings) -> list[str]:

@@ -1,74 +1,87 @@
-"""Per-field rules of the settings (`opt(default, check)`): a check returns the problem with
-a value as one short phrase, or None; the registries (estimators, losses, rewards, evaluation
-settings, ...) are looked up when checked, so a new one needs no change here."""
+"""The rule of one option (`opt(default, rule, meaning)` in maye_jax/config/options.py): what a
+value must be, as a check that returns the problem with a value as one short phrase (or None)
+and as the text the options listing shows (`allowed`). The registries (estimators, losses,
+rewards, evaluation settings, ...) are looked up when checked, so a new one needs no change
+here."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any
 
-Check = Callable[[Any], str | None]  # a problem with the value, or None
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """`rule(value)`: the problem with `value` ("must be > 0"), or None when it is allowed.
+    `allowed`: what is allowed, for the options listing ("> 0"); a function for the registries,
+    whose names are known only once their modules are imported."""
+
+    check: Callable[[Any], str | None]
+    allowed: str | Callable[[], str]
+
+    def __call__(self, value) -> str | None:
+        return self.check(value)
+
+    def describe(self) -> str:
+        return self.allowed() if callable(self.allowed) else self.allowed
 
 
-def positive(value) -> str | None:
-    return None if value > 0 else "must be > 0"
+def _bound(test: Callable[[Any], bool], text: str) -> Rule:
+    return Rule(lambda value: None if test(value) else f"must be {text}", text)
 
 
-def non_negative(value) -> str | None:
-    return None if value >= 0 else "must be >= 0"
+positive = _bound(lambda value: value > 0, "> 0")
+non_negative = _bound(lambda value: value >= 0, ">= 0")
 
 
-def one_of(*choices) -> Check:
-    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+def greater_than(low) -> Rule:
+    return _bound(lambda value: value > low, f"> {low}")
 
 
-def greater_than(low) -> Check:
-    return lambda value: None if value > low else f"must be > {low}"
+def in_range(low, high, *, low_open=False) -> Rule:
+    def test(value) -> bool:
+        return (low < value if low_open else low <= value) and value <= high
+
+    return _bound(test, f"in {'(' if low_open else '['}{low}, {high}]")
 
 
-def in_range(low, high, *, low_open=False) -> Check:
-    def check(value):
-        ok = (low < value if low_open else low <= value) and value <= high
-        return None if ok else f"must be in {'(' if low_open else '['}{low}, {high}]"
-
-    return check
+def one_of(*choices) -> Rule:
+    text = ", ".join(choices)
+    return Rule(lambda value: None if value in choices else f"must be one of {text}", text)
 
 
-def each(check: Check) -> Check:
+def each(rule: Rule) -> Rule:
+    """Every item of a tuple follows `rule` (the first item's problem is reported)."""
+
     def check_all(values):
-        problems = [p for p in (check(v) for v in values) if p]
+        problems = [p for p in (rule(v) for v in values) if p]
         return problems[0] if problems else None
 
-    return check_all
+    return Rule(check_all, lambda: f"each: {rule.describe()}")
 
 
-def non_empty(values) -> str | None:
-    return None if len(values) else "must not be empty"
+non_empty = Rule(lambda values: None if len(values) else "must not be empty", "not empty")
+
+cpu_list = Rule(
+    lambda value: (
+        None
+        if re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value.replace(" ", ""))
+        else "expected CPU ids such as 1, 0,2 or 2-3"
+    ),
+    "CPU ids as taskset writes them: 1, 0,2, 2-3",
+)
 
 
-def cpu_list(value) -> str | None:
-    """CPU ids as taskset writes them: "1", "0,2", "2-3"."""
-    import re
-
-    ok = re.fullmatch(r"\d+(-\d+)?(,\d+(-\d+)?)*", value.replace(" ", ""))
-    return None if ok else "expected CPU ids such as 1, 0,2 or 2-3"
-
-
-def registry(names: Callable[[], tuple[str, ...]], what: str) -> Check:
+def registry(names: Callable[[], tuple[str, ...]], what: str) -> Rule:
     """A name that must be registered (imported lazily: the registries' modules import JAX)."""
 
     def check(value):
         known = names()
         return None if value in known else f"unknown {what}; known: {', '.join(sorted(known))}"
 
-    return check
-
-
-def opt(default=None, check: Check | None = None, *, none_off: str | None = None):
-    """A field with its default and rule. `none_off`: the old "off" spelling (e.g. "0") that
-    now means nothing, refused with a message naming None."""
-    return dataclasses.field(default=default, metadata={"check": check, "none_off": none_off})
+    return Rule(check, lambda: ", ".join(sorted(names())))
 
 
 def known_advantage_estimators():

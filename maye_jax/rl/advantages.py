@@ -28,8 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.typing import ArrayLike
 
-KL_CLAMP = 10.0
-"""Default clamp of the token KL estimates: values are clipped to [-KL_CLAMP, KL_CLAMP]."""
+from maye_jax.config.options import declared_default
+
+KL_CLAMP = declared_default("rl.kl_clamp")
+"""Default clamp of the token KL estimates (`rl.kl_clamp`): clipped to [-KL_CLAMP, KL_CLAMP]."""
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
@@ -261,11 +263,14 @@ def masked_whiten_across_processes(
 
 # The estimators whose last step whitens over the whole batch (`AdvantageConfig.whiten`).
 WHITENING_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline")
+# The estimators of sequence scores alone: a KL reward (`kl_reward_coeff`) has no place in them.
+SCORE_ONLY_ESTIMATORS = ("grpo", "rloo")
 
 
 @dataclasses.dataclass(frozen=True)
 class AdvantageConfig:
-    """Options of the advantage estimators (hashable, so it can be a static jit argument).
+    """Options of the advantage estimators (hashable, so it can be a static jit argument); the
+    defaults are the `rl.*` options' (maye_jax/config/options.py).
 
     gamma, kl_reward_coeff, kl_estimator, kl_clamp: token rewards and returns (reinforce_pp*).
     whiten, shift_mean, whiten_eps: the final global whitening (reinforce_pp*). shift_mean=True
@@ -275,15 +280,15 @@ class AdvantageConfig:
       Dr.GRPO (`score - mean`).
     """
 
-    gamma: float = 1.0
-    kl_reward_coeff: float = 0.0
-    kl_estimator: str = "k3"
+    gamma: float = declared_default("rl.gamma")
+    kl_reward_coeff: float = declared_default("rl.kl_reward_coeff")
+    kl_estimator: str = declared_default("rl.kl_estimator")
     kl_clamp: KlClamp = KL_CLAMP
-    whiten: bool = True
-    shift_mean: bool = True
-    whiten_eps: float = 1e-8
-    grpo_eps: float = 1e-6
-    grpo_scale_by_std: bool = True
+    whiten: bool = declared_default("rl.whiten")
+    shift_mean: bool = declared_default("rl.shift_mean")
+    whiten_eps: float = declared_default("rl.whiten_eps")
+    grpo_eps: float = declared_default("rl.grpo_eps")
+    grpo_scale_by_std: bool = declared_default("rl.grpo_scale_by_std")
 
 
 AdvantageEstimator = Callable[..., jax.Array]

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from maye_jax.config.options import declared_default
 from maye_jax.rl.advantages import (
     KL_CLAMP,
     KlClamp,
@@ -49,7 +50,8 @@ MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """Options of the policy objective (hashable, so it can be a static jit argument).
+    """Options of the policy objective (hashable, so it can be a static jit argument); the
+    defaults are the `rl.*` options' (maye_jax/config/options.py).
 
     policy_loss: name in the policy-loss registry ("ppo_clip", "gspo", "nll").
     clip_eps_low / clip_eps_high: PPO ratio clip range [1 - low, 1 + high].
@@ -65,18 +67,18 @@ class LossConfig:
     rollout_is_cap: None (off) or the cap of the truncated importance-sampling weight (2.0).
     """
 
-    policy_loss: str = "ppo_clip"
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    clip_ratio_c: float | None = None
-    gspo_clip_eps_low: float = 3e-4
-    gspo_clip_eps_high: float = 4e-4
-    kl_loss_coeff: float = 0.001
-    kl_loss_estimator: str = "k3"
+    policy_loss: str = declared_default("rl.policy_loss")
+    clip_eps_low: float = declared_default("rl.clip_eps_low")
+    clip_eps_high: float = declared_default("rl.clip_eps_high")
+    clip_ratio_c: float | None = declared_default("rl.clip_ratio_c")
+    gspo_clip_eps_low: float = declared_default("rl.gspo_clip_eps_low")
+    gspo_clip_eps_high: float = declared_default("rl.gspo_clip_eps_high")
+    kl_loss_coeff: float = declared_default("rl.kl_loss_coeff")
+    kl_loss_estimator: str = declared_default("rl.kl_loss_estimator")
     kl_clamp: KlClamp = KL_CLAMP
-    loss_agg: str = "token_mean"
-    max_tokens: int = 2048
-    rollout_is_cap: float | None = None
+    loss_agg: str = declared_default("rl.loss_agg")
+    max_tokens: int = declared_default("rollout.max_tokens")
+    rollout_is_cap: float | None = declared_default("rl.rollout_is_cap")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,18 +27,15 @@ def make_engine(
     model,
     config,
     tokenizer,
+    rollout,
     model_dir: str | None = None,
-    rollout=None,
     dtype: str = "float32",
     frozen_params=None,
 ):
     """kind: "jax" (default, in-process) | "hf" | "vllm" (a worker process owning the engine,
-    fed weights through shared memory; it loads `model_dir` first). `rollout`: the run's
-    `RolloutSettings` (None: the defaults); `frozen_params`: the Flax names of the tensors that
-    never change, sent to a worker with the first sync only (None: the vision tower)."""
-    from maye_jax.config.settings import RolloutSettings
-
-    rollout = rollout or RolloutSettings()
+    fed weights through shared memory; it loads `model_dir` first). `rollout`: the run's checked
+    `RolloutSettings`; `frozen_params`: the Flax names of the tensors that never change, sent to
+    a worker with the first sync only (None: the vision tower)."""
     if kind == "jax":
         from maye_jax.rollout.jax_sampler import JaxSampler
 

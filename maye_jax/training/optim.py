@@ -11,12 +11,15 @@ import dataclasses
 
 import optax
 
+from maye_jax.config.options import declared_default
+
 SCHEDULES = ("warmup_cosine", "constant")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW and its learning-rate schedule.
+    """AdamW and its learning-rate schedule; the defaults are the `optim.*` options'
+    (maye_jax/config/options.py).
 
     schedule: "warmup_cosine" (the paper's) or "constant" (lr at every step; used by tests, as
     a warmup schedule's step-0 learning rate is 0).
@@ -24,14 +27,14 @@ class OptimizerConfig:
     max_grad_norm: global-norm clip applied before AdamW; None disables it.
     """
 
-    learning_rate: float = 5e-6
-    b1: float = 0.9
-    b2: float = 0.95
-    eps: float = 1e-5
-    weight_decay: float = 0.01
-    max_grad_norm: float | None = 1.0
-    schedule: str = "warmup_cosine"
-    warmup_fraction: float = 0.1
+    learning_rate: float = declared_default("optim.learning_rate")
+    b1: float = declared_default("optim.b1")
+    b2: float = declared_default("optim.b2")
+    eps: float = declared_default("optim.eps")
+    weight_decay: float = declared_default("optim.weight_decay")
+    max_grad_norm: float | None = declared_default("optim.max_grad_norm")
+    schedule: str = declared_default("optim.schedule")
+    warmup_fraction: float = declared_default("optim.warmup_fraction")
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_updates: int) -> optax.Schedule:

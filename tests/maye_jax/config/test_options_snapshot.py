@@ -55,21 +55,23 @@ def _config_entries(config, prefix: str) -> list[list]:
 
 
 def _settings_fields() -> dict[str, tuple[str, object]]:
-    """key -> (annotation, default) of the typed settings."""
-    from maye_jax.config import settings as settings_module
+    """key -> (annotation, default) of the typed settings (`Settings` and its sections)."""
+    from maye_jax.config.settings import Settings
 
     fields = {}
-    top = getattr(settings_module, "TOP_LEVEL", None)
-    if top is not None:  # the settings as they were: top-level types in a table
-        defaults = dict(
-            name=None, seed=None, report_group=None, output_dir=None, resume=False, overwrite=False
-        )
-        for name, kind in top.items():
-            fields[name] = (_annotation(kind), defaults[name])
-    for section, cls in settings_module.SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for field in dataclasses.fields(cls):
-            fields[f"{section}.{field.name}"] = (_annotation(hints[field.name]), field.default)
+    hints = typing.get_type_hints(Settings)
+    for field in dataclasses.fields(Settings):
+        hint = hints[field.name]
+        sections = [a for a in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(a)]
+        if field.name == "config":
+            continue
+        if not sections:  # a top-level option
+            fields[field.name] = (_annotation(hint), field.default)
+            continue
+        section_hints = typing.get_type_hints(sections[0])
+        for option in dataclasses.fields(sections[0]):
+            key = f"{field.name}.{option.name}"
+            fields[key] = (_annotation(section_hints[option.name]), option.default)
     return fields
 
 
@@ -111,6 +113,28 @@ def test_the_math_configs_default_to_the_options_defaults():
     assert settings.advantage_config() == AdvantageConfig()
     assert settings.loss_config() == LossConfig()
     assert settings.optimizer_config() == OptimizerConfig()
+
+
+def test_every_default_has_its_declared_type_and_every_option_a_meaning():
+    from maye_jax.config.options import all_options, option_lines
+
+    options = all_options()
+    assert len(options) == 140
+    for option in options:
+        assert option.meaning and "\n" not in option.meaning, option.key
+        if option.default is None:
+            assert option.optional, option.key
+        else:
+            kind = option.value_type
+            assert isinstance(option.default, kind), option.key
+            assert not (kind is int and isinstance(option.default, bool)), option.key
+    lines = option_lines()
+    assert len(lines) == 140
+    batch = next(line for line in lines if line.startswith("rl.batch_size "))
+    assert batch.split()[:4] == ["rl.batch_size", "int", "896", ">"]
+    assert batch.endswith("responses per generation step (global)")
+    estimator = next(line for line in lines if line.startswith("rl.advantage_estimator "))
+    assert "grpo, reinforce_pp, reinforce_pp_baseline, rloo" in estimator  # the registry's
 
 
 if __name__ == "__main__":  # re-records the snapshot (only on purpose)

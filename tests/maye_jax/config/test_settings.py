@@ -83,6 +83,14 @@ def test_cross_field_rules():
     c = base()
     c.model.tiny_family = None
     assert problems(c)[0].startswith("config.model.path: set model.path")
+    for estimator in ("grpo", "rloo"):  # refused at load, not inside the first update
+        c = base()
+        c.rollout.num_samples = 2
+        c.rl.advantage_estimator, c.rl.kl_reward_coeff = estimator, 0.1
+        assert problems(c) == [
+            f"config.rl.kl_reward_coeff: 0.1: {estimator} uses sequence scores only; set "
+            "rl.kl_reward_coeff=0 and use rl.kl_loss_coeff for a KL penalty"
+        ]
 
 
 def test_old_off_spellings_name_the_new_one():
@@ -126,7 +134,8 @@ def test_command_line_sets_none_and_values(tmp_path):
         "def main(argv):\n"
         "    c = flags.FLAGS.config\n"
         "    print(c.optim.max_grad_norm, c.rl.rollout_is_cap, c.rollout.top_k, c.rl.kl_clamp,\n"
-        "          c.rl.clip_ratio_c, c.rewards.overlong_buffer_len, c.rl.grpo_scale_by_std)\n"
+        "          c.rl.clip_ratio_c, c.rewards.overlong_buffer_len, c.rl.grpo_scale_by_std,\n"
+        "          c.checkpoint.keep_best)\n"
         "app.run(main)\n"
     )
     command = [
@@ -140,10 +149,14 @@ def test_command_line_sets_none_and_values(tmp_path):
         "--config.rl.clip_ratio_c=3.0",
         "--config.rewards.overlong_buffer_len=256",
         "--config.rl.grpo_scale_by_std=False",
+        "--config.checkpoint.keep_best=eval/validation/pass@1_t0.6",
     ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["None", "2.0", "5", "None", "3.0", "256", "False"]
+    assert out.stdout.split() == [
+        *("None", "2.0", "5", "None", "3.0", "256", "False"),
+        "eval/validation/pass@1_t0.6",
+    ]
 
 
 def test_rl_math_options_reach_the_component_configs():
