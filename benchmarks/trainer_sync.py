@@ -3,8 +3,8 @@
     python benchmarks/trainer_sync.py [--hidden 1024] [--layers 8] [--repeats 3]
         [--worker_dtype bfloat16]
 
-`Trainer.sync_weights` sends the trainable weights (fp32 master weights, Flax [in, out] kernels)
-to a worker that holds them in its own dtype (bf16 for a GPU vLLM) in HF layout ([out, in]).
+The rollouts' sync (`Rollouts.sync` -> `WorkerEngine.load_policy`) sends the trainable weights
+(fp32 master weights, Flax [in, out] kernels) to a worker that holds them in its own dtype (bf16 for a GPU vLLM) in HF layout ([out, in]).
 `models.hf_mapping.hf_tensors_for_sync` picks one of two ways by backend; both are measured
 here in one run, each into its own `WorkerEngine("null")` (the worker maps the segment and
 verifies version and checksum; the first sync, which allocates the segment, is not timed):

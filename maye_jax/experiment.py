@@ -15,7 +15,8 @@ the arms) plus an `experiment` section:
 Layout of `output_dir`: `start/` (the warm-up run; `start/final_hf` is the arms' start model),
 `rl_seed<s>/`, `sft_seed<s>/` and `report/` (maye_jax.report: table.md, summary.json, plots).
 Every run is started with `resume`, so re-running the command after an interruption skips the
-finished runs (those with `final_hf/`) and continues the interrupted one from its checkpoint.
+finished runs (run.json's `finished`, `metrics.run_finished`) and continues the interrupted one
+from its checkpoint.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _base(c) -> ml_collections.ConfigDict:
     if "experiment" in c:
         del c["experiment"]
     c.resume = True
-    c.checkpoint.export_hf = True  # final_hf marks a finished run, and is the warm-up's output
+    c.checkpoint.export_hf = True  # the warm-up's final_hf is the arms' start model
     return c
 
 
@@ -81,25 +82,22 @@ def arm_config(c, kind: str, seed: int, start_model: str) -> ml_collections.Conf
     return a
 
 
-def finished(run_config) -> bool:
-    return (Path(run_config.output_dir) / "final_hf" / "config.json").is_file()
-
-
 def run_experiment(c) -> dict:
     """Runs what is not finished yet, then the report; returns build_report's result (None in
     processes other than 0). Every run's config is checked before the first one starts."""
     from maye_jax.config.settings import load_settings
-    from maye_jax.run.lock import configured_process_id, hold_output_folder
+    from maye_jax.run.startup import hold_run_folder
 
     settings = load_settings(c, kind="experiment")
-    # One experiment per folder; each run also locks its own sub-folder (same process).
-    with hold_output_folder(c.output_dir, process_id=configured_process_id(settings)):
+    # One experiment per folder; each run locks its own sub-folder (its prologue).
+    with hold_run_folder(settings):
         return _run_experiment(c)
 
 
 def _run_experiment(c) -> dict:
     from maye_jax.config.settings import load_settings
     from maye_jax.evaluation.report import build_report
+    from maye_jax.run.metrics import run_finished
     from maye_jax.sft import run_sft
     from maye_jax.train import run_rl
 
@@ -113,7 +111,7 @@ def _run_experiment(c) -> dict:
             # the warm-up writes the arms' start model: its folder cannot be checked yet
             arm = arm_config(c, kind, seed, start_model)
             load_settings(arm, kind=kind, check_files=warmup is None)
-    if warmup is not None and not finished(warmup):
+    if warmup is not None and not run_finished(warmup.output_dir):
         log.info("experiment: SFT warm-up of the start model -> %s", warmup.output_dir)
         run_sft(warmup)
     run_dirs = []
@@ -121,7 +119,7 @@ def _run_experiment(c) -> dict:
         for kind in ("rl", "sft"):
             a = arm_config(c, kind, seed, start_model)
             run_dirs.append(a.output_dir)
-            if finished(a):
+            if run_finished(a.output_dir):
                 log.info("experiment: %s seed %d finished earlier: %s", kind, seed, a.output_dir)
                 continue
             log.info("experiment: %s seed %d -> %s", kind, seed, a.output_dir)

@@ -13,6 +13,7 @@ after every epoch (and at epoch 0).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -24,20 +25,22 @@ from maye_jax.config.settings import Settings, load_settings
 from maye_jax.data.processor import get_prompt_template
 from maye_jax.data.records import epoch_order
 from maye_jax.data.sequences import RESPONSE_LEN_MULTIPLE, make_sequence_batch, tower_features
-from maye_jax.errors import EvaluationInterrupted
-from maye_jax.evaluation.evaluate import evaluate_configured_splits
+from maye_jax.evaluation.evaluate import RunEvaluation
 from maye_jax.models.shapes import round_up
 from maye_jax.qwen_ids import IM_END_ID
 from maye_jax.rl.trajectory import prompt_images
-from maye_jax.rollout.factory import make_engine
+from maye_jax.rollout.factory import make_rollouts
 from maye_jax.run import multihost, startup
-from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
-from maye_jax.run.lock import configured_process_id, hold_output_folder
 from maye_jax.run.metrics import summarize_run
-from maye_jax.training.batch import MinibatchMaker, TowerImages, UpdateBatch
-from maye_jax.training.global_batch import GlobalMinibatches, agree_on_image_features
-from maye_jax.training.policy import Policy, build_policy, optimizer_for, with_fresh_optimizer
+from maye_jax.training.batch import TowerImages, UpdateBatch, build_minibatches
+from maye_jax.training.policy import (
+    Policy,
+    build_policy,
+    export_policy,
+    optimizer_for,
+    with_fresh_optimizer,
+)
 from maye_jax.training.update import StepUpdates, make_train_step
 
 log = logging.getLogger("maye_jax")
@@ -52,14 +55,14 @@ def sft_targets(tokenizer, records) -> list[list[int]]:
 
 class SFTRunner:
     """Trains `policy` (training.policy.Policy) on the solutions of the training records for
-    `num_epochs`, with a fresh optimizer of its own learning-rate schedule."""
+    `num_epochs`, with a fresh optimizer of its own learning-rate schedule; `evaluate`: with an
+    in-process sampler for the evaluations."""
 
     def __init__(
-        self, settings: Settings, policy, processor, data, *, num_epochs: int, eval_engine=None
+        self, settings: Settings, policy, processor, data, *, num_epochs: int, evaluate=False
     ):
         s = settings
-        if multihost.process_count() > 1:
-            startup.check_multiprocess(s, kind="sft")
+        startup.check_multiprocess(s, kind="sft")
         self.settings, self.processor, self.data = s, processor, data
         self.num_epochs = num_epochs
         self.batch_size = s.sft.batch_size
@@ -81,7 +84,10 @@ class SFTRunner:
             s.sft_update_config(),
         )
         self.instruction = get_prompt_template(s.data.prompt_template)
-        self.eval_engine = eval_engine
+        self.evaluation = None
+        if evaluate:
+            rollouts = make_rollouts(s, self.policy, processor.tokenizer, engine="jax")
+            self.evaluation = RunEvaluation(rollouts, processor, data, s, self.instruction)
         # One response length for every batch (the longest target), so the step compiles once.
         longest = max(len(t) for t in sft_targets(processor.tokenizer, data["train"]))
         self.response_len = round_up(longest, RESPONSE_LEN_MULTIPLE)
@@ -123,21 +129,14 @@ class SFTRunner:
         elif batch.vision is not None:
             model = self.policy.local_model()
             features = tower_features(model, batch.device_arrays()["vision"])
-        min_features_per_row = 0
-        if processes > 1:
-            features, min_features_per_row = agree_on_image_features(batch, features)
-        maker = MinibatchMaker.build(
+        minibatches = build_minibatches(
             batch,
             per_token=dict(advantages=zeros, logprobs_old=zeros),
             features=features,
             tower=tower,
-            min_features_per_row=min_features_per_row,
+            layout=self.policy.layout,
         )
-        if processes > 1:
-            return GlobalMinibatches(maker.rows, self.policy.layout, num_processes=processes)(
-                None, num_micro
-            )
-        return maker(None, num_micro)
+        return minibatches(None, num_micro)
 
     def train_step(self, step: int) -> dict:
         """SFT step `step` (1-based): its batch (order fixed by seed and epoch), one update."""
@@ -158,61 +157,46 @@ class SFTRunner:
             if k in ("loss/policy", "grad_norm", "lr")
         }
 
-    def evaluate(self, epoch: int, should_stop=None) -> dict:
-        if self.eval_engine is None:
+    def evaluate(self, epoch: int, step: int, should_stop=None) -> dict:
+        """The scheme's evaluation of the weights after step `step` (its draws seeded by the
+        epoch); nothing without `evaluate`."""
+        if self.evaluation is None:
             return {}
-        self.eval_engine.load_policy(self.policy.local_model(), epoch)
-        return evaluate_configured_splits(
-            self.eval_engine,
-            self.processor,
-            self.data,
-            self.settings,
-            step=epoch,
-            instruction=self.instruction,
-            should_stop=should_stop,
-        )
+        self.evaluation.rollouts.weights_changed(step)
+        return self.evaluation(step=epoch, should_stop=should_stop)
 
     def run(
         self, run: RunHarness, *, evaluate_at_start: bool, evaluate_every_epoch: bool
     ) -> Policy:
         """Trains under `run` (a harness whose `total_steps` is this runner's); a resumed run
         continues after its latest checkpoint. The batch order derives from (seed, epoch), so a
-        resumed run sees the same batches. A stop request during an evaluation abandons it:
-        the step is checkpointed with its metrics, and a resume reruns the evaluation whole.
-        Raises RunStopped when a signal stopped the run before its last step."""
+        resumed run sees the same batches. Evaluations follow the harness's protocol (a stop
+        request abandons one; a resume reruns it whole). Raises RunStopped when a signal
+        stopped the run before its last step."""
         start, self.policy.state, meta = run.restore(self.policy.state, self.policy.layout.state)
         meta_of_step = dict(seed=self.settings.seed, kind="sft")
-        try:
-            if start == 0 and evaluate_at_start:
-                run.log(self.evaluate(0, run.should_stop), step=0, epoch=0)
-                run.keep_best(0)
-            if "pending_metrics" in meta:  # stopped during step `start`'s evaluation
-                epoch = (start - 1) // self.steps_per_epoch + 1
-                metrics = dict(meta["pending_metrics"], **self.evaluate(epoch, run.should_stop))
-                run.log(metrics, step=start, epoch=epoch)
-                run.keep_best(start)
-            losses = []
-            for step in run.steps(start):
-                epoch = (step - 1) // self.steps_per_epoch + 1
-                with run.section("update"):
-                    metrics = self.train_step(step)
-                metrics.update(run.timings())
-                losses.append(metrics["sft/loss"])
-                end_of_epoch = step % self.steps_per_epoch == 0
-                if end_of_epoch and evaluate_every_epoch:
-                    try:
-                        metrics.update(self.evaluate(epoch, run.should_stop))
-                    except EvaluationInterrupted:
-                        pending = dict(meta_of_step, pending_metrics=metrics)
-                        run.end_step(step, self.policy.state, pending)
-                        raise
-                run.log(metrics, step=step, epoch=epoch)
-                if end_of_epoch:
-                    log.info("SFT epoch %d: mean loss %.4f", epoch, float(np.mean(losses)))
-                    losses = []
-                run.end_step(step, self.policy.state, meta_of_step)
-        except EvaluationInterrupted:
-            raise run.stopped_error() from None
+        if start == 0 and evaluate_at_start:
+            run.evaluate_start(lambda: self.evaluate(0, 0, run.should_stop))
+        epoch = (start - 1) // self.steps_per_epoch + 1  # of the restored step
+        run.finish_interrupted_evaluation(
+            start, meta, epoch, lambda: self.evaluate(epoch, start, run.should_stop)
+        )
+        losses = []
+        for step in run.steps(start):
+            epoch = (step - 1) // self.steps_per_epoch + 1
+            with run.section("update"):
+                metrics = self.train_step(step)
+            metrics.update(run.timings())
+            losses.append(metrics["sft/loss"])
+            evaluate = None
+            if step % self.steps_per_epoch == 0:  # the end of an epoch
+                log.info("SFT epoch %d: mean loss %.4f", epoch, float(np.mean(losses)))
+                losses = []
+                if evaluate_every_epoch:
+                    evaluate = functools.partial(self.evaluate, epoch, step, run.should_stop)
+            run.end_step_with_evaluation(
+                step, self.policy.state, meta_of_step, metrics, epoch=epoch, evaluate=evaluate
+            )
         if not run.finished:
             raise run.stopped_error()
         return self.policy
@@ -221,7 +205,7 @@ class SFTRunner:
 def start_for_sft(settings: Settings, data=None):
     """(data, policy without reference, processor) of a run that begins with SFT: the SFT
     baseline, or the RL demo's warm-up. The optimizer is rebuilt by the SFT runner."""
-    data = startup.prepare_data(settings) if data is None else data
+    data = startup.load_run_data(settings)[0] if data is None else data
     mesh = startup.build_mesh(settings)
     source = startup.materialize_start_model(settings)
     optimizer, _ = optimizer_for(settings, 1)
@@ -260,66 +244,37 @@ def warm_up(settings: Settings, data):
 
 def run_sft(config) -> dict:
     """The SFT baseline run of `config` (an ml_collections config or typed Settings), in its
-    checked output folder: evaluated at epoch 0 and after every epoch like RL, checkpointed by
-    the run harness (`resume` continues from the latest), the final policy exported to HF.
-    Returns the summary of its evaluations (metrics.summarize_run); raises RunStopped when a
-    signal stopped it."""
+    output folder (locked, checked and prepared before any work: `startup.run_prologue`):
+    evaluated at epoch 0 and after every epoch like RL, checkpointed by the run harness
+    (`resume` continues from the latest), the final policy exported to HF. Returns the summary
+    of its evaluations (metrics.summarize_run); raises RunStopped when a signal stopped it."""
     s = config if isinstance(config, Settings) else load_settings(config, kind="sft")
-    # The folder is locked before it is checked (and, with overwrite, cleared): a second run
-    # must never touch a running one's outputs.
-    startup.init_distributed(s)  # several processes: before any folder work (barriers)
-    with hold_output_folder(s.output_dir, process_id=configured_process_id(s)):
-        return _run_sft(s)
-
-
-def _run_sft(s: Settings) -> dict:
-    prepare_run_folder(s)
-    files = startup.data_files(s)
-    fingerprint = check_fingerprint(s, files)
-    data, policy, processor = start_for_sft(s, startup.prepare_data(s, files))
-    engine = None
-    if s.eval.enabled:
-        engine = make_engine(
-            "jax",
-            model=policy.model(),
-            config=policy.model_config,
-            tokenizer=processor.tokenizer,
-            rollout=s.rollout,
+    with startup.run_prologue(s) as (data, fingerprint):
+        _, policy, processor = start_for_sft(s, data)
+        runner = SFTRunner(
+            s, policy, processor, data, num_epochs=s.sft_epochs, evaluate=s.eval.enabled
         )
-    runner = SFTRunner(s, policy, processor, data, num_epochs=s.sft_epochs, eval_engine=engine)
 
-    def export(out_dir: Path) -> None:
-        """The policy's current weights as an HF folder (the final and the best evaluation's)."""
-        from maye_jax.storage.model_folders import export_hf
+        def export(out_dir: Path) -> None:
+            """The runner's current weights as an HF folder (the final and the best's)."""
+            export_policy(runner.policy, out_dir, progress=s.logging.progress_bar)
 
-        trained = runner.policy  # the runner's (its own optimizer), not the one passed in
-        model = trained.local_model()  # several processes: every one takes part
-        if multihost.is_leader():
-            export_hf(
-                model,
-                trained.hf_config,
-                out_dir,
-                tokenizer_source=trained.source_dir,
-                progress=s.logging.progress_bar,
+        harness = RunHarness(
+            s.output_dir,
+            kind="sft",
+            settings=s,
+            total_steps=runner.total_steps,
+            fingerprint=fingerprint,
+            export=export,
+        )
+        with harness as run:
+            runner.run(
+                run,
+                evaluate_at_start=s.eval.enabled and s.eval.at_start,
+                evaluate_every_epoch=s.eval.enabled,
             )
-        multihost.barrier(f"exported {out_dir.name}")
-
-    harness = RunHarness(
-        s.output_dir,
-        kind="sft",
-        settings=s,
-        total_steps=runner.total_steps,
-        fingerprint=fingerprint,
-        export=export,
-    )
-    with harness as run:
-        runner.run(
-            run,
-            evaluate_at_start=s.eval.enabled and s.eval.at_start,
-            evaluate_every_epoch=s.eval.enabled,
-        )
-        run.finish(export)
-    return summarize_run(s.output_dir)
+            run.finish(export)
+        return summarize_run(s.output_dir)
 
 
 def main(argv) -> int:

@@ -1,20 +1,17 @@
 """The MAYE RL loop. Each generation step is the four steps of the paper, one call each:
 
 1. prompts     = data_flow(count)                     the next records of the epoch -> model inputs
-2. completions = collect_responses(prompts, step)     the engine loads the weights, samples
-3. trajectory  = make_trajectory(prompts, completions) rewards, logprobs (policy, reference)
+2. completions = collect_responses(prompts, step)     the engine gets the weights, samples
+3. trajectory  = make_trajectory(groups)              logprobs (policy, reference)
 4. metrics     = policy_update(trajectory, step)      advantages + jitted sharded updates
 
-With `rl.dynamic_sampling` (DAPO), steps 1-3's rewards repeat for top-up prompts until the
-batch holds only prompt groups whose scores differ (maye_jax/rl/dynamic_sampling.py); an epoch
-then ends when its prompts run out, which can be after fewer steps (maye_jax/data/cursor.py).
-
-With `rl.async_rollouts` a torch-side worker generates step n+1's responses while steps 3-4 of
-step n run (maye_jax/rollout/overlap.py: one step off-policy, corrected by the truncated
-importance weight); the trainer waits for them when its update ends.
-
-Everything around the steps (output folder, resume, metrics, progress, signals, checkpoints,
-the final export) is the run harness's (maye_jax/run/harness.py).
+Steps 1-2 and the rewards (scored right after sampling) make the step's prompt groups
+(`collect_batch`; with `rl.dynamic_sampling` they repeat for top-ups, rl/dynamic_sampling.py).
+The rollouts (rollout/rollouts.py) own the engine and the weights version it holds; with
+`rl.async_rollouts` a worker generates step n+1 while steps 3-4 of step n run (rollout/overlap.py).
+Everything around the steps (prologue, folder, resume, metrics, signals, evaluations,
+checkpoints, export) is the run harness's (run/harness.py, run/startup.py); the step's report is
+rl/step_rows.py's.
 
 python -m maye_jax.train --config=configs/demo.py [--config.rl.kl_loss_coeff=0.01 ...]
 """
@@ -23,49 +20,35 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from maye_jax.config.settings import Settings, load_settings
-from maye_jax.data.cursor import EpochCursor
 from maye_jax.data.processor import get_prompt_template
-from maye_jax.errors import EvaluationInterrupted
-from maye_jax.evaluation.evaluate import evaluate_configured_splits
-from maye_jax.qwen_ids import STOP_TOKEN_IDS
-from maye_jax.rl.advantages import (
-    WHITENING_ESTIMATORS,
-    compute_advantages,
-    masked_whiten_across_processes,
-)
-from maye_jax.rl.dynamic_sampling import PromptGroups, fill_batch, top_up_seed
-from maye_jax.rl.step_rows import gather_step_rows, rollout_rows, step_metrics
-from maye_jax.rl.trajectory import build_trajectory, score_responses
+from maye_jax.evaluation.evaluate import RunEvaluation
+from maye_jax.rl.advantages import compute_advantages
+from maye_jax.rl.data_flow import TrainPrompts, step_sampling
+from maye_jax.rl.dynamic_sampling import PromptGroups, fill_batch
+from maye_jax.rl.step_rows import report_step
+from maye_jax.rl.trajectory import build_trajectory, score_responses, shared_lengths
 from maye_jax.rollout.engine import Prompt, Sampling
-from maye_jax.rollout.factory import make_engine
-from maye_jax.rollout.overlap import OverlappedRollouts
+from maye_jax.rollout.factory import make_rollouts
 from maye_jax.run import multihost, startup
-from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.run.harness import RunHarness
-from maye_jax.run.lock import configured_process_id, hold_output_folder
-from maye_jax.run.metrics import print_summary, summarize_run, write_rollouts
-from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
-from maye_jax.training.batch import MinibatchMaker, TowerImages
-from maye_jax.training.global_batch import GlobalMinibatches, agree_on_image_features
-from maye_jax.training.policy import (
-    build_policy,
-    host_local_model,
-    optimizer_for,
-    with_fresh_optimizer,
-)
+from maye_jax.run.metrics import print_summary, summarize_run
+from maye_jax.storage.train_checkpoints import has_start_model
+from maye_jax.training.batch import TowerImages, build_minibatches
+from maye_jax.training.policy import export_policy, host_local_model, optimizer_for
 from maye_jax.training.update import StepUpdates, make_train_step
 
 log = logging.getLogger("maye_jax")
 
 
 class Trainer:
-    """Holds the run's state; `run()` is the loop. Built from the run's typed settings."""
+    """Holds the run's state; `run()` is the loop. Built from the run's typed settings; `data`
+    (and its `fingerprint`) are read here when not given (`startup.load_run_data`)."""
 
     def __init__(
         self, settings: Settings, *, policy=None, data=None, processor=None, fingerprint=None
@@ -74,9 +57,7 @@ class Trainer:
         self.output_dir = Path(s.output_dir).absolute()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if data is None:
-            files = startup.data_files(s)
-            fingerprint = check_fingerprint(s, files)
-            data = startup.prepare_data(s, files)
+            data, fingerprint = startup.load_run_data(s)
         self.data, self.fingerprint = data, fingerprint
         startup.check_rl_data(s, data)
         self.prompts_per_step = s.rl.batch_size // s.rollout.num_samples
@@ -85,28 +66,11 @@ class Trainer:
         # (the learning-rate schedule's horizon; the cosine then stops before its end).
         self.steps_per_epoch = len(self.data["train"]) // self.prompts_per_step
         self.total_steps = self.steps_per_epoch * s.rl.num_epochs
-        self.cursor = EpochCursor(len(self.data["train"]), s.seed)
         self.updates_per_step = (s.rl.batch_size // s.rl.ppo_batch_size) * s.rl.ppo_epochs
-        self.processes = jax.process_count()  # several: each takes its share of every step
-        self.share = slice(0, self.prompts_per_step)
-        if self.processes > 1:
-            startup.check_multiprocess(s, kind="rl")
-            self.share = multihost.share(self.prompts_per_step, "config.rl.batch_size's prompts")
+        startup.check_multiprocess(s, kind="rl")
         optimizer, schedule = optimizer_for(s, self.total_steps * self.updates_per_step)
         self.hf_model_dir = startup.materialize_start_model(s)  # what a worker engine loads first
-        # The reference model is held only when a KL term uses it.
-        with_reference = s.rl.uses_reference
-        if policy is None:
-            # A resumed run restarts from its own start point (e.g. the SFT-warmed model).
-            resumes_from_start_model = s.resume and has_start_model(self.output_dir)
-            source = start_model_dir(self.output_dir) if resumes_from_start_model else None
-            mesh = startup.build_mesh(s)
-            policy = build_policy(
-                s, mesh, source or self.hf_model_dir, optimizer, with_reference=with_reference
-            )
-        else:  # e.g. after an SFT warm-up: keep the weights, start a fresh optimizer
-            policy = with_fresh_optimizer(s, policy, optimizer, with_reference=with_reference)
-        self.policy = policy
+        self.policy = startup.rl_policy(s, self.hf_model_dir, optimizer, warmed=policy)
         log.info(
             "RL: %d generation steps (%d epochs of %d), %d updates each; rollouts: %s engine",
             self.total_steps,
@@ -116,119 +80,42 @@ class Trainer:
             s.rollout.engine,
         )
         self.processor = processor or startup.load_run_processor(
-            s, policy.source_dir, policy.model_config.family
+            s, self.policy.source_dir, self.policy.model_config.family
         )
-        self.instruction = get_prompt_template(s.data.prompt_template)
-        startup.save_start_model(self.output_dir, policy)
-        self.engine = make_engine(
-            s.rollout.engine,
-            model=policy.model(),
-            config=policy.model_config,
-            tokenizer=self.processor.tokenizer,
-            model_dir=str(self.hf_model_dir),
-            rollout=s.rollout,
-            dtype=s.model.dtype,
-            frozen_params=set(policy.frozen),
+        instruction = get_prompt_template(s.data.prompt_template)
+        self.prompts = TrainPrompts(self.data["train"], self.processor, instruction, s)
+        startup.save_start_model(self.output_dir, self.policy)
+        self.rollouts = make_rollouts(  # rl.async_rollouts: overlapped with the update
+            s, self.policy, self.processor.tokenizer, model_dir=self.hf_model_dir
         )
-        # rl.async_rollouts: step n+1 is generated while step n updates (rollout/overlap.py)
-        self.overlap = OverlappedRollouts(self.engine) if s.rl.async_rollouts else None
+        responses = self.output_dir / "eval_responses"  # with eval.save_responses
+        self.evaluation = RunEvaluation(
+            self.rollouts, self.processor, self.data, s, instruction, responses
+        )
         self.step_fn = make_train_step(
-            policy.model_def, optimizer, schedule, policy.layout, s.update_config()
+            self.policy.model_def, optimizer, schedule, self.policy.layout, s.update_config()
         )
-        self.weights_version = 0  # the generation step whose update made the current weights
-        self.engine_version = None  # the version the rollout engine holds
-        self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
-        self.epoch_correct: list[bool] = []
+        self.epoch_correct: list[bool] = []  # the epoch's responses so far: accuracy 1
         self.run_harness: RunHarness | None = None
 
     # -- the four steps -----------------------------------------------------------------------
     def data_flow(self, count: int):
         """Step 1: the next `count` records of the epoch order (fewer if the epoch has fewer
-        left) and their model inputs; the data cursor moves past them."""
-        picked = list(self.cursor.take(count))
-        if self.processes > 1:  # this host's contiguous share of the step's prompts
-            picked = picked[self.share]
-        records = [self.data["train"][i] for i in picked]
-        encoded = [
-            self.processor.encode(r.load_image(), r.question, self.instruction) for r in records
-        ]
-        return records, encoded
+        left; several processes: this host's share) and their model inputs (rl/data_flow.py)."""
+        return self.prompts.take(count)
 
     def collect_responses(self, encoded, step: int, round_index: int = 0):
-        """Step 2: the rollout engine loads the current weights (in process: no copy; torch-side
-        workers: shared memory), then samples. `round_index` > 0: a dynamic-sampling top-up,
-        with its own seed. Overlapped: the responses generated ahead for this step, and the
-        next step's generation starts."""
-        prompts = [_prompt(e) for e in encoded]
-        if self.overlap is not None:  # one process only (refused at validation otherwise)
-            return self.overlap.collect(
-                step,
-                prompts,
-                self.sampling(step),
-                model=self.policy.model(),
-                version=self.weights_version,
-                next_prompts=self.prompts_after(step),
-                next_sampling=self.sampling(step + 1),
-                on_sync=lambda: self.run_harness.section("sync"),
-            )
-        with self.run_harness.section("sync"):
-            self.load_rollout_weights()
-        # Global prompt indices: each host's prompts draw their own seeds.
-        return self.engine.generate(
-            prompts, self.sampling(step, round_index), step=step, first_index=self.share.start
+        """Step 2: the rollouts load the current weights (in process: no copy; torch-side
+        workers: shared memory), then sample; global prompt indices, so each host's prompts draw
+        their own seeds. `round_index` > 0: a dynamic-sampling top-up, with its own seed.
+        Overlapped: the responses generated ahead for this step, and the next step's starts."""
+        return self.rollouts.generate(
+            step,
+            [Prompt.of(e) for e in encoded],
+            self.sampling(step, round_index),
+            first_index=self.prompts.share.start if self.prompts.share else 0,
+            ahead=lambda: self.ahead_of(step),
         )
-
-    def sampling(self, step: int, round_index: int = 0) -> Sampling:
-        r, seed = self.settings.rollout, self.settings.seed
-        return Sampling(
-            n=r.num_samples,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=-1 if r.top_k is None else r.top_k,
-            max_tokens=r.max_tokens,
-            seed=seed if round_index == 0 else top_up_seed(seed, step, round_index),
-            stop_token_ids=STOP_TOKEN_IDS,
-        )
-
-    def prompts_after(self, step: int) -> list[Prompt] | None:
-        """The prompts step `step` + 1 will read (without moving the data cursor); None when
-        `step` is the run's last."""
-        cursor = dataclasses.replace(self.cursor)
-        cursor.end_epoch_if_short(self.prompts_per_step)
-        if step >= self.total_steps or cursor.epoch >= self.settings.rl.num_epochs:
-            return None
-        records = [self.data["train"][i] for i in cursor.take(self.prompts_per_step)]
-        return [
-            _prompt(self.processor.encode(r.load_image(), r.question, self.instruction))
-            for r in records
-        ]
-
-    def finish_rollouts(self) -> None:
-        """When an update ends: wait for the responses generated ahead (overlapped rollouts)."""
-        if self.overlap is not None:
-            with self.run_harness.section("rollout"):
-                self.overlap.wait()
-
-    def load_rollout_weights(self) -> None:
-        """The engine gets the current weights once per version; several processes: this
-        host's copy (`Policy.local_model`), so no host waits on another to sample."""
-        if self.engine_version != self.weights_version:
-            self.engine.load_policy(self.policy.local_model(), self.weights_version)
-            self.engine_version = self.weights_version
-
-    def sample_groups(self, count: int, step: int, round_index: int = 0) -> PromptGroups | None:
-        """Steps 1-2 and the rewards of step 3 for the next `count` prompts (None when the epoch
-        has none left): a step's first round, or a dynamic-sampling top-up."""
-        run = self.run_harness
-        with run.section("data"):
-            records, encoded = self.data_flow(count)
-        if not records:
-            return None
-        with run.section("rollout"):
-            completions = self.collect_responses(encoded, step, round_index)
-        with run.section("trajectory"):
-            rewards = score_responses(records, completions, self.settings.trajectory_config())
-        return PromptGroups(records, encoded, completions, rewards)
 
     def collect_batch(self, step: int) -> tuple[PromptGroups, PromptGroups, dict]:
         """Steps 1-2 and the rewards for one update batch: (its prompt groups, every group
@@ -249,46 +136,33 @@ class Trainer:
         """Step 3: query+response sequences, logprobs (policy, reference); the rewards were
         scored with the samples (`sample_groups`). Several processes: each on its own rows,
         with its copy of the weights, in a layout every process shares."""
-        records, encoded, completions = groups.records, groups.encoded, groups.completions
         options = self.settings.trajectory_config()
         reference = self.policy.reference()  # None without a KL term: no forward pass
-        min_prompt_len = min_response_len = 1
-        if self.processes > 1:  # every process lays out its rows with the same P and R
+        lengths = {}
+        if multihost.multiprocess():  # every process lays out its rows with the same P and R
             reference = reference and host_local_model(reference)
             options = dataclasses.replace(options, rows_multiple=1)  # the global batch is whole
-            longest = [
-                max(len(np.asarray(e["input_ids"]).reshape(-1)) for e in encoded),
-                max(len(c.token_ids) for samples in completions for c in samples),
-            ]
-            longest = multihost.allgather_rows(np.asarray([longest])).max(axis=0)
-            min_prompt_len, min_response_len = int(longest[0]), int(longest[1])
+            lengths = shared_lengths(groups.encoded, groups.completions)
         return build_trajectory(
             policy=self.policy.local_model(),
             reference=reference,
             config=self.policy.model_config,
-            records=records,
-            prompts=encoded,
-            completions=completions,
+            records=groups.records,
+            prompts=groups.encoded,
+            completions=groups.completions,
             options=options,
             pad_id=self.processor.tokenizer.pad_token_id,
             reference_shares_vision=not self.settings.model.tower_trains,
             rewards=groups.rewards,
-            min_prompt_len=min_prompt_len,
-            min_response_len=min_response_len,
+            **lengths,
         )
 
     def policy_update(self, trajectory, step: int) -> dict:
-        """Step 4: advantages, then (batch_size // ppo_batch_size) * ppo_epochs jitted updates
-        over shuffled mini-batches."""
+        """Step 4: advantages (several processes whiten with every process's statistics; groups
+        stay on one host), then (batch_size // ppo_batch_size) * ppo_epochs jitted updates over
+        shuffled mini-batches; the weights are then those of version `step`."""
         s = self.settings
         batch = trajectory.batch
-        config = s.advantage_config()
-        # Several processes whiten with every process's statistics (groups stay on one host).
-        whiten_across = (
-            self.processes > 1
-            and config.whiten
-            and s.rl.advantage_estimator in WHITENING_ESTIMATORS
-        )
         advantages = np.asarray(
             compute_advantages(
                 s.rl.advantage_estimator,
@@ -297,26 +171,16 @@ class Trainer:
                 logprobs=trajectory.logprobs_old,
                 ref_logprobs=trajectory.ref_logprobs,
                 num_samples_per_prompt=s.rollout.num_samples,
-                config=dataclasses.replace(config, whiten=False) if whiten_across else config,
+                config=s.advantage_config(),
+                global_sum=multihost.global_sum if multihost.multiprocess() else None,
             )
         )
-        if whiten_across:
-            advantages = masked_whiten_across_processes(
-                advantages,
-                batch.response_mask,
-                shift_mean=config.shift_mean,
-                eps=config.whiten_eps,
-                global_sum=multihost.global_sum,
-            )
-        features, min_features_per_row = trajectory.features, 0
-        if self.processes > 1:  # every process's rows get the same feature table size
-            features, min_features_per_row = agree_on_image_features(batch, features)
         tower = None
         if s.model.tower_trains:
             tower = TowerImages(
                 trajectory.prompt_images, trajectory.row_prompt, self.policy.model_config.vision
             )
-        minibatches = MinibatchMaker.build(
+        minibatches = build_minibatches(
             batch,
             per_token=dict(
                 advantages=advantages,
@@ -324,15 +188,11 @@ class Trainer:
                 ref_logprobs=trajectory.ref_logprobs if s.rl.kl_loss_coeff != 0 else None,
                 logprobs_rollout=trajectory.rollout_logprobs if s.rl.rollout_is_cap else None,
             ),
-            features=features,
+            features=trajectory.features,
             tower=tower,
-            min_features_per_row=min_features_per_row,
+            layout=self.policy.layout,
             response_buckets=s.trajectory_config().response_buckets,
         )
-        if self.processes > 1:  # every process's rows, one global batch
-            minibatches = GlobalMinibatches(
-                minibatches.rows, self.policy.layout, num_processes=self.processes
-            )
         num_micro = s.rl.ppo_batch_size // s.rl.micro_batch_size
         rng = np.random.default_rng([s.seed, step, 7])
         updates = StepUpdates(f"{step}", name_updates=True)
@@ -344,203 +204,181 @@ class Trainer:
                     self.policy.state, self.policy.frozen, minibatch
                 )
                 updates.add(metrics, finite)
-        self.weights_version = step
+        self.rollouts.weights_changed(step)
         return updates.mean_metrics()
 
+    # -- what the steps use ---------------------------------------------------------------------
+    def sampling(self, step: int, round_index: int = 0) -> Sampling:
+        return step_sampling(self.settings.rollout, self.settings.seed, step, round_index)
+
+    def ahead_of(self, step: int) -> tuple[list[Prompt], Sampling] | None:
+        """Overlapped rollouts: the prompts and sampling of step `step` + 1 (the data does not
+        move), or None after the last step."""
+        following = self.prompts.next_step()
+        return None if following is None else (following, self.sampling(step + 1))
+
+    def sample_groups(self, count: int, step: int, round_index: int = 0) -> PromptGroups | None:
+        """Steps 1-2 and the rewards for the next `count` prompts (None when the epoch has none
+        left): a step's first round, or a dynamic-sampling top-up."""
+        run = self.run_harness
+        with run.section("data"):
+            records, encoded = self.data_flow(count)
+        if not records:
+            return None
+        with run.section("rollout"):
+            completions = self.collect_responses(encoded, step, round_index)
+        with run.section("trajectory"):
+            rewards = score_responses(records, completions, self.settings.trajectory_config())
+        return PromptGroups(records, encoded, completions, rewards)
+
     # -- around the steps ---------------------------------------------------------------------
-    def evaluate(self, epoch: int, step: int) -> dict:
-        """The scheme's evaluation of the current weights; a stop request abandons it
-        (EvaluationInterrupted). Overlapped rollouts: after the request in flight."""
-        if self.overlap is not None:
-            self.overlap.wait()
-        self.load_rollout_weights()
-        folder = self.output_dir / "eval_responses"
-        return evaluate_configured_splits(
-            self.engine,
-            self.processor,
-            self.data,
-            self.settings,
+    def report(self, step: int, trajectory, sampled: PromptGroups, update_metrics, extra) -> dict:
+        """The step's metrics line and rollouts file (rl/step_rows.py), once the generation
+        ahead, if any, has ended."""
+        run, s = self.run_harness, self.settings
+        with run.section("rollout"):
+            self.rollouts.wait()
+        metrics, correct = report_step(
+            trajectory,
+            sampled.correct(),
+            update_metrics,
             step=step,
-            instruction=self.instruction,
-            responses_path=lambda split: folder / f"epoch_{epoch}_{split}.jsonl",
-            should_stop=self.run_harness.should_stop if self.run_harness else None,
+            timings=run.timings(),
+            extra_metrics={**self.rollouts.metrics(step), **extra},
+            weights_versions=self.rollouts.weights_versions,
+            output_dir=self.output_dir if s.logging.save_rollouts else None,
         )
+        self.epoch_correct.extend(correct)
+        return metrics
+
+    def end_of_epoch(self, step: int, epoch: int, metrics: dict) -> Callable[[], dict] | None:
+        """After step `step`: at the end of its epoch, train/epoch_accuracy, the run's end when
+        the data ran out (dynamic sampling), and the epoch's evaluation when one is due (for the
+        harness to run: `end_step_with_evaluation`)."""
+        s = self.settings
+        if not self.prompts.end_epoch_if_short():
+            return None
+        metrics["train/epoch_accuracy"] = float(np.mean(self.epoch_correct))
+        self.epoch_correct = []
+        if self.prompts.epoch >= s.rl.num_epochs:
+            self.run_harness.end_early(step)  # a no-op unless dynamic sampling ended it early
+        if not (s.eval.enabled and epoch % s.eval.every_epochs == 0):
+            return None
+        return lambda: self.evaluate(epoch, step)
+
+    def evaluate(self, epoch: int, step: int) -> dict:
+        """The scheme's evaluation of the current weights (a stop request abandons it)."""
+        stop = self.run_harness.should_stop if self.run_harness else None
+        return self.evaluation(step=step, name=f"epoch_{epoch}", should_stop=stop)
 
     def checkpoint_meta(self) -> dict:
         return dict(
             seed=self.settings.seed,
-            weights_version=self.weights_version,
-            # this epoch's correctness so far: train/epoch_accuracy of a run resumed mid-epoch
-            epoch_correct=[bool(x) for x in self.epoch_correct],
-            # where the next step reads its prompts (dynamic sampling moves it by more than a
-            # step's prompts)
-            data_cursor=self.cursor.state(),
+            weights_version=self.rollouts.version,
+            epoch_correct=[bool(x) for x in self.epoch_correct],  # a resume mid-epoch needs it
+            data_cursor=self.prompts.state(),  # dynamic sampling: not a function of the step
             # overlapped rollouts: the next step's finished responses (their weights are gone)
-            **({"pending_rollouts": self.overlap.state()} if self.overlap is not None else {}),
+            **self.rollouts.checkpoint_fields(),
         )
 
-    def export_hf(self, out_dir: Path) -> None:
-        from maye_jax.storage.model_folders import export_hf
+    def restore(self, run: RunHarness) -> tuple[int, dict]:
+        """(start step, checkpoint meta): a resumed run's newest checkpoint, else step 0."""
+        s = self.settings
+        start, self.policy.state, meta = run.restore(self.policy.state, self.policy.layout.state)
+        self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
+        self.rollouts.weights_changed(start)
+        self.rollouts.restore(meta)
+        self.prompts.restore(
+            meta.get("data_cursor"), step=start, steps_per_epoch=self.steps_per_epoch
+        )
+        if self.prompts.epoch >= s.rl.num_epochs:  # resumed after its last step
+            run.end_early(start)
+        return start, meta
 
-        policy = self.policy
-        model = policy.local_model()  # several processes: every one takes part (a gather)
-        if multihost.is_leader():
-            export_hf(
-                model,
-                policy.hf_config,
-                out_dir,
-                tokenizer_source=policy.source_dir,
-                progress=self.settings.logging.progress_bar,
-            )
-        multihost.barrier("final export written")
+    def export_hf(self, out_dir: Path) -> None:
+        export_policy(self.policy, out_dir, progress=self.settings.logging.progress_bar)
 
     # -- the loop -----------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, *, stop_after_step: int | None = None) -> dict:
+        """The run's summary (RunStopped when it stopped early); `stop_after_step`: the
+        harness's test hook (a preemption after that step)."""
         s = self.settings
-        harness = RunHarness(
+        self.run_harness = run = RunHarness(
             self.output_dir,
             kind="rl",
             settings=s,
             total_steps=self.total_steps,
             fingerprint=self.fingerprint,
             export=self.export_hf,
+            stop_after_step=stop_after_step,
         )
-        harness.stop_after_step = self.stop_after_step
-        self.run_harness = harness
+        self.rollouts.sync_section = lambda: run.section("sync")
         try:
-            with harness as run:
-                start, self.policy.state, meta = run.restore(
-                    self.policy.state, self.policy.layout.state
-                )
-                self.epoch_correct = [bool(x) for x in meta.get("epoch_correct", [])]
-                self.weights_version = start
-                self.cursor = EpochCursor.restore(
-                    len(self.data["train"]),
-                    s.seed,
-                    meta.get("data_cursor"),
-                    step=start,
-                    steps_per_epoch=self.steps_per_epoch,
-                    prompts_per_step=self.prompts_per_step,
-                )
-                if self.overlap is not None:
-                    self.overlap.restore(meta.get("pending_rollouts"))
-                if self.cursor.epoch >= s.rl.num_epochs:  # resumed after its last step
-                    run.end_early(start)
+            with run:
+                start, meta = self.restore(run)
                 if start == 0 and s.eval.enabled and s.eval.at_start:
-                    try:
-                        run.log(self.evaluate(0, 0), step=0, epoch=0)
-                    except EvaluationInterrupted:  # nothing trained yet: nothing to save
-                        raise run.stopped_error() from None
-                    run.keep_best(0)
-                if "pending_metrics" in meta:  # stopped during step `start`'s evaluation
-                    self.finish_pending_step(run, start, meta["pending_metrics"])
+                    run.evaluate_start(lambda: self.evaluate(0, 0))
+                # (the cursor moved on to the next epoch, 0-based, at the end of step `start`)
+                epoch = self.prompts.epoch
+                run.finish_interrupted_evaluation(
+                    start, meta, epoch, lambda: self.evaluate(epoch, start)
+                )
                 for step in run.steps(start):
-                    epoch = self.cursor.epoch + 1
-                    groups, sampled, sampling_metrics = self.collect_batch(step)  # steps 1, 2
+                    epoch = self.prompts.epoch + 1
+                    groups, sampled, sampling_metrics = self.collect_batch(step)  # steps 1-2
                     with run.section("trajectory"):
-                        trajectory = self.make_trajectory(groups)
+                        trajectory = self.make_trajectory(groups)  # step 3
                     with run.section("update"):
-                        update_metrics = self.policy_update(trajectory, step)
-                    self.finish_rollouts()
-                    rows = gather_step_rows(trajectory)  # every process's
-                    metrics = step_metrics(
-                        rows, update_metrics, run.timings(), startup.device_memory_bytes()
+                        update_metrics = self.policy_update(trajectory, step)  # step 4
+                    metrics = self.report(
+                        step, trajectory, sampled, update_metrics, sampling_metrics
                     )
-                    if self.overlap is not None:
-                        metrics.update(self.overlap.metrics(step))
-                        rows.weights_versions = self.overlap.last_versions
-                    metrics.update(sampling_metrics)
-                    # Training accuracy over every response sampled (dynamic sampling's dropped
-                    # groups too: leaving out all-correct groups would bias it down).
-                    correct = multihost.allgather_rows(np.asarray(_correct(sampled))).tolist()
-                    metrics["train/accuracy"] = float(np.mean(correct))
-                    self.epoch_correct.extend(correct)
-                    if s.logging.save_rollouts and multihost.is_leader():
-                        write_rollouts(self.output_dir, step, rollout_rows(rows))
-                    if self.cursor.end_epoch_if_short(self.prompts_per_step):
-                        metrics["train/epoch_accuracy"] = float(np.mean(self.epoch_correct))
-                        self.epoch_correct = []
-                        if self.cursor.epoch >= s.rl.num_epochs:
-                            run.end_early(step)  # a no-op unless dynamic sampling ended it early
-                        if self.evaluation_due(epoch):
-                            try:
-                                metrics.update(self.evaluate(epoch, step))
-                            except EvaluationInterrupted:
-                                # The step is done but its line waits for the evaluation:
-                                # both are saved, and a resume reruns the evaluation whole.
-                                meta = dict(self.checkpoint_meta(), pending_metrics=metrics)
-                                run.end_step(step, self.policy.state, meta)
-                                raise run.stopped_error() from None
-                    progress = dict(
-                        acc=f"{metrics['train/accuracy']:.2f}",
-                        len=f"{metrics['response_length/mean']:.0f}",
+                    evaluate = self.end_of_epoch(step, epoch, metrics)
+                    run.end_step_with_evaluation(
+                        step,
+                        self.policy.state,
+                        self.checkpoint_meta(),
+                        metrics,
+                        epoch=epoch,
+                        evaluate=evaluate,
+                        progress=_progress(metrics),
                     )
-                    run.log(metrics, step=step, epoch=epoch, progress=progress)
-                    run.end_step(step, self.policy.state, self.checkpoint_meta())
                 run.finish(self.export_hf)
                 if not run.finished:
                     raise run.stopped_error()
         finally:
-            self.engine.close()
+            self.rollouts.close()
         return summarize_run(self.output_dir)
 
-    def evaluation_due(self, epoch: int) -> bool:
-        return self.settings.eval.enabled and epoch % self.settings.eval.every_epochs == 0
 
-    def finish_pending_step(self, run: RunHarness, step: int, metrics: dict) -> None:
-        """The evaluation a stop abandoned at step `step`, rerun; then the step's line."""
-        epoch = self.cursor.epoch  # the cursor moved on to the next epoch (0-based) at its end
-        try:
-            metrics = dict(metrics, **self.evaluate(epoch, step))
-        except EvaluationInterrupted:
-            raise run.stopped_error() from None
-        run.log(metrics, step=step, epoch=epoch)
-        run.keep_best(step)
-
-
-def build_trainer(settings: Settings) -> Trainer:
-    """The RL trainer; with `sft.warmup_epochs` the policy is first warmed up by SFT (the demo),
-    unless the run resumes from its saved start model. The data is read (and checked against
-    the config and a resumed run's record) before any model work."""
+def build_trainer(settings: Settings, data, fingerprint) -> Trainer:
+    """The RL trainer of `data`; with `sft.warmup_epochs` the policy is first warmed up by SFT
+    (the demo), unless the run resumes from its saved start model."""
     s = settings
-    files = startup.data_files(s)
-    fingerprint = check_fingerprint(s, files)
-    data = startup.prepare_data(s, files)
-    log.info(
-        "data: %s", ", ".join(f"{split} {len(records)} records" for split, records in data.items())
-    )
-    startup.check_rl_data(s, data)
     if not s.sft.warmup_epochs or (s.resume and has_start_model(Path(s.output_dir).absolute())):
         return Trainer(s, data=data, fingerprint=fingerprint)
     from maye_jax.sft import warm_up
 
+    startup.check_rl_data(s, data)  # before the warm-up's work
     policy, processor = warm_up(s, data)
     return Trainer(s, policy=policy, data=data, processor=processor, fingerprint=fingerprint)
 
 
 def run_rl(config) -> dict:
     """The RL run of `config` (an ml_collections config or typed Settings), checked first, in
-    its output folder (checked and prepared before any work); returns the summary of its
-    evaluations (`metrics.summarize_run`). Raises RunStopped when a signal stopped it. The
-    folder is locked from before its check (and, with overwrite, its clearing) to the end: one
-    run per folder, so a second run never touches a running one's outputs."""
+    its output folder (locked, checked and prepared before any work: `startup.run_prologue`);
+    returns the summary of its evaluations (`metrics.summarize_run`). Raises RunStopped when a
+    signal stopped it."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
-    startup.init_distributed(settings)  # several processes: before any folder work (barriers)
-    with hold_output_folder(settings.output_dir, process_id=configured_process_id(settings)):
-        prepare_run_folder(settings)
-        return build_trainer(settings).run()
+    with startup.run_prologue(settings) as (data, fingerprint):
+        return build_trainer(settings, data, fingerprint).run()
 
 
-def _prompt(encoded: dict) -> Prompt:
-    return Prompt(encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"])
-
-
-def _correct(groups: PromptGroups) -> list[bool]:
-    """Per response: the accuracy reward is 1 (all False without an accuracy reward)."""
-    accuracy = groups.rewards.get("accuracy")
-    if accuracy is None:
-        return [False] * sum(len(samples) for samples in groups.completions)
-    return [score >= 1.0 for score in accuracy]
+def _progress(metrics: dict) -> dict:
+    """The progress bar's postfix of a step."""
+    return dict(
+        acc=f"{metrics['train/accuracy']:.2f}", len=f"{metrics['response_length/mean']:.0f}"
+    )
 
 
 def main(argv) -> int:

@@ -4,18 +4,20 @@
     pass@1_t0.6   1 sample,  temperature 0.6, top_p 1.0
     pass@1_t0.01  1 sample,  temperature 0.01, top_p 0.001
 
-The trainer calls `evaluate_split` after every epoch and at epoch 0; the CLI evaluates any
-checkpoint or HF model offline with the same code:
+RL and SFT evaluate their current weights with `RunEvaluation` after every epoch and at epoch 0;
+the CLI evaluates any checkpoint or HF model offline with the same code (`evaluate_split`):
 
     python -m maye_jax.evaluate --model=DIR --data=FILE.jsonl [--engine=jax|hf|vllm]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from maye_jax.data.records import Record
 from maye_jax.errors import EvaluationInterrupted, UserError
@@ -42,7 +44,7 @@ def encode_prompts(
     processor, records: Sequence[Record], instruction: str
 ) -> tuple[list[dict], list[Prompt]]:
     encoded = [processor.encode(r.load_image(), r.question, instruction) for r in records]
-    prompts = [Prompt(e["input_ids"], e["pixel_values"], e["image_grid_thw"]) for e in encoded]
+    prompts = [Prompt.of(e) for e in encoded]
     return encoded, prompts
 
 
@@ -219,7 +221,7 @@ def evaluate_configured_splits(
             should_stop=should_stop,
             progress=settings.logging.progress_bar,
             first_index=first,
-            combine=multihost.allgather_objects if multihost.process_count() > 1 else None,
+            combine=multihost.allgather_objects if multihost.multiprocess() else None,
             num_batches=-(-per_process // e.batch_size),
         )
         metrics.update(split_metrics)
@@ -229,6 +231,42 @@ def evaluate_configured_splits(
             # whole or absent: a kill while writing leaves the previous file, never half of it
             atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return metrics
+
+
+@dataclasses.dataclass
+class RunEvaluation:
+    """The scheme's evaluation of a run's current weights, RL's and SFT's alike:
+
+        evaluation = RunEvaluation(rollouts, processor, data, settings, instruction=...)
+        metrics = evaluation(step=..., name="epoch_3", should_stop=run.should_stop)
+
+    `rollouts` (rollout/rollouts.py) get the current weights first (after any generation in
+    flight); then every split of `eval.splits` (`evaluate_configured_splits`). `step` seeds the
+    draws; with `responses_dir` and `eval.save_responses`, each split's responses go to
+    `<responses_dir>/<name>_<split>.jsonl`."""
+
+    rollouts: Any
+    processor: Any
+    data: Mapping[str, Sequence[Record]]
+    settings: Any
+    instruction: str
+    responses_dir: Path | None = None
+
+    def __call__(self, *, step: int, name: str = "", should_stop=None) -> dict:
+        self.rollouts.sync()
+        folder = self.responses_dir
+        return evaluate_configured_splits(
+            self.rollouts.engine,
+            self.processor,
+            self.data,
+            self.settings,
+            step=step,
+            instruction=self.instruction,
+            responses_path=None
+            if folder is None
+            else lambda split: folder / f"{name}_{split}.jsonl",
+            should_stop=should_stop,
+        )
 
 
 def _eval_step(step: int, split: str, setting: str) -> int:

@@ -331,11 +331,16 @@ def compute_advantages(
     ref_logprobs: ArrayLike | None = None,  # [B, T], needed only for a KL reward
     num_samples_per_prompt: int = 1,
     config: AdvantageConfig = AdvantageConfig(),  # noqa: B008 (frozen, immutable)
-) -> jax.Array:  # [B, T]
+    global_sum: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> jax.Array | np.ndarray:  # [B, T]
     """Per-token advantages from the estimator registered as `name` (0 on padded positions).
 
     The samples of one prompt are contiguous: rows `[i * n, (i + 1) * n)` with
     `n = num_samples_per_prompt` form prompt `i`'s group, and `B` must be a multiple of `n`.
+
+    `global_sum` (several processes, each with its own rows: `multihost.global_sum`) makes the
+    whitening of the whitening estimators use every process's rows
+    (`masked_whiten_across_processes`); groups stay on one process, so nothing else changes.
     """
     estimator = get_advantage_estimator(name)
     scores = as_float(scores)
@@ -349,13 +354,23 @@ def compute_advantages(
             f"num_samples_per_prompt={num_samples_per_prompt} must be >= 1 and divide the batch "
             f"size {scores.shape[0]} (the samples of a prompt are contiguous rows)"
         )
-    return estimator(
+    across = global_sum is not None and config.whiten and name in WHITENING_ESTIMATORS
+    advantages = estimator(
         scores=scores,
         response_mask=mask,
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
         num_samples_per_prompt=num_samples_per_prompt,
-        config=config,
+        config=dataclasses.replace(config, whiten=False) if across else config,
+    )
+    if not across:
+        return advantages
+    return masked_whiten_across_processes(
+        np.asarray(advantages),
+        np.asarray(mask),
+        shift_mean=config.shift_mean,
+        eps=config.whiten_eps,
+        global_sum=global_sum,
     )
 
 

@@ -44,6 +44,13 @@ class PromptGroups:
     def num_samples(self) -> int:
         return len(self.completions[0]) if self.completions else 0
 
+    def correct(self) -> list[bool]:
+        """Per response: the accuracy reward is 1 (all False without an accuracy reward)."""
+        accuracy = self.rewards.get("accuracy")
+        if accuracy is None:
+            return [False] * sum(len(samples) for samples in self.completions)
+        return [score >= 1.0 for score in accuracy]
+
     def informative(self) -> np.ndarray:  # [prompts] bool
         """True for a group whose total scores are not all equal (exact comparison)."""
         if not len(self):

@@ -1,17 +1,23 @@
-"""A generation step's responses as the metrics and the rollout files see them: every process's
-rows, in the step's global row order (with one process, its own rows), and the step's metrics
-computed from them, so a run's numbers do not depend on how its rows were split over hosts.
+"""The report of a generation step: its responses as the metrics and the rollout files see them
+(every process's rows, in the step's global row order; with one process, its own rows), the
+step's metrics computed from them, its training accuracy and its rollouts file, so a run's
+numbers do not depend on how its rows were split over hosts.
+
+    metrics, correct = report_step(trajectory, sampled.correct(), update_metrics, ...)
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import jax
 import numpy as np
 import psutil
 
 from maye_jax.evaluation.scheme import reflection_metrics
 from maye_jax.run import multihost
+from maye_jax.run.metrics import write_rollouts
 
 
 @dataclasses.dataclass
@@ -35,7 +41,7 @@ def gather_step_rows(trajectory) -> StepRows:
     mismatch = np.abs(trajectory.logprobs_old[:n] - trajectory.rollout_logprobs[:n])[mask]
     gather = multihost.allgather_rows
     texts, prompt_ids = trajectory.texts, trajectory.prompt_ids
-    if multihost.process_count() > 1:
+    if multihost.multiprocess():
         parts = multihost.allgather_objects((list(texts), list(prompt_ids)))
         texts = [text for part, _ in parts for text in part]
         prompt_ids = [pid for _, part in parts for pid in part]
@@ -93,3 +99,41 @@ def rollout_rows(rows: StepRows) -> list[dict]:
             row["weights_version"] = int(rows.weights_versions[i])
         out.append(row)
     return out
+
+
+def device_memory_bytes() -> int:
+    """Bytes in use on this process's devices (0 where a device does not say)."""
+    total = 0
+    for device in jax.local_devices():
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if stats:
+            total += int(stats.get("bytes_in_use", 0))
+    return total
+
+
+def report_step(
+    trajectory,
+    sampled_correct: list[bool],
+    update_metrics: dict,
+    *,
+    step: int,
+    timings: dict,
+    extra_metrics: dict,
+    weights_versions: list[int] | None = None,
+    output_dir: Path | None = None,
+) -> tuple[dict, list[bool]]:
+    """(the metrics line of generation step `step`, every process's correctness of every
+    response sampled). `sampled_correct`: this process's, per response sampled (dynamic
+    sampling's dropped groups too: leaving out all-correct groups would bias the training
+    accuracy down); `extra_metrics`: the rollouts' and dynamic sampling's; `weights_versions`:
+    overlapped rollouts' version of each row; `output_dir`: write the step's rollouts file
+    into its `rollouts/` (process 0)."""
+    rows = gather_step_rows(trajectory)  # every process's
+    metrics = step_metrics(rows, update_metrics, timings, device_memory_bytes())
+    rows.weights_versions = weights_versions
+    metrics.update(extra_metrics)
+    correct = multihost.allgather_rows(np.asarray(sampled_correct)).tolist()
+    metrics["train/accuracy"] = float(np.mean(correct))
+    if output_dir is not None and multihost.is_leader():
+        write_rollouts(output_dir, step, rollout_rows(rows))
+    return metrics, correct

@@ -264,6 +264,19 @@ def build_trajectory(
     )
 
 
+def shared_lengths(prompts: Sequence[dict], completions) -> dict[str, int]:
+    """Several processes: `build_trajectory`'s min_prompt_len / min_response_len, the longest
+    prompt and response of every process's rows, so all lay out their rows with the same P, R."""
+    from maye_jax.run import multihost
+
+    longest = [
+        max(len(np.asarray(p["input_ids"]).reshape(-1)) for p in prompts),
+        max(len(c.token_ids) for samples in completions for c in samples),
+    ]
+    longest = multihost.allgather_rows(np.asarray([longest])).max(axis=0)
+    return dict(min_prompt_len=int(longest[0]), min_response_len=int(longest[1]))
+
+
 def prompt_images(prompt: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """(pixel_values, image_grid_thw) of a processor output, None when it has no image."""
     if prompt.get("image_grid_thw") is None:

@@ -217,9 +217,7 @@ class WorkerEngine:
     def load_policy(self, model, version: int) -> None:
         """Samples from `model` (a Flax module) from now on: its parameters in HF names and
         layout, in the worker's dtype, through `sync_weights`; the frozen ones (`frozen_params`,
-        Flax names) with the first sync only. A version already loaded is not sent again."""
-        if version == self.version:
-            return
+        Flax names) with the first sync only. (The run's `Rollouts` loads a version once.)"""
         from maye_jax.models.hf_mapping import flax_param_paths, hf_tensors_for_sync
 
         names = set(flax_param_paths(model))

@@ -24,6 +24,11 @@ class Prompt:
     pixel_values: np.ndarray | None = None  # [P, 1176] float32, exactly what the trainer uses
     image_grid_thw: np.ndarray | None = None  # [N, 3] int
 
+    @classmethod
+    def of(cls, encoded: Mapping[str, np.ndarray | None]) -> Prompt:
+        """The prompt of a processor output (`Processor.encode`)."""
+        return cls(encoded["input_ids"], encoded["pixel_values"], encoded["image_grid_thw"])
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -65,6 +70,9 @@ class RolloutEngine(Protocol):
         """Per prompt, `sampling.n` completions; prompt i draws with the seeds of global prompt
         index `first_index + i` (`request_seed`), so results do not depend on how the prompts
         are split into calls (evaluation batches, hosts)."""
+
+    def load_policy(self, model, version: int) -> None:
+        """Samples from `model` (a Flax module) from now on; its completions record `version`."""
 
     def sync_weights(self, named_hf_arrays: Mapping[str, np.ndarray], version: int) -> str:
         """Loads new weights (HF names and layouts); returns the checksum the engine verified."""

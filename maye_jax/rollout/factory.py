@@ -1,4 +1,5 @@
-"""Builds the configured rollout engine: the in-process JAX sampler, or a torch-side worker.
+"""Builds the configured rollout engine: the in-process JAX sampler, or a torch-side worker;
+and a run's rollouts on it (`make_rollouts`, rollout/rollouts.py).
 
 Every engine takes new weights the same way, `engine.load_policy(model, version)`, so the
 trainer, SFT and evaluation never ask which engine they hold.
@@ -91,3 +92,26 @@ def make_engine(
             cpus=rollout.worker_cpus,
         )
     raise ValueError(f"unknown rollout engine {kind!r}; known: jax, hf, vllm")
+
+
+def make_rollouts(settings, policy, tokenizer, *, engine: str | None = None, model_dir=None):
+    """A run's rollouts of `policy` (training.policy.Policy; the current weights of every
+    process's own copy, `Policy.local_model`): on the configured engine, or `engine` (e.g. SFT
+    evaluates with the in-process sampler); overlapped with the update when
+    `rl.async_rollouts` is on. `model_dir`: the HF folder a worker engine starts from."""
+    from maye_jax.rollout.overlap import OverlappedRollouts
+    from maye_jax.rollout.rollouts import Rollouts
+
+    kind = engine or settings.rollout.engine
+    built = make_engine(
+        kind,
+        model=policy.model(),
+        config=policy.model_config,
+        tokenizer=tokenizer,
+        rollout=settings.rollout,
+        model_dir=None if model_dir is None else str(model_dir),
+        dtype=settings.model.dtype,
+        frozen_params=set(policy.frozen),
+    )
+    overlapped = settings.rl.async_rollouts and engine is None
+    return (OverlappedRollouts if overlapped else Rollouts)(built, weights=policy.local_model)

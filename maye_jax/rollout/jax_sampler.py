@@ -84,11 +84,10 @@ class JaxSampler:
         self._graphdef, self._state = nnx.split(model)
 
     def load_policy(self, model: nnx.Module, version: int) -> None:
-        """The RolloutEngine way to get new weights: `set_model`, unless `version` is the one
-        loaded already."""
-        if version != self.weights_version:
-            self.set_model(model)
-            self.weights_version = version
+        """The RolloutEngine way to get new weights: `set_model`; completions record `version`
+        (whether a version needs loading is the run's `Rollouts`' to know)."""
+        self.set_model(model)
+        self.weights_version = version
 
     def sync_weights(self, named_hf_arrays: Mapping[str, np.ndarray], version: int) -> str:
         """Replaces the named parameters (HF names and layouts; a subset, e.g. only the trainable

@@ -13,10 +13,11 @@ staleness; `mismatch/*` shows its size. The worker answers one request at a time
 happens between requests, when an update has ended; every completion records the weights
 version that produced it.
 
-The trainer waits for the in-flight request when its update ends (`wait`), before it evaluates
-or checkpoints: the checkpoint of step n holds the finished completions of step n+1 (`state`),
-which weights that no longer exist made, and a resumed run uses them (`restore`), so resuming
-stays exact.
+It is the run's `Rollouts` (rollout/rollouts.py: the one record of the weights version the
+worker holds), generating ahead. The trainer waits for the in-flight request when its update
+ends (`wait`), before it evaluates or checkpoints: the checkpoint of step n holds the finished
+completions of step n+1 (`state`), which weights that no longer exist made, and a resumed run
+uses them (`restore`), so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from maye_jax.rollout.engine import Completion, Prompt, Sampling
+from maye_jax.rollout.rollouts import Ahead, Rollouts
 
 
 def prompts_checksum(prompts: Sequence[Prompt]) -> str:
@@ -38,35 +40,33 @@ def prompts_checksum(prompts: Sequence[Prompt]) -> str:
     return f"{crc:08x}"
 
 
-class OverlappedRollouts:
+class OverlappedRollouts(Rollouts):
     """Generation one step ahead on a worker engine (`WorkerEngine`: `submit_generate`)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, weights):
         if not hasattr(engine, "submit_generate"):
             raise ValueError("overlapped rollouts need a worker engine (rollout.engine=hf|vllm)")
-        self.engine = engine
+        super().__init__(engine, weights)
         self.step: int | None = None  # the step generated ahead
         self.checksum: str | None = None  # of its prompts
         self._in_flight = None  # PendingGeneration
         self._completions: list[list[Completion]] | None = None
-        self.last_versions: list[int] = []  # weights version of each response of the last step
+        self.weights_versions = []  # the weights version of each response of the last step
 
-    def collect(
+    def generate(
         self,
         step: int,
         prompts: Sequence[Prompt],
         sampling: Sampling,
         *,
-        model,
-        version: int,
-        next_prompts: Sequence[Prompt] | None,
-        next_sampling: Sampling | None = None,
-        on_sync=None,
+        first_index: int = 0,
+        ahead: Ahead | None = None,
     ) -> list[list[Completion]]:
         """Step `step`'s completions: the ones generated ahead (when they are for these
-        prompts), else generated now with weights `version`; then, unless `next_prompts` is
-        None (the last step), step+1's generation starts with weights `version` (`model`).
-        `on_sync`: a context manager factory that times each weight sync."""
+        prompts), else generated now with the current weights; then, unless `ahead()` is None
+        (the last step), step+1's generation starts with the current weights. One process
+        only (refused at validation otherwise): `first_index` is 0."""
+        del first_index
         completions = None
         if self.step == step:
             self.wait()
@@ -78,15 +78,17 @@ class OverlappedRollouts:
             completions = self._completions
         self._clear()
         if completions is None:
-            self._load(model, version, on_sync)
+            self.sync()
             completions = self.engine.generate(prompts, sampling, step=step)
-        if next_prompts is not None:
-            self._load(model, version, on_sync)
+        following = ahead() if ahead is not None else None
+        if following is not None:
+            next_prompts, next_sampling = following
+            self.sync()
             self._in_flight = self.engine.submit_generate(
-                next_prompts, next_sampling or sampling, step=step + 1
+                next_prompts, next_sampling, step=step + 1
             )
             self.step, self.checksum = step + 1, prompts_checksum(next_prompts)
-        self.last_versions = [
+        self.weights_versions = [
             -1 if c.weights_version is None else int(c.weights_version)
             for row in completions
             for c in row
@@ -102,11 +104,18 @@ class OverlappedRollouts:
     def metrics(self, step: int) -> dict[str, float]:
         """`rollout/weights_lag`: how many updates behind the trainer's weights before this
         step's update the responses were (0: on-policy, 1: one step stale)."""
-        if not self.last_versions:
+        if not self.weights_versions:
             return {}
-        return {"rollout/weights_lag": float(np.mean([step - 1 - v for v in self.last_versions]))}
+        lag = [step - 1 - v for v in self.weights_versions]
+        return {"rollout/weights_lag": float(np.mean(lag))}
 
     # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint_fields(self) -> dict:
+        return {"pending_rollouts": self.state()}
+
+    def restore(self, meta: dict) -> None:
+        self.restore_state(meta.get("pending_rollouts"))
+
     def state(self) -> dict | None:
         """The finished completions generated ahead (JSON), for the checkpoint; waits first."""
         self.wait()
@@ -130,7 +139,7 @@ class OverlappedRollouts:
             ],
         )
 
-    def restore(self, state: dict | None) -> None:
+    def restore_state(self, state: dict | None) -> None:
         """The completions a checkpoint holds for its next step (None: nothing ahead)."""
         self._clear()
         if not state:
@@ -139,13 +148,6 @@ class OverlappedRollouts:
         self._completions = [[Completion(**c) for c in row] for row in state["completions"]]
 
     # -- internals --------------------------------------------------------------------------
-    def _load(self, model, version: int, on_sync) -> None:
-        if on_sync is None:
-            self.engine.load_policy(model, version)
-            return
-        with on_sync():
-            self.engine.load_policy(model, version)
-
     def _clear(self) -> None:
         if self._in_flight is not None:
             raise RuntimeError(f"the generation of step {self.step} is still in flight")

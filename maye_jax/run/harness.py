@@ -3,20 +3,23 @@ warm-up before RL) and the experiment's runs.
 
     with RunHarness(output_dir, kind="rl", settings=s, total_steps=n) as run:
         start, state, meta = run.restore(state, state_shardings)    # resume (or step 0)
+        run.evaluate_start(evaluate)                              # epoch 0, when asked
+        run.finish_interrupted_evaluation(start, meta, epoch, evaluate)
         for step in run.steps(start):                             # progress bar, signals
             with run.section("update"):                           # named, exclusive timings
                 ...
-            run.log(metrics, step=step, epoch=epoch)              # metrics.jsonl, TB, W&B
-            run.end_step(step, state, meta)                       # checkpoint cadence, stop
+            run.end_step_with_evaluation(step, state, meta, metrics, epoch=epoch,
+                                         evaluate=evaluate or None)   # log, checkpoint, stop
         run.finish(export)                                        # final HF export
 
-It owns the output folder (and its lock: one run per folder, run/lock.py), `run.json`,
-resuming (the newest intact checkpoint; the metric lines and rollouts written after it, and a
-torn last metric line, dropped), the metrics writer, the progress bar, SIGTERM/SIGINT (finish
-the step, checkpoint, stop), the checkpoint cadence (every `checkpoint.every_steps`, at the end
-and on a stop), the final export, and the best evaluation's checkpoint and export
-(`checkpoint.keep_best`, run/best.py: the loop calls `keep_best` where an evaluation is logged
-without `end_step` after it). The loop itself stays in train.py / sft.py.
+It owns the output folder's files (the folder itself is prepared and locked by the run's
+prologue, run/startup.py), `run.json`, resuming (the newest intact checkpoint; the metric lines
+and rollouts written after it, and a torn last metric line, dropped), the metrics writer, the
+progress bar, SIGTERM/SIGINT (finish the step, checkpoint, stop), the checkpoint cadence (every
+`checkpoint.every_steps`, at the end and on a stop), the evaluations' protocol (a stop request
+abandons an evaluation; the step is checkpointed with its metrics and a resume reruns the
+evaluation whole), the final export, and the best evaluation's checkpoint and export
+(`checkpoint.keep_best`, run/best.py). The loop itself stays in train.py / sft.py.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from pathlib import Path
 import jax
 
 from maye_jax.config.settings import Settings
-from maye_jax.errors import RunAborted, RunStopped
-from maye_jax.run import lock, multihost
+from maye_jax.errors import EvaluationInterrupted, RunAborted, RunStopped
+from maye_jax.run import multihost
 from maye_jax.run.best import BEST_MODEL, BEST_RECORD, BestEvaluation, read_best_record
 from maye_jax.run.metrics import (
     MetricsWriter,
@@ -83,7 +86,8 @@ class RunHarness:
     kind: "rl" | "sft" | "sft_warmup" (the warm-up before RL: its own metrics and checkpoints
     under `output_dir`, no run.json, no export). `checkpoints=False` writes none (tests).
     `export`: writes the current policy as an HF folder (every process calls it), for
-    `checkpoint.keep_best`'s `best_hf/`."""
+    `checkpoint.keep_best`'s `best_hf/`. `stop_after_step`: the test hook for early stops (a
+    preemption simulated after that step: checkpoint, stop)."""
 
     def __init__(
         self,
@@ -96,6 +100,7 @@ class RunHarness:
         checkpoints: bool = True,
         fingerprint: dict | None = None,
         export: Callable[[Path], object] | None = None,
+        stop_after_step: int | None = None,
     ):
         self.output_dir = Path(output_dir).absolute()
         self.kind = kind
@@ -107,7 +112,7 @@ class RunHarness:
         self.stop_requested = False  # a signal arrived (in this process)
         self.stop_agreed = False  # every process stops after this step (decided in end_step)
         self.stop_signal: int | None = None  # the signal that asked for the stop
-        self.stop_after_step: int | None = None  # tests: simulate a preemption after this step
+        self.stop_after_step = stop_after_step  # tests: simulate a preemption after this step
         self.last_step = 0  # the last step done (resumed runs: the restored one)
         self.writer: MetricsWriter | None = None
         self.checkpointer = (
@@ -122,16 +127,10 @@ class RunHarness:
         )
         self._progress = None
         self._previous_handlers: dict = {}
-        self._locked = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def __enter__(self) -> RunHarness:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        # Process 0 holds the folder's lock for the run (already held when a caller took it
-        # for the whole run, e.g. run_rl, which also writes the start model).
-        self._locked = jax.process_index() == 0
-        if self._locked:
-            lock.acquire(self.output_dir)
         resuming = self.settings.resume and (self.output_dir / "run.json").is_file()
         # Several processes: process 0 writes every file of the run (run.json, metrics).
         if self.describe and not resuming and multihost.is_leader():
@@ -145,7 +144,7 @@ class RunHarness:
                 devices=[str(d) for d in jax.devices()],
                 fingerprint=self.fingerprint,
                 total_steps=self.total_steps,
-                processes=jax.process_count(),
+                processes=multihost.process_count(),
                 local_devices=len(jax.local_devices()),
             )
         # Preemption (SIGTERM) or Ctrl-C (SIGINT): finish the step, checkpoint, stop.
@@ -163,8 +162,6 @@ class RunHarness:
             self.checkpointer.close()
         for sig, handler in self._previous_handlers.items():
             signal.signal(sig, handler)
-        if self._locked:
-            lock.release(self.output_dir)
 
     def _request_stop(self, signum, frame) -> None:
         """The first SIGINT/SIGTERM: finish (or abandon an evaluation in) this step, checkpoint,
@@ -284,6 +281,58 @@ class RunHarness:
             self._progress.set_postfix(**progress)
         return line
 
+    # -- evaluations -------------------------------------------------------------------------
+    def evaluate_start(self, evaluate: Callable[[], dict]) -> None:
+        """Epoch 0: the evaluation of the start weights, logged at step 0 (a stop request during
+        it ends the run: nothing trained yet, nothing to save)."""
+        try:
+            metrics = evaluate()
+        except EvaluationInterrupted:
+            raise self.stopped_error() from None
+        self.log(metrics, step=0, epoch=0)
+        self.keep_best(0)
+
+    def finish_interrupted_evaluation(
+        self, step: int, meta: dict, epoch: int, evaluate: Callable[[], dict]
+    ) -> None:
+        """A resumed run whose step `step` was stopped during its evaluation (its metrics wait in
+        the checkpoint's meta, `end_step_with_evaluation`): the evaluation, rerun whole, then
+        the step's line. Nothing to do for any other restored step."""
+        if "pending_metrics" not in meta:
+            return
+        try:
+            metrics = dict(meta["pending_metrics"], **evaluate())
+        except EvaluationInterrupted:
+            raise self.stopped_error() from None
+        self.log(metrics, step=step, epoch=epoch)
+        self.keep_best(step)
+
+    def end_step_with_evaluation(
+        self,
+        step: int,
+        state,
+        meta: dict,
+        metrics: dict,
+        *,
+        epoch: int,
+        evaluate: Callable[[], dict] | None = None,
+        progress: dict | None = None,
+    ) -> None:
+        """The end of step `step`: its evaluation when `evaluate` is given, then its metrics
+        line and `end_step`. A stop request during the evaluation abandons it
+        (EvaluationInterrupted): the step is checkpointed with its metrics in the meta (its
+        line waits), and RunStopped is raised; a resume reruns the evaluation whole
+        (`finish_interrupted_evaluation`)."""
+        if evaluate is not None:
+            try:
+                metrics.update(evaluate())
+            except EvaluationInterrupted:
+                self.end_step(step, state, dict(meta, pending_metrics=metrics))
+                raise self.stopped_error() from None
+        self.log(metrics, step=step, epoch=epoch, progress=progress)
+        self.end_step(step, state, meta)
+
+    # -- the end of a step -------------------------------------------------------------------
     def end_step(self, step: int, state, meta: dict) -> None:
         """Checkpoints every `checkpoint.every_steps`, at the last step and when stopping."""
         self.last_step = step

@@ -5,14 +5,15 @@ and writes the holder (pid, host, start time) into it. The OS releases the lock 
 process dies, however it dies, so a killed run never leaves a stale lock; a second run on the
 same folder is refused at once (`OutputFolderBusy`, naming the holder's pid and host).
 
-One holder per process: locks are counted per folder, so the RL run, its SFT warm-up
-(OUTPUT_DIR/sft_warmup), the run harness and the experiment runner (its folder and each run's)
-take them freely within one process; a second `flock` on another descriptor of the same file
-would fail even in the process that holds it. A forked child closes its copies of the
-descriptors, so it cannot keep a lock alive after the run ends.
+One layer takes it: the prologue of a run (run/startup.py `hold_run_folder`: RL, SFT, each run
+of the experiment) and the experiment for its own folder, from before the folder is checked to
+the run's end; what runs inside (the SFT warm-up in OUTPUT_DIR/sft_warmup, the run harness) is
+covered by it. A forked child closes its copies of the descriptors, so it cannot keep a lock
+alive after the run ends.
 
-Several JAX processes write one folder, so only process 0 locks it. (Multi-host runs are not
-built yet: the configured process id decides, because the lock is taken before JAX starts.)
+Several JAX processes write one folder, so only process 0 locks it; the lock is taken before
+jax.distributed has said which process this is, so the configured index decides
+(`multihost.configured_process_id`).
 """
 
 from __future__ import annotations
@@ -51,14 +52,6 @@ def hold_output_folder(folder, *, process_id: int | None = None) -> Iterator[Non
         yield
     finally:
         release(folder)
-
-
-def configured_process_id(settings) -> int:
-    """This process's index in a multi-process run, as configured (0 when there is one)."""
-    process_id = settings.sharding.process_id
-    if process_id is None:
-        process_id = os.environ.get("MAYE_PROCESS_ID") or 0
-    return int(process_id)
 
 
 def acquire(folder: Path) -> None:

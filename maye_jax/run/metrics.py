@@ -245,6 +245,15 @@ def mark_run_finished(output_dir) -> Path:
     return _write_json_atomically(path, record)
 
 
+def run_finished(output_dir) -> bool:
+    """The one test of a finished run: its run.json says `finished: true` (every planned step
+    ran and the final export, when asked for, is written; `mark_run_finished`)."""
+    try:
+        return json.loads((Path(output_dir) / "run.json").read_text()).get("finished") is True
+    except (OSError, ValueError):
+        return False
+
+
 def _write_json_atomically(path: Path, record: Mapping) -> Path:
     """A reader (the report, a second process) never sees a half-written run.json."""
     return atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")

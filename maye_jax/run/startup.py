@@ -1,5 +1,9 @@
-"""Start-up of a run (shared by RL, SFT, the warm-up and the experiment): logging, data, mesh,
-the start model, and what a resumed run reloads.
+"""Start-up of a run (shared by RL, SFT, the warm-up and the experiment): the prologue (the
+distributed start, the folder's lock, the folder, the data and its fingerprint), logging, the
+mesh, the start model, and what a resumed run reloads.
+
+    with run_prologue(settings) as (data, fingerprint):    # RL, SFT, each run of the experiment
+        ...
 
 Everything here happens once per run, after `load_settings` has checked the config; the loops
 live in train.py / sft.py.
@@ -7,8 +11,10 @@ live in train.py / sft.py.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -16,7 +22,8 @@ import jax
 from maye_jax.config.settings import Settings
 from maye_jax.data.records import Record, read_records
 from maye_jax.errors import UserError
-from maye_jax.run import multihost
+from maye_jax.run import lock, multihost
+from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.sharding.mesh import initialize_distributed, make_mesh
 from maye_jax.storage.atomic import atomic_folder
 from maye_jax.storage.model_folders import is_hf_directory
@@ -45,6 +52,41 @@ def setup_cli_logging() -> None:
         ours.addHandler(handler)
     ours.setLevel(logging.INFO)
     ours.propagate = False
+
+
+@contextlib.contextmanager
+def hold_run_folder(settings: Settings, folder=None) -> Iterator[None]:
+    """jax.distributed for a run of several processes (before any folder work: its barriers),
+    then the lock of `folder` (default: the run's output folder; process 0's), held inside the
+    block: one run per folder, so a second run never touches a running one's outputs."""
+    init_distributed(settings)
+    process_id = multihost.configured_process_id(settings)
+    with lock.hold_output_folder(folder or settings.output_dir, process_id=process_id):
+        yield
+
+
+@contextlib.contextmanager
+def run_prologue(settings: Settings) -> Iterator[tuple[dict[str, list[Record]], dict]]:
+    """Every run's start (RL, SFT, each run of the experiment), before any model work: the
+    distributed start and the folder's lock (`hold_run_folder`, to the block's end), the folder
+    checked (and, with overwrite, cleared: `prepare_run_folder`), then the data and its
+    fingerprint (`load_run_data`)."""
+    with hold_run_folder(settings):
+        prepare_run_folder(settings)
+        yield load_run_data(settings)
+
+
+def load_run_data(settings: Settings) -> tuple[dict[str, list[Record]], dict]:
+    """(the records of every configured split, the fingerprint of the start model and data):
+    the synthetic set is written first when asked, and a resumed run's start model and data are
+    checked against its run.json."""
+    files = data_files(settings)
+    fingerprint = check_fingerprint(settings, files)
+    data = prepare_data(settings, files)
+    log.info(
+        "data: %s", ", ".join(f"{split} {len(records)} records" for split, records in data.items())
+    )
+    return data, fingerprint
 
 
 def data_files(settings: Settings) -> dict[str, str]:
@@ -108,12 +150,13 @@ def build_mesh(settings: Settings):
     whole copy of the weights, sharded over its `fsdp` x `tp` devices)."""
     init_distributed(settings)
     s = settings.sharding
-    dp = s.dp if s.dp is not None else jax.process_count()
+    processes = multihost.process_count()
+    dp = s.dp if s.dp is not None else processes
     mesh = make_mesh(fsdp=s.fsdp, tp=s.tp, dp=dp)
-    if jax.process_count() > 1 and mesh.devices.size != len(jax.devices()):
+    if processes > 1 and mesh.devices.size != len(jax.devices()):
         raise UserError(
             f"config.sharding: dp={dp} x fsdp={s.fsdp} x tp={s.tp} uses {mesh.devices.size} of "
-            f"the {len(jax.devices())} devices of the {jax.process_count()} processes: "
+            f"the {len(jax.devices())} devices of the {processes} processes: "
             "a multi-process mesh must use every device"
         )
     return mesh
@@ -151,6 +194,23 @@ def materialize_start_model(settings: Settings) -> Path:
     return path
 
 
+def rl_policy(settings: Settings, model_dir: Path, optimizer, warmed=None):
+    """RL's policy, with the reference model only when a KL term uses it: `warmed`'s weights
+    (after an SFT warm-up) with a fresh optimizer, else loaded from `model_dir` (a resumed run:
+    from its own saved start point, e.g. the SFT-warmed model)."""
+    from maye_jax.training.policy import build_policy, with_fresh_optimizer
+
+    reference = settings.rl.uses_reference
+    if warmed is not None:
+        return with_fresh_optimizer(settings, warmed, optimizer, with_reference=reference)
+    output_dir = Path(settings.output_dir).absolute()
+    if settings.resume and has_start_model(output_dir):
+        model_dir = start_model_dir(output_dir)
+    return build_policy(
+        settings, build_mesh(settings), model_dir, optimizer, with_reference=reference
+    )
+
+
 def load_run_processor(settings: Settings, model_dir, family: str):
     """The processor of the run (the model directory's own files when it has them), with the
     configured pixel bounds."""
@@ -176,20 +236,12 @@ def save_start_model(output_dir, policy) -> Path:
     return path
 
 
-def device_memory_bytes() -> int:
-    total = 0
-    for device in jax.local_devices():
-        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-        if stats:
-            total += int(stats.get("bytes_in_use", 0))
-    return total
-
-
 def check_multiprocess(settings: Settings, *, kind: str) -> None:
-    """What the config alone could not check: the actual process count's constraints."""
+    """What the config alone could not check: the actual process count's constraints (none
+    for one process)."""
     from maye_jax.config.cross_checks import multiprocess_problems
 
-    problems = multiprocess_problems(settings, kind, jax.process_count())
+    problems = multiprocess_problems(settings, kind, multihost.process_count())
     if problems:
         raise UserError("\n".join(problems))
 

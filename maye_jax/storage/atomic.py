@@ -23,10 +23,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+from maye_jax.run import multihost
 
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
@@ -46,11 +47,11 @@ def atomic_folder(path: str | os.PathLike, *, alone: bool = False) -> Iterator[P
     path = Path(path).absolute()
     partial = partial_path(path)
     replaced = path.with_name(path.name + REPLACED_SUFFIX)
-    primary = alone or process_index() == 0
+    primary = alone or multihost.is_leader()
 
     def barrier(name: str) -> None:
         if not alone:
-            barrier_all(name)
+            multihost.barrier(name)
 
     if primary:
         for stale in (partial, replaced):  # left by a writer that was killed
@@ -107,25 +108,6 @@ def append_line(handle, text: str) -> None:
     if written != len(data):
         raise OSError(f"{handle.name}: wrote {written} of {len(data)} bytes")
     os.fsync(handle.fileno())
-
-
-def _multiprocess() -> bool:
-    """True in a run of several JAX processes. Never initializes JAX itself: before
-    `jax.distributed.initialize` (or without JAX) a process is on its own."""
-    jax = sys.modules.get("jax")
-    return jax is not None and jax.distributed.is_initialized() and jax.process_count() > 1
-
-
-def process_index() -> int:
-    return sys.modules["jax"].process_index() if _multiprocess() else 0
-
-
-def barrier_all(name: str) -> None:
-    """Waits for every JAX process (nothing to wait for in a single-process run)."""
-    if _multiprocess():
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _fsync_dir(path: Path) -> None:

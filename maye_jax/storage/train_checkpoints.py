@@ -43,11 +43,11 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from maye_jax.errors import UserError
-from maye_jax.storage.atomic import atomic_write_text, process_index
-from maye_jax.storage.atomic import barrier_all as barrier
+from maye_jax.run import multihost
+from maye_jax.run.multihost import barrier, process_count, process_index
+from maye_jax.storage.atomic import atomic_write_text
 from maye_jax.storage.digest import content_digests, file_sizes, json_digest, listing_problems
 
 log = logging.getLogger("maye_jax")
@@ -134,7 +134,7 @@ class TrainCheckpointer:
         self.prune()
 
     def _write_digest(self, step_dir: Path, arrays: dict[str, str], meta: dict) -> None:
-        me, count = process_index(), jax.process_count()
+        me, count = process_index(), process_count()
 
         def owned(relative: str) -> bool:
             match = _OWNER.search(relative)
@@ -261,7 +261,7 @@ class TrainCheckpointer:
         if isinstance(first, str):
             return first
         count = int(first.get("num_processes", 1))
-        me, processes = process_index(), jax.process_count()
+        me, processes = process_index(), process_count()
         for writer in range(me, count, processes):
             record = first if writer == 0 else _read_digest(step_dir, writer)
             if isinstance(record, str):
@@ -311,26 +311,15 @@ def _read_digest(step_dir: Path, process: int) -> dict | str:
 
 def _agreed(problem: str | None) -> str | None:
     """`problem` when this or any other process found one (every process gets a non-None)."""
-    if jax.process_count() == 1:
-        return problem
-    from jax.experimental import multihost_utils
-
-    flags = multihost_utils.process_allgather(np.asarray(problem is not None, np.int32))
-    if problem is None and np.any(flags):
-        return f"damaged on process {int(np.argmax(flags))}"
+    first = multihost.first_flagged(problem is not None)
+    if problem is None and first is not None:
+        return f"damaged on process {first}"
     return problem
 
 
 def _same_on_every_process(steps: list[int]) -> list[int]:
     """Process 0's list, so all processes walk the same steps (a shared file system)."""
-    if jax.process_count() == 1:
-        return steps
-    from jax.experimental import multihost_utils
-
-    padded = np.full(1024, -1, np.int32)
-    chosen = sorted(steps, reverse=True)[: len(padded)]
-    padded[: len(chosen)] = chosen
-    return [int(s) for s in multihost_utils.broadcast_one_to_all(padded) if s >= 0]
+    return multihost.leader_value(steps)
 
 
 def _describe(error: BaseException) -> str:

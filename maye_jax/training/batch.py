@@ -308,7 +308,7 @@ def micro_batch_images(
 
 
 # --------------------------------------------------------------------------------------------------
-# The one builder RL and SFT use
+# The one builder RL and SFT use (`build_minibatches`)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -406,3 +406,35 @@ class MinibatchMaker:
             .split(num_micro)
             .with_vision(vision)
         )
+
+
+def build_minibatches(
+    batch: SequenceBatch,
+    *,
+    per_token: Mapping[str, np.ndarray | None],
+    features: jax.Array | None,
+    tower: TowerImages | None,
+    layout: Layout,
+    response_buckets: Sequence[int] | None = None,
+):
+    """The mini-batches of one step, RL's and SFT's alike: a `MinibatchMaker` of this process's
+    rows, or with several processes a `GlobalMinibatches` of every process's (each lays out its
+    rows' image features with the same table size first). Either is called as
+    `minibatches(picked_rows_or_None, num_micro)`."""
+    from maye_jax.run import multihost
+    from maye_jax.training.global_batch import GlobalMinibatches, agree_on_image_features
+
+    min_features_per_row = 0
+    if multihost.multiprocess():  # every process's rows get the same feature table size
+        features, min_features_per_row = agree_on_image_features(batch, features)
+    minibatches = MinibatchMaker.build(
+        batch,
+        per_token=per_token,
+        features=features,
+        tower=tower,
+        min_features_per_row=min_features_per_row,
+        response_buckets=response_buckets,
+    )
+    if multihost.multiprocess():  # every process's rows, one global batch
+        return GlobalMinibatches(minibatches.rows, layout, num_processes=multihost.process_count())
+    return minibatches

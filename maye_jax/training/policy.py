@@ -4,6 +4,7 @@
     policy = build_policy(settings, mesh, model_dir, optimizer, with_reference=True)
     policy.model()          # the current policy as a module (invalid after the next update)
     policy.reference()      # the reference model, or None
+    export_policy(policy, out_dir, progress=True)   # its current weights as an HF folder
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from maye_jax.config.settings import Settings
 from maye_jax.models.configs import ModelConfig
+from maye_jax.run import multihost
 from maye_jax.training.optim import make_optimizer
 from maye_jax.training.train_state import (
     TrainableConfig,
@@ -72,6 +74,19 @@ class Policy:
             if self.ref_params is None
             else reference_model(self.model_def, self.ref_params, self.frozen)
         )
+
+
+def export_policy(policy: Policy, out_dir: Path, *, progress: bool) -> None:
+    """The policy's current weights as an HF folder (the final export, the best evaluation's):
+    every process calls it (several: each takes part in gathering a copy), process 0 writes."""
+    from maye_jax.storage.model_folders import export_hf
+
+    model = policy.local_model()
+    if multihost.is_leader():
+        export_hf(
+            model, policy.hf_config, out_dir, tokenizer_source=policy.source_dir, progress=progress
+        )
+    multihost.barrier(f"exported {Path(out_dir).name}")
 
 
 def trainable_config(settings: Settings) -> TrainableConfig:
@@ -173,7 +188,7 @@ def _policy_from_model(
 
 def host_local_model(model):
     """`model` with every parameter on this process's devices (see `Policy.local_model`)."""
-    if jax.process_count() == 1:
+    if not multihost.multiprocess():
         return model
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
@@ -191,7 +206,7 @@ def _local_copy(value: jax.Array) -> jax.Array:
     rows = [
         r
         for r in range(mesh.shape["dp"])
-        if {d.process_index for d in mesh.devices[r].reshape(-1)} == {jax.process_index()}
+        if {d.process_index for d in mesh.devices[r].reshape(-1)} == {multihost.process_index()}
     ]
     if rows:  # HSDP: this host's dp row holds the whole array over its own devices: no copy
         local = NamedSharding(

@@ -148,9 +148,12 @@ def test_sft_resume_continues_exactly(tmp_path):
         data, policy, processor = start_for_sft(settings)
         runner = SFTRunner(settings, policy, processor, data, num_epochs=2)
         harness = RunHarness(
-            tmp_path / out / "sft", kind="sft", settings=settings, total_steps=runner.total_steps
+            tmp_path / out / "sft",
+            kind="sft",
+            settings=settings,
+            total_steps=runner.total_steps,
+            stop_after_step=stop_after,
         )
-        harness.stop_after_step = stop_after
         with harness as h:
             return runner.run(h, evaluate_at_start=False, evaluate_every_epoch=False)
 

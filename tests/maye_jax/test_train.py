@@ -116,9 +116,8 @@ def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
     from maye_jax.errors import RunStopped
 
     first = Trainer(rl_settings(config))
-    first.stop_after_step = 1  # a preemption after generation step 1
     with pytest.raises(RunStopped, match="stopped after step 1 of 2"):
-        first.run()
+        first.run(stop_after_step=1)  # a preemption after generation step 1
     assert [m["generation_step"] for m in read_metrics(tmp_path / "run")] == [0, 1]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["finished"] is False
     config.resume = True
@@ -143,7 +142,7 @@ def test_a_stop_during_evaluation_abandons_it_and_resume_reruns_it(uninterrupted
 
     config = tiny_config(tmp_path)
     trainer = Trainer(rl_settings(config))
-    generate, sent = trainer.engine.generate, []
+    generate, sent = trainer.rollouts.engine.generate, []
 
     def generate_then_signal(prompts, sampling, *, step=0, first_index=0):
         if step >= 1_001_000 and not sent:  # the first evaluation call after step 1
@@ -151,7 +150,7 @@ def test_a_stop_during_evaluation_abandons_it_and_resume_reruns_it(uninterrupted
             os.kill(os.getpid(), signal.SIGTERM)
         return generate(prompts, sampling, step=step, first_index=first_index)
 
-    trainer.engine.generate = generate_then_signal
+    trainer.rollouts.engine.generate = generate_then_signal
     with pytest.raises(RunStopped) as stopped:
         trainer.run()
     assert stopped.value.signum == signal.SIGTERM and sent
@@ -206,9 +205,8 @@ def test_dynamic_sampling_resumes_exactly_and_ends_epochs_early(tmp_path):
 
     config = dynamic_sampling_config(tmp_path / "resumed")
     first = Trainer(rl_settings(config))
-    first.stop_after_step = 1  # after a step that read 3 prompts instead of 2
     with pytest.raises(RunStopped, match="stopped after step 1 of 8"):
-        first.run()
+        first.run(stop_after_step=1)  # after a step that read 3 prompts instead of 2
     config.resume = True
     Trainer(rl_settings(config)).run()
     resumed = read_metrics(tmp_path / "resumed" / "run")

@@ -65,14 +65,14 @@ def test_sigterm_then_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp
 
     def update_then_signal(trajectory, step):
         if step == 2:
-            assert first.engine.in_flight  # step 3 is being generated meanwhile
+            assert first.rollouts.engine.in_flight  # step 3 is being generated meanwhile
             os.kill(os.getpid(), signal.SIGTERM)
         return update(trajectory, step)
 
     first.policy_update = update_then_signal
     with pytest.raises(RunStopped, match="stopped after step 2 of 4"):
         first.run()
-    assert first.engine._proc.poll() is not None  # the worker is gone
+    assert first.rollouts.engine._proc.poll() is not None  # the worker is gone
     config.resume = True
     resumed_trainer = Trainer(rl_settings(config))
     resumed_trainer.run()

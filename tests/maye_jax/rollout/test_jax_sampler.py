@@ -244,8 +244,9 @@ def test_sync_weights_replaces_named_parameters(qwen25):
         sampler.sync_weights({"not.a.tensor": head}, version=3)
 
 
-def test_load_policy_swaps_the_model_once_per_version(qwen25):
-    """The in-process sync: a new version swaps the weights (no copy), the same one keeps them."""
+def test_load_policy_swaps_the_model_and_stamps_its_version(qwen25):
+    """The in-process sync: the weights are swapped (no copy) and completions record the
+    version (whether a version needs loading is the run's Rollouts', test_overlap.py)."""
     hf, model, config, _ = qwen25
     sampler = JaxSampler(model, config, pad_id=0)
     prompts, sampling = _prompts(config)[2:], _sampling(config, temperature=0.0)
@@ -254,9 +255,9 @@ def test_load_policy_swaps_the_model_once_per_version(qwen25):
     negated.sync_weights({"lm_head.weight": -hf.lm_head.weight.detach().numpy()}, version=1)
     other = nnx.merge(negated._graphdef, negated._state)
     sampler.load_policy(other, 7)
-    assert sampler.weights_version == 7 and sampler.generate(prompts, sampling) != before
-    sampler.load_policy(model, 7)  # same version: nothing is loaded
-    assert sampler.generate(prompts, sampling) != before
+    swapped = sampler.generate(prompts, sampling)
+    assert sampler.weights_version == 7 and swapped != before
+    assert {c.weights_version for row in swapped for c in row} == {7}
     sampler.load_policy(model, 8)
     assert sampler.generate(prompts, sampling) == before
 

@@ -1,4 +1,5 @@
-"""Overlapped rollouts' schedule on a recording engine: which weights generate which step, syncs
+"""The run's rollouts on a recording engine: a weights version is loaded once (so an evaluation
+right before a step does not sync twice); overlapped, which weights generate which step, syncs
 only between requests, the generation ahead saved and restored with its checkpoint."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ import pytest
 
 from maye_jax.rollout.engine import Completion, Prompt, Sampling
 from maye_jax.rollout.overlap import OverlappedRollouts
+from maye_jax.rollout.rollouts import Rollouts
 
 
 class RecordingEngine:
@@ -21,9 +23,9 @@ class RecordingEngine:
 
     def load_policy(self, model, version):
         assert not self.in_flight, "sync while a generation is in flight"
-        if version != self.version:
-            self.version = version
-            self.log.append(("sync", version))
+        assert model == f"weights v{version}"  # the trainer's weights of that version
+        self.version = version
+        self.log.append(("sync", version))
 
     def _completions(self, prompts, step):
         return [
@@ -35,7 +37,7 @@ class RecordingEngine:
             for p in prompts
         ]
 
-    def generate(self, prompts, sampling, *, step):
+    def generate(self, prompts, sampling, *, step, first_index=0):
         assert not self.in_flight
         self.log.append(("generate", step, self.version))
         return self._completions(prompts, step)
@@ -59,34 +61,59 @@ def prompts_of(step: int) -> list[Prompt]:
     return [Prompt(np.array([100 * step + i, 7])) for i in range(2)]
 
 
-def run(overlap: OverlappedRollouts, steps: range, total: int, weights: dict) -> dict:
+def rollouts_of(engine, kind=OverlappedRollouts):
+    rollouts = kind(engine, weights=lambda: f"weights v{rollouts.version}")
+    return rollouts
+
+
+def run(overlap: OverlappedRollouts, steps: range, total: int) -> dict:
     """The trainer's side: collect, 'update' (weights version = step), wait when it ends."""
     seen = {}
     for step in steps:
-        completions = overlap.collect(
+        completions = overlap.generate(
             step,
             prompts_of(step),
             Sampling(),
-            model=None,
-            version=weights["version"],
-            next_prompts=prompts_of(step + 1) if step < total else None,
+            ahead=lambda: (prompts_of(step + 1), Sampling()) if step < total else None,  # noqa: B023
         )
         seen[step] = [c.weights_version for row in completions for c in row]
         assert [row[0].token_ids[0] for row in completions] == [step, step]
-        weights["version"] = step  # the update of `step`
+        overlap.weights_changed(step)  # the update of `step`
         overlap.wait()
     return seen
 
 
+def test_a_version_is_loaded_once_and_every_sync_is_timed():
+    engine = RecordingEngine()
+    rollouts = rollouts_of(engine, Rollouts)
+    timed = []
+
+    class Section:
+        def __enter__(self):
+            timed.append(rollouts.engine_version)
+
+        def __exit__(self, *exc_info):
+            return False
+
+    rollouts.sync_section = Section
+    rollouts.sync()  # an evaluation of the start weights
+    rollouts.generate(1, prompts_of(1), Sampling())  # step 1 right after it: no second sync
+    rollouts.weights_changed(1)
+    rollouts.generate(2, prompts_of(2), Sampling())
+    assert engine.log == [("sync", 0), ("generate", 1, 0), ("sync", 1), ("generate", 2, 1)]
+    assert timed == [None, 0, 0]  # every step's sync section is entered
+    assert rollouts.checkpoint_fields() == {} and rollouts.metrics(2) == {}
+
+
 def test_step_n_plus_1_is_generated_with_the_weights_after_update_n_minus_1():
     engine = RecordingEngine()
-    overlap = OverlappedRollouts(engine)
-    seen = run(overlap, range(1, 5), total=4, weights={"version": 0})
+    overlap = rollouts_of(engine)
+    seen = run(overlap, range(1, 5), total=4)
     assert seen == {1: [0, 0], 2: [0, 0], 3: [1, 1], 4: [2, 2]}
     assert engine.log == [
         ("sync", 0),
         ("generate", 1, 0),  # step 1: synchronous, start weights
-        ("submit", 2, 0),  # step 2: also the start weights, while update 1 runs
+        ("submit", 2, 0),  # step 2: also the start weights (not loaded again), while update 1
         ("done", 2),
         ("sync", 1),  # after update 1 ended and the request finished
         ("submit", 3, 1),
@@ -99,30 +126,32 @@ def test_step_n_plus_1_is_generated_with_the_weights_after_update_n_minus_1():
 
 
 def test_checkpoint_holds_the_next_steps_finished_completions_and_resume_uses_them():
-    weights = {"version": 0}
-    first = OverlappedRollouts(RecordingEngine())
-    run(first, range(1, 3), total=4, weights=weights)
-    state = first.state()  # the checkpoint of step 2: step 3's completions, made by v1
+    first = rollouts_of(RecordingEngine())
+    run(first, range(1, 3), total=4)
+    meta = first.checkpoint_fields()  # the checkpoint of step 2: step 3's completions, by v1
+    state = meta["pending_rollouts"]
     assert state["step"] == 3
     assert [row[0]["weights_version"] for row in state["completions"]] == [1, 1]
 
     engine = RecordingEngine()  # a fresh worker after the restart
-    resumed = OverlappedRollouts(engine)
-    resumed.restore(state)
-    seen = run(resumed, range(3, 5), total=4, weights=weights)
+    resumed = rollouts_of(engine)
+    resumed.weights_changed(2)  # the restored weights
+    resumed.restore(meta)
+    seen = run(resumed, range(3, 5), total=4)
     assert seen == {3: [1, 1], 4: [2, 2]}  # as the uninterrupted run
     assert engine.log == [("sync", 2), ("submit", 4, 2), ("done", 4)]
     assert resumed.state() is None  # nothing ahead after the last step
 
 
 def test_responses_ahead_for_other_prompts_are_refused():
-    overlap = OverlappedRollouts(RecordingEngine())
-    overlap.collect(1, prompts_of(1), Sampling(), model=None, version=0, next_prompts=prompts_of(2))
+    overlap = rollouts_of(RecordingEngine())
+    overlap.generate(1, prompts_of(1), Sampling(), ahead=lambda: (prompts_of(2), Sampling()))
     overlap.wait()
+    overlap.weights_changed(1)
     with pytest.raises(RuntimeError, match="belong to other prompts"):
-        overlap.collect(2, prompts_of(5), Sampling(), model=None, version=1, next_prompts=None)
+        overlap.generate(2, prompts_of(5), Sampling())
 
 
 def test_needs_a_worker_engine():
     with pytest.raises(ValueError, match="worker engine"):
-        OverlappedRollouts(object())
+        OverlappedRollouts(object(), weights=lambda: None)

@@ -199,17 +199,17 @@ def test_device_side_hf_layout_syncs_the_same_bytes(setup):
         device_hf_tensors(model, {"not.a.param"})
 
 
-def test_load_policy_sends_a_version_once_in_hf_layout(setup):
+def test_load_policy_sends_the_weights_in_hf_layout(setup):
     """`load_policy(model, version)`, the one way trainers hand weights to any engine: the HF
-    layout of the model's parameters, checked by the worker; the same version again sends
-    nothing (evaluation right before a step does not sync twice)."""
+    layout of the model's parameters, checked by the worker, under that version (whether a
+    version needs loading is the run's Rollouts', test_overlap.py)."""
     engine, model = setup["engine"], setup["model"]
     responses = fixed_responses(setup["model_dir"])
     engine.load_policy(model, 40)
     first = engine.last_sync
     assert engine.version == 40 and first["tensors"] > 0
-    engine.load_policy(model, 40)
-    assert engine.last_sync is first and engine.version == 40
+    engine.load_policy(model, 41)
+    assert engine.last_sync is not first and engine.version == 41
     expected = trainer_logprobs(model, setup["hf_config"], setup["encoded"], responses)
     assert_close(engine.score(setup["prompts"], responses), expected)
 

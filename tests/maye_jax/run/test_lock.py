@@ -1,6 +1,6 @@
-"""One run per output folder: another process is refused at once, naming the holder; the
-holder's own nested runs (warm-up, harness, experiment) share its lock; a killed holder or a
-forked child never leaves the folder locked."""
+"""One run per output folder: another process is refused at once, naming the holder; one layer
+(the run's prologue) locks it, and what runs inside takes no lock of its own; a killed holder
+or a forked child never leaves the folder locked."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 from maye_jax.config.defaults import default_config
 from maye_jax.config.settings import load_settings
-from maye_jax.run import lock
+from maye_jax.run import lock, startup
 from maye_jax.run.harness import RunHarness
 
 PROBE = (
@@ -70,23 +70,25 @@ def test_the_lock_dies_with_its_holder(tmp_path):
         assert lock.holds(tmp_path)
 
 
-def test_nested_runs_of_one_process_share_its_lock(tmp_path):
-    """RL holds OUTPUT_DIR from the start; its warm-up's harness (OUTPUT_DIR/sft_warmup) and
-    its own harness nest inside, as the experiment's runs nest in the experiment's folder."""
+def test_one_layer_locks_the_run_folder(tmp_path):
+    """The run's prologue (startup.hold_run_folder) holds OUTPUT_DIR from before the folder is
+    checked to the run's end; the harnesses inside it (the SFT warm-up's in
+    OUTPUT_DIR/sft_warmup, the run's own) take no lock of their own."""
     c = default_config()
     c.model.tiny_family = "qwen2_vl"
+    c.output_dir = str(tmp_path)
     c.logging.progress_bar = False
     settings = load_settings(c, kind="sft", check_files=False)  # no data is read
     warmup = tmp_path / "sft_warmup"
-    with lock.hold_output_folder(tmp_path):
+    with startup.hold_run_folder(settings):
+        assert lock.holds(tmp_path) and probe(tmp_path).startswith("busy:")
         with RunHarness(
             warmup, kind="sft_warmup", settings=settings, total_steps=1, describe=False
         ):
-            assert lock.holds(warmup) and probe(warmup).startswith("busy:")
-        assert not lock.holds(warmup) and lock.holds(tmp_path)
+            assert not lock.holds(warmup) and probe(warmup) == "acquired"
         with RunHarness(tmp_path, kind="sft", settings=settings, total_steps=1):
-            assert probe(tmp_path).startswith("busy:")
-        assert lock.holds(tmp_path)  # still held: the outer hold is the run's
+            assert lock.holds(tmp_path)  # the prologue's
+        assert lock.holds(tmp_path)
     assert not lock.holds(tmp_path) and probe(tmp_path) == "acquired"
 
 
