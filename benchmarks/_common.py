@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 from maye_jax.data.sequences import SequenceBatch, make_sequence_batch  # noqa: E402
 from maye_jax.models.configs import ModelConfig, TextConfig, VisionConfig  # noqa: E402
 from maye_jax.models.qwen_vl import build_model  # noqa: E402
+from maye_jax.qwen_ids import PAD_ID  # noqa: E402
 from maye_jax.tiny import preset_hf_config, small_vocab_token_ids  # noqa: E402
 from maye_jax.training.train_state import (  # noqa: E402
     TrainableConfig,
@@ -279,7 +280,7 @@ def text_id_limit(config: ModelConfig) -> int:
 
 
 def pad_id_of(config: ModelConfig) -> int:
-    return 151643 if config.text.vocab_size > 151643 else 0
+    return PAD_ID if config.text.vocab_size > PAD_ID else 0
 
 
 def random_prompt(config: ModelConfig, lengths: Lengths, rng) -> dict:

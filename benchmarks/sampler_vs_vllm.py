@@ -37,6 +37,7 @@ from PIL import Image  # noqa: E402
 
 from maye_jax.data.processor import load_processor  # noqa: E402
 from maye_jax.models.configs import ModelConfig  # noqa: E402
+from maye_jax.qwen_ids import PAD_ID  # noqa: E402
 from maye_jax.rollout.client import WorkerEngine, find_tcmalloc  # noqa: E402
 from maye_jax.rollout.engine import Prompt, Sampling  # noqa: E402
 from maye_jax.rollout.factory import vllm_python  # noqa: E402
@@ -117,7 +118,7 @@ def main() -> None:
         sampler = JaxSampler(
             load_model(model_dir, dtype=jnp.dtype(dtype))[0] if dtype != "float32" else model,
             config,
-            pad_id=151643,
+            pad_id=PAD_ID,
         )
         engine = WorkerEngine(
             "vllm",
@@ -150,7 +151,7 @@ def main() -> None:
         finally:
             engine.close()
     # Greedy against sampling, per decode step (the greedy argmax used to cost more), fp32.
-    sampler = JaxSampler(model, config, pad_id=151643)
+    sampler = JaxSampler(model, config, pad_id=PAD_ID)
     rows = prompts[:64]
     steps = {}
     for name, temperature in (("sampling T=1", 1.0), ("greedy T=0", 0.0)):

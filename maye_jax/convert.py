@@ -23,6 +23,7 @@ from pathlib import Path
 from absl import flags
 
 from maye_jax.errors import UserError
+from maye_jax.qwen_ids import NUM_BPE_TOKENS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string(
@@ -136,7 +137,7 @@ def _ensure_tokenizer(out_dir, hf_config) -> None:
     source carried no tokenizer files."""
     if (Path(out_dir) / "tokenizer_config.json").is_file():
         return
-    if int(hf_config.text_config.vocab_size) < 151643:
+    if int(hf_config.text_config.vocab_size) < NUM_BPE_TOKENS:
         return  # a small-vocabulary test model: the Qwen tokenizer would not fit it
     from maye_jax.data.processor import load_processor
 

@@ -1,11 +1,12 @@
 """The Qwen2-VL / Qwen2.5-VL special token ids every part of the project agrees on.
 
-Imports nothing (the torch-side worker, the tokenizer, the trainer and the sampler all read
-them here). The ids are those of the released Qwen2 vocabulary: 151,643 BPE tokens, then the
-special tokens.
+Imports nothing (the torch-side worker, the tokenizer, the trainer, the sampler, the models and
+the tiny test models all read them here: the one place they are written). The ids are those of
+the released Qwen2 vocabulary: 151,643 BPE tokens, then the special tokens.
 """
 
-ENDOFTEXT_ID = 151643  # <|endoftext|>: also the padding token
+NUM_BPE_TOKENS = 151643  # the BPE ranks are ids 0 .. NUM_BPE_TOKENS - 1; the specials follow
+ENDOFTEXT_ID = 151643  # <|endoftext|>: the first special token, also the padding token
 IM_START_ID = 151644  # <|im_start|>
 IM_END_ID = 151645  # <|im_end|>: the end of a chat turn (EOS of a response)
 VISION_START_ID = 151652  # <|vision_start|>

@@ -10,11 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
+from maye_jax.qwen_ids import (
+    ENDOFTEXT_ID,
+    IM_END_ID,
+    IMAGE_PAD_ID,
+    VIDEO_PAD_ID,
+    VISION_END_ID,
+    VISION_START_ID,
+)
+
 QWEN_TOKEN_IDS = dict(
-    image_token_id=151655,
-    video_token_id=151656,
-    vision_start_token_id=151652,
-    vision_end_token_id=151653,
+    image_token_id=IMAGE_PAD_ID,
+    video_token_id=VIDEO_PAD_ID,
+    vision_start_token_id=VISION_START_ID,
+    vision_end_token_id=VISION_END_ID,
 )
 
 
@@ -42,7 +51,7 @@ def tiny_hf_config(
     """A transformers Qwen2VLConfig / Qwen2_5_VLConfig of a ~tiny model (head_dim 32)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-    token_ids = QWEN_TOKEN_IDS if vocab_size > 151656 else small_vocab_token_ids(vocab_size)
+    token_ids = QWEN_TOKEN_IDS if vocab_size > VIDEO_PAD_ID else small_vocab_token_ids(vocab_size)
     text = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -52,8 +61,8 @@ def tiny_hf_config(
         num_key_value_heads=1,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
         initializer_range=initializer_range,
-        bos_token_id=min(151643, vocab_size - 1),
-        eos_token_id=min(151645, vocab_size - 1),
+        bos_token_id=min(ENDOFTEXT_ID, vocab_size - 1),
+        eos_token_id=min(IM_END_ID, vocab_size - 1),
     )
     if family == "qwen2_vl":
         vision = dict(

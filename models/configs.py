@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from maye_jax.qwen_ids import IMAGE_PAD_ID, VIDEO_PAD_ID, VISION_END_ID, VISION_START_ID
+
 FAMILY_QWEN2_VL = "qwen2_vl"
 FAMILY_QWEN2_5_VL = "qwen2_5_vl"
 SUPPORTED_ARCHITECTURES = {
@@ -68,10 +70,10 @@ class ModelConfig:
     text: TextConfig
     vision: VisionConfig
     tie_word_embeddings: bool
-    image_token_id: int = 151655
-    video_token_id: int = 151656
-    vision_start_token_id: int = 151652
-    vision_end_token_id: int = 151653
+    image_token_id: int = IMAGE_PAD_ID
+    video_token_id: int = VIDEO_PAD_ID
+    vision_start_token_id: int = VISION_START_ID
+    vision_end_token_id: int = VISION_END_ID
 
     @property
     def architecture(self) -> str:
@@ -155,7 +157,7 @@ class ModelConfig:
             image_token_id=int(hf_config.image_token_id),
             video_token_id=int(hf_config.video_token_id),
             vision_start_token_id=int(hf_config.vision_start_token_id),
-            vision_end_token_id=int(getattr(hf_config, "vision_end_token_id", 151653)),
+            vision_end_token_id=int(getattr(hf_config, "vision_end_token_id", VISION_END_ID)),
         )
 
 

@@ -29,6 +29,7 @@ from maye_jax.qwen_ids import (  # noqa: F401 (re-exported: the tokenizer's ids)
     IM_END_ID,
     IM_START_ID,
     IMAGE_PAD_ID,
+    NUM_BPE_TOKENS,
     STOP_TOKEN_IDS,  # noqa: F401, E402 (generation stops at these)
     VIDEO_PAD_ID,
     VISION_END_ID,
@@ -36,9 +37,8 @@ from maye_jax.qwen_ids import (  # noqa: F401 (re-exported: the tokenizer's ids)
 )
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl")
-NUM_BPE_TOKENS = 151643
 
-# Specials of Qwen2-VL, ids 151643..151656 in this order; all are `special` (skipped on decode).
+# Specials of Qwen2-VL, ids ENDOFTEXT_ID.. in this order; all are `special` (skipped on decode).
 QWEN2_VL_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -221,7 +221,7 @@ def build_tokenizer(family: str = "qwen2_5_vl") -> Any:
     _check_family(family)
     vocab, merges = _byte_level_vocab_and_merges()
 
-    # Special tokens follow the BPE ranks: id = 151643 + position in `_added_tokens(family)`.
+    # Special tokens follow the BPE ranks: id = ENDOFTEXT_ID + position in `_added_tokens(family)`.
     added_tokens = {
         ENDOFTEXT_ID + offset: AddedToken(content, special=is_special, normalized=False)
         for offset, (content, is_special) in enumerate(_added_tokens(family))
