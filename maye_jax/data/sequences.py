@@ -243,9 +243,12 @@ def response_logprobs(
 
 
 @nnx.jit(static_argnames=("prompt_len", "temperature", "chunk_size"))
-def score_batch(model, arrays, *, prompt_len: int, temperature: float = 1.0, chunk_size: int = 512):
-    """Jitted: image features + response logprobs for one SequenceBatch's device arrays."""
-    features = image_features(model, arrays.get("vision"))
+def batch_logprobs(
+    model, arrays, features, *, prompt_len: int, temperature: float = 1.0, chunk_size: int = 512
+):
+    """Jitted `response_logprobs` [B, R], the one compiled wrapper: the trajectory's logprob
+    chunks and `score_batch` both call it (`features`: the tower's output for the images the
+    rows index, or None)."""
     return response_logprobs(
         model,
         arrays,
@@ -253,4 +256,15 @@ def score_batch(model, arrays, *, prompt_len: int, temperature: float = 1.0, chu
         prompt_len=prompt_len,
         temperature=temperature,
         chunk_size=chunk_size,
+    )
+
+
+def score_batch(model, arrays, *, prompt_len: int, temperature: float = 1.0, chunk_size: int = 512):
+    """Image features (the jitted tower) + response logprobs (`batch_logprobs`) for one
+    SequenceBatch's device arrays."""
+    vision = arrays.get("vision")
+    features = None if vision is None else tower_features(model, vision)
+    rows = {name: value for name, value in arrays.items() if name != "vision"}
+    return batch_logprobs(
+        model, rows, features, prompt_len=prompt_len, temperature=temperature, chunk_size=chunk_size
     )

@@ -10,7 +10,6 @@ computed in chunks of `forward_batch_size` rows. Rewards are scored on the decod
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -20,10 +19,10 @@ from flax import nnx
 from maye_jax.data.records import Record
 from maye_jax.data.sequences import (
     SequenceBatch,
+    batch_logprobs,
     make_sequence_batch,
     response_bucket,
     response_len_buckets,
-    response_logprobs,
     tower_features,
 )
 from maye_jax.models.configs import ModelConfig
@@ -86,18 +85,6 @@ class Trajectory:
     prompt_images: list[tuple[np.ndarray, np.ndarray] | None]
 
 
-@functools.partial(nnx.jit, static_argnames=("prompt_len", "temperature", "chunk_size"))
-def _logprobs(model, arrays, features, *, prompt_len, temperature, chunk_size):
-    return response_logprobs(
-        model,
-        arrays,
-        features,
-        prompt_len=prompt_len,
-        temperature=temperature,
-        chunk_size=chunk_size,
-    )
-
-
 def forward_logprobs(
     model,
     batch: SequenceBatch,
@@ -125,7 +112,7 @@ def forward_logprobs(
             longest = max(int(lengths[chunk_rows].max()), 1)
             width = min(response_bucket(longest, response_buckets), width)
         out[chunk_rows, :width] = np.asarray(
-            _logprobs(
+            batch_logprobs(
                 model,
                 batch.device_take(chunk_rows, response_len=width),
                 features,
