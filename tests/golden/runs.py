@@ -20,34 +20,13 @@ NOISE_PREFIXES = ("time/", "memory/")
 
 
 def base_config(tmp: Path):
-    from maye_jax.config.defaults import default_config
+    """The tests' tiny run (tests/tiny_run.py), evaluated on validation only, no export."""
+    from tests.tiny_run import tiny_run_config
 
-    c = default_config()
-    c.name = "golden"
-    c.seed = 0
-    c.output_dir = str(tmp / "run")
-    c.model.tiny_family = "qwen2_vl"
-    c.model.tiny_hidden_size = 64
-    c.model.tiny_num_layers = 1
-    c.model.dtype = c.model.frozen_dtype = "float32"
-    c.data.synth_dir = str(tmp / "data")
-    c.data.synth_num_train, c.data.synth_num_validation, c.data.synth_num_test = 4, 2, 2
-    c.data.synth_image_size = 56
-    c.data.max_pixels = 4 * 28 * 28
-    c.rollout.max_tokens = 6
-    c.rollout.num_samples = 1
-    c.rl.num_epochs = 2
-    c.rl.batch_size = 4
-    c.rl.ppo_batch_size = 2
-    c.rl.micro_batch_size = 1
-    c.rl.forward_batch_size = 4
-    c.optim.learning_rate = 1e-3
-    c.eval.max_tokens = 4
+    c = tiny_run_config(tmp / "run", tmp / "data", name="golden")
     c.eval.splits = ("validation",)
     c.eval.settings = ("pass@8_t1.0", "pass@1_t0.01")
-    c.checkpoint.every_steps = 1
     c.checkpoint.export_hf = False
-    c.logging.progress_bar = False
     return c
 
 

@@ -25,37 +25,24 @@ REPO = Path(__file__).resolve().parents[2]
 NOISE = ("time/", "memory/")
 FLOAT_NOISE = ("mismatch/",)  # trainer vs sampler logprobs: float noise by nature
 
-CONFIG = """
-from maye_jax.config.defaults import default_config
+CONFIG = f"""
+import sys
+
+sys.path.insert(0, {str(REPO)!r})  # the tests' tiny run, from this checkout
+from tests.tiny_run import tiny_run_config
 
 
 def get_config():
-    c = default_config()
-    c.name = "multihost"
-    c.output_dir = "run"
-    c.model.tiny_family = "qwen2_vl"
-    c.model.tiny_hidden_size = 64
-    c.model.tiny_num_layers = 1
-    c.model.dtype = c.model.frozen_dtype = "float32"
-    c.data.synth_dir = "data"
+    c = tiny_run_config("run", "data", name="multihost")
     c.data.synth_num_train, c.data.synth_num_validation, c.data.synth_num_test = 8, 4, 2
-    c.data.synth_image_size = 56
-    c.data.max_pixels = 4 * 28 * 28
-    c.rollout.max_tokens = 6
-    c.rollout.num_samples = 1
     c.rl.num_epochs = 1
     c.rl.batch_size = 4  # 4 prompts per step: 2 per host
     c.rl.ppo_batch_size = 4
     c.rl.micro_batch_size = 4
-    c.rl.forward_batch_size = 4
     c.rl.kl_loss_coeff = 0.01
-    c.optim.learning_rate = 1e-3
-    c.eval.max_tokens = 4
     c.eval.splits = ("validation",)
     c.eval.settings = ("pass@8_t1.0", "pass@1_t0.01")
     c.eval.batch_size = 1  # so a process's share of the split takes several batches
-    c.checkpoint.every_steps = 1
-    c.logging.progress_bar = False
     return c
 """
 

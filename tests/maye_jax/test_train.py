@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from maye_jax.config.defaults import default_config
 from maye_jax.config.settings import load_settings
 from maye_jax.run.metrics import read_metrics
 from maye_jax.train import Trainer
+from tests.tiny_run import tiny_run_config
 
 REQUIRED_KEYS = (
     "train/accuracy",
@@ -45,29 +45,15 @@ REQUIRED_KEYS = (
 
 
 def tiny_config(tmp_path, **overrides):
-    c = default_config()
-    c.name = "test"
-    c.output_dir = str(tmp_path / "run")
-    c.model.tiny_family = "qwen2_vl"
-    c.model.tiny_hidden_size = 64
-    c.model.tiny_num_layers = 1
-    c.model.dtype = c.model.frozen_dtype = "float32"
-    c.data.synth_dir = str(tmp_path / "data")
-    c.data.synth_num_train, c.data.synth_num_validation, c.data.synth_num_test = 4, 2, 2
-    c.data.synth_image_size = 56
-    c.data.max_pixels = 4 * 28 * 28
-    c.rollout.max_tokens = 6
+    """The tests' tiny run (tests/tiny_run.py) with 2 prompts x 2 samples per step and a KL
+    loss; `section__name=value` overrides."""
+    c = tiny_run_config(tmp_path / "run", tmp_path / "data")
     c.rollout.num_samples = 2
-    c.rl.num_epochs = 2
     c.rl.batch_size = 8
     c.rl.ppo_batch_size = 4
     c.rl.micro_batch_size = 2
     c.rl.forward_batch_size = 8
     c.rl.kl_loss_coeff = 0.01
-    c.optim.learning_rate = 1e-3
-    c.eval.max_tokens = 4
-    c.checkpoint.every_steps = 1
-    c.logging.progress_bar = False
     for key, value in overrides.items():
         section, name = key.split("__")
         setattr(getattr(c, section), name, value)
