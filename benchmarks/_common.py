@@ -7,6 +7,9 @@ Import this module before JAX: it sets the GPU allocator to use 95% of the devic
 Sizes (`--size`): `3b` = Qwen2.5-VL-3B, `7b` = Qwen2.5-VL-7B, `qwen2_vl_7b` = Qwen2-VL-7B (the
 published shapes of models/presets.py, the real 152k vocabulary), and `tiny` (hidden 64, 2
 layers, 1k vocabulary, short sequences): the same code path, seconds on a CPU, for the tests.
+
+Over ~500 lines on purpose: every GPU benchmark's shared setup, so that each script stays one
+command of its own.
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ folders of these names whose process is gone).
 
 This module imports no JAX: `sync_weights` takes any mapping of HF names to arrays that
 `numpy.asarray` accepts (JAX arrays are fetched one at a time while being written).
+
+Over ~500 lines on purpose: the worker's life (start, requests, timeouts, its log, shutdown)
+is one protocol, read and changed together.
 """
 
 from __future__ import annotations

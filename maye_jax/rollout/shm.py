@@ -27,6 +27,9 @@ removes it; and segments left by processes that no longer exist (a killed traine
 worker) are removed when a new worker engine starts.
 
 This module imports no JAX; the worker uses the reading half in a torch-only environment.
+
+Over ~500 lines on purpose: the segment's writer and reader share one layout and change
+together.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 The fixtures are written in the trainer's format (run.json + metrics.jsonl, ARCHITECTURE.md):
 an RL group of three seeds and an SFT group of two, with hand-chosen evaluation numbers.
+
+Over ~500 lines on purpose: the tables' and plots' tests share the fixture run folders.
 """
 
 import json

@@ -1,4 +1,7 @@
-"""maye_jax/losses.py against NumPy loops, and exactness of gradient accumulation."""
+"""maye_jax/losses.py against NumPy loops, and exactness of gradient accumulation.
+
+Over ~500 lines on purpose: each loss, aggregation and estimator against its NumPy loop.
+"""
 
 import jax
 import jax.numpy as jnp

@@ -3,6 +3,8 @@ against a straightforward reference, frozen parameters, learning, NaN detection.
 
 A tiny Qwen2.5-VL (vocab 256, 2 layers, 2-block vision tower) in fp32, a batch of 8 rows (half
 with an image), 8 fake CPU devices. Every jitted function is compiled once per module.
+
+Over ~500 lines on purpose: the update's properties share the module's compiled steps.
 """
 
 from __future__ import annotations
