@@ -11,6 +11,7 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from maye_jax.config.defaults import default_config
 from maye_jax.config.settings import load_settings
@@ -103,3 +104,62 @@ def test_sections_are_exclusive_of_nested_sections(monkeypatch):
         pass
     assert timer.take() == {"sync": 2.0, "rollout": 8.0, "update": 2.0}
     assert timer.take() == {}
+
+
+def test_an_evaluation_a_stop_abandons_is_rerun_whole_on_resume(tmp_path):
+    """The harness's evaluation protocol, once for RL and SFT: a stop request during step 2's
+    evaluation checkpoints step 2 with its metrics (its line waits) and stops the run; the
+    resumed run reruns the evaluation and writes step 2's line with both, then goes on."""
+    from maye_jax.errors import EvaluationInterrupted, RunStopped
+
+    config = settings_for(tmp_path, every_steps=10, keep=5)
+    calls = []
+
+    def evaluate_every_step(run, step, interrupt_at=None):
+        def evaluate():
+            calls.append(step)
+            if step == interrupt_at:  # a SIGTERM arrived: the evaluation sees should_stop()
+                run.stop_requested = True
+                assert run.should_stop()
+                raise EvaluationInterrupted("a stop request")
+            return {"eval/score": float(step)}
+
+        return evaluate
+
+    def train(interrupt_at=None):
+        settings = load_settings(config, kind="sft", check_files=False)
+        state = {"count": jnp.zeros((), jnp.int32)}
+        shardings = jax.tree.map(lambda x: x.sharding, state)
+        with RunHarness(settings.output_dir, kind="sft", settings=settings, total_steps=3) as run:
+            start, state, meta = run.restore(state, shardings)
+            if start == 0:
+                run.evaluate_start(evaluate_every_step(run, 0))
+            run.finish_interrupted_evaluation(start, meta, start, evaluate_every_step(run, start))
+            for step in run.steps(start):
+                state = {"count": state["count"] + 1}
+                run.end_step_with_evaluation(
+                    step,
+                    state,
+                    {"note": step},
+                    {"count": int(state["count"])},
+                    epoch=step,
+                    evaluate=evaluate_every_step(run, step, interrupt_at),
+                )
+            run.finish(None)
+        return state
+
+    with pytest.raises(RunStopped, match="stopped after step 2 of 3"):
+        train(interrupt_at=2)
+    out = tmp_path / "run"
+    assert [m["generation_step"] for m in read_metrics(out)] == [0, 1]  # step 2's line waits
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [2]
+    config.resume = True
+    state = train()
+    assert calls == [0, 1, 2, 2, 3] and int(state["count"]) == 3
+    lines = read_metrics(out)
+    assert [(m["generation_step"], m.get("count"), m["eval/score"]) for m in lines] == [
+        (0, None, 0.0),
+        (1, 1, 1.0),
+        (2, 2, 2.0),  # the step's own metrics, saved with its checkpoint, and the rerun's
+        (3, 3, 3.0),
+    ]
