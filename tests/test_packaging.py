@@ -49,3 +49,31 @@ def test_a_checkout_without_an_install_imports_them_without_an_import_hook():
     assert Path(sharding_file) == ROOT / "maye_jax" / "sharding" / "__init__.py"
     assert Path(models_file).resolve() == ROOT / "models" / "hf_names.py"
     assert hooks == "0"
+
+
+def test_the_vllm_environment_imports_the_workers_modules_from_the_checkout():
+    """The vLLM worker's own environment never installs maye_jax: with the checkout on
+    PYTHONPATH (as `checkout.env_with_checkout` starts it) it imports the worker, the hf backend
+    and `maye_jax.models.hf_names`, and no JAX."""
+    import pytest
+
+    python = ROOT / ".venv-vllm" / "bin" / "python"
+    if not python.exists():
+        if os.environ.get("MAYE_REQUIRE_VLLM") == "1":
+            pytest.fail(f"MAYE_REQUIRE_VLLM=1 but {python} is missing")
+        pytest.skip("vLLM environment not installed (run scripts/setup_vllm_env.sh)")
+    from maye_jax.checkout import env_with_checkout
+
+    code = (
+        "import sys\n"
+        "import maye_jax.rollout.worker, maye_jax.rollout.hf_backend, maye_jax.models.hf_names\n"
+        "print(maye_jax.models.hf_names.__file__, 'jax' in sys.modules)\n"
+    )
+    env = env_with_checkout({k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    out = subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, cwd="/", env=env, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    models_file, jax_imported = out.stdout.split()
+    assert Path(models_file) == ROOT / "maye_jax" / "models" / "hf_names.py"
+    assert jax_imported == "False"
