@@ -156,7 +156,7 @@ class TrainCheckpointer:
         """After a failed write: quiet Orbax's late reports (the real error is raised) and
         remove the step's partial files, so the last good checkpoint is the newest."""
         _OrbaxLateErrors.after_failure = True
-        if process_index() == 0:
+        if multihost.is_leader():
             # Orbax's other writes may still be in flight and recreate folders: remove until
             # nothing comes back for a while (bounded; the next start removes what is left).
             deadline, quiet_since = time.monotonic() + 10.0, None
@@ -187,7 +187,7 @@ class TrainCheckpointer:
         self._reload()
         if step in self._manager.all_steps():
             self._manager.delete(step)
-        elif process_index() == 0:  # a folder Orbax does not list (damaged)
+        elif multihost.is_leader():  # a folder Orbax does not list (damaged)
             shutil.rmtree(self.directory / str(step), ignore_errors=True)
         barrier(f"checkpoint:{step}:deleted")
         self._reload()
