@@ -48,8 +48,20 @@ def tiny_hf_config(
     initializer_range: float = 0.02,
     intermediate_size: int | None = None,
 ) -> Any:
-    """A transformers Qwen2VLConfig / Qwen2_5_VLConfig of a ~tiny model (head_dim 32)."""
+    """A transformers Qwen2VLConfig / Qwen2_5_VLConfig / Qwen3VLConfig of a ~tiny model
+    (head_dim 32)."""
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    if family == "qwen3_vl":
+        return _tiny_qwen3_vl_config(
+            tied=tied,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            vision_depth=vision_depth,
+            initializer_range=initializer_range,
+            intermediate_size=intermediate_size,
+        )
 
     token_ids = QWEN_TOKEN_IDS if vocab_size > VIDEO_PAD_ID else small_vocab_token_ids(vocab_size)
     text = dict(
@@ -100,19 +112,81 @@ def tiny_hf_config(
     return config
 
 
+def _tiny_qwen3_vl_config(
+    *,
+    tied: bool,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    vision_depth: int,
+    initializer_range: float,
+    intermediate_size: int | None,
+) -> Any:
+    """Qwen3-VL at test size: GQA (heads of 32, half as many KV heads), an explicit head_dim
+    that differs from hidden / heads, interleaved M-RoPE, a 4 x 4 position table (so images
+    both larger and smaller than it resample it), and DeepStack on two levels (the first and
+    the last vision block: after decoder layers 0 and 1)."""
+    from transformers import Qwen3VLConfig
+
+    token_ids = QWEN_TOKEN_IDS if vocab_size > VIDEO_PAD_ID else small_vocab_token_ids(vocab_size)
+    num_heads = max(2, hidden_size // 32)
+    depth = max(vision_depth, 2)
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 2 * hidden_size,
+        num_hidden_layers=max(num_layers, 2),
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads // 2,
+        head_dim=48,  # 24 frequencies: t, h, w interleaved over the first 21, then t
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [10, 7, 7],
+            "mrope_interleaved": True,
+        },
+        initializer_range=initializer_range,
+        bos_token_id=min(ENDOFTEXT_ID, vocab_size - 1),
+        eos_token_id=min(IM_END_ID, vocab_size - 1),
+        tie_word_embeddings=tied,
+    )
+    vision = dict(
+        depth=depth,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=hidden_size,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0, depth - 1],
+        initializer_range=initializer_range,
+    )
+    config = Qwen3VLConfig(
+        text_config=text, vision_config=vision, tie_word_embeddings=tied, **token_ids
+    )
+    config.architectures = ["Qwen3VLForConditionalGeneration"]
+    return config
+
+
+def _model_class(family: str):
+    import transformers
+
+    names = {
+        "qwen2_vl": "Qwen2VLForConditionalGeneration",
+        "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+        "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    }
+    if family not in names:
+        raise ValueError(f"unknown family {family!r}; known: {sorted(names)}")
+    return getattr(transformers, names[family])
+
+
 def tiny_hf_model(family: str = "qwen2_5_vl", *, tied: bool = False, seed: int = 0, **kwargs):
     """A random transformers model (fp32, eval mode) built from `tiny_hf_config`."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     config = tiny_hf_config(family, tied=tied, **kwargs)
-    cls = (
-        Qwen2VLForConditionalGeneration
-        if family == "qwen2_vl"
-        else Qwen2_5_VLForConditionalGeneration
-    )
     torch.manual_seed(seed)
-    model = cls(config).eval()
+    model = _model_class(family)(config).eval()
     return model
 
 

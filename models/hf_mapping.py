@@ -25,6 +25,7 @@ _RENAMES = (
     ("visual.merger.mlp.0.", "visual.merger.fc1."),
     ("visual.merger.mlp.2.", "visual.merger.fc2."),
     ("visual.patch_embed.proj.weight", "visual.patch_embed.weight"),
+    ("visual.patch_embed.proj.bias", "visual.patch_embed.bias"),  # Qwen3-VL
 )
 
 

@@ -1,8 +1,11 @@
-"""Qwen2-VL / Qwen2.5-VL for conditional generation, in Flax NNX.
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL (dense) for conditional generation, in Flax NNX.
 
-The text decoder is shared by both families: token embeddings (image features scattered into
-the prompt's image-pad positions), pre-norm decoder layers with GQA attention (q/k/v biases),
-3-D M-RoPE, SwiGLU MLP, final RMSNorm and a tied or untied lm_head.
+The text decoder is shared by the three families: token embeddings (image features scattered
+into the prompt's image-pad positions), pre-norm decoder layers with GQA attention, 3-D M-RoPE,
+SwiGLU MLP, final RMSNorm and a tied or untied lm_head. Qwen2/2.5: q/k/v biases, chunked
+M-RoPE. Qwen3: no biases, RMSNorm of each query and key head before the rotation, interleaved
+M-RoPE, and DeepStack: the vision tower's extra feature levels are added to the hidden states of
+the image tokens after decoder layers 0, 1, ... (models/qwen3_vision.py).
 
 Inputs are arrays with static shapes; everything data-dependent (M-RoPE positions, where each
 image feature goes) is computed on the host (models/rope.py, models/vision_inputs.py).
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from maye_jax.models.configs import ModelConfig, TextConfig
+from maye_jax.models.configs import FAMILY_QWEN3_VL, ModelConfig, TextConfig
 from maye_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     REMAT_POLICIES,
@@ -28,6 +31,7 @@ from maye_jax.models.layers import (
     matmul_precision,
     remat_name,
 )
+from maye_jax.models.qwen3_vision import Qwen3VisionTower
 from maye_jax.models.rope import text_rotary_tables
 from maye_jax.models.vision import VisionTower
 
@@ -48,10 +52,18 @@ class TextAttention(nnx.Module):
             )
         self.implementation = implementation
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = Linear(cfg.hidden_size, q_dim, use_bias=True, **kw)
-        self.k_proj = Linear(cfg.hidden_size, kv_dim, use_bias=True, **kw)
-        self.v_proj = Linear(cfg.hidden_size, kv_dim, use_bias=True, **kw)
-        self.o_proj = Linear(q_dim, cfg.hidden_size, use_bias=False, **kw)
+        bias = cfg.attention_bias
+        self.q_proj = Linear(cfg.hidden_size, q_dim, use_bias=bias, **kw)
+        self.k_proj = Linear(cfg.hidden_size, kv_dim, use_bias=bias, **kw)
+        self.v_proj = Linear(cfg.hidden_size, kv_dim, use_bias=bias, **kw)
+        # Qwen2's output projection has no bias; Qwen3's `attention_bias` covers all four
+        self.o_proj = Linear(q_dim, cfg.hidden_size, use_bias=bias and cfg.qk_norm, **kw)
+        if cfg.qk_norm:
+            norm = dict(eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(cfg.head_dim, **norm)
+            self.k_norm = RMSNorm(cfg.head_dim, **norm)
+        else:
+            self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
             cfg.num_kv_heads,
@@ -69,6 +81,8 @@ class TextAttention(nnx.Module):
         query = rearrange(self.q_proj(x), split_heads, d=self.head_dim)
         key = rearrange(self.k_proj(x), split_heads, d=self.head_dim)
         value = rearrange(self.v_proj(x), split_heads, d=self.head_dim)
+        if self.q_norm is not None:  # per head, over head_dim
+            query, key = self.q_norm(query), self.k_norm(key)
         query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
         if kv_cache is not None:
             cached_keys, cached_values = kv_cache
@@ -155,11 +169,24 @@ class TextDecoder(nnx.Module):
             cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype
         )
 
-    def __call__(self, embeds, positions, mask, kv_caches=None, cache_index=None):
-        """embeds [B, L, D], positions [3, B, L] -> final-normed hidden states [B, L, D]."""
-        cos, sin = text_rotary_tables(
-            positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.mrope_section, self.dtype
+    def rotary_tables(self, positions):
+        """cos/sin [B, L, head_dim] of M-RoPE positions [3, B, L]."""
+        cfg = self.cfg
+        return text_rotary_tables(
+            positions,
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.mrope_section,
+            self.dtype,
+            interleaved=cfg.mrope_interleaved,
         )
+
+    def __call__(self, embeds, positions, mask, kv_caches=None, cache_index=None, deepstack=None):
+        """embeds [B, L, D], positions [3, B, L] -> final-normed hidden states [B, L, D].
+
+        `deepstack` [K, B, L, D] (Qwen3-VL; zero on text tokens): level k is added to the
+        output of layer k."""
+        cos, sin = self.rotary_tables(positions)
         x = embeds
         new_caches = []
         for index, layer in enumerate(self.layers):
@@ -170,6 +197,8 @@ class TextDecoder(nnx.Module):
                 )(layer, x)
             else:
                 x, cache = layer(x, cos, sin, mask, cache, cache_index)
+            if deepstack is not None and index < deepstack.shape[0]:
+                x = x + deepstack[index].astype(x.dtype)
             new_caches.append(cache)
         return self.norm(x), (new_caches if kv_caches is not None else None)
 
@@ -183,7 +212,8 @@ def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 class QwenVLForConditionalGeneration(nnx.Module):
-    """Both families; `config.family` selects the vision tower variant."""
+    """Every family; `config.family` selects the vision tower (and config.text the decoder's
+    variant)."""
 
     def __init__(
         self,
@@ -200,9 +230,14 @@ class QwenVLForConditionalGeneration(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
         self.dtype = dtype
-        self.visual = VisionTower(
-            config.vision, config.family, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        if config.family == FAMILY_QWEN3_VL:
+            self.visual = Qwen3VisionTower(
+                config.vision, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+        else:
+            self.visual = VisionTower(
+                config.vision, config.family, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
         self.language_model = TextDecoder(
             config.text,
             dtype=dtype,
@@ -220,18 +255,35 @@ class QwenVLForConditionalGeneration(nnx.Module):
             )
 
     # -- pieces ---------------------------------------------------------------------------
-    def encode_images(self, patches, rope_hw, full_segment_ids, window_segment_ids):
-        """Packed patches -> merged image features [num_slots / 4, hidden] (vision_inputs.py)."""
-        return self.visual(patches, rope_hw, full_segment_ids, window_segment_ids)
+    def encode_images(
+        self, patches, rope_hw, full_segment_ids, window_segment_ids, grid_hw=None
+    ) -> jax.Array:
+        """Packed images (vision_inputs.PackedImages.arrays()) -> image features
+        [num_slots / 4, (1 + K) * hidden]: each merged token's feature, then its K DeepStack
+        levels (Qwen3-VL; K = 0 otherwise)."""
+        return self.visual(patches, rope_hw, full_segment_ids, window_segment_ids, grid_hw=grid_hw)
+
+    def place_image_features(self, embeds, features, is_image):
+        """Token embeddings [B, L, D] with `features` [B, L, (1 + K) * D] (each token's image
+        feature, gathered) in place where `is_image` [B, L]; and the DeepStack levels
+        [K, B, L, D], zero on text tokens (None when K = 0)."""
+        hidden = embeds.shape[-1]
+        features = features.astype(embeds.dtype)
+        embeds = jnp.where(is_image[..., None], features[..., :hidden], embeds)
+        levels = self.config.num_deepstack_levels
+        if levels == 0:
+            return embeds, None
+        deepstack = rearrange(features[..., hidden:], "b l (k d) -> k b l d", k=levels)
+        return embeds, jnp.where(is_image[None, ..., None], deepstack, 0)
 
     def embed(self, input_ids, image_features=None, image_feature_index=None):
-        """Token embeddings [B, L, D]; where image_feature_index >= 0 the image feature is used."""
+        """(token embeddings [B, L, D], DeepStack levels [K, B, L, D] or None): where
+        image_feature_index >= 0 the image feature of that index is used."""
         embeds = self.language_model.embed_tokens(input_ids)
         if image_features is None:
-            return embeds
-        safe_index = jnp.maximum(image_feature_index, 0)
-        gathered = jnp.take(image_features.astype(embeds.dtype), safe_index, axis=0)
-        return jnp.where((image_feature_index >= 0)[..., None], gathered, embeds)
+            return embeds, None
+        gathered = jnp.take(image_features, jnp.maximum(image_feature_index, 0), axis=0)
+        return self.place_image_features(embeds, gathered, image_feature_index >= 0)
 
     def output_embedding(self) -> jax.Array:
         """The [vocab, hidden] matrix that maps hidden states to logits."""
@@ -244,8 +296,10 @@ class QwenVLForConditionalGeneration(nnx.Module):
         self, input_ids, positions, attention_mask, image_features=None, image_feature_index=None
     ):
         """Final hidden states [B, L, D] (after the last RMSNorm)."""
-        embeds = self.embed(input_ids, image_features, image_feature_index)
-        hidden, _ = self.language_model(embeds, positions, causal_padding_mask(attention_mask))
+        embeds, deepstack = self.embed(input_ids, image_features, image_feature_index)
+        hidden, _ = self.language_model(
+            embeds, positions, causal_padding_mask(attention_mask), deepstack=deepstack
+        )
         return hidden
 
     def logits(self, hidden):

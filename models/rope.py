@@ -115,22 +115,38 @@ def get_rope_index(
     return positions.astype(np.int32), deltas.astype(np.int32)
 
 
+def mrope_components(mrope_section: tuple[int, int, int], interleaved: bool) -> np.ndarray:
+    """Which position component (0 t, 1 h, 2 w) rotates each of the head_dim/2 frequencies.
+
+    Chunked (Qwen2-VL, Qwen2.5-VL): the first `mrope_section[0]` frequencies follow t, the next
+    `mrope_section[1]` h, the last w. Interleaved (Qwen3-VL, [24, 20, 20]): t, h, w, t, h, w, ...
+    (h on slots 1, 4, ... below 3 * mrope_section[1], w on 2, 5, ... below 3 * mrope_section[2],
+    t everywhere else), so every component spans low to high frequencies.
+    """
+    if not interleaved:
+        return np.repeat(np.arange(3), mrope_section)
+    component = np.zeros(sum(mrope_section), np.int64)
+    component[1 : 3 * mrope_section[1] : 3] = 1
+    component[2 : 3 * mrope_section[2] : 3] = 2
+    return component
+
+
 def text_rotary_tables(
     positions: jax.Array,
     head_dim: int,
     rope_theta: float,
     mrope_section: tuple[int, int, int],
     dtype,
+    interleaved: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """cos/sin [B, L, head_dim] for M-RoPE positions [3, B, L].
 
-    Frequency j of the first half of the head uses the temporal component when j falls in the
-    first `mrope_section[0]` frequencies, height in the next `mrope_section[1]`, width in the
-    last; the second half repeats the first (rotate-half convention).
+    Frequency j of the first half of the head rotates with the position component
+    `mrope_components(...)[j]`; the second half repeats the first (rotate-half convention).
     """
     inv_freq = 1.0 / (rope_theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [3, B, L, head_dim/2]
-    component = np.repeat(np.arange(3), mrope_section)  # which of t/h/w feeds each frequency
+    component = mrope_components(mrope_section, interleaved)
     # Advanced indexing on axes 0 and 3 puts the frequency axis first: [F, B, L].
     freqs = jnp.moveaxis(freqs[component, :, :, np.arange(len(component))], 0, -1)
     emb = jnp.concatenate([freqs, freqs], axis=-1)

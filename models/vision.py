@@ -5,7 +5,8 @@ Qwen2.5-VL: RMSNorm, SwiGLU MLP with biases, window attention except in `fullatt
             RMSNorm merger.
 Both: 3-D patch convolution (2 x 14 x 14, stride = kernel) done as one matmul, 2-D rotary
 embedding over (row, col), and a merger that concatenates each 2x2 block of patches and maps it
-to the text width with a GELU MLP.
+to the text width with a GELU MLP. The blocks also serve Qwen3-VL (LayerNorm, GELU-tanh MLP
+`linear_fc1`/`linear_fc2`, full attention), whose tower is models/qwen3_vision.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 from einops import rearrange
 from flax import nnx
 
-from maye_jax.models.configs import FAMILY_QWEN2_5_VL, VisionConfig
+from maye_jax.models.configs import FAMILY_QWEN2_5_VL, FAMILY_QWEN3_VL, VisionConfig
 from maye_jax.models.layers import LayerNorm, Linear, RMSNorm, activation, apply_rotary, attention
 from maye_jax.models.rope import vision_rotary_tables
 
@@ -73,15 +74,30 @@ class VisionMLP(nnx.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class Qwen3VisionMLP(nnx.Module):
+    """Qwen3-VL: linear_fc2(act(linear_fc1 x)), with biases (transformers' parameter names)."""
+
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_fc1 = Linear(cfg.embed_dim, cfg.mlp_hidden_dim, **kw)
+        self.linear_fc2 = Linear(cfg.mlp_hidden_dim, cfg.embed_dim, **kw)
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, x):
+        return self.linear_fc2(self.act(self.linear_fc1(x)))
+
+
 class VisionBlock(nnx.Module):
     def __init__(self, cfg: VisionConfig, family: str, *, dtype, param_dtype, rngs: nnx.Rngs):
         norm = _norm_factory(family, dtype, param_dtype)
         self.norm1 = norm(cfg.embed_dim)
         self.norm2 = norm(cfg.embed_dim)
         self.attn = VisionAttention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.mlp = VisionMLP(
-            cfg, gated=family == FAMILY_QWEN2_5_VL, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-        )
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        if family == FAMILY_QWEN3_VL:
+            self.mlp = Qwen3VisionMLP(cfg, **kw)
+        else:
+            self.mlp = VisionMLP(cfg, gated=family == FAMILY_QWEN2_5_VL, **kw)
 
     def __call__(self, x, cos, sin, mask):
         x = x + self.attn(self.norm1(x), cos, sin, mask)
@@ -136,8 +152,9 @@ class VisionTower(nnx.Module):
         )
         self.merger = PatchMerger(cfg, family, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, patches, rope_hw, full_segment_ids, window_segment_ids):
-        """patches [R, S, patch_dim] -> merged features [R * S / merge**2, out_dim].
+    def __call__(self, patches, rope_hw, full_segment_ids, window_segment_ids, grid_hw=None):
+        """patches [R, S, patch_dim] -> merged features [R * S / merge**2, out_dim] (`grid_hw`,
+        each slot's image grid, is for Qwen3-VL's position table; unused here).
 
         Slots attend only to slots of the same segment (image frame, or window); padding slots
         attend to themselves only, so they stay finite and never leak into real patches.

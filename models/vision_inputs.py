@@ -7,7 +7,9 @@ next-fit), padded, and every slot carries:
 - its (row, col) rotary coordinates,
 - a full-attention segment id (one per image frame; -1 for padding): attention never crosses
   images,
-- a window segment id (Qwen2.5-VL window attention; equal to the full id for Qwen2-VL).
+- a window segment id (Qwen2.5-VL window attention; equal to the full id for Qwen2-VL and
+  Qwen3-VL),
+- the (height, width) of its image's patch grid (Qwen3-VL resamples its position table to it).
 For Qwen2.5-VL the merged units of each image are laid out in window order (windows
 contiguous, as transformers does); `feature_index` undoes that reordering: it lists, for every
 image token of the batch in LLM order, the flat index of its merged feature in the tower output
@@ -31,15 +33,30 @@ class PackedImages:
     rope_hw: np.ndarray  # [rows, row_len, 2] int32
     full_segment_ids: np.ndarray  # [rows, row_len] int32, -1 = padding
     window_segment_ids: np.ndarray  # [rows, row_len] int32, -1 = padding
+    grid_hw: np.ndarray  # [rows, row_len, 2] int32, (0, 0) on padding
     feature_index: np.ndarray  # [num_image_tokens] int32, image tokens in LLM order
 
     def arrays(self) -> dict[str, np.ndarray]:
+        """The tower's inputs by name (`model.encode_images(**arrays)`)."""
         return {
             "patches": self.patches,
             "rope_hw": self.rope_hw,
             "full_segment_ids": self.full_segment_ids,
             "window_segment_ids": self.window_segment_ids,
+            "grid_hw": self.grid_hw,
         }
+
+
+def empty_vision_arrays(num_rows: int, row_len: int, patch_dim: int, leading=()) -> dict:
+    """`PackedImages.arrays()` of rows with no image at all (every slot padding)."""
+    shape = (*leading, num_rows, row_len)
+    return {
+        "patches": np.zeros((*shape, patch_dim), np.float32),
+        "rope_hw": np.zeros((*shape, 2), np.int32),
+        "full_segment_ids": np.full(shape, -1, np.int32),
+        "window_segment_ids": np.full(shape, -1, np.int32),
+        "grid_hw": np.zeros((*shape, 2), np.int32),
+    }
 
 
 def pack_images(
@@ -86,10 +103,9 @@ def pack_images(
         raise ValueError(f"num_rows {num_rows} < {needed_rows} rows needed for these images")
 
     rope_hw_all = vision_rope_positions(grids, config.spatial_merge_size)
-    patches = np.zeros((num_rows, row_len, config.patch_dim), np.float32)
-    rope_hw = np.zeros((num_rows, row_len, 2), np.int32)
-    full_ids = np.full((num_rows, row_len), -1, np.int32)
-    window_ids = np.full((num_rows, row_len), -1, np.int32)
+    arrays = empty_vision_arrays(num_rows, row_len, config.patch_dim)
+    patches, rope_hw, grid_hw = arrays["patches"], arrays["rope_hw"], arrays["grid_hw"]
+    full_ids, window_ids = arrays["full_segment_ids"], arrays["window_segment_ids"]
     feature_index = []
     patch_start, segment_base, window_base = 0, 0, 0
     for (t, h, w), (row, start) in zip(grids.tolist(), placements):
@@ -113,6 +129,7 @@ def pack_images(
         rope_hw[row, span] = rope_hw_all[patch_start + slot_patch]
         full_ids[row, span] = segment_base + frame_of_patch[slot_patch]
         window_ids[row, span] = window_base + np.repeat(unit_windows, merge_unit)
+        grid_hw[row, span] = (h, w)
         # The inverse permutation: merged unit u sits at window-order position inverse[u].
         inverse = np.argsort(order)
         feature_index.append(row * (row_len // merge_unit) + start // merge_unit + inverse)
@@ -124,6 +141,7 @@ def pack_images(
         rope_hw=rope_hw,
         full_segment_ids=full_ids,
         window_segment_ids=window_ids,
+        grid_hw=grid_hw,
         feature_index=(
             np.concatenate(feature_index) if feature_index else np.zeros((0,), np.int64)
         ).astype(np.int32),

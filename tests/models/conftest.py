@@ -12,14 +12,34 @@ from maye_jax.models.hf_mapping import load_hf_tensors
 from maye_jax.models.qwen_vl import build_model
 from maye_jax.tiny import tiny_hf_model
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 VARIANTS = [(f, t) for f in FAMILIES for t in (False, True)]
+
+
+def randomize_norms_and_biases(hf, seed: int) -> None:
+    """Norm weights around 1, biases and the position table random: transformers initialises
+    norms to 1 and biases to 0, which would hide a missing bias, norm or position table."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if "norm" in name and name.endswith("weight"):
+                param.copy_(1 + 0.3 * noise)
+            elif name.endswith("bias"):
+                param.copy_(0.3 * noise)
+            elif "pos_embed" in name:
+                param.copy_(noise)
 
 
 @functools.cache
 def hf_and_flax(family: str, tied: bool):
-    """(hf_model, flax_model, ModelConfig) with identical weights, fp32, built once per session."""
+    """(hf_model, flax_model, ModelConfig) with identical weights, fp32, built once per session
+    (Qwen3-VL's norms, biases and position table randomised)."""
     hf = tiny_hf_model(family, tied=tied, seed=1, initializer_range=0.2)
+    if family == "qwen3_vl":
+        randomize_norms_and_biases(hf, seed=2)
     config = ModelConfig.from_hf(hf.config)
     state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
     flax_model = load_hf_tensors(build_model(config, abstract=True), state.items())
@@ -48,6 +68,9 @@ def make_batch(config: ModelConfig, seed: int = 0, with_generated_image_pad: boo
         return [start_id] + [image_id] * (grid[1] * grid[2] // merge**2) + [end_id]
 
     grids = [(1, 8, 8), (1, 4, 6), (1, 6, 10)]  # row 0: two images; row 1: one
+    if config.vision.num_position_embeddings:  # Qwen3-VL: a 4 x 4 table
+        # square, wide and tall; the table resampled to grids larger and smaller than it
+        grids = [(1, 8, 8), (1, 2, 6), (1, 10, 4)]
     prompts = [
         text(3) + image_tokens(grids[0]) + text(2) + image_tokens(grids[1]) + text(4),
         text(2) + image_tokens(grids[2]) + text(5),

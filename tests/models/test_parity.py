@@ -1,4 +1,5 @@
-"""Logits and vision-feature parity with transformers (fp32, tiny random models)."""
+"""Logits and vision-feature parity with transformers (fp32, tiny random models of every family;
+Qwen3-VL's features include every DeepStack level)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,19 @@ LOGIT_TOL = 1e-4
 
 
 def _hf_image_features(hf, batch):
+    """[tokens, (1 + K) * D]: the merged features, then each DeepStack level (Qwen3-VL)."""
     with torch.no_grad():
         out = hf.model.get_image_features(
             torch.tensor(batch["pixel_values"]),
             torch.tensor(batch["image_grid_thw"]),
             return_dict=True,
         )
-    return torch.cat(out.pooler_output, dim=0).numpy()
+    levels = [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+    return torch.cat([torch.cat(level, dim=0) for level in levels], dim=-1).numpy()
+
+
+def _encode(model, packed):
+    return model.encode_images(**{n: jnp.asarray(a) for n, a in packed.arrays().items()})
 
 
 def _flax_logits(model, config, batch):
@@ -33,7 +40,7 @@ def _flax_logits(model, config, batch):
         config.vision.spatial_merge_size,
     )
     packed = pack_images(batch["pixel_values"], batch["image_grid_thw"], config.vision)
-    features = model.encode_images(*(jnp.asarray(a) for a in packed.arrays().values()))
+    features = _encode(model, packed)
     index = image_feature_index(types, packed.feature_index)
     return np.asarray(
         model(
@@ -63,10 +70,17 @@ def _hf_logits_from_parts(hf, batch):
             attention_mask=mask,
         )
         embeds = hf.model.language_model.embed_tokens(input_ids)
+        hidden_size = embeds.shape[-1]
         features = torch.tensor(_hf_image_features(hf, batch))
-        embeds[types.bool()] = features
+        embeds[types.bool()] = features[:, :hidden_size]
+        deepstack = {}
+        if features.shape[-1] > hidden_size:  # Qwen3-VL: the DeepStack levels
+            deepstack = dict(
+                visual_pos_masks=types.bool(),
+                deepstack_visual_embeds=list(features[:, hidden_size:].split(hidden_size, -1)),
+            )
         hidden = hf.model.language_model(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions
+            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, **deepstack
         ).last_hidden_state
         return hf.lm_head(hidden).numpy()
 
@@ -79,10 +93,10 @@ def test_vision_features_match_transformers(variant):
     hf, model, config = variant
     batch = make_batch(config)
     packed = pack_images(batch["pixel_values"], batch["image_grid_thw"], config.vision)
-    ours = np.asarray(model.encode_images(*(jnp.asarray(a) for a in packed.arrays().values())))
-    ours = ours[packed.feature_index]
+    ours = np.asarray(_encode(model, packed))[packed.feature_index]
     reference = _hf_image_features(hf, batch)
     assert ours.shape == reference.shape
+    assert ours.shape[1] == (1 + config.num_deepstack_levels) * config.text.hidden_size
     np.testing.assert_allclose(ours, reference, atol=LOGIT_TOL, rtol=0)
 
 
@@ -99,7 +113,7 @@ def test_vision_features_independent_of_packing(variant):
             row_len=row_len,
             num_rows=num_rows,
         )
-        feats = model.encode_images(*(jnp.asarray(a) for a in packed.arrays().values()))
+        feats = _encode(model, packed)
         outs.append(np.asarray(feats)[packed.feature_index])
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
     np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)

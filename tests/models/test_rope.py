@@ -16,7 +16,7 @@ from maye_jax.models.rope import (
 from tests.models.conftest import hf_and_flax, make_batch
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_get_rope_index_matches_transformers(family):
     hf, _, config = hf_and_flax(family, False)
     batch = make_batch(config)
