@@ -7,7 +7,8 @@ over weights stacked along a new leading axis bounds that to a single layer: eac
 gathers its layer, and its gradient is reduced back to shards before the next one.
 
 Numerically the same computation as `TextDecoder.__call__` without a KV cache (rotary tables,
-the layers in order, the final norm); the equality is tested in tests/maye_jax/test_update.py.
+the layers in order with any DeepStack levels, the final norm); the equality is tested in
+tests/maye_jax/training/test_update.py.
 It works on the flat parameter dict of the update (`{"language_model.layers.<i>.<...>": array}`),
 so the update step chooses it (`UpdateConfig.scan_layers`, the default) without changing the
 module tree that checkpoints, HF conversion and the sampler share.
@@ -24,7 +25,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from maye_jax.models.layers import REMAT_POLICIES
 from maye_jax.models.qwen_vl import causal_padding_mask
-from maye_jax.models.rope import text_rotary_tables
 
 LAYER_PREFIX = "language_model.layers."
 
@@ -55,20 +55,29 @@ def stack_layers(
     return stacked
 
 
+# How a scan runs the decoder of a model with DeepStack (Qwen3-VL), whose levels are added after
+# layers 0 .. K-1 (benchmarks/deepstack_scan.py measures both):
+#   "unroll": layers 0 .. K-1 run one by one, each followed by its level, the rest are scanned;
+#   "carry":  every layer is scanned; the levels ride along (closed over, not carried per
+#             iteration) and layer i adds level i when i < K.
+DEEPSTACK_SCAN_MODES = ("unroll", "carry")
+
+
 def scanned_decoder(
     model: nnx.Module,
     stacked: Mapping[str, jax.Array],
     embeds: jax.Array,  # [B, L, D]
     positions: jax.Array,  # [3, B, L]
     attention_mask: jax.Array,  # [B, L]
+    deepstack: jax.Array | None = None,  # [K, B, L, D], zero on text tokens
+    deepstack_mode: str = "unroll",
 ) -> jax.Array:  # final-normed hidden states [B, L, D]
-    """`model.language_model(embeds, positions, mask)` with the layers scanned (remat per layer,
-    with the model's remat policy, when it was built with `remat`)."""
+    """`model.language_model(embeds, positions, mask, deepstack=deepstack)` with the layers
+    scanned (remat per layer, with the model's remat policy, when it was built with `remat`)."""
+    if deepstack_mode not in DEEPSTACK_SCAN_MODES:
+        raise ValueError(f"deepstack_mode {deepstack_mode!r}: one of {DEEPSTACK_SCAN_MODES}")
     text = model.language_model
-    cfg = text.cfg
-    cos, sin = text_rotary_tables(
-        positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section, text.dtype
-    )
+    cos, sin = text.rotary_tables(positions)
     mask = causal_padding_mask(attention_mask)
     layer_def = nnx.graphdef(text.layers[0])
     layer_paths = {
@@ -76,12 +85,30 @@ def scanned_decoder(
         for path, _ in nnx.to_flat_state(nnx.state(text.layers[0]))
     }
 
-    def one_layer(hidden, layer_params):
+    def run_layer(hidden, layer_params):
         state = nnx.from_flat_state({layer_paths[n]: v for n, v in layer_params.items()})
         hidden, _ = nnx.merge(layer_def, state)(hidden, cos, sin, mask)
-        return hidden, None
+        return hidden
 
     if text.remat:  # scan already prevents CSE
-        one_layer = jax.checkpoint(one_layer, prevent_cse=False, policy=REMAT_POLICIES[text.remat])
-    hidden, _ = jax.lax.scan(one_layer, embeds, dict(stacked))
+        run_layer = jax.checkpoint(run_layer, prevent_cse=False, policy=REMAT_POLICIES[text.remat])
+    levels = 0 if deepstack is None else deepstack.shape[0]
+    hidden = embeds
+    if deepstack_mode == "unroll" and levels:
+        for index in range(levels):
+            hidden = run_layer(hidden, {n: v[index] for n, v in stacked.items()})
+            hidden = hidden + deepstack[index].astype(hidden.dtype)
+        stacked = {n: v[levels:] for n, v in stacked.items()}
+        levels = 0
+
+    def one_layer(hidden, layer):
+        index, layer_params = layer
+        hidden = run_layer(hidden, layer_params)
+        if levels:  # "carry": layer `index` adds level `index` while there is one
+            level = deepstack[jnp.minimum(index, levels - 1)].astype(hidden.dtype)
+            hidden = jnp.where(index < levels, hidden + level, hidden)
+        return hidden, None
+
+    num_layers = next(iter(stacked.values())).shape[0]
+    hidden, _ = jax.lax.scan(one_layer, hidden, (jnp.arange(num_layers), dict(stacked)))
     return text.norm(hidden)

@@ -195,12 +195,7 @@ def image_features(model: nnx.Module, vision: dict | None):
     """The frozen tower's output for a batch; computed once and reused by every forward."""
     if vision is None:
         return None
-    return model.encode_images(
-        vision["patches"],
-        vision["rope_hw"],
-        vision["full_segment_ids"],
-        vision["window_segment_ids"],
-    )
+    return model.encode_images(**vision)
 
 
 @nnx.jit

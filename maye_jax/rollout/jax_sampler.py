@@ -169,7 +169,7 @@ class JaxSampler:
         stop_ids = np.full(bucket(len(sampling.stop_token_ids), 4), _NO_TOKEN, np.int32)
         stop_ids[: len(sampling.stop_token_ids)] = sampling.stop_token_ids
         vision = None if batch.vision is None else jax.tree.map(jnp.asarray, batch.vision)
-        embeds = _prompt_embeddings(
+        embeds, deepstack = _prompt_embeddings(
             self._graphdef,
             self._state,
             jnp.asarray(batch.input_ids[:, :prompt_len]),
@@ -180,6 +180,7 @@ class JaxSampler:
             self._graphdef,
             self._state,
             embeds,
+            deepstack,
             jnp.asarray(batch.positions[:, :, :prompt_len]),
             jnp.asarray(batch.attention_mask[:, :prompt_len]),
             jnp.asarray(batch.rope_deltas),
@@ -247,7 +248,8 @@ def _check_sampling(sampling: Sampling) -> None:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _prompt_embeddings(graphdef, state, input_ids, image_feature_index, vision):
-    """[prompt rows, P, D] token embeddings with the image features in place."""
+    """[prompt rows, P, D] token embeddings with the image features in place, and the DeepStack
+    levels [K, prompt rows, P, D] (Qwen3-VL) or None."""
     TRACE_COUNTS["prompt_embeddings"] += 1
     model = nnx.merge(graphdef, state)
     features = image_features(model, vision)
@@ -261,6 +263,7 @@ def _generate(
     graphdef,
     state,
     embeds,  # [Bp, P, D] prompt embeddings
+    deepstack,  # [K, Bp, P, D] the prompt's DeepStack levels (Qwen3-VL), or None
     positions,  # [3, Bp, P] M-RoPE positions of the prompt
     prompt_mask,  # [Bp, P] 1 = prompt token, 0 = left padding
     rope_deltas,  # [Bp]
@@ -299,6 +302,7 @@ def _generate(
         causal_padding_mask(prompt_mask),
         kv_caches=[(empty, empty)] * text.num_layers,
         cache_index=0,
+        deepstack=deepstack,
     )
     first_logits = jnp.take(model.logits(hidden[:, -1:])[:, 0], row_prompt, axis=0)  # [B, V]
 
@@ -357,7 +361,7 @@ def _generate(
         )
         mask = jnp.concatenate([prompt_slots, response_slots], axis=1)[:, None, :]  # [B, 1, K]
         hidden, caches = step_model.language_model(
-            step_model.embed(last_token[:, None]),
+            step_model.language_model.embed_tokens(last_token[:, None]),
             step_positions,
             mask,
             kv_caches=caches,

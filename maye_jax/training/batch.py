@@ -25,7 +25,8 @@ micro-batches, its first two axes are (micro-batch, row):
                                   `image_features` (frozen tower) or into its micro-batch's tower
                                   output (training tower)
     image_features                [B, F, D] each row's frozen-tower features
-    vision                        {patches, rope_hw, full_segment_ids, window_segment_ids}, each
+    vision                        {patches, rope_hw, full_segment_ids, window_segment_ids,
+                                  grid_hw} (vision_inputs.PackedImages.arrays()), each
                                   [M, ...]: the packed images of each micro-batch (training
                                   tower only); attached after the split, never indexed by rows
 """
@@ -44,7 +45,7 @@ from jax.sharding import NamedSharding
 from maye_jax.data.sequences import SequenceBatch, response_bucket
 from maye_jax.models.configs import VisionConfig
 from maye_jax.models.shapes import bucket
-from maye_jax.models.vision_inputs import pack_images
+from maye_jax.models.vision_inputs import empty_vision_arrays, pack_images
 from maye_jax.sharding.layout import Layout, row_sharding
 
 # The value each row field holds on a padding row: no token is attended or learned from.
@@ -295,12 +296,9 @@ def micro_batch_images(
             if expected:
                 index[r, is_image_token[r]] = packed.feature_index[starts[p] : starts[p] + expected]
     tower_rows = bucket(max((p["patches"].shape[0] for p in packs if p), default=1), minimum=1)
-    vision = {
-        "patches": np.zeros((num_micro, tower_rows, row_len, vision_config.patch_dim), np.float32),
-        "rope_hw": np.zeros((num_micro, tower_rows, row_len, 2), np.int32),
-        "full_segment_ids": np.full((num_micro, tower_rows, row_len), -1, np.int32),
-        "window_segment_ids": np.full((num_micro, tower_rows, row_len), -1, np.int32),
-    }
+    # a micro-batch without images runs the tower on padding slots only: its output is never
+    # placed, so the tower's gradient from it is exactly zero, and every step has one program
+    vision = empty_vision_arrays(tower_rows, row_len, vision_config.patch_dim, (num_micro,))
     for m, pack in enumerate(packs):
         for name, value in (pack or {}).items():
             vision[name][m, : value.shape[0]] = value

@@ -51,12 +51,14 @@ class UpdateConfig:
     are those of `log_softmax(logits / temperature)`; logprob_chunk_size: sequence chunk for the
     logits (memory); scan_layers: run the decoder layers as one scan over stacked weights
     (`models/layer_scan.py`), which bounds FSDP's gathered weights and full-size gradients to
-    one layer at a time; False: the model's own layer loop; None: `scans_layers` decides."""
+    one layer at a time; False: the model's own layer loop; None: `scans_layers` decides;
+    deepstack_scan: how the scan meets Qwen3-VL's DeepStack levels (`layer_scan.py`)."""
 
     loss: LossConfig = LossConfig()
     temperature: float = 1.0
     logprob_chunk_size: int = 512
     scan_layers: bool | None = None
+    deepstack_scan: str = "unroll"
 
 
 def scans_layers(config: UpdateConfig, layout: Layout | None) -> bool:
@@ -78,30 +80,35 @@ def scans_layers(config: UpdateConfig, layout: Layout | None) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _hidden_states(model, micro: UpdateBatch, stacked_layers: dict | None) -> jax.Array:
+def _hidden_states(
+    model, micro: UpdateBatch, stacked_layers: dict | None, deepstack_scan: str = "unroll"
+) -> jax.Array:
     """Final hidden states [b, P + R, D] of one micro-batch."""
     index = micro.image_feature_index
+    deepstack = None  # [K, b, L, D] Qwen3-VL's DeepStack levels at the image tokens
     if micro.vision is not None:  # the tower trains: run it here, index into its output
-        vision = micro.vision
-        features = model.encode_images(
-            vision["patches"],
-            vision["rope_hw"],
-            vision["full_segment_ids"],
-            vision["window_segment_ids"],
-        )
-        embeds = model.embed(micro.input_ids, features, index)
+        features = model.encode_images(**micro.vision)
+        embeds, deepstack = model.embed(micro.input_ids, features, index)
     else:
         embeds = model.language_model.embed_tokens(micro.input_ids)  # [b, L, D]
-    if micro.image_features is not None:  # each row's precomputed features, [b, F, D]
+    if micro.image_features is not None:  # each row's precomputed features, [b, F, (1+K) D]
         gathered = jnp.take_along_axis(
             micro.image_features, jnp.maximum(index, 0)[..., None], axis=1
         )
-        embeds = jnp.where((index >= 0)[..., None], gathered.astype(embeds.dtype), embeds)
+        embeds, deepstack = model.place_image_features(embeds, gathered, index >= 0)
     positions = jnp.swapaxes(micro.positions, 0, 1)  # [b, 3, L] -> the model's [3, b, L]
     if stacked_layers is not None:
-        return scanned_decoder(model, stacked_layers, embeds, positions, micro.attention_mask)
+        return scanned_decoder(
+            model,
+            stacked_layers,
+            embeds,
+            positions,
+            micro.attention_mask,
+            deepstack=deepstack,
+            deepstack_mode=deepstack_scan,
+        )
     mask = causal_padding_mask(micro.attention_mask)
-    hidden, _ = model.language_model(embeds, positions, mask)
+    hidden, _ = model.language_model(embeds, positions, mask, deepstack=deepstack)
     return hidden
 
 
@@ -137,7 +144,7 @@ def micro_batch_loss(
         shardings = layout and {**layout.params, **layout.frozen}
         stacked_layers = stack_layers({**params, **frozen}, shardings)
     prompt_len = micro.input_ids.shape[-1] - micro.response_len
-    hidden = _hidden_states(model, micro, stacked_layers)
+    hidden = _hidden_states(model, micro, stacked_layers, config.deepstack_scan)
     logprobs, entropy = token_logprobs(
         hidden[:, prompt_len - 1 : -1],
         model.output_embedding(),
