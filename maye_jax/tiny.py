@@ -192,24 +192,25 @@ def tiny_hf_model(family: str = "qwen2_5_vl", *, tied: bool = False, seed: int =
 
 def preset_hf_config(name: str) -> Any:
     """A transformers config with the shapes of a published model (models/presets.py)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+    import transformers
 
     from maye_jax.models.presets import PRESETS
 
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
     preset = PRESETS[name]
-    cls = Qwen2VLConfig if preset["family"] == "qwen2_vl" else Qwen2_5_VLConfig
-    config = cls(
+    family = preset["family"]
+    config_class = {
+        "qwen2_vl": "Qwen2VLConfig",
+        "qwen2_5_vl": "Qwen2_5_VLConfig",
+        "qwen3_vl": "Qwen3VLConfig",
+    }[family]
+    config = getattr(transformers, config_class)(
         text_config=dict(preset["text"]),
         vision_config=dict(preset["vision"]),
         tie_word_embeddings=preset["tie_word_embeddings"],
         **QWEN_TOKEN_IDS,
     )
     config.text_config.tie_word_embeddings = preset["tie_word_embeddings"]
-    config.architectures = [
-        "Qwen2VLForConditionalGeneration"
-        if preset["family"] == "qwen2_vl"
-        else "Qwen2_5_VLForConditionalGeneration"
-    ]
+    config.architectures = [_model_class(family).__name__]
     return config

@@ -35,6 +35,54 @@ def _qwen2_5_vision(out_hidden_size: int) -> dict:
     )
 
 
+def _qwen3_text(hidden: int, layers: int, heads: int, intermediate: int) -> dict:
+    """The Qwen3-VL text model (every size: vocab 151936, head_dim 128, 8 KV heads, interleaved
+    M-RoPE [24, 20, 20] at theta 5e6, 262144 positions)."""
+    return dict(
+        vocab_size=151936,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=262144,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 5e6,
+            "mrope_section": [24, 20, 20],
+            "mrope_interleaved": True,
+        },
+    )
+
+
+def _qwen3_vision(small: bool, out_hidden_size: int) -> dict:
+    """The Qwen3-VL vision tower: 1024 x 24 blocks at 2B/4B, 1152 x 27 at 8B/32B."""
+    return dict(
+        depth=24 if small else 27,
+        hidden_size=1024 if small else 1152,
+        intermediate_size=4096 if small else 4304,
+        num_heads=16,
+        out_hidden_size=out_hidden_size,
+        num_position_embeddings=2304,
+        deepstack_visual_indexes=[5, 11, 17] if small else [8, 16, 24],
+        hidden_act="gelu_pytorch_tanh",
+        patch_size=16,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
+def _qwen3_vl(hidden: int, layers: int, heads: int, intermediate: int, small: bool) -> dict:
+    return dict(
+        family="qwen3_vl",
+        tie_word_embeddings=small,  # tied at 2B and 4B only
+        text=_qwen3_text(hidden, layers, heads, intermediate),
+        vision=_qwen3_vision(small, out_hidden_size=hidden),
+    )
+
+
 PRESETS: dict[str, dict] = {
     "qwen2_vl_7b": dict(
         family="qwen2_vl",
@@ -77,4 +125,8 @@ PRESETS: dict[str, dict] = {
         ),
         vision=_qwen2_5_vision(out_hidden_size=2048),
     ),
+    "qwen3_vl_2b": _qwen3_vl(2048, 28, 16, 6144, small=True),
+    "qwen3_vl_4b": _qwen3_vl(2560, 36, 32, 9728, small=True),
+    "qwen3_vl_8b": _qwen3_vl(4096, 36, 32, 12288, small=False),
+    "qwen3_vl_32b": _qwen3_vl(5120, 64, 64, 25600, small=False),
 }

@@ -5,25 +5,33 @@ from __future__ import annotations
 import jax
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+import transformers
 
 from maye_jax.models.configs import ModelConfig
 from maye_jax.models.hf_mapping import flax_param_paths, hf_name_for, parameter_count
 from maye_jax.models.qwen_vl import build_model
 from maye_jax.tiny import preset_hf_config
 
+# transformers' own counts (tied weights once), so a preset that drifts from the published
+# shapes fails here even if transformers and we agree on it
+PARAMETER_COUNTS = {
+    "qwen2_vl_7b": 8_291_375_616,
+    "qwen2_5_vl_7b": 8_292_166_656,
+    "qwen2_5_vl_3b": 3_754_622_976,
+    "qwen3_vl_2b": 2_127_532_032,
+    "qwen3_vl_4b": 4_437_815_808,
+    "qwen3_vl_8b": 8_767_123_696,
+    "qwen3_vl_32b": 33_357_390_064,
+}
 
-@pytest.mark.parametrize("preset", ["qwen2_vl_7b", "qwen2_5_vl_7b", "qwen2_5_vl_3b"])
+
+@pytest.mark.parametrize("preset", sorted(PARAMETER_COUNTS))
 def test_real_size_abstract_build_matches_transformers(preset):
     hf_config = preset_hf_config(preset)
-    cls = (
-        Qwen2VLForConditionalGeneration
-        if hf_config.model_type == "qwen2_vl"
-        else Qwen2_5_VLForConditionalGeneration
-    )
     with torch.device("meta"):
-        hf_model = cls(hf_config)
+        hf_model = getattr(transformers, hf_config.architectures[0])(hf_config)
     hf_count = sum(p.numel() for p in hf_model.parameters())  # tied weights counted once
+    assert hf_count == PARAMETER_COUNTS[preset]
     model = build_model(ModelConfig.from_hf(hf_config), abstract=True)
     leaves = jax.tree_util.tree_leaves(model)
     assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves if hasattr(leaf, "shape"))
