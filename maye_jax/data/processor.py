@@ -2,7 +2,9 @@
 
 Reproduces what transformers' Qwen2-VL processor gives (tokenizer + `Qwen2VLImageProcessorPil`,
 checked bit for bit in tests) without depending on transformers' image code, so the trainer here and
-a rollout engine in another environment compute the same pixels from the same functions.
+a rollout engine in another environment compute the same pixels from the same functions. Qwen3-VL
+uses the same image processor with other settings (`FAMILY_IMAGE_SETTINGS`: 16-pixel patches, so
+sides are rounded to multiples of 32, and mean = std = 0.5).
 
 Image pipeline, as in the Qwen processor: RGB (transparency composited onto white) -> "smart resize"
 (PIL bicubic) to sides that are multiples of patch_size * merge_size = 28 -> x / 255 -> (x - mean) /
@@ -42,6 +44,17 @@ DEFAULT_MAX_PIXELS = 16384 * 28 * 28
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
+# What a family's released preprocessor_config.json sets differently from the defaults above;
+# a model directory's own file, then explicit min/max_pixels, win over these.
+FAMILY_IMAGE_SETTINGS: dict[str, dict[str, Any]] = {
+    "qwen3_vl": dict(
+        patch_size=16,
+        image_mean=(0.5, 0.5, 0.5),
+        image_std=(0.5, 0.5, 0.5),
+        min_pixels=65536,  # size.shortest_edge: at least 64 merged tokens
+        max_pixels=16777216,  # size.longest_edge: at most 16384
+    ),
+}
 
 
 # Instructions appended to the question, by name; users add theirs with register_prompt_template.
@@ -306,8 +319,11 @@ def load_processor(
     max_pixels: int | None = None,
 ) -> VLProcessor:
     """A processor from a model directory (its tokenizer and preprocessor_config.json) or, without
-    one, the offline tokenizer and SPEC §1 pixel bounds. Explicit min/max_pixels override both."""
-    settings = read_image_settings(model_dir) if model_dir is not None else {}
+    one, the offline tokenizer and the family's settings (SPEC §1 pixel bounds for Qwen2-VL and
+    Qwen2.5-VL). Explicit min/max_pixels override both."""
+    settings = dict(FAMILY_IMAGE_SETTINGS.get(family, {}))
+    if model_dir is not None:
+        settings.update(read_image_settings(model_dir))
     if min_pixels is not None:
         settings["min_pixels"] = min_pixels
     if max_pixels is not None:

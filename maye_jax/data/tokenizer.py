@@ -1,4 +1,4 @@
-"""The Qwen2 / Qwen2-VL / Qwen2.5-VL tokenizer, built offline.
+"""The Qwen2 / Qwen2-VL / Qwen2.5-VL / Qwen3-VL tokenizer, built offline.
 
 No model hub is reachable, but the `dashscope` wheel ships `qwen.tiktoken`: the 151,643 byte-level
 BPE ranks that Qwen2's `vocab.json` holds. From the ranks we derive the merges (for every token, the
@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-# Qwen token ids that other modules rely on (identical in Qwen2-VL and Qwen2.5-VL).
+# Qwen token ids that other modules rely on (identical in Qwen2-VL, Qwen2.5-VL and Qwen3-VL).
 from maye_jax.qwen_ids import (  # noqa: F401 (re-exported: the tokenizer's ids)
     ENDOFTEXT_ID,
     IM_END_ID,
@@ -36,7 +36,7 @@ from maye_jax.qwen_ids import (  # noqa: F401 (re-exported: the tokenizer's ids)
     VISION_START_ID,
 )
 
-FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # Specials of Qwen2-VL, ids ENDOFTEXT_ID.. in this order; all are `special` (skipped on decode).
 QWEN2_VL_SPECIAL_TOKENS = (
@@ -67,19 +67,26 @@ QWEN2_5_VL_EXTRA_TOKENS = (
     "<|repo_name|>",
     "<|file_sep|>",
 )
-_MODEL_MAX_LENGTH = {"qwen2_vl": 32768, "qwen2_5_vl": 131072}
+# Qwen3 adds ids 151665..151668, also `special: false` in the released tokenizer.
+QWEN3_VL_EXTRA_TOKENS = ("<tool_response>", "</tool_response>", "<think>", "</think>")
+_MODEL_MAX_LENGTH = {"qwen2_vl": 32768, "qwen2_5_vl": 131072, "qwen3_vl": 262144}
 
 # Same output as the chat template that the Qwen2-VL and Qwen2.5-VL model repositories ship:
 # a default system turn when the first message is not a system message, user content either a
 # string or a list of {type: image|video|text} items, `add_generation_prompt` opening the
 # assistant turn. (Written here with explicit string literals so whitespace is unambiguous.)
+# Qwen3-VL's template writes no default system turn (QWEN3_VL_CHAT_TEMPLATE); for system, user
+# and assistant turns it is otherwise the same.
+_DEFAULT_SYSTEM_TURN = """\
+    {%- if loop.first and message['role'] != 'system' -%}
+        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}
+    {%- endif -%}
+"""
 CHAT_TEMPLATE = """\
 {%- set image_count = namespace(value=0) -%}
 {%- set video_count = namespace(value=0) -%}
 {%- for message in messages -%}
-    {%- if loop.first and message['role'] != 'system' -%}
-        {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}
-    {%- endif -%}
+DEFAULT_SYSTEM_TURN
     {{- '<|im_start|>' + message['role'] + '\\n' -}}
     {%- if message['content'] is string -%}
         {{- message['content'] -}}
@@ -108,6 +115,13 @@ CHAT_TEMPLATE = """\
     {{- '<|im_start|>assistant\\n' -}}
 {%- endif -%}
 """
+QWEN3_VL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("DEFAULT_SYSTEM_TURN\n", "")
+CHAT_TEMPLATE = CHAT_TEMPLATE.replace("DEFAULT_SYSTEM_TURN\n", _DEFAULT_SYSTEM_TURN)
+
+
+def chat_template(family: str) -> str:
+    return QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl" else CHAT_TEMPLATE
+
 
 # Bump whenever the build below changes what it produces: the cache key includes it.
 _BUILD_VERSION = "1"
@@ -238,7 +252,7 @@ def build_tokenizer(family: str = "qwen2_5_vl") -> Any:
         clean_up_tokenization_spaces=False,
         split_special_tokens=False,
     )
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = chat_template(family)
     _check_special_ids(tokenizer, family)
     return tokenizer
 
@@ -251,8 +265,10 @@ def _check_family(family: str) -> None:
 def _added_tokens(family: str) -> list[tuple[str, bool]]:
     """(content, is_special) of the tokens after the BPE vocabulary, in id order."""
     tokens = [(content, True) for content in QWEN2_VL_SPECIAL_TOKENS]
-    if family == "qwen2_5_vl":
+    if family in ("qwen2_5_vl", "qwen3_vl"):
         tokens += [(content, False) for content in QWEN2_5_VL_EXTRA_TOKENS]
+    if family == "qwen3_vl":
+        tokens += [(content, False) for content in QWEN3_VL_EXTRA_TOKENS]
     return tokens
 
 
@@ -319,7 +335,8 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None, family: str = "qw
 
     Args:
       model_dir: a Hugging Face model directory; its tokenizer files win when present.
-      family: "qwen2_vl" (14 specials) or "qwen2_5_vl" (22 specials) for the offline build.
+      family: "qwen2_vl" (14 added tokens), "qwen2_5_vl" (22) or "qwen3_vl" (26; no default
+        system turn in its chat template) for the offline build.
     """
     from transformers import AutoTokenizer
 
@@ -327,7 +344,7 @@ def load_tokenizer(model_dir: str | os.PathLike | None = None, family: str = "qw
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         if not tokenizer.chat_template:
             # Older exports keep the template only in the processor's chat_template.json.
-            tokenizer.chat_template = CHAT_TEMPLATE
+            tokenizer.chat_template = chat_template(family)
         return tokenizer
 
     _check_family(family)

@@ -43,13 +43,18 @@ def random_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> I
 
 
 def hf_reference(processor, image, question):
-    """What the HF processor gives: the PIL image processor with the same bounds, then the
-    tokenizer on the prompt whose `<|image_pad|>` was repeated once per merged patch."""
+    """What the HF processor gives: the PIL image processor with the same bounds (and patch size
+    and normalisation), then the tokenizer on the prompt whose `<|image_pad|>` was repeated
+    once per merged patch."""
     prompt = render_prompt(processor.tokenizer, question, has_image=image is not None)
     if image is None:
         return {"input_ids": processor.tokenizer(prompt)["input_ids"]}
     image_processor = Qwen2VLImageProcessorPil(
-        min_pixels=processor.min_pixels, max_pixels=processor.max_pixels
+        min_pixels=processor.min_pixels,
+        max_pixels=processor.max_pixels,
+        patch_size=processor.patch_size,
+        image_mean=list(processor.image_mean),
+        image_std=list(processor.image_std),
     )
     vision = image_processor(images=[image])
     num_pads = int(vision["image_grid_thw"][0].prod()) // 4
@@ -128,6 +133,23 @@ def test_encode_matches_hf(processor, height, width, mode):
     assert ours["input_ids"].tolist() == reference["input_ids"]
     assert ours["input_ids"].dtype == np.int32
     np.testing.assert_array_equal(ours["attention_mask"], np.ones(len(ours["input_ids"])))
+
+
+@pytest.mark.parametrize(("height", "width"), [(224, 308), (97, 61), (1200, 1600)])
+def test_qwen3_vl_settings_match_hf(height, width):
+    """Qwen3-VL: 16-pixel patches (sides multiples of 32, 1536 values per patch), mean = std =
+    0.5, at least 64 and at most 16384 merged tokens by default, no default system turn."""
+    processor = load_processor(family="qwen3_vl")
+    assert (processor.patch_size, processor.min_pixels, processor.max_pixels) == (16, 65536, 2**24)
+    image = random_image(height, width, seed=height)
+    ours = processor.encode(image, QUESTION)
+    reference = hf_reference(processor, image, QUESTION)
+    np.testing.assert_array_equal(ours["pixel_values"], reference["pixel_values"])
+    assert ours["pixel_values"].shape[1] == 1536
+    np.testing.assert_array_equal(ours["image_grid_thw"], reference["image_grid_thw"])
+    assert ours["input_ids"].tolist() == reference["input_ids"]
+    assert ours["input_ids"][:3].tolist() == [151644, 872, 198]  # <|im_start|>user\n
+    assert int(np.prod(ours["image_grid_thw"])) // 4 >= 64
 
 
 def test_224x308_example(processor):

@@ -232,3 +232,29 @@ def test_model_dir_with_its_own_tokenizer_wins(built_tokenizer, tmp_path):
 def test_unknown_family_is_rejected():
     with pytest.raises(ValueError, match="family"):
         load_tokenizer(family="llama")
+
+
+def test_qwen3_vl_family_adds_four_tokens_and_no_default_system_turn(
+    tmp_path, monkeypatch, reference_encoding
+):
+    monkeypatch.setenv("MAYE_CACHE_DIR", str(tmp_path))
+    tokenizer = load_tokenizer(family="qwen3_vl")
+    assert len(tokenizer) == 151669
+    for offset, name in enumerate(("<tool_response>", "</tool_response>", "<think>", "</think>")):
+        assert tokenizer(name, add_special_tokens=False)["input_ids"] == [151665 + offset]
+    # not `special`: decoding with skip_special_tokens keeps them, as the released tokenizer
+    decoded = tokenizer.decode([151667, 9707, 151668, 151645], skip_special_tokens=True)
+    assert decoded == "<think>Hello</think>"
+    with_image = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find x."}]}
+    ]
+    assert tokenizer.apply_chat_template(
+        with_image, tokenize=False, add_generation_prompt=True
+    ) == (
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Find x.<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert tokenizer.apply_chat_template(with_system, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+    )
