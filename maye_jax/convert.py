@@ -140,9 +140,9 @@ def _ensure_tokenizer(out_dir, hf_config) -> None:
     if int(hf_config.text_config.vocab_size) < NUM_BPE_TOKENS:
         return  # a small-vocabulary test model: the Qwen tokenizer would not fit it
     from maye_jax.data.processor import load_processor
+    from maye_jax.models.configs import ModelConfig
 
-    family = "qwen2_vl" if hf_config.model_type == "qwen2_vl" else "qwen2_5_vl"
-    load_processor(family=family).save_pretrained(out_dir)
+    load_processor(family=ModelConfig.from_hf(hf_config).family).save_pretrained(out_dir)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,7 @@ def main(argv):
         records = read_records(FLAGS.data, required=("question", "response"))
         model, hf_config = load_model(FLAGS.model, dtype=dtype, progress=FLAGS.progress)
         config = ModelConfig.from_hf(hf_config)
-        family = "qwen2_vl" if config.family == "qwen2_vl" else "qwen2_5_vl"
-        processor = load_processor(FLAGS.model, family=family)
+        processor = load_processor(FLAGS.model, family=config.family)
         count = 0
         with open(FLAGS.output, "w", encoding="utf-8") as out:
             for record, ids, logprobs in score_records(

@@ -1,8 +1,10 @@
 """Names and layouts between Hugging Face checkpoints and our Flax parameters.
 
-HF names are normalised to the hub file layout (`model.layers.N...`, `model.embed_tokens`,
-`model.norm`, `lm_head`, `visual...`); transformers 5's in-memory names
-(`model.language_model.*`, `model.visual.*`) are accepted too. Layout rules:
+HF names are normalised to the Qwen2-VL hub file layout (`model.layers.N...`,
+`model.embed_tokens`, `model.norm`, `lm_head`, `visual...`); transformers 5's in-memory names
+(`model.language_model.*`, `model.visual.*`, also Qwen3-VL's hub layout) are accepted too. What
+leaves the trainer (an export, a weight sync) is in the family's hub layout (`hf_names.hub_name`).
+Layout rules:
 - torch Linear `weight` [out, in] <-> our `kernel` [in, out] (transpose);
 - the patch Conv3d weight [C, 3, 2, 14, 14] <-> `visual.patch_embed.kernel` [1176, C];
 - norms, biases, the embedding and lm_head keep their layout.
@@ -18,7 +20,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
-from maye_jax.models.hf_names import normalize_hf_name
+from maye_jax.models.hf_names import hub_name, normalize_hf_name
 
 # Our module names that differ from HF's (HF name -> ours), applied to dotted names.
 _RENAMES = (
@@ -35,8 +37,11 @@ def flax_param_paths(model: nnx.Module) -> dict[str, tuple]:
     return {".".join(str(p) for p in path): tuple(path) for path, _ in flat}
 
 
-def hf_name_for(flax_name: str) -> str:
-    """Our dotted parameter name -> the HF hub tensor name."""
+def hf_name_for(flax_name: str, family: str | None = None) -> str:
+    """Our dotted parameter name -> the normalised HF tensor name, or with `family` the name in
+    that family's hub checkpoints."""
+    if family is not None:
+        return hub_name(hf_name_for(flax_name), family)
     if flax_name == "lm_head":
         return "lm_head.weight"
     name = flax_name
@@ -139,12 +144,12 @@ def _with_value(variable, value):
 
 
 def iter_hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields (hf_name, numpy array in HF layout) for every parameter, one at a time."""
+    """Yields (hub name, numpy array in HF layout) for every parameter, one at a time."""
     state = nnx.state(model, nnx.Param)
     for path, variable in nnx.to_flat_state(state):
         flax_name = ".".join(str(p) for p in path)
         yield (
-            hf_name_for(flax_name),
+            hf_name_for(flax_name, model.config.family),
             to_hf_layout(flax_name, np.asarray(jax.device_get(variable.get_value()))),
         )
 
@@ -162,12 +167,15 @@ def named_params(model: nnx.Module, flax_names: Collection[str]) -> dict[str, ja
     return values
 
 
-@functools.partial(jax.jit, static_argnames="dtype")
-def hf_layout_on_device(values: dict[str, jax.Array], dtype: str | None = None):
-    """{flax_name: array} -> {hf_name: array in HF layout, cast to `dtype`}, computed where the
-    arrays live (one jitted call: new arrays, at device bandwidth)."""
+@functools.partial(jax.jit, static_argnames=("dtype", "family"))
+def hf_layout_on_device(
+    values: dict[str, jax.Array], dtype: str | None = None, family: str | None = None
+):
+    """{flax_name: array} -> {hf_name (`family`'s hub name): array in HF layout, cast to
+    `dtype`}, computed where the arrays live (one jitted call: new arrays, at device
+    bandwidth)."""
     return {
-        hf_name_for(name): to_hf_layout(name, value).astype(dtype or value.dtype)
+        hf_name_for(name, family): to_hf_layout(name, value).astype(dtype or value.dtype)
         for name, value in values.items()
     }
 
@@ -177,20 +185,27 @@ def _dtype_name(dtype) -> str | None:
     return None if dtype is None else np.dtype(dtype).name
 
 
-def hf_views_on_host(values: dict[str, jax.Array]) -> dict[str, np.ndarray]:
-    """{flax_name: array} -> {hf_name: host array in HF layout}, in the arrays' own dtype:
-    each fetched to the host (no copy for a single-device CPU array), kernels as transposed
-    views, so the one copy that happens (into the shared-memory segment) transposes."""
-    return {hf_name_for(name): to_hf_layout(name, np.asarray(v)) for name, v in values.items()}
+def hf_views_on_host(
+    values: dict[str, jax.Array], family: str | None = None
+) -> dict[str, np.ndarray]:
+    """{flax_name: array} -> {hf_name (`family`'s hub name): host array in HF layout}, in the
+    arrays' own dtype: each fetched to the host (no copy for a single-device CPU array),
+    kernels as transposed views, so the one copy that happens (into the shared-memory segment)
+    transposes."""
+    return {
+        hf_name_for(name, family): to_hf_layout(name, np.asarray(v)) for name, v in values.items()
+    }
 
 
 def device_hf_tensors(
     model: nnx.Module, flax_names: Collection[str], dtype=None
 ) -> dict[str, jax.Array]:
-    """The named parameters in HF names and layout, cast to `dtype`, made on their devices
+    """The named parameters in hub names and HF layout, cast to `dtype`, made on their devices
     (`hf_layout_on_device`). Nothing is fetched to the host here; `WeightSegment.write`
     fetches each array while the next ones transfer."""
-    return hf_layout_on_device(named_params(model, flax_names), _dtype_name(dtype))
+    return hf_layout_on_device(
+        named_params(model, flax_names), _dtype_name(dtype), model.config.family
+    )
 
 
 def hf_tensors_for_sync(
@@ -202,9 +217,10 @@ def hf_tensors_for_sync(
     parameters' own dtype (the worker casts on load): XLA's CPU transpose + cast alone costs
     more than the segment's transposing copy (benchmarks/trainer_sync.py)."""
     values = named_params(model, flax_names)
+    family = model.config.family
     if {device.platform for v in values.values() for device in v.devices()} - {"cpu"}:
-        return hf_layout_on_device(values, _dtype_name(dtype))
-    return hf_views_on_host(values)
+        return hf_layout_on_device(values, _dtype_name(dtype), family)
+    return hf_views_on_host(values, family)
 
 
 def parameter_count(model: nnx.Module) -> int:

@@ -17,3 +17,17 @@ def normalize_hf_name(name: str) -> str:
     if name.startswith("language_model.model."):  # some older exports
         return "model." + name[len("language_model.model.") :]
     return name
+
+
+def hub_name(name: str, family: str) -> str:
+    """A normalised name (`normalize_hf_name`) in the layout of `family`'s hub checkpoints, which
+    is what an exported folder holds and what a torch-side engine loads. Qwen2-VL / Qwen2.5-VL
+    files use the normalised names themselves; Qwen3-VL files keep transformers 5's
+    `model.visual.*` / `model.language_model.*` (transformers has no rename rule for them)."""
+    if family != "qwen3_vl":
+        return name
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model.") :]
+    return name

@@ -180,6 +180,20 @@ def multiprocess_problems(s: Settings, kind: str, processes: int | None = None) 
     return problems
 
 
+def _model_problems(path: Path) -> list[str]:
+    """A model folder of a family maye-jax does not run (a Qwen3-VL MoE checkpoint, ...) or
+    with settings it cannot run (DeepStack indexes beyond the vision depth), by its config.json
+    alone (nothing loaded)."""
+    from maye_jax.models.configs import ModelConfig
+    from maye_jax.storage.model_folders import read_hf_config
+
+    try:
+        ModelConfig.from_hf(read_hf_config(path))
+    except ValueError as error:
+        return [f"config.model.path: {path}/config.json: {error}"]
+    return []
+
+
 def data_file(settings: Settings, split: str) -> str | None:
     """The configured jsonl file of `split` (resolved against data.root), or None."""
 
@@ -203,6 +217,8 @@ def file_problems(s: Settings, kind: str) -> list[str]:
                 f"config.model.path: {s.model.path}: not a model folder (no config.json; an HF "
                 "model directory or a maye-jax checkpoint is expected)"
             )
+        elif (path / "config.json").is_file():
+            problems += _model_problems(path)
     if kind == "evaluate" or s.data.synth_dir:  # synthetic data: every split is generated
         return problems
     needed = {"train": "required (or data.synth_dir to generate data)"}

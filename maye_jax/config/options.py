@@ -68,7 +68,9 @@ def opt(default: Any, rule: Rule | str | None = None, meaning: str = "", *, none
 class ModelSettings:
     path: str | None = opt(None, "the policy: an HF model directory or a maye-jax checkpoint")
     tiny_family: str | None = opt(
-        None, one_of("qwen2_vl", "qwen2_5_vl"), "without model.path: a tiny random model of it"
+        None,
+        one_of("qwen2_vl", "qwen2_5_vl", "qwen3_vl"),
+        "without model.path: a tiny random model of it",
     )
     tiny_hidden_size: int = opt(64, positive, "the tiny model's hidden size")
     tiny_num_layers: int = opt(2, positive, "the tiny model's decoder layers")

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from maye_jax.models.hf_names import normalize_hf_name
 from maye_jax.rollout.engine import Sampling
 
 
@@ -19,6 +20,8 @@ def log(message: str) -> None:
 
 
 def is_norm_weight(name: str) -> bool:
+    """A decoder norm's weight (probed after a sync), by its normalised name."""
+    name = normalize_hf_name(name)
     return not name.startswith("visual.") and (
         name.endswith("layernorm.weight") or name == "model.norm.weight"
     )

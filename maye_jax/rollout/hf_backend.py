@@ -115,18 +115,20 @@ class HFBackend:
         self.params = {normalize_hf_name(n): p for n, p in self.model.named_parameters()}
 
     def load_weights(self, view: SegmentView) -> None:
-        unknown = sorted(set(view.tensors) - set(self.params))
+        unknown = sorted(n for n in view.tensors if normalize_hf_name(n) not in self.params)
         if unknown:
             raise SegmentError(f"segment tensors unknown to the model: {unknown[:10]}")
         with self.torch.no_grad():
             for name, array in view.tensors.items():
-                param = self.params[name]
+                param = self.params[normalize_hf_name(name)]
                 if tuple(param.shape) != tuple(array.shape):
                     raise SegmentError(f"{name}: segment {array.shape}, model {tuple(param.shape)}")
                 param.copy_(torch_view(array, view.dtypes[name]))
 
     def engine_values(self, names: Sequence[str]) -> dict[str, np.ndarray]:
-        return {name: self.params[name].detach().float().numpy() for name in names}
+        return {
+            name: self.params[normalize_hf_name(name)].detach().float().numpy() for name in names
+        }
 
     def _model_inputs(self, rows: Sequence[tuple[Prompt, Sequence[int]]], left_pad: bool):
         torch = self.torch

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from maye_jax.models.hf_names import normalize_hf_name
 from maye_jax.rollout.stale import remove_stale_folders
 
 SHM_ROOT = "/dev/shm"
@@ -246,6 +247,8 @@ class WeightSegment:
         self._cleanup_token: int | None = None
 
     def is_frozen(self, name: str) -> bool:
+        """By the normalised name (Qwen3-VL's hub names `model.visual.*` are `visual.*`)."""
+        name = normalize_hf_name(name)
         return name in self.frozen_names or any(
             name.startswith(prefix) for prefix in self.frozen_prefixes
         )

@@ -59,11 +59,15 @@ def _accept_pixel_values() -> None:
 
 def _engine_norm_weights(worker, names: list[str]) -> dict[str, list[float]]:
     """Runs inside vLLM's worker (collective_rpc): current values of the named norm weights."""
+    from maye_jax.models.hf_names import normalize_hf_name
+
     model = worker.model_runner.get_model()
     found = {}
     params = dict(model.named_parameters())
     for name in names:
-        matches = [p for n, p in params.items() if n == name or n.endswith("." + name)]
+        # vLLM's own names end with the normalised one (language_model.model.layers.N...)
+        key = normalize_hf_name(name)
+        matches = [p for n, p in params.items() if n == key or n.endswith("." + key)]
         if len(matches) == 1:
             found[name] = matches[0].detach().float().cpu().tolist()
     return found

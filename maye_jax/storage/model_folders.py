@@ -17,6 +17,7 @@ caller already holds (e.g. `convert`, which adds tokenizer files before the rena
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -349,10 +350,21 @@ def write_hf_folder(
     if total > 1:
         index = dict(metadata={}, weight_map=dict(sorted(weight_map.items())))
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    hf_config.save_pretrained(str(out_dir))
+    _config_for_export(hf_config).save_pretrained(str(out_dir))
     if tokenizer_source is not None:
         copy_tokenizer_files(tokenizer_source, out_dir)
     return out_dir
+
+
+def _config_for_export(hf_config):
+    """The config an export writes: the tie flag both where transformers 5 reads it (top level)
+    and where 4.57 did (text level), so every reader ties exactly when the weights are tied (a
+    hub Qwen3-VL 2B/4B config may set only the text-level one; no lm_head is written then)."""
+    config = copy.deepcopy(hf_config)
+    tied = ModelConfig.from_hf(hf_config).tie_word_embeddings
+    config.tie_word_embeddings = tied
+    config.text_config.tie_word_embeddings = tied
+    return config
 
 
 def _numpy_to_torch(array: np.ndarray):

@@ -159,3 +159,45 @@ def test_unsupported_architecture_is_refused(hf_dir, tmp_path):
     result = _run_cli(f"--input={out}", f"--output={tmp_path / 'x'}")
     assert result.returncode == 1
     assert "unsupported architecture" in result.stderr
+
+
+def test_qwen3_vl_hub_checkpoint_converts_both_ways(tmp_path):
+    """A tied Qwen3-VL as the hub ships it (`model.visual.*` / `model.language_model.*`, no
+    lm_head, a 4.57 config: `rope_scaling`, the tie flag at text level only), HF -> Orbax over 8
+    devices (the CLI) and back (the same code in process): the same tensors under the same
+    names, bit for bit, and transformers loads the export as is and computes the model's logits
+    on an image prompt."""
+    hub = tmp_path / "hub"
+    model = tiny_hf_model("qwen3_vl", tied=True, seed=4, initializer_range=0.2)
+    model.save_pretrained(str(hub))
+    config = json.loads((hub / "config.json").read_text())
+    text = config["text_config"]
+    text["rope_scaling"] = text.pop("rope_parameters")
+    text["rope_theta"] = text["rope_scaling"].pop("rope_theta")
+    config.pop("tie_word_embeddings")
+    (hub / "config.json").write_text(json.dumps(config))
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    first = _run_cli(f"--input={hub}", f"--output={ckpt}", "--fsdp=8", "--noprogress")
+    assert first.returncode == 0, first.stderr[-2000:]
+    restored_model, hf_config = checkpoint.load_model(ckpt)
+    checkpoint.export_hf(restored_model, hf_config, back)
+    original, restored = _all_tensors(hub), _all_tensors(back)
+    assert set(restored) == set(original) and "lm_head.weight" not in restored
+    assert any(n.startswith("model.visual.deepstack_merger_list.") for n in restored)
+    assert all(np.array_equal(restored[n], v) for n, v in original.items())
+    exported = json.loads((back / "config.json").read_text())
+    assert exported["tie_word_embeddings"] and exported["text_config"]["tie_word_embeddings"]
+    from transformers import AutoModelForImageTextToText
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(str(back)).eval()
+    vision = model.config.vision_config
+    image_id, grid = model.config.image_token_id, torch.tensor([[1, 4, 6]])
+    ids = torch.tensor([[5, 7, model.config.vision_start_token_id, *[image_id] * 6, 9, 11]])
+    inputs = dict(
+        input_ids=ids,
+        pixel_values=torch.randn(24, 3 * 2 * vision.patch_size**2),
+        image_grid_thw=grid,
+        mm_token_type_ids=(ids == image_id).long(),
+    )
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, model(**inputs).logits)

@@ -259,3 +259,29 @@ def test_worker_options_are_checked():
     c.rollout.max_num_batched_tokens = 8192
     s = load_settings(c, kind="rl")
     assert s.rollout.worker_cpus == "1,2-3" and s.rollout.max_num_batched_tokens == 8192
+
+
+def test_model_folders_of_unsupported_families_are_refused_at_start(tmp_path):
+    """A Qwen3-VL MoE checkpoint, and a Qwen3-VL whose DeepStack taps a block the tower does not
+    have: one line each, naming the folder and what is wrong, before anything is loaded."""
+    from transformers import Qwen3VLMoeConfig
+
+    from maye_jax.tiny import tiny_hf_config
+
+    moe, deepstack = tmp_path / "moe", tmp_path / "deepstack"
+    Qwen3VLMoeConfig(architectures=["Qwen3VLMoeForConditionalGeneration"]).save_pretrained(moe)
+    config = tiny_hf_config("qwen3_vl", vision_depth=2)
+    config.vision_config.deepstack_visual_indexes = [0, 2]
+    config.save_pretrained(deepstack)
+    for folder, message in (
+        (moe, "unsupported model family qwen3_vl_moe (Qwen3-VL MoE): maye-jax supports"),
+        (deepstack, "vision_config.deepstack_visual_indexes [0, 2]: every index must name"),
+    ):
+        c = base()
+        c.model.tiny_family, c.model.path = None, str(folder)
+        found = problems(c)
+        assert len(found) == 1 and "\n" not in found[0]
+        assert found[0].startswith(f"config.model.path: {folder}/config.json: {message}")
+    c = base()
+    c.model.tiny_family = "qwen3_vl"
+    assert load_settings(c, kind="rl").model.tiny_family == "qwen3_vl"
