@@ -20,6 +20,7 @@ import numpy as np
 from einops import rearrange
 from flax import nnx
 
+from maye_jax.models import layers
 from maye_jax.models.hf_names import hub_name, normalize_hf_name
 
 # Our module names that differ from HF's (HF name -> ours), applied to dotted names.
@@ -143,24 +144,41 @@ def _with_value(variable, value):
     return variable.replace(value)
 
 
+@functools.cache
+def logical_shapes(config) -> dict[str, tuple[int, ...]]:
+    """{flax_name: the model's shape} of every parameter of a model of `config` (a trainer's
+    copy may be stored padded: `sharding/rules.storage_shape`)."""
+    from maye_jax.models.qwen_vl import build_model
+
+    state = nnx.state(build_model(config, abstract=True), nnx.Param)
+    return {
+        ".".join(str(p) for p in path): tuple(v.get_value().shape)
+        for path, v in nnx.to_flat_state(state)
+    }
+
+
+def unpadded(model: nnx.Module, flax_name: str, value):
+    """`value` (host or device array) of parameter `flax_name` at the model's shape."""
+    return layers.logical(value, logical_shapes(model.config)[flax_name])
+
+
 def iter_hf_tensors(model: nnx.Module) -> Iterator[tuple[str, np.ndarray]]:
     """Yields (hub name, numpy array in HF layout) for every parameter, one at a time."""
     state = nnx.state(model, nnx.Param)
     for path, variable in nnx.to_flat_state(state):
         flax_name = ".".join(str(p) for p in path)
-        yield (
-            hf_name_for(flax_name, model.config.family),
-            to_hf_layout(flax_name, np.asarray(jax.device_get(variable.get_value()))),
-        )
+        value = unpadded(model, flax_name, np.asarray(jax.device_get(variable.get_value())))
+        yield hf_name_for(flax_name, model.config.family), to_hf_layout(flax_name, value)
 
 
 def named_params(model: nnx.Module, flax_names: Collection[str]) -> dict[str, jax.Array]:
-    """{flax_name: array} of the named parameters; a KeyError names any that do not exist."""
+    """{flax_name: array at the model's shape} of the named parameters; a KeyError names any
+    that do not exist."""
     values = {}
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = ".".join(str(p) for p in path)
         if name in flax_names:
-            values[name] = variable.get_value()
+            values[name] = unpadded(model, name, variable.get_value())
     unknown = sorted(set(flax_names) - set(values))
     if unknown:
         raise KeyError(f"no parameters named {unknown[:10]}")

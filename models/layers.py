@@ -14,6 +14,15 @@ from flax import nnx
 _NEG_INF = -1e30
 
 
+def logical(value: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """A parameter's value at the model's shape: a trainer may store it padded with zeros
+    (`sharding/rules.storage_shape`) so that a dimension with no factor of the device count
+    shards; the padding is cut off here, where the parameter is used."""
+    if tuple(value.shape) == tuple(shape):
+        return value
+    return value[tuple(slice(0, size) for size in shape)]
+
+
 def matmul_precision(dtype: jnp.dtype) -> jax.lax.Precision:
     """fp32 compute means true fp32 (no TF32 on GPUs); bf16 uses the default MXU/tensor-core path."""
     return (
@@ -38,6 +47,7 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype)) if use_bias else None
         self.dtype = dtype
+        self.shape = (in_features, out_features)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # The leading dimensions are merged into one before the product: the weight gradient is
@@ -46,11 +56,10 @@ class Linear(nnx.Module):
         # transposed [out, b * L] buffer, which took half of the update's time at hidden 512.
         leading = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = jnp.matmul(
-            x, self.kernel[...].astype(self.dtype), precision=matmul_precision(self.dtype)
-        )
+        kernel = logical(self.kernel[...], self.shape)
+        y = jnp.matmul(x, kernel.astype(self.dtype), precision=matmul_precision(self.dtype))
         if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
+            y = y + logical(self.bias[...], self.shape[1:]).astype(self.dtype)
         return y.reshape(*leading, y.shape[-1])
 
 
@@ -61,9 +70,14 @@ class Embed(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.weight = nnx.Param(init(rngs.params(), (num_embeddings, features), param_dtype))
         self.dtype = dtype
+        self.shape = (num_embeddings, features)
+
+    def table(self) -> jax.Array:
+        """The [vocab, hidden] table in the parameter dtype."""
+        return logical(self.weight[...], self.shape)
 
     def __call__(self, token_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.weight[...], token_ids, axis=0).astype(self.dtype)
+        return jnp.take(self.table(), token_ids, axis=0).astype(self.dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -71,12 +85,13 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
         self.eps = eps
         self.dtype = dtype
+        self.shape = (dim,)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
         normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(self.dtype)
-        return self.weight[...].astype(self.dtype) * normed
+        return logical(self.weight[...], self.shape).astype(self.dtype) * normed
 
 
 class LayerNorm(nnx.Module):
@@ -85,13 +100,15 @@ class LayerNorm(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
         self.eps = eps
         self.dtype = dtype
+        self.shape = (dim,)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         variance = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         normed = (x32 - mean) * jax.lax.rsqrt(variance + self.eps)
-        out = normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        weight = logical(self.weight[...], self.shape).astype(jnp.float32)
+        out = normed * weight + logical(self.bias[...], self.shape).astype(jnp.float32)
         return out.astype(self.dtype)
 
 

@@ -101,7 +101,7 @@ class Qwen3VisionTower(nnx.Module):
         features, then each DeepStack level's. Slots attend to the slots of their own image
         frame (`full_segment_ids`; Qwen3-VL has no windows); padding slots only to themselves."""
         x = self.patch_embed(patches.astype(self.dtype))
-        positions = resampled_position_table(self.pos_embed.weight[...], rope_hw, grid_hw)
+        positions = resampled_position_table(self.pos_embed.table(), rope_hw, grid_hw)
         x = x + positions.astype(x.dtype)
         cos, sin = vision_rotary_tables(rope_hw, self.cfg.head_dim, self.cfg.rope_theta)
         mask = _segment_mask(full_segment_ids)

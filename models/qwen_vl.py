@@ -28,6 +28,7 @@ from maye_jax.models.layers import (
     activation,
     apply_rotary,
     attention,
+    logical,
     matmul_precision,
     remat_name,
 )
@@ -288,8 +289,9 @@ class QwenVLForConditionalGeneration(nnx.Module):
     def output_embedding(self) -> jax.Array:
         """The [vocab, hidden] matrix that maps hidden states to logits."""
         if self.lm_head is None:
-            return self.language_model.embed_tokens.weight[...]
-        return self.lm_head[...]
+            return self.language_model.embed_tokens.table()
+        text = self.config.text
+        return logical(self.lm_head[...], (text.vocab_size, text.hidden_size))
 
     # -- whole model ----------------------------------------------------------------------
     def hidden_states(

@@ -5,6 +5,12 @@ A mesh axis that does not divide its preferred dimension (e.g. vocab 152064 or i
 18944 over 7 devices) is moved to another dimension of the same tensor that it divides (the
 largest such), else dropped for that tensor only; `replication_report` says how many bytes end
 up replicated on every device, so a bad plan is visible at start-up.
+
+A trainer stores such a tensor padded instead (`storage_shape`): its preferred dimension
+rounded up to a multiple of the axis, zeros after the real rows, so it shards. Qwen3-VL's widths
+(1024, 2048, 4096, 12288, ...) have no factor 7: on the paper's 7 training GPUs every matrix of
+it would otherwise be replicated. The model cuts the padding off where it uses a parameter
+(`models/layers.logical`); gradients there are zero, so AdamW keeps the padding at zero.
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ DEFAULT_RULES: tuple[tuple[str, tuple], ...] = (
     (r"mlp\.down_proj\.kernel$", ("tp", "fsdp")),  # [intermediate, hidden]
     (r"attn\.qkv\.kernel$", ("fsdp", "tp")),  # vision
     (r"attn\.proj\.kernel$", ("tp", "fsdp")),
-    (r"mlp\.fc1\.kernel$", ("fsdp", "tp")),
-    (r"mlp\.fc2\.kernel$", ("tp", "fsdp")),
-    (r"merger\.fc1\.kernel$", ("fsdp", "tp")),
-    (r"merger\.fc2\.kernel$", ("tp", "fsdp")),
+    (r"mlp\.(linear_)?fc1\.kernel$", ("fsdp", "tp")),  # Qwen2-VL fc1, Qwen3-VL linear_fc1
+    (r"mlp\.(linear_)?fc2\.kernel$", ("tp", "fsdp")),
+    (r"merger(_list\.\d+)?\.(linear_)?fc1\.kernel$", ("fsdp", "tp")),  # and DeepStack's
+    (r"merger(_list\.\d+)?\.(linear_)?fc2\.kernel$", ("tp", "fsdp")),
     (r"patch_embed\.kernel$", (None, "fsdp")),
+    (r"pos_embed\.weight$", (None, "fsdp")),  # Qwen3-VL's position table [2304, width]
     (r".*", ()),  # norms, remaining biases: replicated (they are small)
 )
 
@@ -56,6 +63,21 @@ def spec_for(name: str, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES) -
         if candidates:
             assigned[max(candidates, key=lambda d: shape[d])] = axis
     return PartitionSpec(*assigned)
+
+
+def storage_shape(name: str, shape: Sequence[int], mesh: Mesh, rules=DEFAULT_RULES) -> tuple:
+    """The shape a trainer stores a parameter in on `mesh`: `shape`, or with the preferred
+    dimension of a mesh axis that divides none of its dimensions padded up to a multiple of it
+    (one axis: the first such)."""
+    preferred = next(spec for pattern, spec in rules if re.search(pattern, name))
+    placed = spec_for(name, shape, mesh, rules)
+    for dim, axis in enumerate(preferred[: len(shape)]):
+        size = mesh.shape.get(axis, 1) if axis is not None else 1
+        if size > 1 and axis not in placed and shape[dim] >= size:
+            padded = list(shape)
+            padded[dim] = -(-shape[dim] // size) * size
+            return tuple(padded)
+    return tuple(shape)
 
 
 def param_sharding_fn(mesh: Mesh, rules=DEFAULT_RULES) -> Callable[[str, tuple], NamedSharding]:

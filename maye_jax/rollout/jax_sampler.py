@@ -40,7 +40,12 @@ from flax import nnx
 
 from maye_jax.data.sequences import image_features, make_sequence_batch
 from maye_jax.models.configs import ModelConfig
-from maye_jax.models.hf_mapping import from_hf_layout, hf_name_for, normalize_hf_name
+from maye_jax.models.hf_mapping import (
+    from_hf_layout,
+    hf_name_for,
+    logical_shapes,
+    normalize_hf_name,
+)
 from maye_jax.models.qwen_vl import causal_padding_mask
 from maye_jax.models.shapes import bucket, round_up
 from maye_jax.qwen_ids import PAD_ID
@@ -105,11 +110,14 @@ class JaxSampler:
             flax_name = ".".join(str(p) for p in path)
             old = flat[path].get_value()
             value = from_hf_layout(flax_name, np.asarray(named_hf_arrays[raw_name]))
-            if value.shape != old.shape:
+            expected = logical_shapes(self.config)[flax_name]
+            if value.shape != expected:
                 raise ValueError(
                     f"sync_weights: {raw_name} has shape {np.shape(named_hf_arrays[raw_name])}; "
-                    f"the model expects {old.shape} in our layout (version {version})"
+                    f"the model expects {expected} in our layout (version {version})"
                 )
+            if old.shape != expected:  # a trainer's padded copy (sharding/rules.storage_shape)
+                value = np.pad(value, [(0, o - n) for o, n in zip(old.shape, expected)])
             placed = jax.device_put(value.astype(old.dtype), old.sharding)
             flat[path] = flat[path].replace(placed)
         self._state = nnx.from_flat_state(flat)

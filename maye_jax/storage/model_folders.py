@@ -140,6 +140,7 @@ def load_model(
     param_dtype=jnp.float32,
     place: Placer | None = None,
     shardings: Callable[[str, tuple[int, ...]], jax.sharding.Sharding] | None = None,
+    stored_shape: Callable[[str, tuple[int, ...]], tuple[int, ...]] | None = None,
     remat: bool | str = False,
     attention: str = "xla",
     progress: bool = False,
@@ -149,8 +150,10 @@ def load_model(
 
     `place(flax_name, array)` puts an HF tensor on devices (default: a single-device array in
     `param_dtype`); `shardings(flax_name, shape)` gives the target sharding of each parameter
-    for Orbax restores, so each device reads only its own shards. `progress`: a bar over the
-    HF tensors on stderr (an Orbax restore is one call, without a bar).
+    for Orbax restores, so each device reads only its own shards, and `stored_shape(flax_name,
+    shape)` the shape to read it into (a trainer's padded storage, `rules.storage_shape`;
+    Orbax pads or truncates the stored array to it). `progress`: a bar over the HF tensors on
+    stderr (an Orbax restore is one call, without a bar).
     """
     from maye_jax.storage import run_models
 
@@ -161,6 +164,7 @@ def load_model(
             param_dtype=param_dtype,
             place=place,
             shardings=shardings,
+            stored_shape=stored_shape,
             remat=remat,
             attention=attention,
             progress=progress,
@@ -178,7 +182,7 @@ def load_model(
         attention=attention,
     )
     if is_orbax_checkpoint(path):
-        return _restore_orbax(path, abstract, param_dtype, shardings), hf_config
+        return _restore_orbax(path, abstract, param_dtype, shardings, stored_shape), hf_config
     if is_hf_directory(path):
         placer = place or default_placer(param_dtype)
         tensors = iter_safetensors(path, progress=progress)
@@ -196,7 +200,7 @@ def _pure_dict_with_str_keys(tree):
     return tree
 
 
-def _restore_orbax(path, abstract_model, param_dtype, shardings):
+def _restore_orbax(path, abstract_model, param_dtype, shardings, stored_shape=None):
     import orbax.checkpoint as ocp
 
     graphdef, state = nnx.split(abstract_model)
@@ -204,16 +208,19 @@ def _restore_orbax(path, abstract_model, param_dtype, shardings):
 
     def target(key_path, leaf):
         name = ".".join(str(getattr(k, "key", k)) for k in key_path)
+        shape = stored_shape(name, leaf.shape) if stored_shape else tuple(leaf.shape)
         sharding = (
-            shardings(name, leaf.shape)
+            shardings(name, shape)
             if shardings
             else jax.sharding.SingleDeviceSharding(jax.devices()[0])
         )
-        return jax.ShapeDtypeStruct(leaf.shape, param_dtype, sharding=sharding)
+        return jax.ShapeDtypeStruct(shape, param_dtype, sharding=sharding)
 
     abstract_tree = jax.tree_util.tree_map_with_path(target, pure)
+    # not strict: a trainer writes padded parameters (`rules.storage_shape`); Orbax cuts the
+    # padding off, or pads a stored array to the shape asked for
     restored = ocp.StandardCheckpointer().restore(
-        os.path.abspath(Path(path) / "params"), abstract_tree
+        os.path.abspath(Path(path) / "params"), abstract_tree, strict=False
     )
     params = nnx.state(abstract_model, nnx.Param)
     _fill_state_from_str_dict(params, restored)

@@ -68,8 +68,17 @@ def restore_trained_params(checkpoint, model, param_dtype) -> None:
         return jax.ShapeDtypeStruct(value.shape, param_dtype, sharding=value.sharding)
 
     target = {"params": {name: target(name) for name in names}}
+    # not strict: the run may have stored a parameter padded (`rules.storage_shape`), and
+    # Orbax reads it at the model's shape
+    restore_args = jax.tree.map(
+        lambda leaf: ocp.ArrayRestoreArgs(
+            global_shape=leaf.shape, dtype=leaf.dtype, sharding=leaf.sharding, strict=False
+        ),
+        target,
+    )
     restored = ocp.PyTreeCheckpointer().restore(
-        state_dir, args=ocp.args.PyTreeRestore(item=target, partial_restore=True)
+        state_dir,
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
     for name, value in restored["params"].items():
         path = by_name[name]

@@ -15,7 +15,9 @@ Parameters live in flat dicts `{dotted name: array}` (names as in `models/hf_map
 
 Sharding is data (`sharding/rules.py`): parameters, gradients and both AdamW moments get the
 same PartitionSpec per name, and start-up fails when too much of the trainable state would be
-replicated on every device.
+replicated on every device. A parameter none of whose dimensions the mesh divides is stored
+padded with zeros (`rules.storage_shape`), in the state, its moments, `frozen` and the
+reference alike; the model cuts the padding off where it uses the parameter.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from maye_jax.sharding.layout import Layout, plan_state_layout
-from maye_jax.sharding.rules import DEFAULT_RULES, spec_for
+from maye_jax.sharding.rules import DEFAULT_RULES, spec_for, storage_shape
 
 Params = dict[str, jax.Array]
 EMBEDDING_PREFIXES = ("language_model.embed_tokens.", "lm_head")
@@ -125,6 +127,21 @@ def init_train_state(params: Params, optimizer: optax.GradientTransformation) ->
 # --------------------------------------------------------------------------------------------------
 
 
+def storage_shapes(values: Mapping[str, Any], mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, tuple]:
+    """{name: the shape the trainer stores it in on `mesh`} (`rules.storage_shape`)."""
+    return {n: storage_shape(n, tuple(v.shape), mesh, rules) for n, v in values.items()}
+
+
+def padded(values: Mapping[str, jax.Array], shapes: Mapping[str, tuple]) -> Params:
+    """Each value zero-padded at the end of its dimensions to `shapes[name]` (jit it)."""
+    return {
+        n: v
+        if tuple(v.shape) == shapes[n]
+        else jnp.pad(v, [(0, size - have) for size, have in zip(shapes[n], v.shape)])
+        for n, v in values.items()
+    }
+
+
 def plan_layout(
     mesh: Mesh,
     params: Mapping[str, Any],
@@ -135,8 +152,17 @@ def plan_layout(
     rules=DEFAULT_RULES,
     max_replicated_fraction: float | None = 0.05,
 ) -> Layout:
-    """Shardings of the train state `init_train_state(params, optimizer)` would make, and the
-    replication check (`maye_jax.sharding.layout.plan_state_layout`)."""
+    """Shardings of the train state `init_train_state(params, optimizer)` would make, of
+    `params` and `frozen` stored in their `storage_shapes`, and the replication check
+    (`maye_jax.sharding.layout.plan_state_layout`)."""
+    params = {
+        n: jax.ShapeDtypeStruct(s, jnp.float32)
+        for n, s in storage_shapes(params, mesh, rules).items()
+    }
+    frozen = {
+        n: jax.ShapeDtypeStruct(s, frozen_dtype)
+        for n, s in storage_shapes(frozen, mesh, rules).items()
+    }
     abstract = {n: jax.ShapeDtypeStruct(tuple(v.shape), jnp.float32) for n, v in params.items()}
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, optimizer), abstract)
     return plan_state_layout(
@@ -172,9 +198,13 @@ def create_train_state(
         rules=rules,
         max_replicated_fraction=max_replicated_fraction,
     )
-    state = jax.jit(lambda p: init_train_state(p, optimizer), out_shardings=layout.state)(params)
+    shapes = storage_shapes({**params, **frozen}, mesh, rules)
+    state = jax.jit(
+        lambda p: init_train_state(padded(p, shapes), optimizer), out_shardings=layout.state
+    )(params)
     frozen = jax.jit(
-        lambda f: {n: v.astype(frozen_dtype) for n, v in f.items()}, out_shardings=layout.frozen
+        lambda f: {n: v.astype(frozen_dtype) for n, v in padded(f, shapes).items()},
+        out_shardings=layout.frozen,
     )(frozen)
     return model_def, state, frozen, layout
 
@@ -190,15 +220,22 @@ def load_sharded_model(
     attention: str = "xla",
     rules=DEFAULT_RULES,
 ):
-    """(model, hf_config) with every tensor placed straight onto its shards: trainable ones in
-    fp32, frozen ones in `frozen_dtype`. The host holds one full tensor at a time (HF), or only
-    the shards (Orbax); no device ever holds a full copy of a sharded tensor."""
+    """(model, hf_config) with every tensor placed straight onto its shards, in its storage
+    shape (padded where the mesh divides none of its dimensions): trainable ones in fp32,
+    frozen ones in `frozen_dtype`. The host holds one full tensor at a time (HF), or only the
+    shards (Orbax); no device ever holds a full copy of a sharded tensor."""
     from maye_jax.storage.model_folders import load_model
+
+    def stored(name: str, shape) -> tuple:
+        return storage_shape(name, tuple(shape), mesh, rules)
 
     def place(name: str, value: np.ndarray) -> jax.Array:
         target = jnp.float32 if trainable.is_trainable(name) else frozen_dtype
-        sharding = NamedSharding(mesh, spec_for(name, value.shape, mesh, rules))
-        return jax.device_put(np.asarray(value).astype(target), sharding)
+        value = np.asarray(value).astype(target)
+        shape = stored(name, value.shape)
+        if shape != value.shape:
+            value = np.pad(value, [(0, size - have) for size, have in zip(shape, value.shape)])
+        return jax.device_put(value, NamedSharding(mesh, spec_for(name, shape, mesh, rules)))
 
     def shardings(name: str, shape) -> NamedSharding:
         return NamedSharding(mesh, spec_for(name, tuple(shape), mesh, rules))
@@ -209,6 +246,7 @@ def load_sharded_model(
         param_dtype=jnp.float32,
         place=place,
         shardings=shardings,
+        stored_shape=stored,
         remat=remat,
         attention=attention,
     )

@@ -11,7 +11,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 from maye_jax.models.configs import ModelConfig
 from maye_jax.models.qwen_vl import build_model
 from maye_jax.sharding.mesh import make_mesh
-from maye_jax.sharding.rules import check_replication, replication_report, spec_for
+from maye_jax.sharding.rules import (
+    check_replication,
+    replication_report,
+    spec_for,
+    storage_shape,
+)
 from maye_jax.tiny import preset_hf_config
 
 
@@ -102,3 +107,43 @@ def test_indivisible_shapes_place_without_error_and_are_reported(mesh7):
     assert report.trainable_bytes == stuck.nbytes + moved.nbytes
     with pytest.raises(ValueError, match="replicated"):
         check_replication(report, 0.05)
+
+
+@pytest.mark.parametrize("preset", ["qwen3_vl_8b", "qwen3_vl_2b"])
+def test_qwen3_vl_over_7_devices_is_stored_padded_and_sharded(preset, mesh7):
+    """No width of Qwen3-VL has a factor 7 (4096, 12288, 151936, 1152, 4304, 2304, 2048, ...):
+    by the rules alone nearly all of it would be replicated on each of the 7 devices. Stored
+    padded along the dimension each rule prefers (by at most 6 rows), every matrix shards, the
+    new ones included (position table, vision MLPs, mergers and DeepStack mergers)."""
+    params = abstract_params(preset)
+    logical = replication_report(params, mesh7, lambda name: True)
+    assert logical.trainable_replicated_fraction > 0.95
+    stored = {n: (storage_shape(n, s, mesh7), d) for n, (s, d) in params.items()}
+    for name, (shape, _) in params.items():
+        padded_shape = stored[name][0]
+        assert all(0 <= p - s < 7 for p, s in zip(padded_shape, shape)), (name, padded_shape)
+        spec = spec_for(name, padded_shape, mesh7)
+        assert all(a is None or size % 7 == 0 for size, a in zip(padded_shape, spec)), name
+        if len(shape) == 2:  # every matrix is split over the 7 devices
+            assert "fsdp" in spec, (name, padded_shape, spec)
+    hidden = params["language_model.norm.weight"][0][0]
+    up = "language_model.layers.0.mlp.up_proj.kernel"
+    assert stored[up][0] == (-(-hidden // 7) * 7, params[up][0][1])
+    assert spec_for(up, stored[up][0], mesh7) == PartitionSpec("fsdp", None)
+    for name in (
+        "visual.pos_embed.weight",
+        "visual.blocks.0.mlp.linear_fc1.kernel",
+        "visual.merger.linear_fc2.kernel",
+        "visual.deepstack_merger_list.2.linear_fc1.kernel",
+    ):
+        assert "fsdp" in spec_for(name, stored[name][0], mesh7), name
+    report = replication_report(stored, mesh7, lambda name: True)
+    assert report.trainable_replicated_fraction < 0.001  # norms and biases only
+    replicated = report.replicated_names
+    assert all(
+        n.endswith(("norm.weight", "bias", "norm1.weight", "norm2.weight")) for n in replicated
+    )
+    padding = sum(np.prod(s) for s, _ in stored.values()) / sum(
+        np.prod(s) for s, _ in params.values()
+    )
+    assert padding < 1.002  # what the padding costs

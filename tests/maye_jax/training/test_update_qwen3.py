@@ -145,3 +145,43 @@ def test_text_only_micro_batch_gives_the_tower_zero_gradient(data):
     assert any(n.startswith("visual.deepstack_merger_list.") for n in tower)
     assert all(np.all(grads[n] == 0) for n in tower)
     assert all(np.abs(grads[n]).max() > 0 for n in grads if n.startswith("language_model.layers."))
+
+
+def test_padded_parameters_over_7_devices_update_as_unpadded(data):
+    """Over 7 devices no dimension of the tiny model divides, so every matrix is stored padded
+    (and sharded): the loss, gradient norm and an AdamW step equal those of one device; the
+    padding gets zero gradient and stays zero; the policy exports the unpadded tensors."""
+    from maye_jax.models.hf_mapping import iter_hf_tensors
+    from maye_jax.training.train_state import policy_model
+    from maye_jax.training.update import make_train_step
+
+    optimizer, schedule = make_optimizer(OptimizerConfig(learning_rate=1e-3), total_updates=10)
+    config = replace(CONFIG, scan_layers=False)  # the scan is compared with the loop above
+    minibatch = data["rows"].split(2)
+    changes, metrics, logical = {}, {}, {}
+    for devices in (1, 7):
+        model_def, state, frozen, layout = create_train_state(
+            data["model"], make_mesh(fsdp=devices), optimizer, frozen_dtype=jnp.float32
+        )
+        step = make_train_step(model_def, optimizer, schedule, layout, config)
+        initial = host(state.params)
+        state, metrics[devices], finite = step(state, frozen, minibatch)
+        assert bool(finite)
+        after = host(state.params)
+        logical = logical or {n: v.shape for n, v in after.items()}
+        region = {n: tuple(slice(0, size) for size in logical[n]) for n in after}
+        changes[devices] = {n: (after[n] - initial[n])[region[n]] for n in after}
+        for name, value in after.items():  # the padding stays exactly zero
+            padding = value.copy()
+            padding[region[name]] = 0
+            assert np.all(padding == 0), name
+    kernel = "language_model.layers.0.mlp.up_proj.kernel"  # [64, 128] stored as [70, 128]
+    assert state.params[kernel].shape == (70, 128) and layout.params[kernel].spec[0] == "fsdp"
+    assert layout.report.trainable_replicated_fraction < 0.01
+    assert_trees_close(changes[7], changes[1], 1e-4, "parameter changes, padded over 7 devices")
+    for name in ("loss/total", "grad_norm", "entropy"):
+        assert float(metrics[7][name]) == pytest.approx(float(metrics[1][name]), rel=1e-5), name
+    exported = dict(iter_hf_tensors(policy_model(model_def, state, frozen)))
+    assert {n: v.shape for n, v in exported.items()} == {
+        n: v.shape for n, v in iter_hf_tensors(data["model"])
+    }
