@@ -1,14 +1,17 @@
-"""Per-device memory of the 7B policy update over 7 devices, from the compiled step (not run).
+"""Per-device memory of the 7B/8B policy update over 7 devices, from the compiled step (not run).
 
-    python benchmarks/memory_7b.py [--layers=28] [--micro_batches=2] [--rows=14] [--prompt=512]
-        [--response=1024] [--image_tokens=256]
+    python benchmarks/memory_7b.py [--presets=qwen2_5_vl_7b,qwen2_vl_7b,qwen3_vl_8b]
+        [--layers=0] [--micro_batches=2] [--rows=14] [--prompt=512] [--response=1024]
+        [--image_tokens=256]
 
-Builds Qwen2.5-VL-7B and Qwen2-VL-7B abstractly (jax.ShapeDtypeStruct with shardings, no
-memory), lowers and compiles the jitted train step on 7 fake CPU devices (fsdp=7, as on the
-8-GPU node), and prints XLA's per-device memory analysis next to the unsharded state size.
-Trainable state = fp32 params + fp32 grads + AdamW mu and nu (16 bytes per parameter); the
-frozen tower (bf16, mostly replicated: its widths have no factor 7) and the reference model
-(bf16 copy of the trainable params, sharded like them) are reported separately.
+Builds Qwen2.5-VL-7B, Qwen2-VL-7B and Qwen3-VL-8B abstractly (jax.ShapeDtypeStruct with
+shardings, no memory), lowers and compiles the jitted train step on 7 fake CPU devices (fsdp=7,
+as on the 8-GPU node), and prints XLA's per-device memory analysis next to the unsharded state
+size. Trainable state = fp32 params + fp32 grads + AdamW mu and nu (16 bytes per parameter);
+the frozen tower (bf16) and the reference model (bf16 copy of the trainable params, sharded like
+them) are reported separately. Parameters with no dimension divisible by 7 (the vision towers'
+widths, and every Qwen3-VL width) are stored padded to a multiple of 7 and sharded
+(`sharding/rules.storage_shape`); the padding is counted in the per-device figures.
 
 The persistent state (the step's arguments) is exact. Temporaries are backend-dependent and
 overstated on CPU: XLA's CPU backend runs bf16 dots in f32 (so gathered weights and their
@@ -47,6 +50,7 @@ from maye_jax.training.train_state import (  # noqa: E402
     init_train_state,
     plan_layout,
     split_model,
+    storage_shapes,
 )
 from maye_jax.training.update import UpdateConfig, make_train_step  # noqa: E402
 
@@ -88,7 +92,11 @@ def abstract_minibatch(layout, config, args) -> UpdateBatch:
         logprobs_old=((m, b, r), jnp.float32),
         ref_logprobs=((m, b, r), jnp.float32),
         image_feature_index=((m, b, length), jnp.int32),
-        image_features=((m, b, args.image_tokens, config.text.hidden_size), jnp.bfloat16),
+        # Qwen3-VL's features carry their DeepStack levels beside the main one
+        image_features=(
+            (m, b, args.image_tokens, (1 + config.num_deepstack_levels) * config.text.hidden_size),
+            jnp.bfloat16,
+        ),
     )
     batch = UpdateBatch(**{n: jax.ShapeDtypeStruct(s, d) for n, (s, d) in shapes.items()})
     return with_shardings(batch, batch.shardings(layout))
@@ -109,13 +117,16 @@ def measure(preset: str, mesh, args) -> None:
     model_def, params, frozen = split_model(model, TrainableConfig())
     optimizer, schedule = make_optimizer(OptimizerConfig(), total_updates=100)
     layout = plan_layout(mesh, params, frozen, optimizer)
-    params = {n: jax.ShapeDtypeStruct(v.shape, jnp.float32) for n, v in params.items()}
+    num_params = sum(int(np.prod(v.shape)) for v in params.values())  # the model's own
+    unsharded_trainable = 4 * full_bytes(params)  # params + grads + mu + nu, fp32
+    stored = storage_shapes({**params, **frozen}, mesh)  # padded where 7 divides nothing
+    params = {n: jax.ShapeDtypeStruct(stored[n], jnp.float32) for n in params}
     state = with_shardings(
         jax.eval_shape(lambda p: init_train_state(p, optimizer), params), layout.state
     )
     frozen = {
-        n: jax.ShapeDtypeStruct(v.shape, jnp.bfloat16, sharding=layout.frozen[n])
-        for n, v in frozen.items()
+        n: jax.ShapeDtypeStruct(stored[n], jnp.bfloat16, sharding=layout.frozen[n])
+        for n in frozen
     }
     minibatch = abstract_minibatch(layout, config, args)
     update_config = UpdateConfig(scan_layers=not args.no_scan_layers)
@@ -126,8 +137,6 @@ def measure(preset: str, mesh, args) -> None:
     compile_seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
 
-    num_params = sum(int(np.prod(v.shape)) for v in params.values())
-    unsharded_trainable = 4 * full_bytes(params)  # params + grads + mu + nu, fp32
     sharded_trainable = 4 * per_device_bytes(with_shardings(params, layout.params))
     state_args = per_device_bytes(state)  # params + mu + nu actually passed to the step
     frozen_device = per_device_bytes(frozen)
@@ -181,8 +190,10 @@ def measure(preset: str, mesh, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="qwen2_5_vl_7b,qwen2_vl_7b")
-    parser.add_argument("--layers", type=int, default=0, help="override the decoder depth (0: 28)")
+    parser.add_argument("--presets", default="qwen2_5_vl_7b,qwen2_vl_7b,qwen3_vl_8b")
+    parser.add_argument(
+        "--layers", type=int, default=0, help="override the decoder depth (0: the preset's)"
+    )
     parser.add_argument("--micro_batches", type=int, default=2)
     parser.add_argument("--rows", type=int, default=14, help="rows per micro-batch (global)")
     parser.add_argument("--prompt", type=int, default=512)
