@@ -96,7 +96,9 @@ def _sampling(config, **kwargs) -> Sampling:
     return Sampling(**{**defaults, **kwargs})
 
 
-@pytest.mark.parametrize("family, tied", [("qwen2_vl", True), ("qwen2_5_vl", False)])
+@pytest.mark.parametrize(
+    "family, tied", [("qwen2_vl", True), ("qwen2_5_vl", False), ("qwen3_vl", True)]
+)
 def test_greedy_equals_transformers_generate(family, tied):
     hf, model, config = hf_and_flax(family, tied)
     prompts = _prompts(config)

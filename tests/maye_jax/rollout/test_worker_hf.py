@@ -31,6 +31,8 @@ from maye_jax.data.processor import load_processor
 from maye_jax.data.sequences import make_sequence_batch, score_batch
 from maye_jax.models.configs import ModelConfig
 from maye_jax.models.hf_mapping import iter_hf_tensors, load_hf_tensors
+from maye_jax.models.hf_names import normalize_hf_name
+from maye_jax.models.qwen_vl import build_model
 from maye_jax.rollout.client import (
     WorkerDiedError,
     WorkerEngine,
@@ -105,7 +107,7 @@ def perturbed(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """New trainable weights: MLP down projections scaled, norms shifted (vision untouched)."""
     changed = {}
     for name, array in arrays.items():
-        if name.startswith("visual."):
+        if normalize_hf_name(name).startswith("visual."):
             continue
         if "down_proj" in name:
             array = array * np.float32(1.7)
@@ -495,3 +497,33 @@ def test_syncing_read_only_arrays_warns_nothing():
         np.testing.assert_array_equal(view.tensors["model.layers.0.mlp.down_proj.weight"], kernel.T)
     finally:
         segment.close()
+
+
+def test_qwen3_vl_worker_scores_and_samples_like_the_trainer(module_scratch):
+    """Qwen3-VL in the hf worker: weights synced in Qwen3-VL's hub names
+    (`model.visual.*`, `model.language_model.*`); its scores and the logprobs of what it samples
+    equal the trainer's teacher-forced ones, before and after a sync of changed weights."""
+    model_dir = make_model_dir(module_scratch("worker_hf_qwen3"), "qwen3_vl")
+    model, hf_config = load_model(model_dir)
+    encoded, prompts = make_prompts(model_dir, "qwen3_vl")
+    assert int(encoded[0]["image_grid_thw"].prod()) // 4 >= 64  # Qwen3-VL's minimum
+    responses = fixed_responses(model_dir, "qwen3_vl")
+    arrays = dict(iter_hf_tensors(model))
+    assert any(n.startswith("model.language_model.layers.") for n in arrays)
+    with WorkerEngine("hf", model_dir, timeout_s=120) as engine:
+        engine.load_policy(model, 1)
+        expected = trainer_logprobs(model, hf_config, encoded, responses)
+        assert_close(engine.score(prompts, responses), expected)
+        completions = engine.generate(prompts, Sampling(max_tokens=5, seed=3), step=1)
+        rows = [(i, c) for i, row in enumerate(completions) for c in row]
+        sampled = trainer_logprobs(
+            model, hf_config, [encoded[i] for i, _ in rows], [c.token_ids for _, c in rows]
+        )
+        assert_close([c.logprobs for _, c in rows], sampled)
+        changed = perturbed(arrays)
+        abstract = build_model(ModelConfig.from_hf(hf_config), abstract=True)
+        new_model = load_hf_tensors(abstract, {**arrays, **changed}.items())
+        new_expected = trainer_logprobs(new_model, hf_config, encoded, responses)
+        assert max(np.abs(n - o).max() for n, o in zip(new_expected, expected)) > 0.05
+        engine.sync_weights(changed, version=2)
+        assert_close(engine.score(prompts, responses), new_expected)
