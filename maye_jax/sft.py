@@ -120,7 +120,7 @@ class SFTRunner:
         )
         zeros = np.zeros(batch.response_mask.shape, np.float32)
         features, tower = None, None
-        if batch.vision is not None and self.settings.model.tower_trains:
+        if self.settings.model.tower_trains:  # with or without images: one program everywhere
             row_prompt = np.full(rows, -1, np.int32)  # one row per record
             row_prompt[: len(records)] = np.arange(len(records))
             tower = TowerImages(
@@ -135,6 +135,7 @@ class SFTRunner:
             features=features,
             tower=tower,
             layout=self.policy.layout,
+            feature_width=self.policy.model_config.image_feature_width,
         )
         return minibatches(None, num_micro)
 

@@ -191,6 +191,7 @@ class Trainer:
             features=trajectory.features,
             tower=tower,
             layout=self.policy.layout,
+            feature_width=self.policy.model_config.image_feature_width,
             response_buckets=s.trajectory_config().response_buckets,
         )
         num_micro = s.rl.ppo_batch_size // s.rl.micro_batch_size

@@ -100,6 +100,11 @@ class ModelConfig:
         """Vision features per image token beyond the main one (Qwen3-VL DeepStack; else 0)."""
         return len(self.vision.deepstack_visual_indexes)
 
+    @property
+    def image_feature_width(self) -> int:
+        """Width of one image token's features: the main one and each DeepStack level's."""
+        return (1 + self.num_deepstack_levels) * self.text.hidden_size
+
     @classmethod
     def from_hf(cls, hf_config: Any) -> ModelConfig:
         """Builds the config from a transformers Qwen2VLConfig / Qwen2_5_VLConfig / Qwen3VLConfig

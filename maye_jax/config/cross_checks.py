@@ -150,11 +150,6 @@ def multiprocess_problems(s: Settings, kind: str, processes: int | None = None) 
     if not processes or processes == 1:
         return []
     problems = []
-    if s.model.tower_trains:
-        problems.append(
-            "config.model.train_vit: a vision tower that trains is not supported with several "
-            "processes (each micro-batch packs every host's images)"
-        )
     if kind in ("rl", "experiment"):
         prompts = s.rl.batch_size // s.rollout.num_samples
         if prompts % processes:

@@ -413,18 +413,21 @@ def build_minibatches(
     features: jax.Array | None,
     tower: TowerImages | None,
     layout: Layout,
+    feature_width: int,
     response_buckets: Sequence[int] | None = None,
 ):
     """The mini-batches of one step, RL's and SFT's alike: a `MinibatchMaker` of this process's
     rows, or with several processes a `GlobalMinibatches` of every process's (each lays out its
-    rows' image features with the same table size first). Either is called as
-    `minibatches(picked_rows_or_None, num_micro)`."""
+    rows' image features with the same table size first; a tower that trains packs every
+    process's images). Either is called as `minibatches(picked_rows_or_None, num_micro)`.
+    `feature_width`: of one image token's features (a process without images makes zeros of
+    it, in the compute dtype of the others)."""
     from maye_jax.run import multihost
     from maye_jax.training.global_batch import GlobalMinibatches, agree_on_image_features
 
     min_features_per_row = 0
-    if multihost.multiprocess():  # every process's rows get the same feature table size
-        features, min_features_per_row = agree_on_image_features(batch, features)
+    if multihost.multiprocess() and tower is None:  # the same feature table size everywhere
+        features, min_features_per_row = agree_on_image_features(batch, features, feature_width)
     minibatches = MinibatchMaker.build(
         batch,
         per_token=per_token,
@@ -434,5 +437,7 @@ def build_minibatches(
         response_buckets=response_buckets,
     )
     if multihost.multiprocess():  # every process's rows, one global batch
-        return GlobalMinibatches(minibatches.rows, layout, num_processes=multihost.process_count())
+        return GlobalMinibatches(
+            minibatches.rows, layout, num_processes=multihost.process_count(), tower=tower
+        )
     return minibatches

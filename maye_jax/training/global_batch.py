@@ -7,6 +7,13 @@ axes, and gathers each mini-batch on the devices with a jitted take of a replica
 mini-batch mixes rows of every host exactly as the global order says, and the numbers equal
 those of one process holding every row. A process's rows are padded with empty rows to a
 multiple of its data devices (global arrays split evenly); padding rows are never picked.
+
+A vision tower that trains runs inside the step on each micro-batch's packed images
+(`batch.micro_batch_images`), and a micro-batch mixes every host's rows: so every process holds
+every prompt's images (gathered once per step) and packs each micro-batch the same way; the
+packed images and their index reach the step replicated. Every process runs the one program
+whatever its rows hold (a micro-batch without images runs the tower on padding slots), so a
+host whose rows are all text-only cannot hang the others.
 """
 
 from __future__ import annotations
@@ -19,10 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from maye_jax.errors import UserError
-from maye_jax.run.multihost import allgather_rows
+from maye_jax.run.multihost import allgather_objects, allgather_rows
 from maye_jax.sharding.layout import DATA_AXES, Layout, row_sharding
-from maye_jax.training.batch import _PAD_VALUES, UpdateBatch
+from maye_jax.training.batch import _PAD_VALUES, TowerImages, UpdateBatch, micro_batch_images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +66,18 @@ def _select(rows: UpdateBatch, index: jax.Array, *, num_micro: int, micro_rows: 
 class GlobalMinibatches:
     """The mini-batches of one step from this process's rows (see the module doc)."""
 
-    def __init__(self, local_rows: UpdateBatch, layout: Layout, *, num_processes: int):
+    def __init__(
+        self,
+        local_rows: UpdateBatch,
+        layout: Layout,
+        *,
+        num_processes: int,
+        tower: TowerImages | None = None,
+    ):
+        """`tower`: this process's prompts' images and the prompt of each of its rows, for a
+        tower that trains (the rows then mark image tokens with an index >= 0)."""
         if local_rows.vision is not None:
-            raise ValueError("a tower that trains is not supported across processes")
+            raise ValueError("packed images are made per mini-batch here: pass `tower`")
         mesh = layout.mesh
         data_devices = int(np.prod([mesh.shape[a] for a in DATA_AXES if a in mesh.shape]))
         per_process = max(1, data_devices // num_processes)
@@ -79,6 +94,7 @@ class GlobalMinibatches:
             sharding = row_sharding(mesh, shape, 0)
             fields[name] = jax.make_array_from_process_local_data(sharding, value, shape)
         self.rows = dataclasses.replace(local_rows, **fields)
+        self.tower = None if tower is None else _every_process_images(tower, local_rows)
 
     def global_index(self, picked: np.ndarray) -> np.ndarray:
         """Real row r (process r // L's row r % L) -> its row in the padded global arrays."""
@@ -98,19 +114,51 @@ class GlobalMinibatches:
             np.asarray(self.global_index(picked), np.int32),
             _MeshLayout(self.layout.mesh).replicated,
         )
-        return _select(
+        batch = _select(
             self.rows, index, num_micro=num_micro, micro_rows=micro_rows, mesh=self.layout.mesh
         )
+        if self.tower is None:
+            return batch
+        tower, is_image_token = self.tower
+        vision, feature_index = micro_batch_images(
+            tower.prompt_images,
+            tower.row_prompt[picked],
+            is_image_token[picked],
+            num_micro,
+            tower.vision_config,
+        )
+        feature_index = feature_index.reshape(num_micro, -1, feature_index.shape[-1])
+        padded = np.full((num_micro, micro_rows, feature_index.shape[-1]), -1, np.int32)
+        padded[:, : feature_index.shape[1]] = feature_index
+        # the same host arrays on every process: replicated global arrays (the step shards
+        # the index with the rows)
+        replicated = _MeshLayout(self.layout.mesh).replicated
+        return dataclasses.replace(
+            batch, image_feature_index=jax.device_put(padded, replicated)
+        ).with_vision({n: jax.device_put(v, replicated) for n, v in vision.items()})
 
 
-def agree_on_image_features(batch, features):
+def _every_process_images(tower: TowerImages, local_rows: UpdateBatch):
+    """(TowerImages of every process's prompts, with the global prompt of each real row in
+    process order; each real row's image-token mask [rows, L]), the same on every process."""
+    per_process = allgather_objects(list(tower.prompt_images))
+    offsets = np.cumsum([0] + [len(p) for p in per_process])
+    me = jax.process_index()
+    local_prompt = np.where(tower.row_prompt >= 0, tower.row_prompt + offsets[me], -1)
+    prompts = [image for images in per_process for image in images]
+    row_prompt = allgather_rows(local_prompt.astype(np.int64))
+    is_image_token = allgather_rows(np.asarray(local_rows.image_feature_index) >= 0)
+    return TowerImages(prompts, row_prompt, tower.vision_config), is_image_token
+
+
+def agree_on_image_features(batch, features, feature_width: int):
     """(features, feature table size) every process shares: the most image tokens of any row
-    of any process; a process without images gets an empty table of that size."""
+    of any process; a process whose prompts have no image gets zeros of `feature_width` (in the
+    dtype the others' tower gave), which its rows never place."""
     per_row = int((batch.image_feature_index >= 0).sum(axis=1).max())
     most = int(allgather_rows(np.asarray([per_row])).max())
+    dtypes = allgather_objects(None if features is None else str(features.dtype))
     if most and features is None:
-        raise UserError(
-            "several processes: a host whose prompts have no image while another's do is not "
-            "supported yet (mixed text-only and image data)"
-        )
+        dtype = next(d for d in dtypes if d is not None)
+        features = jnp.zeros((1, feature_width), dtype)
     return features, most

@@ -6,9 +6,11 @@ torchvision is a CUDA build that cannot be imported here, so scripts/setup_vllm_
    module that imports torchvision at its top. The shim serves that module from the PIL
    implementation (`image_processing_pil_qwen2_vl`, same `smart_resize`), with
    `Qwen2VLImageProcessor` being the PIL class.
-2. Building a Qwen2-VL processor loads a video processor, which needs torchvision. The shim makes
-   `AutoVideoProcessor.from_pretrained` fall back to `NoVideoProcessor`, which carries the patch
-   and merge sizes and refuses videos (the rollout worker sends images only), and lets
+2. Building a Qwen2-VL or Qwen3-VL processor loads a video processor, which needs torchvision.
+   The shim makes `AutoVideoProcessor.from_pretrained` fall back to `NoVideoProcessor`, which
+   carries the sizes vLLM reads to budget video tokens (patch and merge sizes; Qwen3-VL's pixel
+   bounds `size`, `fps` and frame limits, from the model's video_preprocessor_config.json or
+   Qwen3-VL's defaults) and refuses videos (the rollout worker sends images only), and lets
    `ProcessorMixin`'s class check accept it (that check looks the base class up by name in
    mappings that are stubs without torchvision).
 Nothing changes while torchvision is importable. The .pth file imports this module at interpreter
@@ -77,15 +79,30 @@ def _make_no_video_processor_class():
     from transformers.video_processing_utils import VideoProcessorMixin
 
     class NoVideoProcessor(VideoProcessorMixin):
-        """Stands in for Qwen2-VL's torchvision video processor: sizes only, no videos."""
+        """Stands in for Qwen-VL's torchvision video processor: sizes only, no videos."""
 
         model_input_names = ["pixel_values_videos", "video_grid_thw"]
 
-        def __init__(self, patch_size=14, temporal_patch_size=2, merge_size=2, **kwargs):
+        def __init__(
+            self,
+            patch_size=14,
+            temporal_patch_size=2,
+            merge_size=2,
+            size=None,
+            fps=2,
+            min_frames=4,
+            max_frames=768,
+            **kwargs,
+        ):
             super().__init__()
             self.patch_size = patch_size
             self.temporal_patch_size = temporal_patch_size
             self.merge_size = merge_size
+            # Qwen3-VL's video defaults (its video processor's class attributes)
+            self.size = size or {"shortest_edge": 128 * 32 * 32, "longest_edge": 768 * 32 * 32}
+            self.fps = fps
+            self.min_frames = min_frames
+            self.max_frames = max_frames
 
         def __call__(self, *args, **kwargs):
             raise NotImplementedError("videos need torchvision, which this environment lacks")
@@ -96,13 +113,25 @@ def _make_no_video_processor_class():
 
 
 def _sizes_from_directory(path) -> dict:
-    config_path = os.path.join(str(path), "preprocessor_config.json")
-    if not os.path.isfile(config_path):
-        return {}
-    with open(config_path) as file:
-        config = json.load(file)
-    keys = ("patch_size", "temporal_patch_size", "merge_size")
-    return {key: config[key] for key in keys if key in config}
+    """The video sizes of the model folder: its video_preprocessor_config.json, else the patch
+    and merge sizes of its preprocessor_config.json."""
+    for name, keys in (
+        (
+            "video_preprocessor_config.json",
+            ("patch_size", "temporal_patch_size", "merge_size", "size", "fps"),
+        ),
+        ("preprocessor_config.json", ("patch_size", "temporal_patch_size", "merge_size")),
+    ):
+        config_path = os.path.join(str(path), name)
+        if os.path.isfile(config_path):
+            with open(config_path) as file:
+                config = json.load(file)
+            sizes = {key: config[key] for key in keys if key in config}
+            sizes.update(
+                {key: config[key] for key in ("min_frames", "max_frames") if key in config}
+            )
+            return sizes
+    return {}
 
 
 def _patch_auto_video(module) -> None:

@@ -1,4 +1,5 @@
-"""The score CLI: teacher-forced response logprobs equal transformers' (real vocabulary)."""
+"""The score CLI: teacher-forced response logprobs equal transformers' (real vocabulary; a tiny
+Qwen3-VL, whose image features reach the decoder at several layers)."""
 
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ RESPONSES = [
 def scored(module_scratch):
     root = module_scratch("score")
     model_dir = root / "model"
-    hf = tiny_hf_model("qwen2_vl", tied=False, seed=5, vocab_size=151936, initializer_range=0.2)
+    hf = tiny_hf_model("qwen3_vl", tied=False, seed=5, vocab_size=151936, initializer_range=0.2)
     hf.save_pretrained(str(model_dir))
-    load_processor(family="qwen2_vl").save_pretrained(model_dir)
+    load_processor(family="qwen3_vl").save_pretrained(model_dir)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (56, 84, 3), dtype=np.uint8)).save(root / "img.png")
     records = [
