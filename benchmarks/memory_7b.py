@@ -125,8 +125,7 @@ def measure(preset: str, mesh, args) -> None:
         jax.eval_shape(lambda p: init_train_state(p, optimizer), params), layout.state
     )
     frozen = {
-        n: jax.ShapeDtypeStruct(stored[n], jnp.bfloat16, sharding=layout.frozen[n])
-        for n in frozen
+        n: jax.ShapeDtypeStruct(stored[n], jnp.bfloat16, sharding=layout.frozen[n]) for n in frozen
     }
     minibatch = abstract_minibatch(layout, config, args)
     update_config = UpdateConfig(scan_layers=not args.no_scan_layers)
