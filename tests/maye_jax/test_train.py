@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from maye_jax.config.settings import load_settings
@@ -211,10 +212,30 @@ def _vllm_available() -> bool:
     return os.path.isfile(".venv-vllm/bin/python")
 
 
+def _first_prompt_batch(trainer):
+    """The first training problem with a fixed response, as a SequenceBatch."""
+    from maye_jax.data.sequences import make_sequence_batch
+
+    record = trainer.data["train"][0]
+    encoded = trainer.processor.encode(record.load_image(), record.question)
+    tokenizer = trainer.processor.tokenizer
+    response = tokenizer("The answer is \\boxed{12}.", add_special_tokens=False)["input_ids"]
+    return make_sequence_batch([encoded], [response], trainer.policy.model_config)
+
+
+def _teacher_forced(model, batch):
+    from maye_jax.data.sequences import score_batch
+
+    arrays = batch.device_arrays()
+    return np.asarray(score_batch(model, arrays, prompt_len=batch.prompt_len))[0]
+
+
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
-    """The same loop with the torch-side worker: the trainer's logprobs of the worker's samples
-    agree with the worker's own (weights synced through shared memory)."""
+    """The same loop on a tiny Qwen3-VL (`model.tiny_family="qwen3_vl"`) with the torch-side
+    worker: the trainer's logprobs of the worker's samples agree with the worker's own, at
+    step 2 too, after an update synced to it through shared memory (a worker that kept the
+    old weights would be off by the update's change, checked to be far larger)."""
     import os
 
     if engine == "vllm" and not _vllm_available():
@@ -222,17 +243,24 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
             pytest.fail("MAYE_REQUIRE_VLLM=1 but .venv-vllm is missing (scripts/setup_vllm_env.sh)")
         pytest.skip("vLLM environment not installed (run scripts/setup_vllm_env.sh)")
     config = tiny_config(tmp_path)
+    config.model.tiny_family = "qwen3_vl"
     config.rollout.engine = engine
     config.rl.num_epochs = 1
     config.rl.batch_size = 8  # 4 prompts x 2 samples per step; 8 records: 2 steps
     config.data.synth_num_train = 8
     config.eval.enabled = False
-    Trainer(rl_settings(config)).run()
+    trainer = Trainer(rl_settings(config))
+    before = trainer.policy.model()
+    batch = _first_prompt_batch(trainer)
+    old_logprobs = _teacher_forced(before, batch)
+    trainer.run()
+    new_logprobs = _teacher_forced(trainer.policy.model(), batch)
     lines = read_metrics(tmp_path / "run")
     assert [m["generation_step"] for m in lines] == [1, 2]
     for line in lines:
         assert not [k for k in REQUIRED_KEYS if k not in line]
         assert line["mismatch/logprob_abs_max"] < 1e-3, line["mismatch/logprob_abs_max"]
+    assert np.abs(new_logprobs - old_logprobs).max() > 1e-2  # what a stale worker would miss
 
 
 def test_tower_and_merger_train_in_the_loop_and_reach_the_worker(tmp_path):
@@ -240,7 +268,6 @@ def test_tower_and_merger_train_in_the_loop_and_reach_the_worker(tmp_path):
     images, its weights change, and the torch worker samples with them (its logprobs agree with
     the trainer's after the first update). The shared-memory segment lays out exactly the
     trainer's frozen tensors (here the embeddings, not the tower) as sent once."""
-    import numpy as np
 
     config = tiny_config(tmp_path)
     config.model.train_vit = config.model.train_connector = True
@@ -338,8 +365,6 @@ def test_a_train_checkpoint_evaluates_and_converts_as_a_model(uninterrupted, tmp
     final export's weights; `convert` writes it as an HF folder and `evaluate` runs on it."""
     import subprocess
     import sys
-
-    import numpy as np
 
     from maye_jax.models.hf_mapping import iter_hf_tensors
     from maye_jax.storage.model_folders import iter_safetensors, load_model
