@@ -79,3 +79,19 @@ def test_configs_load_from_any_working_directory(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == "12"
+
+
+def test_qwen3_vl_configs_are_marked_not_the_papers_and_keep_its_token_bounds():
+    """The paper's hyper-parameters (test above) and images of 4 .. 16384 merged tokens, in
+    Qwen3-VL's 32 x 32-pixel tokens."""
+    qwen3 = [p for p in CONFIGS if "qwen3_vl" in p.stem]
+    assert {p.stem for p in qwen3} == {
+        f"{dataset}_qwen3_vl_{size}"
+        for dataset in ("geo3k", "mmmath")
+        for size in ("2b", "4b", "8b")
+    }
+    for path in qwen3:
+        assert path.read_text().startswith('"""Not the paper\'s')
+        c = load(path)
+        assert (c.data.min_pixels, c.data.max_pixels) == (4 * 32 * 32, 16384 * 32 * 32)
+        assert c.model.path.endswith(f"Qwen3-VL-{path.stem.split('_')[-1].upper()}-Instruct")

@@ -63,3 +63,13 @@ def paper_config(dataset: str, model: str):
     c.eval.max_tokens = 2048
     c.checkpoint.every_steps = 10
     return c
+
+
+def qwen3_vl_config(dataset: str, model: str):
+    """Not one of the paper's runs: a Qwen3-VL model with the hyper-parameters of its Qwen2.5-VL-7B
+    runs. The pixel bounds keep the same 4 .. 16384 merged tokens per image, in Qwen3-VL's
+    32 x 32-pixel tokens (16384 x 32 x 32 is also Qwen3-VL's own largest image)."""
+    c = paper_config(dataset, model)
+    c.data.min_pixels = 4 * 32 * 32
+    c.data.max_pixels = 16384 * 32 * 32
+    return c

@@ -1,0 +1,7 @@
+"""Not the paper's: geometry3k with Qwen3-VL-4B-Instruct and the paper's Qwen2.5-VL-7B settings."""
+
+from maye_jax.config.paper import qwen3_vl_config
+
+
+def get_config():
+    return qwen3_vl_config("geometry3k", "Qwen3-VL-4B-Instruct")
