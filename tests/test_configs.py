@@ -94,4 +94,4 @@ def test_qwen3_vl_configs_are_marked_not_the_papers_and_keep_its_token_bounds():
         assert path.read_text().startswith('"""Not the paper\'s')
         c = load(path)
         assert (c.data.min_pixels, c.data.max_pixels) == (4 * 32 * 32, 16384 * 32 * 32)
-        assert c.model.path.endswith(f"Qwen3-VL-{path.stem.split('_')[-1].upper()}-Instruct")
+        assert c.name.endswith(f"Qwen3-VL-{path.stem.split('_')[-1].upper()}-Instruct")
