@@ -58,7 +58,7 @@ class UpdateConfig:
     temperature: float = 1.0
     logprob_chunk_size: int = 512
     scan_layers: bool | None = None
-    deepstack_scan: str = "unroll"
+    deepstack_scan: str = "carry"
 
 
 def scans_layers(config: UpdateConfig, layout: Layout | None) -> bool:
@@ -81,7 +81,7 @@ def scans_layers(config: UpdateConfig, layout: Layout | None) -> bool:
 
 
 def _hidden_states(
-    model, micro: UpdateBatch, stacked_layers: dict | None, deepstack_scan: str = "unroll"
+    model, micro: UpdateBatch, stacked_layers: dict | None, deepstack_scan: str = "carry"
 ) -> jax.Array:
     """Final hidden states [b, P + R, D] of one micro-batch."""
     index = micro.image_feature_index

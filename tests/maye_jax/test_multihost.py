@@ -250,6 +250,12 @@ def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_pa
     reference = run_single(tmp_path / "single", overrides)
     assert_same_metrics(folder / "run", reference)
     assert_same_metrics(folder / "run" / "sft_warmup", reference / "sft_warmup")
+    from maye_jax.evaluation.report import build_report
+
+    built = build_report([folder / "run"], tmp_path / "report", plots=False)
+    (comparison,) = built["summary"]["comparisons"]
+    assert comparison["comparison_key"].endswith("| tiny-qwen3_vl")
+    assert "pass@8_t1.0" in built["markdown"]
 
 
 def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupted(tmp_path):
