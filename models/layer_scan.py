@@ -55,15 +55,6 @@ def stack_layers(
     return stacked
 
 
-# How a scan runs the decoder of a model with DeepStack (Qwen3-VL), whose levels are added after
-# layers 0 .. K-1 (benchmarks/deepstack_scan.py measures both; "carry", the default, was 1.03-1.05x
-# faster per update on the CPU and compiled faster, the K unrolled layers being extra programs):
-#   "carry":  every layer is scanned; the levels ride along (closed over, not carried per
-#             iteration) and layer i adds level i when i < K;
-#   "unroll": layers 0 .. K-1 run one by one, each followed by its level, the rest are scanned.
-DEEPSTACK_SCAN_MODES = ("carry", "unroll")
-
-
 def scanned_decoder(
     model: nnx.Module,
     stacked: Mapping[str, jax.Array],
@@ -71,12 +62,14 @@ def scanned_decoder(
     positions: jax.Array,  # [3, B, L]
     attention_mask: jax.Array,  # [B, L]
     deepstack: jax.Array | None = None,  # [K, B, L, D], zero on text tokens
-    deepstack_mode: str = "carry",
 ) -> jax.Array:  # final-normed hidden states [B, L, D]
     """`model.language_model(embeds, positions, mask, deepstack=deepstack)` with the layers
-    scanned (remat per layer, with the model's remat policy, when it was built with `remat`)."""
-    if deepstack_mode not in DEEPSTACK_SCAN_MODES:
-        raise ValueError(f"deepstack_mode {deepstack_mode!r}: one of {DEEPSTACK_SCAN_MODES}")
+    scanned (remat per layer, with the model's remat policy, when it was built with `remat`).
+
+    Qwen3-VL's DeepStack levels are added inside the scan: layer i adds level i while i < K
+    (the levels are closed over, not carried per iteration). Unrolling the first K layers before
+    the scan instead was 1.03-1.05x slower per update on the CPU, slower to compile, and held
+    9.9 GiB more temporaries in the 8B update over 7 devices (benchmarks/RESULTS.md)."""
     text = model.language_model
     cos, sin = text.rotary_tables(positions)
     mask = causal_padding_mask(attention_mask)
@@ -85,31 +78,19 @@ def scanned_decoder(
         ".".join(str(k) for k in path): tuple(path)
         for path, _ in nnx.to_flat_state(nnx.state(text.layers[0]))
     }
-
-    def run_layer(hidden, layer_params):
-        state = nnx.from_flat_state({layer_paths[n]: v for n, v in layer_params.items()})
-        hidden, _ = nnx.merge(layer_def, state)(hidden, cos, sin, mask)
-        return hidden
-
-    if text.remat:  # scan already prevents CSE
-        run_layer = jax.checkpoint(run_layer, prevent_cse=False, policy=REMAT_POLICIES[text.remat])
     levels = 0 if deepstack is None else deepstack.shape[0]
-    hidden = embeds
-    if deepstack_mode == "unroll" and levels:
-        for index in range(levels):
-            hidden = run_layer(hidden, {n: v[index] for n, v in stacked.items()})
-            hidden = hidden + deepstack[index].astype(hidden.dtype)
-        stacked = {n: v[levels:] for n, v in stacked.items()}
-        levels = 0
 
     def one_layer(hidden, layer):
         index, layer_params = layer
-        hidden = run_layer(hidden, layer_params)
-        if levels:  # "carry": layer `index` adds level `index` while there is one
+        state = nnx.from_flat_state({layer_paths[n]: v for n, v in layer_params.items()})
+        hidden, _ = nnx.merge(layer_def, state)(hidden, cos, sin, mask)
+        if levels:  # layer `index` adds DeepStack level `index` while there is one
             level = deepstack[jnp.minimum(index, levels - 1)].astype(hidden.dtype)
             hidden = jnp.where(index < levels, hidden + level, hidden)
         return hidden, None
 
+    if text.remat:  # scan already prevents CSE
+        one_layer = jax.checkpoint(one_layer, prevent_cse=False, policy=REMAT_POLICIES[text.remat])
     num_layers = next(iter(stacked.values())).shape[0]
-    hidden, _ = jax.lax.scan(one_layer, hidden, (jnp.arange(num_layers), dict(stacked)))
+    hidden, _ = jax.lax.scan(one_layer, embeds, (jnp.arange(num_layers), dict(stacked)))
     return text.norm(hidden)

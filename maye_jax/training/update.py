@@ -51,14 +51,12 @@ class UpdateConfig:
     are those of `log_softmax(logits / temperature)`; logprob_chunk_size: sequence chunk for the
     logits (memory); scan_layers: run the decoder layers as one scan over stacked weights
     (`models/layer_scan.py`), which bounds FSDP's gathered weights and full-size gradients to
-    one layer at a time; False: the model's own layer loop; None: `scans_layers` decides;
-    deepstack_scan: how the scan meets Qwen3-VL's DeepStack levels (`layer_scan.py`)."""
+    one layer at a time; False: the model's own layer loop; None: `scans_layers` decides."""
 
     loss: LossConfig = LossConfig()
     temperature: float = 1.0
     logprob_chunk_size: int = 512
     scan_layers: bool | None = None
-    deepstack_scan: str = "carry"
 
 
 def scans_layers(config: UpdateConfig, layout: Layout | None) -> bool:
@@ -80,9 +78,7 @@ def scans_layers(config: UpdateConfig, layout: Layout | None) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _hidden_states(
-    model, micro: UpdateBatch, stacked_layers: dict | None, deepstack_scan: str = "carry"
-) -> jax.Array:
+def _hidden_states(model, micro: UpdateBatch, stacked_layers: dict | None) -> jax.Array:
     """Final hidden states [b, P + R, D] of one micro-batch."""
     index = micro.image_feature_index
     deepstack = None  # [K, b, L, D] Qwen3-VL's DeepStack levels at the image tokens
@@ -99,13 +95,7 @@ def _hidden_states(
     positions = jnp.swapaxes(micro.positions, 0, 1)  # [b, 3, L] -> the model's [3, b, L]
     if stacked_layers is not None:
         return scanned_decoder(
-            model,
-            stacked_layers,
-            embeds,
-            positions,
-            micro.attention_mask,
-            deepstack=deepstack,
-            deepstack_mode=deepstack_scan,
+            model, stacked_layers, embeds, positions, micro.attention_mask, deepstack
         )
     mask = causal_padding_mask(micro.attention_mask)
     hidden, _ = model.language_model(embeds, positions, mask, deepstack=deepstack)
@@ -144,7 +134,7 @@ def micro_batch_loss(
         shardings = layout and {**layout.params, **layout.frozen}
         stacked_layers = stack_layers({**params, **frozen}, shardings)
     prompt_len = micro.input_ids.shape[-1] - micro.response_len
-    hidden = _hidden_states(model, micro, stacked_layers, config.deepstack_scan)
+    hidden = _hidden_states(model, micro, stacked_layers)
     logprobs, entropy = token_logprobs(
         hidden[:, prompt_len - 1 : -1],
         model.output_embedding(),

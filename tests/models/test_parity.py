@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import nnx
 
 from maye_jax.models.rope import get_rope_index, prompt_token_types
 from maye_jax.models.vision_inputs import image_feature_index, pack_images
@@ -26,8 +27,20 @@ def _hf_image_features(hf, batch):
     return torch.cat([torch.cat(level, dim=0) for level in levels], dim=-1).numpy()
 
 
+@nnx.jit
+def _tower(model, arrays):
+    return model.encode_images(**arrays)
+
+
+@nnx.jit
+def _forward(model, *arrays):
+    return model(*arrays)
+
+
 def _encode(model, packed):
-    return model.encode_images(**{n: jnp.asarray(a) for n, a in packed.arrays().items()})
+    """The tower's output for packed images (jitted: one compile per packing shape instead of
+    one per operation)."""
+    return _tower(model, {n: jnp.asarray(a) for n, a in packed.arrays().items()})
 
 
 def _flax_logits(model, config, batch):
@@ -43,7 +56,8 @@ def _flax_logits(model, config, batch):
     features = _encode(model, packed)
     index = image_feature_index(types, packed.feature_index)
     return np.asarray(
-        model(
+        _forward(
+            model,
             jnp.asarray(batch["input_ids"]),
             jnp.asarray(positions),
             jnp.asarray(batch["attention_mask"]),
@@ -159,5 +173,7 @@ def test_text_only_batch_matches_transformers(variant):
         ).logits.numpy()
     types = np.zeros_like(input_ids)
     positions, _ = get_rope_index(input_ids, mask, types, None, 2)
-    ours = np.asarray(model(jnp.asarray(input_ids), jnp.asarray(positions), jnp.asarray(mask)))
+    ours = np.asarray(
+        _forward(model, jnp.asarray(input_ids), jnp.asarray(positions), jnp.asarray(mask))
+    )
     assert _max_valid_diff(ours, reference, mask) <= LOGIT_TOL

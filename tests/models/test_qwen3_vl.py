@@ -19,22 +19,24 @@ from maye_jax.tiny import tiny_hf_config
 from tests.models.conftest import hf_and_flax
 
 
-@pytest.mark.parametrize("grid_hw", [(8, 8), (2, 6), (10, 4), (48, 2)])
-def test_position_table_is_resampled_bilinearly_with_aligned_corners(grid_hw):
-    """Grids larger and smaller than the 4 x 4 table, against torch's own interpolation of the
-    table as an image, read in the processor's 2 x 2 merge-block patch order."""
+def test_position_table_is_resampled_bilinearly_with_aligned_corners():
+    """Grids larger and smaller than the 4 x 4 table (in one call, as packed slots), against
+    torch's own interpolation of the table as an image, read in the processor's 2 x 2
+    merge-block patch order."""
     side, dim = 4, 3
     table = np.random.default_rng(0).standard_normal((side * side, dim)).astype(np.float32)
-    height, width = grid_hw
-    image = torch.tensor(table).T.reshape(1, dim, side, side)
-    expected = torch.nn.functional.interpolate(
-        image, size=(height, width), mode="bilinear", align_corners=True
-    )[0].numpy()  # [dim, height, width]
-    expected = rearrange(expected, "d (bh mh) (bw mw) -> (bh bw mh mw) d", mh=2, mw=2)
-    rope_hw = vision_rope_positions(np.array([[1, height, width]]), 2)
-    grid = np.broadcast_to(np.array(grid_hw, np.int32), rope_hw.shape)
+    grids = [(8, 8), (2, 6), (10, 4), (48, 2)]
+    expected = []
+    for height, width in grids:
+        image = torch.tensor(table).T.reshape(1, dim, side, side)
+        resized = torch.nn.functional.interpolate(
+            image, size=(height, width), mode="bilinear", align_corners=True
+        )[0].numpy()  # [dim, height, width]
+        expected.append(rearrange(resized, "d (bh mh) (bw mw) -> (bh bw mh mw) d", mh=2, mw=2))
+    rope_hw = vision_rope_positions(np.array([(1, h, w) for h, w in grids]), 2)
+    grid = np.concatenate([np.tile([h, w], (h * w, 1)) for h, w in grids]).astype(np.int32)
     ours = np.asarray(resampled_position_table(jnp.asarray(table), rope_hw, jnp.asarray(grid)))
-    np.testing.assert_allclose(ours, expected, atol=1e-6)
+    np.testing.assert_allclose(ours, np.concatenate(expected), atol=1e-6)
 
 
 def test_interleaved_mrope_layout():

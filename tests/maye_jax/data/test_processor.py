@@ -135,7 +135,7 @@ def test_encode_matches_hf(processor, height, width, mode):
     np.testing.assert_array_equal(ours["attention_mask"], np.ones(len(ours["input_ids"])))
 
 
-@pytest.mark.parametrize(("height", "width"), [(224, 308), (97, 61), (1200, 1600)])
+@pytest.mark.parametrize(("height", "width"), [(97, 61), (1200, 1600)])  # scaled up, down
 def test_qwen3_vl_settings_match_hf(height, width):
     """Qwen3-VL: 16-pixel patches (sides multiples of 32, 1536 values per patch), mean = std =
     0.5, at least 64 and at most 16384 merged tokens by default, no default system turn."""

@@ -234,10 +234,7 @@ def test_unknown_family_is_rejected():
         load_tokenizer(family="llama")
 
 
-def test_qwen3_vl_family_adds_four_tokens_and_no_default_system_turn(
-    tmp_path, monkeypatch, reference_encoding
-):
-    monkeypatch.setenv("MAYE_CACHE_DIR", str(tmp_path))
+def test_qwen3_vl_family_adds_four_tokens_and_no_default_system_turn():
     tokenizer = load_tokenizer(family="qwen3_vl")
     assert len(tokenizer) == 151669
     for offset, name in enumerate(("<tool_response>", "</tool_response>", "<think>", "</think>")):

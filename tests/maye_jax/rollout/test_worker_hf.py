@@ -499,10 +499,11 @@ def test_syncing_read_only_arrays_warns_nothing():
         segment.close()
 
 
-def test_qwen3_vl_worker_scores_and_samples_like_the_trainer(module_scratch):
+def test_qwen3_vl_worker_scores_like_the_trainer_before_and_after_a_sync(module_scratch):
     """Qwen3-VL in the hf worker: weights synced in Qwen3-VL's hub names
-    (`model.visual.*`, `model.language_model.*`); its scores and the logprobs of what it samples
-    equal the trainer's teacher-forced ones, before and after a sync of changed weights."""
+    (`model.visual.*`, `model.language_model.*`); its scores equal the trainer's teacher-forced
+    logprobs, before and after a sync of changed weights (its samples: the RL loop with this
+    worker, tests/maye_jax/test_train.py)."""
     model_dir = make_model_dir(module_scratch("worker_hf_qwen3"), "qwen3_vl")
     model, hf_config = load_model(model_dir)
     encoded, prompts = make_prompts(model_dir, "qwen3_vl")
@@ -514,12 +515,6 @@ def test_qwen3_vl_worker_scores_and_samples_like_the_trainer(module_scratch):
         engine.load_policy(model, 1)
         expected = trainer_logprobs(model, hf_config, encoded, responses)
         assert_close(engine.score(prompts, responses), expected)
-        completions = engine.generate(prompts, Sampling(max_tokens=5, seed=3), step=1)
-        rows = [(i, c) for i, row in enumerate(completions) for c in row]
-        sampled = trainer_logprobs(
-            model, hf_config, [encoded[i] for i, _ in rows], [c.token_ids for _, c in rows]
-        )
-        assert_close([c.logprobs for _, c in rows], sampled)
         changed = perturbed(arrays)
         abstract = build_model(ModelConfig.from_hf(hf_config), abstract=True)
         new_model = load_hf_tensors(abstract, {**arrays, **changed}.items())
