@@ -1,4 +1,4 @@
-"""maye_jax.models: Flax NNX Qwen2-VL / Qwen2.5-VL, host-side M-RoPE, HF weight mapping.
+"""maye_jax.models: Flax NNX Qwen2-VL / Qwen2.5-VL / Qwen3-VL, host-side M-RoPE, HF weight mapping.
 
 Imported as `maye_jax.models` only: the folder sits at the repository's top level, and loading it
 a second time as `models` would create a second copy of every module (and of its registries).
