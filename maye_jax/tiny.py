@@ -190,8 +190,11 @@ def tiny_hf_model(family: str = "qwen2_5_vl", *, tied: bool = False, seed: int =
     return model
 
 
-def preset_hf_config(name: str) -> Any:
-    """A transformers config with the shapes of a published model (models/presets.py)."""
+def preset_hf_config(
+    name: str, *, num_layers: int | None = None, vision_depth: int | None = None
+) -> Any:
+    """A transformers config with the shapes of a published model (models/presets.py);
+    `num_layers` / `vision_depth` keep only that many decoder layers / vision blocks."""
     import transformers
 
     from maye_jax.models.presets import PRESETS
@@ -205,9 +208,15 @@ def preset_hf_config(name: str) -> Any:
         "qwen2_5_vl": "Qwen2_5_VLConfig",
         "qwen3_vl": "Qwen3VLConfig",
     }[family]
+    text = dict(preset["text"])
+    vision = dict(preset["vision"])
+    if num_layers is not None:
+        text["num_hidden_layers"] = num_layers
+    if vision_depth is not None:
+        vision["depth"] = vision_depth
     config = getattr(transformers, config_class)(
-        text_config=dict(preset["text"]),
-        vision_config=dict(preset["vision"]),
+        text_config=text,
+        vision_config=vision,
         tie_word_embeddings=preset["tie_word_embeddings"],
         **QWEN_TOKEN_IDS,
     )

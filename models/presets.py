@@ -84,6 +84,35 @@ def _qwen3_vl(hidden: int, layers: int, heads: int, intermediate: int, small: bo
 
 
 PRESETS: dict[str, dict] = {
+    "qwen2_vl_2b": dict(
+        family="qwen2_vl",
+        tie_word_embeddings=True,
+        text=dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [16, 24, 24],
+            },
+        ),
+        vision=dict(
+            depth=32,
+            embed_dim=1280,
+            hidden_size=1536,
+            mlp_ratio=4,
+            num_heads=16,
+            hidden_act="quick_gelu",
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+    ),
     "qwen2_vl_7b": dict(
         family="qwen2_vl",
         tie_word_embeddings=False,

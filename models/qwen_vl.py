@@ -71,20 +71,23 @@ class TextAttention(nnx.Module):
             cfg.head_dim,
         )
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, queries_from=0):
         """x [B, L, D]; mask [B, L, K] (K = L, or the cache length when a cache is given).
 
         With `kv_cache` = (keys, values) [B, K, KV, head_dim], this step's keys/values are
         written at `cache_index` and attention runs over the whole cache; the updated cache is
-        returned.
+        returned. `queries_from` (static): only positions [queries_from, L) attend and are
+        returned ([B, L - queries_from, D]); every position still gives its key and value.
         """
         split_heads = "b l (heads d) -> b l heads d"
-        query = rearrange(self.q_proj(x), split_heads, d=self.head_dim)
+        query = rearrange(self.q_proj(x[:, queries_from:]), split_heads, d=self.head_dim)
         key = rearrange(self.k_proj(x), split_heads, d=self.head_dim)
         value = rearrange(self.v_proj(x), split_heads, d=self.head_dim)
         if self.q_norm is not None:  # per head, over head_dim
             query, key = self.q_norm(query), self.k_norm(key)
-        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        query = apply_rotary(query, cos[:, queries_from:], sin[:, queries_from:])
+        key = apply_rotary(key, cos, sin)
+        mask = mask[:, queries_from:]
         if kv_cache is not None:
             cached_keys, cached_values = kv_cache
             key = jax.lax.dynamic_update_slice_in_dim(
@@ -133,11 +136,12 @@ class DecoderLayer(nnx.Module):
         )
         self.mlp = TextMLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+    def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, queries_from=0):
+        """`queries_from`: see TextAttention; the output is [B, L - queries_from, D]."""
         attn_out, kv_cache = self.self_attn(
-            self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index
+            self.input_layernorm(x), cos, sin, mask, kv_cache, cache_index, queries_from
         )
-        x = x + attn_out
+        x = x[:, queries_from:] + attn_out
         return x + self.mlp(self.post_attention_layernorm(x)), kv_cache
 
 
@@ -182,24 +186,42 @@ class TextDecoder(nnx.Module):
             interleaved=cfg.mrope_interleaved,
         )
 
-    def __call__(self, embeds, positions, mask, kv_caches=None, cache_index=None, deepstack=None):
+    def __call__(
+        self,
+        embeds,
+        positions,
+        mask,
+        kv_caches=None,
+        cache_index=None,
+        deepstack=None,
+        outputs_from=0,
+    ):
         """embeds [B, L, D], positions [3, B, L] -> final-normed hidden states [B, L, D].
 
         `deepstack` [K, B, L, D] (Qwen3-VL; zero on text tokens): level k is added to the
-        output of layer k."""
+        output of layer k.
+
+        `outputs_from` (static): only the hidden states of positions [outputs_from, L) are
+        wanted ([B, L - outputs_from, D] is returned). The earlier positions still run through
+        every layer but the last, whose queries, attention output and MLP they skip: they
+        only give it keys and values (and cache them). A prefill that samples from the last
+        position saves one layer in num_layers this way."""
         cos, sin = self.rotary_tables(positions)
         x = embeds
         new_caches = []
+        last = len(self.layers) - 1
         for index, layer in enumerate(self.layers):
             cache = None if kv_caches is None else kv_caches[index]
+            queries_from = outputs_from if index == last else 0
             if self.remat and kv_caches is None:
                 x, _ = nnx.remat(
-                    lambda lyr, h: lyr(h, cos, sin, mask), policy=REMAT_POLICIES[self.remat]
+                    lambda lyr, h, q=queries_from: lyr(h, cos, sin, mask, queries_from=q),
+                    policy=REMAT_POLICIES[self.remat],
                 )(layer, x)
             else:
-                x, cache = layer(x, cos, sin, mask, cache, cache_index)
+                x, cache = layer(x, cos, sin, mask, cache, cache_index, queries_from)
             if deepstack is not None and index < deepstack.shape[0]:
-                x = x + deepstack[index].astype(x.dtype)
+                x = x + deepstack[index, :, queries_from:].astype(x.dtype)
             new_caches.append(cache)
         return self.norm(x), (new_caches if kv_caches is not None else None)
 

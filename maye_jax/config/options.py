@@ -173,7 +173,12 @@ class RolloutSettings:
     )
     worker_cpus: str | None = opt(None, cpu_list, "pin the worker to these CPUs; None: all")
     timeout_s: float = opt(600.0, positive, "seconds a worker may take for one request")
-    sampler_prompt_bucket: int = opt(64, positive, "the JAX sampler's prompt columns round to this")
+    sampler_prompt_bucket: int = opt(
+        16,
+        positive,
+        "the JAX sampler's prompt columns round to a multiple of this, or of 1/8 of their"
+        " length rounded down to a power of two, whichever is larger",
+    )
     sampler_length_bucket: int = opt(
         128, positive, "the JAX sampler's response columns round to this"
     )

@@ -143,7 +143,7 @@ class WorkerEngine:
         self.log_lines = log_lines
         self.version: int | None = None
         self.last_sync: dict[str, float] = {}
-        self.last_generate: dict[str, int] = {}  # the backend's stats of the last generate
+        self.last_generate: dict[str, float] = {}  # the backend's stats of the last generate
         self._pending: PendingGeneration | None = None
         self._frozen_sent = False
         self._closed = False

@@ -5,9 +5,12 @@ One `generate` call, for each chunk of at most `max_rows` sample rows:
      positions, rope deltas, packed images); rows and lengths rounded up to buckets;
   2. jit `_prompt_embeddings`: the image features (computed once) scattered into the prompt's
      token embeddings;
-  3. jit `_generate`: prefill every prompt once into a KV cache, copy each prompt's cache to its
-     n sample rows, then one-token decode steps in a `lax.while_loop` that ends as soon as every
+  3. jit `_prefill`: every prompt once into a KV cache (the last layer runs its attention
+     output and MLP for the last position only: only it is sampled from), each prompt's cache
+     copied to its n sample rows, response token 0 sampled;
+  4. jit `_decode`: one-token decode steps in a `lax.while_loop` that ends as soon as every
      row has stopped (or after max_tokens).
+`last_timings` holds the seconds of each phase of the last call.
 
 KV cache of one layer: [rows, P + R, kv_heads, head_dim]; slots 0..P-1 hold the left-padded
 prompt (padding slots are masked out), slot P + t holds response token t.
@@ -17,8 +20,10 @@ prompt (padding slots are masked out), slot P + t holds response token t.
 
 Response token t of row r has M-RoPE position (valid prompt tokens of r) + t + rope_deltas[r] in
 all three components, as transformers generates it. Shapes are static per (prompt rows, P, sample
-rows, R, greedy, truncation): rows are powers of two (at least `batch_bucket`), P a multiple of
-`prompt_bucket`, R a multiple of `length_bucket`, so a run compiles a bounded number of programs.
+rows, R, greedy, truncation): rows are powers of two (at least `batch_bucket`), P the longest
+prompt rounded up by `shapes.round_up_geometric` (a multiple of `prompt_bucket`, or of 1/8 of
+P rounded down to a power of two when that is larger: at most 1/8 padding), R a multiple of
+`length_bucket`, so a run compiles a bounded number of programs.
 
 Randomness: the key of sample j of prompt i is `request_seed(seed, step, i, j)` (i: the prompt's
 global index, `first_index + ` its position in the call), folded with the
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -47,7 +53,7 @@ from maye_jax.models.hf_mapping import (
     normalize_hf_name,
 )
 from maye_jax.models.qwen_vl import causal_padding_mask
-from maye_jax.models.shapes import bucket, round_up
+from maye_jax.models.shapes import bucket, round_up, round_up_geometric
 from maye_jax.qwen_ids import PAD_ID
 from maye_jax.rollout.engine import Completion, Prompt, Sampling, request_seed
 from maye_jax.rollout.sampling_ops import sample_tokens
@@ -68,7 +74,7 @@ class JaxSampler:
         tokenizer: Any = None,
         *,
         pad_id: int = PAD_ID,
-        prompt_bucket: int = 64,
+        prompt_bucket: int = 16,
         length_bucket: int = 128,
         batch_bucket: int = 8,
         max_rows: int | None = 256,
@@ -81,6 +87,10 @@ class JaxSampler:
         self.batch_bucket = batch_bucket
         self.max_rows = max_rows
         self.weights_version: int | None = None  # None: the model given at construction
+        # Seconds of the last `generate` by phase (each phase waits for its device work):
+        # host_seconds (prompt batch, packed images), encode_seconds (vision tower + token
+        # embeddings), prefill_seconds, decode_seconds, and decode_steps.
+        self.last_timings: collections.Counter = collections.Counter()
         self.set_model(model)
 
     # -- weights ------------------------------------------------------------------------
@@ -138,6 +148,7 @@ class JaxSampler:
             if np.asarray(prompt.prompt_token_ids).size == 0:
                 raise ValueError(f"generate: prompt {index} has no tokens")
         per_chunk = max(1, (self.max_rows or len(prompts) * sampling.n) // sampling.n)
+        self.last_timings = collections.Counter()
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), per_chunk):
             chunk = list(prompts[start : start + per_chunk])
@@ -148,6 +159,8 @@ class JaxSampler:
         self, prompts: list[Prompt], first_index: int, sampling: Sampling, step: int
     ) -> list[list[Completion]]:
         n = sampling.n
+        started = time.perf_counter()
+        longest = max(len(np.asarray(p.prompt_token_ids).reshape(-1)) for p in prompts)
         batch = make_sequence_batch(
             [
                 dict(
@@ -160,7 +173,8 @@ class JaxSampler:
             [[] for _ in prompts],
             self.config,
             pad_id=self.pad_id,
-            length_multiple=self.prompt_bucket,
+            length_multiple=1,
+            min_prompt_len=round_up_geometric(longest, self.prompt_bucket),
             batch_size=bucket(len(prompts), self.batch_bucket),
         )
         prompt_len = batch.prompt_len
@@ -177,35 +191,58 @@ class JaxSampler:
         stop_ids = np.full(bucket(len(sampling.stop_token_ids), 4), _NO_TOKEN, np.int32)
         stop_ids[: len(sampling.stop_token_ids)] = sampling.stop_token_ids
         vision = None if batch.vision is None else jax.tree.map(jnp.asarray, batch.vision)
-        embeds, deepstack = _prompt_embeddings(
-            self._graphdef,
-            self._state,
-            jnp.asarray(batch.input_ids[:, :prompt_len]),
-            jnp.asarray(batch.image_feature_index[:, :prompt_len]),
-            vision,
+        timings = self.last_timings
+        timings["host_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+        embeds, deepstack = jax.block_until_ready(
+            _prompt_embeddings(
+                self._graphdef,
+                self._state,
+                jnp.asarray(batch.input_ids[:, :prompt_len]),
+                jnp.asarray(batch.image_feature_index[:, :prompt_len]),
+                vision,
+            )
         )
-        tokens, logprobs, lengths = _generate(
-            self._graphdef,
-            self._state,
-            embeds,
-            deepstack,
-            jnp.asarray(batch.positions[:, :, :prompt_len]),
-            jnp.asarray(batch.attention_mask[:, :prompt_len]),
-            jnp.asarray(batch.rope_deltas),
-            jnp.asarray(row_prompt),
-            jnp.asarray(row_seed),
-            jnp.asarray(row_active),
+        timings["encode_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+        response_len = round_up(max(sampling.max_tokens, 1), self.length_bucket)
+        options = dict(
+            greedy=sampling.greedy,
+            use_top_k=0 < sampling.top_k < self.config.text.vocab_size,
+            use_top_p=sampling.top_p < 1.0,
+        )
+        settings = (
             jnp.float32(max(sampling.temperature, 0.0)),
             jnp.int32(sampling.top_k),
             jnp.float32(sampling.top_p),
             jnp.int32(sampling.max_tokens),
             jnp.asarray(stop_ids),
-            response_len=round_up(max(sampling.max_tokens, 1), self.length_bucket),
-            greedy=sampling.greedy,
-            use_top_k=0 < sampling.top_k < self.config.text.vocab_size,
-            use_top_p=sampling.top_p < 1.0,
         )
-        tokens, logprobs, lengths = jax.device_get((tokens, logprobs, lengths))
+        rows = jax.block_until_ready(
+            _prefill(
+                self._graphdef,
+                self._state,
+                embeds,
+                deepstack,
+                jnp.asarray(batch.positions[:, :, :prompt_len]),
+                jnp.asarray(batch.attention_mask[:, :prompt_len]),
+                jnp.asarray(batch.rope_deltas),
+                jnp.asarray(row_prompt),
+                jnp.asarray(row_seed),
+                jnp.asarray(row_active),
+                settings,
+                response_len=response_len,
+                **options,
+            )
+        )
+        timings["prefill_seconds"] += time.perf_counter() - started
+        started = time.perf_counter()
+        rows, steps = _decode(self._graphdef, self._state, rows, settings, **options)
+        tokens, logprobs, lengths, steps = jax.device_get(
+            (rows["tokens"], rows["logprobs"], rows["lengths"], steps)
+        )
+        timings["decode_seconds"] += time.perf_counter() - started
+        timings["decode_steps"] += int(steps)
         stop_set = set(sampling.stop_token_ids)
         out = []
         for i in range(len(prompts)):
@@ -264,10 +301,47 @@ def _prompt_embeddings(graphdef, state, input_ids, image_feature_index, vision):
     return model.embed(input_ids, features, None if features is None else image_feature_index)
 
 
+def _compute_weights(graphdef, state):
+    """The model with its float weights cast to the compute dtype once, not at every use inside
+    the decode loop (the model casts each weight where it uses it, so the numbers are the same)."""
+    compute_dtype = nnx.merge(graphdef, state).dtype
+    state = jax.tree.map(
+        lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
+    )
+    return nnx.merge(graphdef, state)
+
+
+def _emit(rows, settings, logits, index, *, greedy, use_top_k, use_top_p):
+    """Samples response token `index` of every row from `logits` [B, V] and records it in
+    `rows` (the decode state: see `_prefill`); returns the new state."""
+    temperature, top_k, top_p, max_tokens, stop_ids = settings
+    keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(rows["keys"], index)
+    token, logprob = sample_tokens(
+        logits,
+        keys,
+        temperature,
+        top_k,
+        top_p,
+        greedy=greedy,
+        use_top_k=use_top_k,
+        use_top_p=use_top_p,
+    )
+    done = rows["done"]
+    stopped = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
+    return dict(
+        rows,
+        tokens=rows["tokens"].at[:, index].set(jnp.where(done, _NO_TOKEN, token)),
+        logprobs=rows["logprobs"].at[:, index].set(jnp.where(done, 0.0, logprob)),
+        lengths=rows["lengths"] + (~done).astype(jnp.int32),
+        done=done | stopped | (index + 1 >= max_tokens),
+        last_token=token,
+    )
+
+
 @functools.partial(
     jax.jit, static_argnames=("graphdef", "response_len", "greedy", "use_top_k", "use_top_p")
 )
-def _generate(
+def _prefill(
     graphdef,
     state,
     embeds,  # [Bp, P, D] prompt embeddings
@@ -278,32 +352,25 @@ def _generate(
     row_prompt,  # [B] which prompt each sample row continues
     row_seed,  # [B] request_seed of each row
     row_active,  # [B] False for the rows that only pad the batch
-    temperature,
-    top_k,
-    top_p,
-    max_tokens,
-    stop_ids,  # [S] stop token ids, padded with -1
+    settings,  # (temperature, top_k, top_p, max_tokens, stop ids [S] padded with -1)
     *,
     response_len: int,
     greedy: bool,
     use_top_k: bool,
     use_top_p: bool,
 ):
-    """Prefill + decode. Returns tokens [B, R] int32, logprobs [B, R] fp32, lengths [B] int32."""
-    TRACE_COUNTS["generate"] += 1
-    # Cast the weights to the compute dtype once, not at every use inside the loop (the model
-    # casts each weight where it uses it, so the numbers are the same).
-    compute_dtype = nnx.merge(graphdef, state).dtype
-    state = jax.tree.map(
-        lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, state
-    )
-    model = nnx.merge(graphdef, state)
+    """Every prompt once into a KV cache, each prompt's cache copied to its sample rows, and
+    response token 0 sampled. Returns the decode state: a dict of per-row arrays (`caches`:
+    per layer (keys, values) [B, P + R, KV, head_dim])."""
+    TRACE_COUNTS["prefill"] += 1
+    model = _compute_weights(graphdef, state)
     text = model.config.text
     prompt_rows, prompt_len, _ = embeds.shape
     num_rows = row_prompt.shape[0]
 
-    # Prefill: every prompt once, into a cache of P slots.
     empty = jnp.zeros((prompt_rows, prompt_len, text.num_kv_heads, text.head_dim), model.dtype)
+    # Only the last position's hidden state is sampled from (outputs_from: the last layer
+    # runs its attention output and MLP for that position only).
     hidden, caches = model.language_model(
         embeds,
         positions,
@@ -311,75 +378,78 @@ def _generate(
         kv_caches=[(empty, empty)] * text.num_layers,
         cache_index=0,
         deepstack=deepstack,
+        outputs_from=prompt_len - 1,
     )
-    first_logits = jnp.take(model.logits(hidden[:, -1:])[:, 0], row_prompt, axis=0)  # [B, V]
+    first_logits = jnp.take(model.logits(hidden)[:, 0], row_prompt, axis=0)  # [B, V]
 
-    # Each prompt's cache copied to its sample rows, with R response slots appended.
     def to_rows(cache):
+        """[Bp, P, ...] -> [B, P + R, ...]: each prompt's cache for its rows, R slots appended."""
         cache = jnp.take(cache, row_prompt, axis=0)
         return jnp.pad(cache, ((0, 0), (0, response_len), (0, 0), (0, 0)))
 
-    caches = [(to_rows(keys), to_rows(values)) for keys, values in caches]
     prompt_slots = jnp.take(prompt_mask.astype(bool), row_prompt, axis=0)  # [B, P]
-    prompt_tokens = jnp.sum(prompt_slots, axis=1, dtype=jnp.int32)  # [B]
-    row_deltas = jnp.take(rope_deltas, row_prompt)
-    row_keys = jax.vmap(jax.random.key)(row_seed)
-
-    def emit(outputs, logits, index):
-        """Samples response token `index` of every row from `logits` [B, V] and records it."""
-        tokens, logprobs, lengths, done = outputs
-        keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, index)
-        token, logprob = sample_tokens(
-            logits,
-            keys,
-            temperature,
-            top_k,
-            top_p,
-            greedy=greedy,
-            use_top_k=use_top_k,
-            use_top_p=use_top_p,
-        )
-        tokens = tokens.at[:, index].set(jnp.where(done, _NO_TOKEN, token))
-        logprobs = logprobs.at[:, index].set(jnp.where(done, 0.0, logprob))
-        lengths = lengths + (~done).astype(jnp.int32)
-        stopped = jnp.any(token[:, None] == stop_ids[None, :], axis=1)
-        done = done | stopped | (index + 1 >= max_tokens)
-        return (tokens, logprobs, lengths, done), token
-
-    outputs = (
-        jnp.full((num_rows, response_len), _NO_TOKEN, jnp.int32),
-        jnp.zeros((num_rows, response_len), jnp.float32),
-        jnp.zeros((num_rows,), jnp.int32),
-        ~row_active,
+    rows = dict(
+        caches=[(to_rows(keys), to_rows(values)) for keys, values in caches],
+        prompt_slots=prompt_slots,
+        prompt_tokens=jnp.sum(prompt_slots, axis=1, dtype=jnp.int32),  # [B]
+        rope_deltas=jnp.take(rope_deltas, row_prompt),  # [B]
+        keys=jax.vmap(jax.random.key)(row_seed),
+        tokens=jnp.full((num_rows, response_len), _NO_TOKEN, jnp.int32),
+        logprobs=jnp.zeros((num_rows, response_len), jnp.float32),
+        lengths=jnp.zeros((num_rows,), jnp.int32),
+        done=~row_active,
+        last_token=jnp.zeros((num_rows,), jnp.int32),
     )
-    outputs, last_token = emit(outputs, first_logits, 0)
+    return _emit(
+        rows, settings, first_logits, 0, greedy=greedy, use_top_k=use_top_k, use_top_p=use_top_p
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "greedy", "use_top_k", "use_top_p"),
+    donate_argnames=("rows",),
+)
+def _decode(graphdef, state, rows, settings, *, greedy: bool, use_top_k: bool, use_top_p: bool):
+    """One-token decode steps from `_prefill`'s state until every row has stopped or has
+    max_tokens. Returns the final state (tokens [B, R] int32, logprobs [B, R] fp32, lengths [B]
+    int32 ...) and the number of decode steps run."""
+    TRACE_COUNTS["decode"] += 1
+    model = _compute_weights(graphdef, state)
+    max_tokens = settings[3]
+    num_rows, response_len = rows["tokens"].shape
+    prompt_len = rows["prompt_slots"].shape[1]
 
     def keep_going(carry):
-        index, outputs, _, _ = carry
-        return (index < max_tokens) & ~jnp.all(outputs[3])
+        index, rows = carry
+        return (index < max_tokens) & ~jnp.all(rows["done"])
 
     def decode_step(carry):
         """Feeds token index-1 (cache slot P+index-1) and samples token `index`."""
-        index, outputs, last_token, caches = carry
-        step_model = nnx.merge(graphdef, state)
-        position = prompt_tokens + index - 1 + row_deltas  # [B]
+        index, rows = carry
+        position = rows["prompt_tokens"] + index - 1 + rows["rope_deltas"]  # [B]
         step_positions = jnp.broadcast_to(position[None, :, None], (3, num_rows, 1))
         response_slots = jnp.broadcast_to(
             jnp.arange(response_len) < index, (num_rows, response_len)
         )
-        mask = jnp.concatenate([prompt_slots, response_slots], axis=1)[:, None, :]  # [B, 1, K]
-        hidden, caches = step_model.language_model(
-            step_model.language_model.embed_tokens(last_token[:, None]),
+        mask = jnp.concatenate([rows["prompt_slots"], response_slots], axis=1)[:, None, :]
+        hidden, caches = model.language_model(
+            model.language_model.embed_tokens(rows["last_token"][:, None]),
             step_positions,
-            mask,
-            kv_caches=caches,
+            mask,  # [B, 1, P + R]
+            kv_caches=rows["caches"],
             cache_index=prompt_len + index - 1,
         )
-        outputs, last_token = emit(outputs, step_model.logits(hidden)[:, 0], index)
-        return index + 1, outputs, last_token, caches
+        rows = _emit(
+            dict(rows, caches=caches),
+            settings,
+            model.logits(hidden)[:, 0],
+            index,
+            greedy=greedy,
+            use_top_k=use_top_k,
+            use_top_p=use_top_p,
+        )
+        return index + 1, rows
 
-    _, outputs, _, _ = jax.lax.while_loop(
-        keep_going, decode_step, (jnp.int32(1), outputs, last_token, caches)
-    )
-    tokens, logprobs, lengths, _ = outputs
-    return tokens, logprobs, lengths
+    steps, rows = jax.lax.while_loop(keep_going, decode_step, (jnp.int32(1), rows))
+    return rows, steps - 1  # the whole state, so each donated buffer is an output's

@@ -129,7 +129,7 @@ class VLLMBackend:
         self.max_seqs = int(config.scheduler_config.max_num_seqs)
         self.prefix_caching = bool(config.cache_config.enable_prefix_caching)
         self.block_size = int(config.cache_config.block_size)
-        self.last_stats: dict[str, int] = {}
+        self.last_stats: dict[str, float] = {}
 
     def load_weights(self, view: SegmentView, directory: str) -> None:
         if self.in_process:
@@ -249,6 +249,7 @@ class VLLMBackend:
             self.last_stats["engine_calls"] += 1
             self.last_stats["prompt_tokens"] += sum(len(o.prompt_token_ids) for o in done)
             self.last_stats["cached_prompt_tokens"] += sum(o.num_cached_tokens or 0 for o in done)
+            _add_phase_seconds(self.last_stats, done)
         return outputs
 
     def score(
@@ -284,6 +285,22 @@ class VLLMBackend:
             if shutdown is not None:
                 shutdown()
         self.llm = None
+
+
+def _add_phase_seconds(stats: dict, outputs: list) -> None:
+    """Adds one engine call's prefill and decode seconds to `stats`, from vLLM's request
+    metrics (only there when the engine was built with `disable_log_stats=False`). The call's
+    requests are all scheduled in its first step (`plan_engine_calls`): prefill (the vision
+    encoder included) runs from the first scheduling to the last first token, decode from there
+    to the last token."""
+    metrics = [output.metrics for output in outputs]
+    if not metrics or any(m is None or not m.first_token_ts for m in metrics):
+        return
+    first_token = max(m.first_token_ts for m in metrics)
+    prefill = first_token - min(m.scheduled_ts for m in metrics)
+    decode = max(m.last_token_ts for m in metrics) - first_token
+    stats["prefill_seconds"] = stats.get("prefill_seconds", 0.0) + prefill
+    stats["decode_seconds"] = stats.get("decode_seconds", 0.0) + decode
 
 
 def _on_cpu() -> bool:

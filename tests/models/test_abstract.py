@@ -15,6 +15,7 @@ from maye_jax.tiny import preset_hf_config
 # transformers' own counts (tied weights once), so a preset that drifts from the published
 # shapes fails here even if transformers and we agree on it
 PARAMETER_COUNTS = {
+    "qwen2_vl_2b": 2_208_985_600,
     "qwen2_vl_7b": 8_291_375_616,
     "qwen2_5_vl_7b": 8_292_166_656,
     "qwen2_5_vl_3b": 3_754_622_976,
