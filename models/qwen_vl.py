@@ -19,6 +19,7 @@ from einops import rearrange
 from flax import nnx
 
 from maye_jax.models.configs import FAMILY_QWEN3_VL, ModelConfig, TextConfig
+from maye_jax.models.decode_cache import SharedPrefixCache, shared_prefix_attention
 from maye_jax.models.layers import (
     ATTENTION_IMPLEMENTATIONS,
     REMAT_POLICIES,
@@ -76,8 +77,10 @@ class TextAttention(nnx.Module):
 
         With `kv_cache` = (keys, values) [B, K, KV, head_dim], this step's keys/values are
         written at `cache_index` and attention runs over the whole cache; the updated cache is
-        returned. `queries_from` (static): only positions [queries_from, L) attend and are
-        returned ([B, L - queries_from, D]); every position still gives its key and value.
+        returned. With a `SharedPrefixCache` (one new position per row; decode_cache.py) they
+        go to response slot `cache_index` and mask [B, 1, R] covers the response slots.
+        `queries_from` (static): only positions [queries_from, L) attend and are returned
+        ([B, L - queries_from, D]); every position still gives its key and value.
         """
         split_heads = "b l (heads d) -> b l heads d"
         query = rearrange(self.q_proj(x[:, queries_from:]), split_heads, d=self.head_dim)
@@ -88,6 +91,10 @@ class TextAttention(nnx.Module):
         query = apply_rotary(query, cos[:, queries_from:], sin[:, queries_from:])
         key = apply_rotary(key, cos, sin)
         mask = mask[:, queries_from:]
+        if isinstance(kv_cache, SharedPrefixCache):  # a decode step of the sampler
+            kv_cache = kv_cache.write(key, value, cache_index)
+            out = shared_prefix_attention(query, kv_cache, mask)
+            return self.o_proj(rearrange(out, "b l heads d -> b l (heads d)")), kv_cache
         if kv_cache is not None:
             cached_keys, cached_values = kv_cache
             key = jax.lax.dynamic_update_slice_in_dim(

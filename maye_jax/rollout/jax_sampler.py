@@ -46,6 +46,7 @@ from flax import nnx
 
 from maye_jax.data.sequences import image_features, make_sequence_batch
 from maye_jax.models.configs import ModelConfig
+from maye_jax.models.decode_cache import SharedPrefixCache, empty_response_slots
 from maye_jax.models.hf_mapping import (
     from_hf_layout,
     hf_name_for,
@@ -175,19 +176,17 @@ class JaxSampler:
             pad_id=self.pad_id,
             length_multiple=1,
             min_prompt_len=round_up_geometric(longest, self.prompt_bucket),
-            batch_size=bucket(len(prompts), self.batch_bucket),
+            # n rows per prompt row: at least `batch_bucket` rows in all
+            batch_size=bucket(len(prompts), max(1, self.batch_bucket // n)),
         )
         prompt_len = batch.prompt_len
-        num_rows = bucket(len(prompts) * n, self.batch_bucket)
-        row_prompt = np.zeros(num_rows, np.int32)
+        num_rows = len(batch.input_ids) * n  # row i * n + j: sample j of prompt i
         row_seed = np.zeros(num_rows, np.int32)
         row_active = np.zeros(num_rows, bool)
         for i in range(len(prompts)):
             for j in range(n):
-                row = i * n + j
-                row_prompt[row] = i
-                row_seed[row] = request_seed(sampling.seed, step, first_index + i, j)
-                row_active[row] = True
+                row_seed[i * n + j] = request_seed(sampling.seed, step, first_index + i, j)
+                row_active[i * n + j] = True
         stop_ids = np.full(bucket(len(sampling.stop_token_ids), 4), _NO_TOKEN, np.int32)
         stop_ids[: len(sampling.stop_token_ids)] = sampling.stop_token_ids
         vision = None if batch.vision is None else jax.tree.map(jnp.asarray, batch.vision)
@@ -227,7 +226,6 @@ class JaxSampler:
                 jnp.asarray(batch.positions[:, :, :prompt_len]),
                 jnp.asarray(batch.attention_mask[:, :prompt_len]),
                 jnp.asarray(batch.rope_deltas),
-                jnp.asarray(row_prompt),
                 jnp.asarray(row_seed),
                 jnp.asarray(row_active),
                 settings,
@@ -349,8 +347,7 @@ def _prefill(
     positions,  # [3, Bp, P] M-RoPE positions of the prompt
     prompt_mask,  # [Bp, P] 1 = prompt token, 0 = left padding
     rope_deltas,  # [Bp]
-    row_prompt,  # [B] which prompt each sample row continues
-    row_seed,  # [B] request_seed of each row
+    row_seed,  # [B] request_seed of each row (B = Bp * n: row i * n + j is sample j of prompt i)
     row_active,  # [B] False for the rows that only pad the batch
     settings,  # (temperature, top_k, top_p, max_tokens, stop ids [S] padded with -1)
     *,
@@ -359,14 +356,15 @@ def _prefill(
     use_top_k: bool,
     use_top_p: bool,
 ):
-    """Every prompt once into a KV cache, each prompt's cache copied to its sample rows, and
-    response token 0 sampled. Returns the decode state: a dict of per-row arrays (`caches`:
-    per layer (keys, values) [B, P + R, KV, head_dim])."""
+    """Every prompt once into its layer caches (shared by its n rows: models/decode_cache.py),
+    and response token 0 of every row sampled. Returns the decode state: a dict of per-row
+    arrays and the caches."""
     TRACE_COUNTS["prefill"] += 1
     model = _compute_weights(graphdef, state)
     text = model.config.text
     prompt_rows, prompt_len, _ = embeds.shape
-    num_rows = row_prompt.shape[0]
+    num_rows = row_seed.shape[0]
+    samples = num_rows // prompt_rows
 
     empty = jnp.zeros((prompt_rows, prompt_len, text.num_kv_heads, text.head_dim), model.dtype)
     # Only the last position's hidden state is sampled from (outputs_from: the last layer
@@ -380,19 +378,21 @@ def _prefill(
         deepstack=deepstack,
         outputs_from=prompt_len - 1,
     )
-    first_logits = jnp.take(model.logits(hidden)[:, 0], row_prompt, axis=0)  # [B, V]
-
-    def to_rows(cache):
-        """[Bp, P, ...] -> [B, P + R, ...]: each prompt's cache for its rows, R slots appended."""
-        cache = jnp.take(cache, row_prompt, axis=0)
-        return jnp.pad(cache, ((0, 0), (0, response_len), (0, 0), (0, 0)))
-
-    prompt_slots = jnp.take(prompt_mask.astype(bool), row_prompt, axis=0)  # [B, P]
+    first_logits = jnp.repeat(model.logits(hidden)[:, 0], samples, axis=0)  # [B, V]
+    prompt_slots = prompt_mask.astype(bool)
     rows = dict(
-        caches=[(to_rows(keys), to_rows(values)) for keys, values in caches],
-        prompt_slots=prompt_slots,
-        prompt_tokens=jnp.sum(prompt_slots, axis=1, dtype=jnp.int32),  # [B]
-        rope_deltas=jnp.take(rope_deltas, row_prompt),  # [B]
+        caches=[
+            SharedPrefixCache(
+                prompt_keys=keys,
+                prompt_values=values,
+                prompt_mask=prompt_slots,
+                keys=empty_response_slots(keys, samples, response_len),
+                values=empty_response_slots(values, samples, response_len),
+            )
+            for keys, values in caches
+        ],
+        prompt_tokens=jnp.repeat(jnp.sum(prompt_slots, axis=1, dtype=jnp.int32), samples),  # [B]
+        rope_deltas=jnp.repeat(rope_deltas, samples),  # [B]
         keys=jax.vmap(jax.random.key)(row_seed),
         tokens=jnp.full((num_rows, response_len), _NO_TOKEN, jnp.int32),
         logprobs=jnp.zeros((num_rows, response_len), jnp.float32),
@@ -418,27 +418,25 @@ def _decode(graphdef, state, rows, settings, *, greedy: bool, use_top_k: bool, u
     model = _compute_weights(graphdef, state)
     max_tokens = settings[3]
     num_rows, response_len = rows["tokens"].shape
-    prompt_len = rows["prompt_slots"].shape[1]
 
     def keep_going(carry):
         index, rows = carry
         return (index < max_tokens) & ~jnp.all(rows["done"])
 
     def decode_step(carry):
-        """Feeds token index-1 (cache slot P+index-1) and samples token `index`."""
+        """Feeds token index-1 (response slot index-1) and samples token `index`."""
         index, rows = carry
         position = rows["prompt_tokens"] + index - 1 + rows["rope_deltas"]  # [B]
         step_positions = jnp.broadcast_to(position[None, :, None], (3, num_rows, 1))
         response_slots = jnp.broadcast_to(
-            jnp.arange(response_len) < index, (num_rows, response_len)
+            jnp.arange(response_len) < index, (num_rows, 1, response_len)
         )
-        mask = jnp.concatenate([rows["prompt_slots"], response_slots], axis=1)[:, None, :]
         hidden, caches = model.language_model(
             model.language_model.embed_tokens(rows["last_token"][:, None]),
             step_positions,
-            mask,  # [B, 1, P + R]
+            response_slots,  # [B, 1, R]; the prompt slots' mask is in each cache
             kv_caches=rows["caches"],
-            cache_index=prompt_len + index - 1,
+            cache_index=index - 1,
         )
         rows = _emit(
             dict(rows, caches=caches),
