@@ -12,8 +12,11 @@ Models (random weights, `initializer_range` 0.02, so sampling is near-uniform ov
   a 2-block vision tower of width 32;
 - `qwen2_vl_2b`: the published Qwen2-VL-2B widths (text hidden 1536, 12 heads, 2 KV heads,
   MLP 8960, tied embeddings; vision 1280 wide, 16 heads, MLP 5120), `--num_layers` (8) of its
-  28 decoder layers and `--vision_depth` (32, all) vision blocks. `--model_dir` keeps the
-  saved model for later runs (it is built there once); without it a temporary one is removed.
+  28 decoder layers and `--vision_depth` (16) of its 32 vision blocks: in fp32 the vLLM worker
+  holds about twice its weights (oneDNN's packed copies; 9.9 GB at 8 layers and 32 blocks) and
+  the two engines beside other jobs overflowed this 24 GiB machine with all 32 blocks.
+  `--model_dir` keeps the saved model for later runs (it is built there once); without it a
+  temporary one is removed.
 Prompts: the MAYE chat prompt of a geometry question with one 56x56 image each (110 tokens, 4
 of them image tokens; 16 patches). Each shape is prompts x samples per prompt (8x8: the demo's
 GRPO step; 64x1: 64 distinct prompts); temperature 1, no top-k/top-p, `new_tokens` new tokens.
@@ -168,6 +171,33 @@ def vllm_run(engine: WorkerEngine, prompts, sampling):
     return run
 
 
+def useful_gflop(config: ModelConfig, prompts: list[Prompt], n: int, new_tokens: int) -> dict:
+    """Matmul GFLOP of each phase that any engine must do (2 x weights x rows; attention scores,
+    a few % at these lengths, left out): each distinct image encoded once, each distinct
+    prompt's tokens through every layer, the logits of the first token of every sample, then
+    `new_tokens` - 1 decode steps of every sample. An engine's padding or recomputation is
+    not counted, so GFLOP/s per phase compares the engines' efficiency."""
+    text, vision = config.text, config.vision
+    q, kv = text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
+    layer = 2 * (
+        text.hidden_size * (2 * q + 2 * kv) + 3 * text.hidden_size * text.intermediate_size
+    )
+    head = 2 * text.hidden_size * text.vocab_size
+    e, merged = vision.embed_dim, vision.embed_dim * vision.spatial_merge_size**2
+    block = 2 * (4 * e * e + 2 * e * vision.mlp_hidden_dim)
+    merger = 2 * merged * (merged + vision.out_dim)
+    patches = sum(int(np.prod(p.image_grid_thw, axis=1).sum()) for p in prompts)
+    tokens = sum(len(p.prompt_token_ids) for p in prompts)
+    rows = len(prompts) * n
+    encode = patches * (2 * vision.patch_dim * e + vision.depth * block)
+    encode += patches // vision.spatial_merge_size**2 * merger
+    return dict(
+        encode=encode / 1e9,
+        prefill=(tokens * text.num_layers * layer + rows * head) / 1e9,
+        decode=(new_tokens - 1) * rows * (text.num_layers * layer + head) / 1e9,
+    )
+
+
 def trace_jax(sampler, prompts, sampling, directory: Path) -> None:
     if directory.exists():
         shutil.rmtree(directory)
@@ -196,6 +226,12 @@ def compare(sampler, engine, prompts, text_prompts, dtype, num_prompts, n, args)
     )
     (jax_s, jax_t, jax_split), (vllm_s, vllm_t, vllm_split) = best["jax"], best["vllm"]
     vllm_encode = vllm_split["prefill"] - text["vllm"][2]["prefill"]
+    vllm_split = dict(vllm_split, encode=vllm_encode, prefill=vllm_split["prefill"] - vllm_encode)
+    work = useful_gflop(sampler.config, chosen, n, args.new_tokens)
+    rates = {
+        name: "  ".join(f"{phase} {work[phase] / split[phase]:.0f}" for phase in work)
+        for name, split in (("JAX", jax_split), ("vLLM", vllm_split))
+    }
     print(
         f"{dtype:8s} {num_prompts}x{n}: JAX {jax_t} tokens in {jax_s:.2f} s = "
         f"{jax_t / jax_s:7.1f} tok/s | vLLM {vllm_t} tokens in {vllm_s:.2f} s = "
@@ -203,10 +239,12 @@ def compare(sampler, engine, prompts, text_prompts, dtype, num_prompts, n, args)
         f"    JAX  s: encode {jax_split['encode']:.2f}  prefill {jax_split['prefill']:.2f}  "
         f"decode {jax_split['decode']:.2f}  host {jax_split['host']:.2f}  (text-only prefill "
         f"{text['jax'][2]['prefill']:.2f})\n"
-        f"    vLLM s: encode {vllm_encode:.2f}  prefill {vllm_split['prefill'] - vllm_encode:.2f}"
-        f"  decode {vllm_split['decode']:.2f}  (prefill with encoder {vllm_split['prefill']:.2f},"
-        f" text-only {text['vllm'][2]['prefill']:.2f}; prompt tokens from its prefix cache: "
-        f"{vllm_split['cached']})",
+        f"    vLLM s: encode {vllm_encode:.2f}  prefill {vllm_split['prefill']:.2f}  decode "
+        f"{vllm_split['decode']:.2f}  (prefill with encoder {vllm_split['prefill'] + vllm_encode:.2f}"
+        f", text-only {text['vllm'][2]['prefill']:.2f}; prompt tokens from its prefix cache: "
+        f"{vllm_split['cached']})\n"
+        f"    useful GFLOP ({'  '.join(f'{k} {v:.0f}' for k, v in work.items())}) per second: "
+        f"JAX {rates['JAX']} | vLLM {rates['vLLM']}",
         flush=True,
     )
     if args.trace_dir:
@@ -232,7 +270,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny", choices=PRESETS)
     parser.add_argument("--hidden_size", type=int, default=256, help="tiny only")
     parser.add_argument("--num_layers", type=int, default=None, help="tiny 4, qwen2_vl_2b 8")
-    parser.add_argument("--vision_depth", type=int, default=None, help="tiny 2, qwen2_vl_2b 32")
+    parser.add_argument("--vision_depth", type=int, default=None, help="tiny 2, qwen2_vl_2b 16")
     parser.add_argument("--new_tokens", type=int, default=128)
     parser.add_argument("--shapes", default="8x8,64x1", help="prompts x samples, comma-separated")
     parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -243,7 +281,7 @@ def main() -> None:
     args = parser.parse_args()
     tiny = args.preset == "tiny"
     args.num_layers = args.num_layers or (4 if tiny else 8)
-    args.vision_depth = args.vision_depth or (2 if tiny else 32)
+    args.vision_depth = args.vision_depth or (2 if tiny else 16)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     python = vllm_python()
     temporary = None if args.model_dir else Path(tempfile.mkdtemp(prefix="maye-bench-vllm-"))
@@ -284,7 +322,7 @@ def run_all(args, shapes, python, model_dir: Path) -> None:
             "vllm",
             model_dir,
             python=python,
-            env={"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_LOGGING_LEVEL": "WARNING"},
+            env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
             dtype=dtype,
             engine_args=engine_args,
             timeout_s=3600,

@@ -1,13 +1,21 @@
 """Tokens per second of one policy update: the jitted JAX step vs torch transformers, same model.
 
-    python benchmarks/update_throughput.py [--hidden=512] [--layers=4] [--vocab=8192] [--rows=8]
-        [--prompt=64] [--response=192] [--steps=5]
+    python benchmarks/update_throughput.py [--preset=tiny|qwen2_vl_2b] [--hidden=512] [--layers=N]
+        [--vocab=8192] [--dtypes=float32[,bfloat16]] [--rows=8] [--prompt=64] [--response=192]
+        [--steps=5] [--trace_dir=DIR]
 
-Both sides run on this machine's CPU in fp32 on the same randomly initialised text decoder
-(transformers' Qwen2.5-VL; our Flax model is loaded from its weights): one forward + backward of
-the PPO-clip + k3-KL loss over every token of a batch of `rows` sequences, then AdamW (clip 1.0).
-The vision tower is frozen on both sides (text-only batch). Tokens counted: rows x (prompt +
-response) per update. Prints both rates and JAX / torch.
+Both sides run on this machine's CPU on the same randomly initialised model, its text decoder
+trained, its vision tower frozen (text-only batch): one forward + backward of the PPO-clip +
+k3-KL loss over the response tokens of a batch of `rows` sequences, then AdamW (clip 1.0).
+Models: `tiny` (default): transformers' Qwen2.5-VL at hidden `--hidden`, `--layers` (4), MLP 2x
+hidden, heads of 32, vocab `--vocab`; `qwen2_vl_2b`: the published Qwen2-VL-2B widths
+(hidden 1536, 12 heads, 2 KV heads, MLP 8960, the 151,936-token vocabulary, tied embeddings)
+with `--layers` (2) of its 28 decoder layers (the vision tower, frozen and unused, keeps 1
+block). dtypes: float32, or bfloat16 compute over fp32 master weights (JAX: the trainer's
+`model.dtype`; torch: `torch.autocast` on the CPU). torch computes the logits of the response
+positions only (`logits_to_keep`), as the JAX step does. Tokens counted: rows x (prompt +
+response) per update. Prints both rates and JAX / torch per dtype; with `--trace_dir`, a
+`jax.profiler` trace of one more JAX update per dtype and its XLA ops' self time by category.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from _trace import print_trace_summary, summarize_trace  # noqa: E402
 
 from maye_jax.data.sequences import make_sequence_batch  # noqa: E402
 from maye_jax.models.configs import ModelConfig  # noqa: E402
@@ -30,7 +39,7 @@ from maye_jax.models.hf_mapping import load_hf_tensors  # noqa: E402
 from maye_jax.models.qwen_vl import build_model  # noqa: E402
 from maye_jax.rl.losses import LossConfig  # noqa: E402
 from maye_jax.sharding.mesh import make_mesh  # noqa: E402
-from maye_jax.tiny import tiny_hf_model  # noqa: E402
+from maye_jax.tiny import preset_hf_config, tiny_hf_model  # noqa: E402
 from maye_jax.training.batch import rows_from_sequences  # noqa: E402
 from maye_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
 from maye_jax.training.train_state import create_train_state  # noqa: E402
@@ -68,14 +77,33 @@ def time_interleaved(runs: dict, steps: int) -> dict[str, float]:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def jax_update(hf_model, batch):
+def build_hf_model(args):
+    """The preset's random transformers model (fp32, eval mode)."""
+    if args.preset == "tiny":
+        return tiny_hf_model(
+            "qwen2_5_vl",
+            seed=0,
+            hidden_size=args.hidden,
+            num_layers=args.layers,
+            vocab_size=args.vocab,
+        )
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = preset_hf_config(args.preset, num_layers=args.layers, vision_depth=1)
+    return Qwen2VLForConditionalGeneration(config).eval()
+
+
+def jax_update(hf_model, batch, dtype):
+    """The trainer's step: fp32 master weights, the forward in `dtype`, the tower frozen."""
     config = ModelConfig.from_hf(hf_model.config)
     state_dict = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    model = load_hf_tensors(build_model(config, abstract=True), state_dict.items())
+    model = load_hf_tensors(build_model(config, dtype=dtype, abstract=True), state_dict.items())
+    del state_dict
     optimizer_config = OptimizerConfig(learning_rate=LR, schedule="constant")
     optimizer, schedule = make_optimizer(optimizer_config, total_updates=1000)
     model_def, state, frozen, layout = create_train_state(
-        model, make_mesh(fsdp=1), optimizer, frozen_dtype=jnp.float32
+        model, make_mesh(fsdp=1), optimizer, frozen_dtype=dtype
     )
     config = UpdateConfig(loss=LossConfig(kl_loss_coeff=KL_COEFF))
     step = make_train_step(model_def, optimizer, schedule, layout, config)
@@ -89,7 +117,8 @@ def jax_update(hf_model, batch):
     return run_one
 
 
-def torch_update(hf_model, batch):
+def torch_update(hf_model, batch, dtype):
+    """The same loss and AdamW in torch: fp32 weights, the forward autocast to `dtype`."""
     model = hf_model.train()
     for name, param in model.named_parameters():
         param.requires_grad_(not name.startswith(("model.visual.", "visual.")))
@@ -101,10 +130,17 @@ def torch_update(hf_model, batch):
     advantages, logprobs_old = as_torch("advantages"), as_torch("logprobs_old")
     ref_logprobs = as_torch("ref_logprobs")
     prompt_len = input_ids.shape[1] - mask.shape[1]
+    response_len = mask.shape[1]
 
     def run_one():
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        logits = logits[:, prompt_len - 1 : -1]
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            # logits of positions P-1 .. P+R-1; the last one predicts nothing
+            logits = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                logits_to_keep=response_len + 1,
+            ).logits
+        logits = logits[:, :-1].float()
         logprobs = torch.log_softmax(logits, dim=-1)
         logprobs = logprobs.gather(-1, input_ids[:, prompt_len:, None])[..., 0]
         ratio = torch.exp(logprobs - logprobs_old)
@@ -122,38 +158,55 @@ def torch_update(hf_model, batch):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "qwen2_vl_2b"))
+    parser.add_argument("--hidden", type=int, default=512, help="tiny only")
+    parser.add_argument("--layers", type=int, default=None, help="tiny 4, qwen2_vl_2b 2")
+    parser.add_argument("--vocab", type=int, default=8192, help="tiny only")
+    parser.add_argument("--dtypes", default="float32")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--response", type=int, default=192)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--trace_dir", default=None, help="trace one JAX update per dtype here")
     args = parser.parse_args()
+    args.layers = args.layers or (4 if args.preset == "tiny" else 2)
     torch.set_num_threads(os.cpu_count() or 1)
-    hf_model = tiny_hf_model(
-        "qwen2_5_vl", seed=0, hidden_size=args.hidden, num_layers=args.layers, vocab_size=args.vocab
-    )
-    batch = make_batch(ModelConfig.from_hf(hf_model.config), args, np.random.default_rng(0))
+    hf_model = build_hf_model(args)
+    config = ModelConfig.from_hf(hf_model.config)
+    batch = make_batch(config, args, np.random.default_rng(0))
     tokens = args.rows * (args.prompt + args.response)
     params = sum(p.numel() for n, p in hf_model.named_parameters() if "visual" not in n)
+    text = config.text
     print(
-        f"text decoder {params / 1e6:.1f}M params (hidden {args.hidden}, {args.layers} layers, "
-        f"vocab {args.vocab}), {args.rows} rows x {args.prompt}+{args.response} tokens = {tokens} "
-        f"tokens per update, fp32, {os.cpu_count()} CPU cores, median of {args.steps} alternating steps"
-    )
-    seconds = time_interleaved(
-        {"jax": jax_update(hf_model, batch), "torch": torch_update(hf_model, batch)}, args.steps
-    )
-    jax_time, torch_time = seconds["jax"], seconds["torch"]
-    print(
-        f"JAX   (jit, {jax.devices()[0].platform}): {jax_time:.3f} s/update, {tokens / jax_time:8.0f} tokens/s"
+        f"{args.preset}: text decoder {params / 1e6:.1f}M params (hidden {text.hidden_size}, "
+        f"{text.num_layers} layers, vocab {text.vocab_size}), {args.rows} rows x "
+        f"{args.prompt}+{args.response} tokens = {tokens} tokens per update, {os.cpu_count()} "
+        f"CPU cores, median of {args.steps} alternating steps; load average "
+        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+        flush=True,
     )
     version = __import__("transformers").__version__
-    print(
-        f"torch (transformers {version}): {torch_time:.3f} s/update, {tokens / torch_time:8.0f} tokens/s"
-    )
-    print(f"JAX / torch tokens/s: {torch_time / jax_time:.2f}x")
+    for name in args.dtypes.split(","):
+        jax_run = jax_update(hf_model, batch, jnp.dtype(name))
+        seconds = time_interleaved(
+            {"jax": jax_run, "torch": torch_update(hf_model, batch, getattr(torch, name))},
+            args.steps,
+        )
+        jax_time, torch_time = seconds["jax"], seconds["torch"]
+        print(
+            f"{name}: JAX (jit, {jax.devices()[0].platform}) {jax_time:.3f} s/update "
+            f"{tokens / jax_time:8.0f} tokens/s | torch (transformers {version}) "
+            f"{torch_time:.3f} s/update {tokens / torch_time:8.0f} tokens/s | JAX / torch "
+            f"tokens/s: {torch_time / jax_time:.2f}x",
+            flush=True,
+        )
+        if args.trace_dir:
+            directory = os.path.join(args.trace_dir, name)
+            with jax.profiler.trace(directory):
+                jax_run()
+            print_trace_summary(summarize_trace(directory, top=12))
+        del jax_run
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

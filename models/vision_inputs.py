@@ -148,6 +148,18 @@ def pack_images(
     )
 
 
+def pad_rows(packed: PackedImages, num_rows: int) -> PackedImages:
+    """`packed` with padding rows appended up to `num_rows` (the feature indices are unchanged:
+    they count row-major, and the new rows come last)."""
+    extra = num_rows - len(packed.patches)
+    if extra < 0:
+        raise ValueError(f"num_rows {num_rows} < the {len(packed.patches)} rows already packed")
+
+    empty = empty_vision_arrays(extra, packed.patches.shape[1], packed.patches.shape[2])
+    grown = {name: np.concatenate([array, empty[name]]) for name, array in packed.arrays().items()}
+    return dataclasses.replace(packed, **grown)
+
+
 def image_feature_index(mm_token_type_ids: np.ndarray, feature_index: np.ndarray) -> np.ndarray:
     """Per-token index [B, L] into the flattened tower output; -1 where the token is not an image token.
 

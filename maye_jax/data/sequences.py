@@ -25,7 +25,7 @@ from maye_jax.models.configs import ModelConfig
 from maye_jax.models.logprobs import token_logprobs
 from maye_jax.models.rope import get_rope_index, prompt_token_types
 from maye_jax.models.shapes import bucket, round_up
-from maye_jax.models.vision_inputs import image_feature_index, pack_images
+from maye_jax.models.vision_inputs import image_feature_index, pack_images, pad_rows
 from maye_jax.qwen_ids import PAD_ID
 
 
@@ -160,9 +160,10 @@ def make_sequence_batch(
         pixels = np.concatenate(
             [np.asarray(p["pixel_values"]) for p in prompts if p.get("image_grid_thw") is not None]
         )
-        packed = pack_images(
-            pixels, grid_thw, config.vision, num_rows=bucket(len(grid_thw), minimum=1)
-        )
+        # the rows the images fill (several small images share one), rounded to a power of
+        # two; rounding the number of images instead left rows of padding for the tower
+        packed = pack_images(pixels, grid_thw, config.vision)
+        packed = pad_rows(packed, bucket(len(packed.patches), minimum=1))
         vision = packed.arrays()
         feature_index = image_feature_index(types, packed.feature_index)
     return SequenceBatch(

@@ -8,8 +8,11 @@ import numpy as np
 import torch
 from flax import nnx
 
+from maye_jax.data.sequences import make_sequence_batch
+from maye_jax.models.configs import ModelConfig
 from maye_jax.models.rope import get_rope_index, prompt_token_types
-from maye_jax.models.vision_inputs import image_feature_index, pack_images
+from maye_jax.models.vision_inputs import image_feature_index, pack_images, pad_rows
+from maye_jax.tiny import tiny_hf_config
 from tests.models.conftest import make_batch
 
 LOGIT_TOL = 1e-4
@@ -119,7 +122,7 @@ def test_vision_features_independent_of_packing(variant):
     _, model, config = variant
     batch = make_batch(config)
     outs = []
-    for row_len, num_rows in ((64, None), (128, 2), (256, 3)):
+    for row_len, num_rows, padded_rows in ((64, None, None), (128, 2, None), (256, 3, 4)):
         packed = pack_images(
             batch["pixel_values"],
             batch["image_grid_thw"],
@@ -127,10 +130,34 @@ def test_vision_features_independent_of_packing(variant):
             row_len=row_len,
             num_rows=num_rows,
         )
+        if padded_rows:
+            packed = pad_rows(packed, padded_rows)
+            assert packed.patches.shape[0] == 4 and (packed.full_segment_ids[3] == -1).all()
         feats = _encode(model, packed)
         outs.append(np.asarray(feats)[packed.feature_index])
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
     np.testing.assert_allclose(outs[0], outs[2], atol=1e-5)
+
+
+def test_sequence_batch_packs_images_into_the_rows_they_fill():
+    """Three 16-patch images and one of 64 fill two rows of 64 slots (next-fit): the batch's
+    tower input has bucket(2) = 2 rows, not one per image (4)."""
+    config = ModelConfig.from_hf(tiny_hf_config("qwen2_vl", vocab_size=512))
+    grids = [(1, 4, 4), (1, 4, 4), (1, 4, 4), (1, 8, 8)]
+    image_id, merge = config.image_token_id, config.vision.spatial_merge_size
+    prompts = [
+        dict(
+            input_ids=[5] + [image_id] * (h * w // merge**2) + [6],
+            pixel_values=np.ones((h * w, config.vision.patch_dim), np.float32),
+            image_grid_thw=np.array([(t, h, w)]),
+        )
+        for t, h, w in grids
+    ]
+    batch = make_sequence_batch(prompts, [[] for _ in prompts], config, pad_id=0)
+    assert batch.vision["patches"].shape[:2] == (2, 64)
+    # row 0 holds the three small images (merged features 0-11 of its 16), row 1 the large one
+    features = batch.image_feature_index[batch.image_feature_index >= 0]
+    assert sorted(features.tolist()) == list(range(12)) + list(range(16, 32))
 
 
 def test_logits_match_transformers_forward(variant):
