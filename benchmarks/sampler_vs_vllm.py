@@ -28,10 +28,11 @@ times, alternating; the best time counts. Tokens are those returned.
 The split of each best run (seconds):
 - JAX: the sampler's own `last_timings` (each phase waits for its device work): image encoding
   (vision tower + token embeddings), prefill (prompts into the KV cache, rows, token 0), decode;
-- vLLM: prefill (its vision encoder included) and decode from its request metrics (scheduled ->
-  last first token -> last token); its image encoding is that prefill minus the prefill of the
-  same prompts without their image (the image tokens replaced by text tokens; `max_tokens=1`,
-  best of `repeats`). The JAX sampler's text-only prefill is printed beside it as a check.
+- vLLM: prefill and decode from its request metrics (scheduled -> last first token -> last
+  token). Its vision encoder runs inside that prefill step, so the prompts are also run alone
+  (`max_tokens=1`, best of `repeats`, alternating), with their images and without (the image
+  tokens replaced by a text token): the difference is its image encoding, the text-only
+  prefill its prefill. The JAX sampler's own prefill-alone runs are printed beside as a check.
 
 With `--trace_dir`, one more JAX run per row is traced (`jax.profiler`) and the XLA ops' self
 time printed by category and op (benchmarks/_trace.py).
@@ -216,17 +217,26 @@ def compare(sampler, engine, prompts, text_prompts, dtype, num_prompts, n, args)
         },
         args.repeats,
     )
+    # Prefill alone (max_tokens=1), with and without the images: the difference is the image
+    # encoding (vLLM's metrics do not separate it).
     prefill_only = Sampling(n=n, temperature=1.0, max_tokens=1, seed=1)
-    text = best_of(
+    alone = best_of(
         {
-            "jax": jax_run(sampler, text_chosen, prefill_only),
-            "vllm": vllm_run(engine, text_chosen, prefill_only),
+            "jax": jax_run(sampler, chosen, prefill_only),
+            "vllm": vllm_run(engine, chosen, prefill_only),
+            "jax text": jax_run(sampler, text_chosen, prefill_only),
+            "vllm text": vllm_run(engine, text_chosen, prefill_only),
         },
         args.repeats,
     )
     (jax_s, jax_t, jax_split), (vllm_s, vllm_t, vllm_split) = best["jax"], best["vllm"]
-    vllm_encode = vllm_split["prefill"] - text["vllm"][2]["prefill"]
-    vllm_split = dict(vllm_split, encode=vllm_encode, prefill=vllm_split["prefill"] - vllm_encode)
+    vllm_encode = alone["vllm"][2]["prefill"] - alone["vllm text"][2]["prefill"]
+    vllm_split = dict(
+        vllm_split,
+        encode=vllm_encode,
+        prefill=alone["vllm text"][2]["prefill"],
+        with_encoder=alone["vllm"][2]["prefill"],
+    )
     work = useful_gflop(sampler.config, chosen, n, args.new_tokens)
     rates = {
         name: "  ".join(f"{phase} {work[phase] / split[phase]:.0f}" for phase in work)
@@ -237,11 +247,12 @@ def compare(sampler, engine, prompts, text_prompts, dtype, num_prompts, n, args)
         f"{jax_t / jax_s:7.1f} tok/s | vLLM {vllm_t} tokens in {vllm_s:.2f} s = "
         f"{vllm_t / vllm_s:7.1f} tok/s | JAX / vLLM {jax_t / jax_s / (vllm_t / vllm_s):.2f}x\n"
         f"    JAX  s: encode {jax_split['encode']:.2f}  prefill {jax_split['prefill']:.2f}  "
-        f"decode {jax_split['decode']:.2f}  host {jax_split['host']:.2f}  (text-only prefill "
-        f"{text['jax'][2]['prefill']:.2f})\n"
+        f"decode {jax_split['decode']:.2f}  host {jax_split['host']:.2f}  (prefill alone: "
+        f"encode {alone['jax'][2]['encode']:.2f} prefill {alone['jax'][2]['prefill']:.2f}; "
+        f"text-only prefill {alone['jax text'][2]['prefill']:.2f})\n"
         f"    vLLM s: encode {vllm_encode:.2f}  prefill {vllm_split['prefill']:.2f}  decode "
-        f"{vllm_split['decode']:.2f}  (prefill with encoder {vllm_split['prefill'] + vllm_encode:.2f}"
-        f", text-only {text['vllm'][2]['prefill']:.2f}; prompt tokens from its prefix cache: "
+        f"{vllm_split['decode']:.2f}  (prefill alone: {vllm_split['with_encoder']:.2f} with the "
+        f"encoder, {vllm_split['prefill']:.2f} text-only; prompt tokens from its prefix cache: "
         f"{vllm_split['cached']})\n"
         f"    useful GFLOP ({'  '.join(f'{k} {v:.0f}' for k, v in work.items())}) per second: "
         f"JAX {rates['JAX']} | vLLM {rates['vLLM']}",

@@ -221,16 +221,21 @@ class TextDecoder(nnx.Module):
             cache = None if kv_caches is None else kv_caches[index]
             queries_from = outputs_from if index == last else 0
             if self.remat and kv_caches is None:
-                x, _ = nnx.remat(
-                    lambda lyr, h, q=queries_from: lyr(h, cos, sin, mask, queries_from=q),
-                    policy=REMAT_POLICIES[self.remat],
-                )(layer, x)
+                x = _remat_layer(layer, x, cos, sin, mask, queries_from, self.remat)
             else:
                 x, cache = layer(x, cos, sin, mask, cache, cache_index, queries_from)
             if deepstack is not None and index < deepstack.shape[0]:
                 x = x + deepstack[index, :, queries_from:].astype(x.dtype)
             new_caches.append(cache)
         return self.norm(x), (new_caches if kv_caches is not None else None)
+
+
+def _remat_layer(layer, x, cos, sin, mask, queries_from: int, policy: str):
+    """`layer` on x, rematerialised in the backward pass under `REMAT_POLICIES[policy]`."""
+    return nnx.remat(
+        lambda lyr, h: lyr(h, cos, sin, mask, queries_from=queries_from)[0],
+        policy=REMAT_POLICIES[policy],
+    )(layer, x)
 
 
 def causal_padding_mask(attention_mask: jax.Array) -> jax.Array:

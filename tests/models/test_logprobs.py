@@ -54,14 +54,20 @@ def test_chunked_logprobs_equal_naive(chunk_size, temperature):
     np.testing.assert_allclose(np.asarray(entropy), ref_entropy, atol=1e-5, rtol=0)
 
 
-def test_chunked_logprob_gradients_equal_naive():
+@pytest.mark.parametrize("chunk_size", [4, 11])
+def test_chunked_logprob_gradients_equal_naive(chunk_size):
+    """Several rematerialised chunks (4), or one chunk kept for the backward pass (11)."""
     rng = np.random.default_rng(1)
     hidden = jnp.asarray(rng.standard_normal((2, 11, 16)).astype(np.float32))
     weight = jnp.asarray(rng.standard_normal((100, 16)).astype(np.float32))
     targets = jnp.asarray(rng.integers(0, 100, size=(2, 11)))
 
     def chunked(h, w):
-        return token_logprobs(h, w, targets, chunk_size=4).sum()
+        return token_logprobs(h, w, targets, chunk_size=chunk_size).sum()
+
+    # vocabulary products: forward, (recomputed forward,) two gradient products
+    jaxpr = jax.make_jaxpr(jax.grad(chunked, argnums=(0, 1)))(hidden, weight)
+    assert str(jaxpr).count("dot_general[") == (4 if chunk_size < 11 else 3)
 
     def naive(h, w):
         logits = jnp.einsum("bld,vd->blv", h, w, precision=jax.lax.Precision.HIGHEST)
