@@ -200,6 +200,7 @@ class TextDecoder(nnx.Module):
         mask,
         kv_caches=None,
         cache_index=None,
+        *,
         deepstack=None,
         outputs_from=0,
     ):

@@ -86,7 +86,7 @@ def test_outputs_from_equals_the_tail_of_the_full_decoder():
     mask = causal_padding_mask(jnp.asarray(valid))
     run = nnx.jit(
         lambda model, caches, outputs_from, cache_index: model.language_model(
-            embeds, positions, mask, caches, cache_index, outputs_from
+            embeds, positions, mask, caches, cache_index, outputs_from=outputs_from
         ),
         static_argnames=("outputs_from", "cache_index"),
     )
