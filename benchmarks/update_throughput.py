@@ -2,7 +2,7 @@
 
     python benchmarks/update_throughput.py [--preset=tiny|qwen2_vl_2b] [--hidden=512] [--layers=N]
         [--vocab=8192] [--dtypes=float32[,bfloat16]] [--rows=8] [--prompt=64] [--response=192]
-        [--steps=5] [--trace_dir=DIR]
+        [--steps=5] [--train_embeddings=true|false] [--trace_dir=DIR]
 
 Both sides run on this machine's CPU on the same randomly initialised model, its text decoder
 trained, its vision tower frozen (text-only batch): one forward + backward of the PPO-clip +
@@ -13,8 +13,11 @@ hidden, heads of 32, vocab `--vocab`; `qwen2_vl_2b`: the published Qwen2-VL-2B w
 with `--layers` (2) of its 28 decoder layers (the vision tower, frozen and unused, keeps 1
 block). dtypes: float32, or bfloat16 compute over fp32 master weights (JAX: the trainer's
 `model.dtype`; torch: `torch.autocast` on the CPU). torch computes the logits of the response
-positions only (`logits_to_keep`), as the JAX step does. Tokens counted: rows x (prompt +
-response) per update. Prints both rates and JAX / torch per dtype; with `--trace_dir`, a
+positions only (`logits_to_keep`), as the JAX step does. `--train_embeddings=false` freezes the
+token embeddings and the (tied) head on both sides (the trainer's `model.train_embeddings`):
+at the 2B widths their 233M parameters with gradients and AdamW moments take 3.7 GB per side,
+more than a shared machine spares for both. Tokens counted: rows x (prompt + response) per
+update. Prints both rates and JAX / torch per dtype; with `--trace_dir`, a
 `jax.profiler` trace of one more JAX update per dtype and its XLA ops' self time by category.
 """
 
@@ -42,7 +45,7 @@ from maye_jax.sharding.mesh import make_mesh  # noqa: E402
 from maye_jax.tiny import preset_hf_config, tiny_hf_model  # noqa: E402
 from maye_jax.training.batch import rows_from_sequences  # noqa: E402
 from maye_jax.training.optim import OptimizerConfig, make_optimizer  # noqa: E402
-from maye_jax.training.train_state import create_train_state  # noqa: E402
+from maye_jax.training.train_state import TrainableConfig, create_train_state  # noqa: E402
 from maye_jax.training.update import UpdateConfig, make_train_step  # noqa: E402
 
 LR = 1e-5
@@ -94,7 +97,7 @@ def build_hf_model(args):
     return Qwen2VLForConditionalGeneration(config).eval()
 
 
-def jax_update(hf_model, batch, dtype):
+def jax_update(hf_model, batch, dtype, train_embeddings: bool):
     """The trainer's step: fp32 master weights, the forward in `dtype`, the tower frozen."""
     config = ModelConfig.from_hf(hf_model.config)
     state_dict = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
@@ -103,7 +106,11 @@ def jax_update(hf_model, batch, dtype):
     optimizer_config = OptimizerConfig(learning_rate=LR, schedule="constant")
     optimizer, schedule = make_optimizer(optimizer_config, total_updates=1000)
     model_def, state, frozen, layout = create_train_state(
-        model, make_mesh(fsdp=1), optimizer, frozen_dtype=dtype
+        model,
+        make_mesh(fsdp=1),
+        optimizer,
+        trainable=TrainableConfig(train_embeddings=train_embeddings),
+        frozen_dtype=dtype,
     )
     config = UpdateConfig(loss=LossConfig(kl_loss_coeff=KL_COEFF))
     step = make_train_step(model_def, optimizer, schedule, layout, config)
@@ -117,11 +124,13 @@ def jax_update(hf_model, batch, dtype):
     return run_one
 
 
-def torch_update(hf_model, batch, dtype):
+def torch_update(hf_model, batch, dtype, train_embeddings: bool):
     """The same loss and AdamW in torch: fp32 weights, the forward autocast to `dtype`."""
     model = hf_model.train()
-    for name, param in model.named_parameters():
-        param.requires_grad_(not name.startswith(("model.visual.", "visual.")))
+    frozen = ("model.visual.", "visual.")
+    for name, param in model.named_parameters():  # a tied head is embed_tokens' parameter
+        embedding = "embed_tokens" in name or name.startswith("lm_head")
+        param.requires_grad_(not name.startswith(frozen) and (train_embeddings or not embedding))
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.01)
     as_torch = lambda name: torch.from_numpy(np.array(getattr(batch, name)))  # noqa: E731
@@ -167,9 +176,13 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--response", type=int, default=192)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--train_embeddings", default="true", choices=("true", "false"), help="and the head"
+    )
     parser.add_argument("--trace_dir", default=None, help="trace one JAX update per dtype here")
     args = parser.parse_args()
     args.layers = args.layers or (4 if args.preset == "tiny" else 2)
+    train_embeddings = args.train_embeddings == "true"
     torch.set_num_threads(os.cpu_count() or 1)
     hf_model = build_hf_model(args)
     config = ModelConfig.from_hf(hf_model.config)
@@ -180,18 +193,17 @@ def main() -> None:
     print(
         f"{args.preset}: text decoder {params / 1e6:.1f}M params (hidden {text.hidden_size}, "
         f"{text.num_layers} layers, vocab {text.vocab_size}), {args.rows} rows x "
-        f"{args.prompt}+{args.response} tokens = {tokens} tokens per update, {os.cpu_count()} "
+        f"{args.prompt}+{args.response} tokens = {tokens} tokens per update, embeddings "
+        f"{'trained' if train_embeddings else 'frozen'}, {os.cpu_count()} "
         f"CPU cores, median of {args.steps} alternating steps; load average "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}",
         flush=True,
     )
     version = __import__("transformers").__version__
     for name in args.dtypes.split(","):
-        jax_run = jax_update(hf_model, batch, jnp.dtype(name))
-        seconds = time_interleaved(
-            {"jax": jax_run, "torch": torch_update(hf_model, batch, getattr(torch, name))},
-            args.steps,
-        )
+        jax_run = jax_update(hf_model, batch, jnp.dtype(name), train_embeddings)
+        torch_run = torch_update(hf_model, batch, getattr(torch, name), train_embeddings)
+        seconds = time_interleaved({"jax": jax_run, "torch": torch_run}, args.steps)
         jax_time, torch_time = seconds["jax"], seconds["torch"]
         print(
             f"{name}: JAX (jit, {jax.devices()[0].platform}) {jax_time:.3f} s/update "
@@ -205,7 +217,7 @@ def main() -> None:
             with jax.profiler.trace(directory):
                 jax_run()
             print_trace_summary(summarize_trace(directory, top=12))
-        del jax_run
+        del jax_run, torch_run
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 

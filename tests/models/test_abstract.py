@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import pytest
 import torch
@@ -44,3 +46,14 @@ def test_real_size_abstract_build_matches_transformers(preset):
     }
     ours = {hf_name_for(name) for name in flax_param_paths(model)}
     assert ours == hf_names
+
+
+def test_preset_with_fewer_layers_keeps_the_widths():
+    """The benchmarks' cut of a preset (`num_layers`, `vision_depth`): the same widths, only
+    that many decoder layers and vision blocks."""
+    full = ModelConfig.from_hf(preset_hf_config("qwen2_vl_2b"))
+    cut = ModelConfig.from_hf(preset_hf_config("qwen2_vl_2b", num_layers=2, vision_depth=3))
+    assert (full.text.num_layers, full.vision.depth) == (28, 32)
+    assert (cut.text.num_layers, cut.vision.depth) == (2, 3)
+    assert cut.text == dataclasses.replace(full.text, num_layers=2)
+    assert cut.vision == dataclasses.replace(full.vision, depth=3)
