@@ -36,9 +36,12 @@ KL_CLAMP = declared_default("rl.kl_clamp")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 LOG_RATIO_CLAMP = 20.0
-"""Every log-ratio is clipped to [-20, 20] before `exp` (as verl and TRL do). exp(20) ~ 5e8 is
-finite with room to spare in fp32 (exp overflows above ~88), so no finite input can give an
-inf ratio and a NaN gradient (0 x inf) on a token whose loss is clamped or clipped anyway."""
+"""A log-ratio that goes into `exp` is clipped to [-20, 20] first (PPO's token ratio, the k3
+estimate, the truncated IS weight; verl clips the same three there). exp(20) ~ 5e8 is finite
+with room to spare in fp32 (exp overflows above ~88), so no finite input can give an inf ratio
+and a NaN gradient (0 x inf) on a token whose loss is clamped or clipped anyway. k1 and k2 take
+no `exp` and are not clipped; GSPO's sequence ratio has its own bound
+(`losses.GSPO_LOG_RATIO_MAX`)."""
 
 KlClamp = float | tuple[float, float] | None
 """`c` clamps to [-c, c], `(low, high)` to [low, high], None disables clamping."""
@@ -97,17 +100,18 @@ def kl_estimate(
       - k1: `log_ratio` (unbiased, high variance, can be negative);
       - k2: `0.5 * log_ratio**2` (biased, always >= 0);
       - k3: with `d = ref_logprobs - logprobs`, `exp(d) - 1 - d` (unbiased, always >= 0).
-    The log-ratio is first clipped to [-20, 20] (`LOG_RATIO_CLAMP`, as verl's k3), so `exp` never
-    overflows and every finite input has a finite gradient (0 beyond the clip). The result is
-    then clamped elementwise (default [-10, 10], as the original).
+    k3's log-ratio is first clipped to [-20, 20] (`LOG_RATIO_CLAMP`, as verl's k3), so its `exp`
+    never overflows and every finite input has a finite gradient (0 beyond the clip); k1 and k2
+    use the log-ratio as it is (as verl's), so with `clamp=None` they are exact at any size. The
+    result is then clamped elementwise (default [-10, 10], as the original).
     """
-    log_ratio = clamp_log_ratio(as_float(logprobs) - as_float(ref_logprobs))
+    log_ratio = as_float(logprobs) - as_float(ref_logprobs)
     if kind == "k1":
         kl = log_ratio
     elif kind == "k2":
         kl = 0.5 * jnp.square(log_ratio)
     elif kind == "k3":
-        ref_minus_policy = -log_ratio
+        ref_minus_policy = -clamp_log_ratio(log_ratio)
         kl = jnp.expm1(ref_minus_policy) - ref_minus_policy  # exp(d) - 1 - d, accurate near d = 0
     else:
         raise ValueError(f"unknown KL estimator {kind!r}; expected one of {KL_ESTIMATORS}")

@@ -3,8 +3,9 @@
 
 Pure, jit-compatible functions of `[B, T]` arrays (see `maye_jax/rl/advantages.py` for the
 conventions: `response_mask` true on response tokens, padded positions never read). Every
-log-ratio is clipped to [-20, 20] before `exp` (`advantages.LOG_RATIO_CLAMP`), so no finite
-input gives an inf ratio or a NaN gradient.
+log-ratio is clipped before `exp` (to [-20, 20], `advantages.LOG_RATIO_CLAMP`; GSPO's sequence
+log-ratio to [-20, 10], `GSPO_LOG_RATIO_MAX`), so no finite input gives an inf ratio or a NaN
+gradient.
 
 Gradient accumulation is exact by construction. Every aggregation mode is
 
@@ -35,6 +36,7 @@ from jax.typing import ArrayLike
 from maye_jax.config.options import declared_default
 from maye_jax.rl.advantages import (
     KL_CLAMP,
+    LOG_RATIO_CLAMP,
     KlClamp,
     as_float,
     as_mask,
@@ -43,6 +45,12 @@ from maye_jax.rl.advantages import (
     masked_sum,
     safe_divide,
 )
+
+GSPO_LOG_RATIO_MAX = 10.0
+"""GSPO's sequence log-ratio is clipped to at most 10 before `exp` (as verl's GSPO): a sequence
+whose tokens all moved far from the old policy (a stale or off-policy one) would otherwise give
+a loss and gradient of exp(mean log-ratio) that dominate a clipped-norm update. exp(10) ~ 2.2e4;
+a clipped sequence gets no gradient. Below, the usual -20 bound."""
 
 MetricSums = dict[str, tuple[jax.Array, jax.Array]]
 """Metric name -> (sum, count) over one micro-batch; sum both over micro-batches, then divide."""
@@ -181,6 +189,7 @@ def gspo_loss(
     sequence has the value `s_i`, and `d s_it / d logprobs_it = s_i`, which gives the paper's
     gradient `s_i A_i (1 / |y_i|) sum_t grad log pi_it` after the per-sequence mean. Metrics as
     `ppo_clip_loss`, with the sequence ratio on every token (approx_kl stays token-level).
+    The sequence log-ratio is clipped to [-20, GSPO_LOG_RATIO_MAX = 10] before `exp`.
     """
     if config.loss_agg != "seq_mean_token_mean":
         raise ValueError(
@@ -197,7 +206,8 @@ def gspo_loss(
         - jax.lax.stop_gradient(logprobs)
         + jax.lax.stop_gradient(sequence_log_ratio)[:, None]
     )  # [B, T]: value log s_i, gradient that of logprobs
-    ratio = jnp.exp(clamp_log_ratio(jnp.where(mask, log_ratio, 0.0)))
+    log_ratio = jnp.clip(jnp.where(mask, log_ratio, 0.0), -LOG_RATIO_CLAMP, GSPO_LOG_RATIO_MAX)
+    ratio = jnp.exp(log_ratio)
     low, high = 1.0 - config.gspo_clip_eps_low, 1.0 + config.gspo_clip_eps_high
     token_losses = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, low, high))
     token_log_ratio = clamp_log_ratio(token_log_ratio)

@@ -143,22 +143,46 @@ def test_kl_estimate_clamp_boundaries():
 @pytest.mark.parametrize("clamp", [10.0, None])
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 def test_kl_estimate_gradient_is_finite_for_every_finite_log_ratio(kind, clamp):
-    # ref - logp above ~88 overflowed exp() in fp32: the clamped value was finite but the
-    # gradient was 0 x inf = NaN. The log-ratio is now clipped to [-20, 20] before exp.
-    logp = np.array([-100.0, 0.0, -1e30, 0.0, -2.0, -0.5], np.float32)
-    ref = np.array([0.0, -100.0, 0.0, -1e30, -5.0, -0.25], np.float32)
+    # ref - logp above ~88 overflowed k3's exp() in fp32: the clamped value was finite but the
+    # gradient was 0 x inf = NaN. k3's log-ratio is now clipped to [-20, 20] before exp; k1 and
+    # k2 take no exp and use the log-ratio as it is.
+    logp = np.array([-100.0, 0.0, -2.0, -0.5], np.float32)
+    ref = original_ref = np.array([0.0, -100.0, -5.0, -0.25], np.float32)
     value, gradient = jax.value_and_grad(lambda lp: kl_estimate(lp, ref, kind, clamp).sum())(logp)
     gradient = np.asarray(gradient)
     assert np.isfinite(float(value)) and np.all(np.isfinite(gradient)), gradient
-    # Beyond the clip the token gets no gradient; inside it, the analytic one.
-    np.testing.assert_array_equal(gradient[:4], 0.0)
-    log_ratio = logp[4:] - ref[4:]
-    analytic = {"k1": np.ones(2), "k2": log_ratio, "k3": 1 - np.exp(-log_ratio)}[kind]
-    np.testing.assert_allclose(gradient[4:], analytic, rtol=1e-5)
-    # The value beyond the clip is the estimator at +-20 (then the usual clamp).
-    expected = [reference_kl(lp, r, kind, -np.inf, np.inf) for lp, r in [(-20, 0), (0, -20)]]
+    log_ratio = (logp - ref).astype(np.float64)
+    analytic = {"k1": np.ones(4), "k2": log_ratio, "k3": 1 - np.exp(-log_ratio)}[kind]
+    np.testing.assert_allclose(gradient[2:], analytic[2:], rtol=1e-5)
+    if kind == "k3" or clamp is not None:
+        # Beyond k3's clip or the clamp the token gets no gradient.
+        np.testing.assert_array_equal(gradient[:2], 0.0)
+    else:  # k1 / k2 unclamped: exact at +-100 too
+        np.testing.assert_allclose(gradient[:2], analytic[:2], rtol=1e-6)
+    # The value: k3's beyond its clip is the estimator at +-20; then the usual clamp.
+    if kind == "k3":  # the log-ratio clipped to [-20, 20]
+        ref = logp + np.clip(ref - logp, -20.0, 20.0)
+    expected = [reference_kl(lp, r, kind, -np.inf, np.inf) for lp, r in zip(logp, ref)]
     expected = np.clip(expected, -clamp, clamp) if clamp else expected
-    np.testing.assert_allclose(kl_estimate(logp[:2], ref[:2], kind, clamp), expected, rtol=1e-6)
+    np.testing.assert_allclose(kl_estimate(logp, original_ref, kind, clamp), expected, rtol=1e-6)
+    # Even a log-ratio of 1e30 gives a finite gradient where an exp or a clamp is involved.
+    huge = jax.grad(lambda lp: kl_estimate(lp, np.float32(0.0), kind, 10.0))(np.float32(-1e30))
+    assert float(huge) == 0.0
+
+
+def test_k1_and_k2_are_not_clipped_without_a_clamp_and_k3_keeps_its_clip():
+    """With `kl_clamp=None` the k1 and k2 estimates are exact (verl's, which clip neither); k3
+    keeps the [-20, 20] clip of its log-ratio before exp (verl's low_var_kl does the same)."""
+    zero, ref = np.float32(0.0), np.float32(-30.0)
+    k1, k1_gradient = jax.value_and_grad(lambda lp: kl_estimate(lp, ref, "k1", None))(zero)
+    assert (float(k1), float(k1_gradient)) == (30.0, 1.0)
+    k2, k2_gradient = jax.value_and_grad(lambda lp: kl_estimate(lp, ref, "k2", None))(zero)
+    assert (float(k2), float(k2_gradient)) == (450.0, 30.0)
+    k3, k3_gradient = jax.value_and_grad(lambda lp: kl_estimate(lp, ref, "k3", None))(zero)
+    np.testing.assert_allclose(float(k3), np.exp(-20.0) - 1 + 20, rtol=1e-6)  # d clipped to -20
+    assert float(k3_gradient) == 0.0
+    # The default clamp of 10 still bounds all three.
+    assert [float(kl_estimate(zero, ref, kind)) for kind in ("k1", "k2", "k3")] == [10.0] * 3
 
 
 def test_kl_estimate_rejects_unknown_kind_and_bad_bounds():

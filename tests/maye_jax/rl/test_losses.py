@@ -462,6 +462,37 @@ def test_gspo_matches_the_published_objective_and_gradient():
     np.testing.assert_allclose(means["clip_frac/low"], 3 / mask.sum(), rtol=1e-6)  # row 1
 
 
+def test_gspo_clips_the_sequence_log_ratio_at_10_before_exp():
+    """A 4-token response whose mean log-ratio is 15 (a stale sequence) with A = -1: the loss is
+    exp(10) and the tokens get no gradient (as verl's GSPO). Unclipped it was exp(15) = 3.3e6,
+    with 8.2e5 per token: one such sequence would dominate a clipped-norm update."""
+    logprobs_old = np.array([[-20.0, -18.0, -16.0, -19.0, 0.0]], np.float32)
+    logprobs = np.array([[-6.0, -2.0, -1.0, -4.0, 0.0]], np.float32)  # log-ratios 14, 16, 15, 15
+    mask = np.array([[True, True, True, True, False]])
+    advantages = np.full((1, 5), -1.0, np.float32)
+    config = LossConfig(policy_loss="gspo", loss_agg="seq_mean_token_mean", kl_loss_coeff=0.0)
+    normalizer = loss_normalizer(config.loss_agg, mask, config.max_tokens)
+
+    def loss_of(lp):
+        return policy_objective(
+            logprobs=lp,
+            logprobs_old=logprobs_old,
+            advantages=advantages,
+            response_mask=mask,
+            normalizer=normalizer,
+            config=config,
+        )
+
+    (loss, metrics), gradient = jax.value_and_grad(loss_of, has_aux=True)(logprobs)
+    np.testing.assert_allclose(float(loss), np.exp(10.0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(gradient), 0.0)
+    np.testing.assert_allclose(finalize_metrics(metrics)["ratio/mean"], np.exp(10.0), rtol=1e-6)
+    # Just below the bound the sequence learns: ratio exp(9.5), d loss / d logprob_t = ratio / 4.
+    (loss, _), gradient = jax.value_and_grad(loss_of, has_aux=True)(logprobs - 5.5)
+    np.testing.assert_allclose(float(loss), np.exp(9.5), rtol=1e-5)
+    np.testing.assert_allclose(gradient[0, :4], np.exp(9.5) / 4, rtol=1e-5)
+
+
 def test_gspo_averages_per_sequence_only():
     arrays, mask = gspo_batch()
     with pytest.raises(ValueError, match="gspo.*seq_mean_token_mean.*'token_mean'"):
@@ -485,7 +516,7 @@ def test_gspo_averages_per_sequence_only():
 )
 def test_huge_but_finite_log_ratios_give_finite_gradients(config):
     """Log-ratios of +-100 overflowed exp() in fp32 (0 x inf = NaN gradients, the run stopped as
-    if diverged): every log-ratio is now clipped to [-20, 20] before exp."""
+    if diverged): every log-ratio that goes into exp is now clipped first."""
     # Per token (columns): logp - old = +100 / -100 with both advantage signs; ref - logp = 100;
     # old - rollout = 100; and one ordinary token.
     logprobs = np.array([[0.0, -100.0, 0.0, -100.0, -200.0, -1.0, -0.5]], np.float32)
