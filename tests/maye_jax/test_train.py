@@ -11,6 +11,7 @@ from maye_jax.config.settings import load_settings
 from maye_jax.run.metrics import read_metrics
 from maye_jax.train import Trainer
 from tests.tiny_run import tiny_run_config
+from tests.vllm_env import require_vllm_python
 
 REQUIRED_KEYS = (
     "train/accuracy",
@@ -43,6 +44,12 @@ REQUIRED_KEYS = (
     "reflection/reflection_ratio",
     "reflection/count/wait",
 )
+
+
+# The trainer's logprobs of the sampled tokens against the engine's own, in fp32: ~1e-6 measured
+# with the JAX sampler (the same kernels; the decode loop sums in another order) and the torch
+# workers; a wrong weight sync, position or temperature is 1e-2 or more.
+MISMATCH_BOUND = 1e-4
 
 
 def tiny_config(tmp_path, **overrides):
@@ -95,7 +102,7 @@ def test_metrics_file_is_complete(uninterrupted):
     assert (uninterrupted / "rollouts" / "step_2.jsonl").is_file()
     assert (uninterrupted / "final_hf" / "config.json").is_file()
     # The mismatch between trainer and sampler logprobs is small in fp32.
-    assert all(line["mismatch/logprob_abs_max"] < 1e-3 for line in steps)
+    assert all(line["mismatch/logprob_abs_max"] < MISMATCH_BOUND for line in steps)
 
 
 def test_resume_reproduces_the_uninterrupted_run(uninterrupted, tmp_path):
@@ -206,12 +213,6 @@ def test_dynamic_sampling_resumes_exactly_and_ends_epochs_early(tmp_path):
     assert len(read_metrics(tmp_path / "resumed" / "run")) == len(reference)
 
 
-def _vllm_available() -> bool:
-    import os
-
-    return os.path.isfile(".venv-vllm/bin/python")
-
-
 def _first_prompt_batch(trainer):
     """The first training problem with a fixed response, as a SequenceBatch."""
     from maye_jax.data.sequences import make_sequence_batch
@@ -236,12 +237,8 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
     worker: the trainer's logprobs of the worker's samples agree with the worker's own, at
     step 2 too, after an update synced to it through shared memory (a worker that kept the
     old weights would be off by the update's change, checked to be far larger)."""
-    import os
-
-    if engine == "vllm" and not _vllm_available():
-        if os.environ.get("MAYE_REQUIRE_VLLM") == "1":
-            pytest.fail("MAYE_REQUIRE_VLLM=1 but .venv-vllm is missing (scripts/setup_vllm_env.sh)")
-        pytest.skip("vLLM environment not installed (run scripts/setup_vllm_env.sh)")
+    if engine == "vllm":
+        require_vllm_python()
     config = tiny_config(tmp_path)
     config.model.tiny_family = "qwen3_vl"
     config.rollout.engine = engine
@@ -259,7 +256,7 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
     assert [m["generation_step"] for m in lines] == [1, 2]
     for line in lines:
         assert not [k for k in REQUIRED_KEYS if k not in line]
-        assert line["mismatch/logprob_abs_max"] < 1e-3, line["mismatch/logprob_abs_max"]
+        assert line["mismatch/logprob_abs_max"] < MISMATCH_BOUND, line["mismatch/logprob_abs_max"]
     assert np.abs(new_logprobs - old_logprobs).max() > 1e-2  # what a stale worker would miss
 
 
@@ -287,7 +284,7 @@ def test_tower_and_merger_train_in_the_loop_and_reach_the_worker(tmp_path):
     lines = read_metrics(tmp_path / "run")
     assert [m["generation_step"] for m in lines] == [1, 2]
     for line in lines:
-        assert line["mismatch/logprob_abs_max"] < 1e-3, line["mismatch/logprob_abs_max"]
+        assert line["mismatch/logprob_abs_max"] < MISMATCH_BOUND, line["mismatch/logprob_abs_max"]
 
 
 def test_validation_accuracy_rises_with_rl(tmp_path):

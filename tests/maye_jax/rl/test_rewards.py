@@ -56,7 +56,7 @@ def test_last_boxed_is_fast_on_huge_inputs():
     assert rewards.last_boxed(unbalanced) is None
     assert rewards.last_boxed(many_commands) == "5"
     assert rewards.last_boxed("\\boxed{" + "x" * 1_000_000 + "}") == "x" * 1_000_000
-    assert time.monotonic() - start < 10.0  # linear: well under a second; quadratic: hours
+    assert time.monotonic() - start < 60.0  # linear: well under a second; quadratic: hours
 
 
 def test_ground_truth_prefers_the_solutions_last_boxed_value():
@@ -122,7 +122,7 @@ def test_accuracy_on_a_megabyte_response(pool):
     start = time.monotonic()
     scores = rewards.accuracy_rewards(responses, ["\\boxed{42}"] * 3, timeout_s=5.0, pool=pool)
     assert scores == [1.0, 0.0, 0.0]  # the last one is over max_answer_chars: no check at all
-    assert time.monotonic() - start < 10.0
+    assert time.monotonic() - start < 60.0  # about a second; a parse of the megabyte: minutes
 
 
 def test_accuracy_length_mismatch_raises():
@@ -143,29 +143,38 @@ def test_pathological_answer_is_cut_off_at_the_time_limit(pool, adversarial):
     )
     elapsed = time.monotonic() - start
     assert scores == [0.0, 1.0]
-    assert elapsed < timeout_s + 5.0  # bounded: returns after the limit, not after the big power
+    assert elapsed < timeout_s + 60.0  # returns after the limit, not after the big power (never)
     assert len(set(pool.worker_pids()) - set(pids_before)) == 1  # the stuck worker was replaced
     assert rewards.accuracy_rewards(["\\boxed{0.5}"], ["\\boxed{1/2}"], pool=pool) == [1.0]
 
 
-def test_worker_killed_mid_task_is_replaced():
+def test_worker_killed_mid_task_is_replaced(monkeypatch):
+    task_sent = threading.Event()
+    send = verifier._Worker.send
+
+    def send_and_tell(self, *args):
+        send(self, *args)
+        task_sent.set()
+
+    monkeypatch.setattr(verifier._Worker, "send", send_and_tell)
     with rewards.VerifierPool(num_workers=1) as single_pool:
         assert single_pool.verify([("2", "2.0")]) == [1.0]
         (busy_pid,) = single_pool.worker_pids()
+        task_sent.clear()
         results = {}
 
         def score_slow_answer():
             start = time.monotonic()
-            results["scores"] = single_pool.verify([("9^{9^{9^{9}}}", "5")], timeout_s=60.0)
+            results["scores"] = single_pool.verify([("9^{9^{9^{9}}}", "5")], timeout_s=600.0)
             results["elapsed"] = time.monotonic() - start
 
         thread = threading.Thread(target=score_slow_answer)
         thread.start()
-        time.sleep(1.0)  # the task is now running in the worker
+        assert task_sent.wait(timeout=120)  # the worker holds the task now
         os.kill(busy_pid, 9)
-        thread.join(timeout=60.0)
+        thread.join(timeout=600.0)
         assert results["scores"] == [0.0]
-        assert results["elapsed"] < 30.0  # noticed the death, did not wait for the 60 s limit
+        assert results["elapsed"] < 300.0  # noticed the death, did not wait for the 600 s limit
         assert single_pool.worker_pids() != [busy_pid]
         assert single_pool.verify([("\\frac{1}{4}", "0.25")]) == [1.0]
 
@@ -175,7 +184,7 @@ def test_worker_killed_while_idle_is_replaced():
         assert single_pool.verify([("2", "2.0")]) == [1.0]
         (idle_pid,) = single_pool.worker_pids()
         os.kill(idle_pid, 9)
-        time.sleep(0.2)
+        os.waitid(os.P_PID, idle_pid, os.WEXITED | os.WNOWAIT)  # dead (left for the pool to reap)
         assert single_pool.verify([("3", "3.0"), ("3", "4")]) == [1.0, 0.0]
         assert single_pool.worker_pids() != [idle_pid]
 
@@ -189,8 +198,13 @@ def test_workers_outlive_the_thread_that_started_them():
         thread.join()
         assert scores == [1.0]
         (pid,) = single_pool.worker_pids()
-        time.sleep(0.5)
-        os.kill(pid, 0)  # raises ProcessLookupError if the worker was killed with the thread
+        # The OS thread is gone once its /proc entry is: a parent-death signal would have been
+        # sent by then, and a worker killed by it could not answer the next request.
+        task = Path(f"/proc/self/task/{thread.native_id}")
+        deadline = time.monotonic() + 120
+        while task.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not task.exists()
         assert single_pool.verify([("0.5", "\\frac{1}{2}")]) == [1.0]
         assert single_pool.worker_pids() == [pid]
 

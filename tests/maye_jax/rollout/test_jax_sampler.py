@@ -149,6 +149,9 @@ def test_sampled_logprobs_equal_teacher_forced(qwen25, temperature, top_p, top_k
     lengths = [len(c.token_ids) for _, c in rows]
     assert min(lengths) >= 1 and sum(lengths) > 2 * len(rows)
     for row, (_, completion) in enumerate(rows):
+        # 1e-4: the decode loop attends over its KV cache one token at a time, the teacher-forced
+        # pass over the whole sequence at once: fp32 sums in another order (a wrong position,
+        # mask or temperature moves a logprob by 1e-2 or more).
         np.testing.assert_allclose(
             completion.logprobs, reference[row, : len(completion.token_ids)], atol=1e-4, rtol=0
         )
@@ -293,6 +296,8 @@ def test_truncation_keeps_top_k_then_nucleus():
     )
     tokens = np.asarray(tokens)
     frequencies = np.bincount(tokens, minlength=5) / len(tokens)
+    # 0.03: 4000 draws give each frequency a standard deviation of at most 0.008 (binomial);
+    # the dropped tokens' frequency is exactly 0.
     np.testing.assert_allclose(frequencies, [0, 0.5 / 0.85, 0, 0.2 / 0.85, 0.15 / 0.85], atol=0.03)
     np.testing.assert_allclose(
         np.asarray(logprobs), np.log(np.asarray(probs)[0, tokens]), atol=1e-6
@@ -317,6 +322,8 @@ def test_inverse_cdf_draws_follow_the_weights_across_blocks():
     )
     counts = np.bincount(tokens, minlength=vocab)
     assert set(np.flatnonzero(counts)) <= set(np.flatnonzero(weights))
+    # Evenly spaced uniforms through an exact inverse CDF: a count is off its expectation only by
+    # where the grid falls inside the token's interval (less than one draw, 1.01 with rounding).
     np.testing.assert_allclose(counts, draws * weights / weights.sum(), atol=1.01)
 
 

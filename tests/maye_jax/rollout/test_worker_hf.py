@@ -44,6 +44,9 @@ from maye_jax.rollout.shm import SEGMENT_PREFIX, SHM_ROOT
 from maye_jax.storage.model_folders import load_model
 from maye_jax.tiny import tiny_hf_model
 
+# fp32 logprobs of torch (the worker) against JAX (the trainer): different kernels sum in
+# different orders through the layers and the 152k-entry log_softmax; a wrong weight, position
+# or temperature moves a logprob by 1e-2 or more.
 TOLERANCE = 1e-4
 HOSTILE_GENERATION_CONFIG = dict(
     do_sample=True,
@@ -296,7 +299,9 @@ def test_torn_segment_is_an_error_not_a_stale_rollout(setup, monkeypatch):
 
 
 def test_killed_worker_raises_with_log_lines_quickly(tmp_path):
-    engine = WorkerEngine("null", timeout_s=60)
+    """The death is seen at once, not at the request's timeout (600 s here: a bound of 300 s
+    tells the two apart on any machine load)."""
+    engine = WorkerEngine("null", timeout_s=600)
     engine.sync_weights({"model.norm.weight": np.ones(8, np.float32)}, version=1)
     segment = engine.segment.directory
     assert os.path.isdir(segment)
@@ -304,20 +309,22 @@ def test_killed_worker_raises_with_log_lines_quickly(tmp_path):
     started = time.monotonic()
     with pytest.raises(WorkerDiedError, match="killed by signal 9") as raised:
         engine.generate([Prompt(np.array([1, 2, 3]))], Sampling(max_tokens=2))
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 300
     assert "null backend ready" in str(raised.value)  # the worker's last log lines
     assert not os.path.exists(segment)
     engine.close()
 
 
 def test_hung_worker_times_out_and_is_killed():
+    """A stopped worker: the 2 s timeout fires (without it the request would wait forever; the
+    60 s bound is generous for a loaded machine) and the worker is killed."""
     engine = WorkerEngine("null", timeout_s=2)
     try:
         os.kill(engine.pid, signal.SIGSTOP)
         started = time.monotonic()
         with pytest.raises(WorkerTimeoutError, match="within 2 s"):
             engine.sync_weights({"model.norm.weight": np.ones(8, np.float32)}, version=1)
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 60
         with pytest.raises(ProcessLookupError):
             os.kill(engine.pid, 0)
     finally:
@@ -336,6 +343,18 @@ def test_engine_error_is_raised_with_worker_traceback(setup):
     assert engine.score(setup["prompts"][2:], [[9707]])[0].shape == (1,)  # still serving
 
 
+def wait_for_exit(pid: int, seconds: float = 120.0) -> bool:
+    """Whether process `pid` (not our child) ends within `seconds` (generous: it normally ends
+    within a second of its trainer)."""
+    try:
+        psutil.Process(pid).wait(timeout=seconds)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        return False
+    return True
+
+
 SIGTERM_SCRIPT = textwrap.dedent(
     """
     import sys, time
@@ -344,7 +363,7 @@ SIGTERM_SCRIPT = textwrap.dedent(
     engine = WorkerEngine("null")
     engine.sync_weights({"model.norm.weight": np.ones(1 << 20, np.float32)}, version=1)
     print(engine.segment.directory, engine.pid, flush=True)
-    time.sleep(120)
+    time.sleep(3600)  # until the test signals it
     """
 )
 
@@ -368,15 +387,7 @@ def test_sigterm_of_trainer_leaves_nothing_in_dev_shm(tmp_path):
         proc.kill()
     assert not os.path.exists(directory)
     assert our_segments() <= before
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(int(worker_pid), 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    else:
-        pytest.fail("the worker outlived the trainer")
+    assert wait_for_exit(int(worker_pid)), "the worker outlived the trainer"
 
 
 SIGKILL_SCRIPT = textwrap.dedent(
@@ -391,20 +402,9 @@ SIGKILL_SCRIPT = textwrap.dedent(
     else:  # the segment is written but the sync request never left (the race of a kill)
         engine.segment.write(arrays, 1)
     print(engine.segment.directory, engine.pid, engine.log_path, flush=True)
-    time.sleep(120)
+    time.sleep(3600)  # until the test kills it
     """
 )
-
-
-def wait_for_exit(pid: int, seconds: float = 15.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 @pytest.mark.parametrize("phase", ["synced", "written_not_sent"])

@@ -13,7 +13,6 @@ MAYE_REQUIRE_VLLM=1 (CI), where its absence is a failure.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,15 +30,9 @@ from tests.maye_jax.rollout.test_worker_hf import (
     perturbed,
     trainer_logprobs,
 )
+from tests.vllm_env import require_vllm_python
 
-REPO = Path(__file__).resolve().parents[3]
-VLLM_PYTHON = Path(os.environ.get("MAYE_VLLM_PYTHON", REPO / ".venv-vllm" / "bin" / "python"))
-MISSING = "vLLM environment not installed (run scripts/setup_vllm_env.sh)"
-
-if not VLLM_PYTHON.exists():
-    if os.environ.get("MAYE_REQUIRE_VLLM") == "1":
-        pytest.fail(f"MAYE_REQUIRE_VLLM=1 but {VLLM_PYTHON} is missing: {MISSING}", pytrace=False)
-    pytest.skip(MISSING, allow_module_level=True)
+VLLM_PYTHON = require_vllm_python(module_level=True)
 
 FAMILY = "qwen2_5_vl"
 ENGINE_ARGS = dict(
