@@ -12,6 +12,7 @@ from maye_jax.evaluation.evaluate import (
     sampling_for,
 )
 from maye_jax.rollout.engine import Completion
+from tests.fake_engines import fake_draw
 
 
 class FakeProcessor:
@@ -20,19 +21,39 @@ class FakeProcessor:
 
 
 class FakeEngine:
-    """Answers prompt i with the i-th row of canned texts, n samples per prompt."""
+    """Answers prompt i (the split's record first_index + i) with one of its canned texts per
+    sample, drawn as a real engine samples (`fake_draw`: seed, step, global prompt index, sample
+    index, temperature, top-p): with equal logits temperature 1 draws any text and
+    pass@1_t0.01's top-p 0.001 keeps only the first. Records every call."""
 
     def __init__(self, answers):
         self.answers = answers
+        self.calls: list[tuple[int, int, int]] = []  # (step, first_index, rows)
 
     def generate(self, prompts, sampling, *, step=0, first_index=0):
-        answers = self.answers[first_index:]  # prompts[i] is the split's record first_index + i
+        self.calls.append((step, first_index, len(prompts)))
+        completions = []
+        for index in range(first_index, first_index + len(prompts)):
+            texts, row = self.answers[index], []
+            for sample in range(sampling.n):
+                choice, logprob = fake_draw(
+                    [0.0] * len(texts), sampling, step=step, prompt_index=index, sample_index=sample
+                )
+                row.append(Completion([1], [logprob], texts[choice], "stop"))
+            completions.append(row)
+        return completions
+
+    def drawn(self, setting: str, step: int, index: int, seed: int = 0) -> list[str]:
+        """The texts a real engine would give record `index` under `setting` at `step`."""
+        sampling = sampling_for(setting, max_tokens=8, seed=seed, stop_token_ids=(1,))
+        texts = self.answers[index]
         return [
-            [
-                Completion([1], [-0.1], answers[i][j % len(answers[i])], "stop")
-                for j in range(sampling.n)
+            texts[
+                fake_draw(
+                    [0.0] * len(texts), sampling, step=step, prompt_index=index, sample_index=sample
+                )[0]
             ]
-            for i in range(len(prompts))
+            for sample in range(sampling.n)
         ]
 
 
@@ -58,38 +79,80 @@ def test_settings_are_the_papers():
     assert SETTINGS["pass@1_t0.6"] == dict(n=1, temperature=0.6, top_p=1.0)
 
 
-def test_pass_at_k_is_any_of_k():
-    # Samples cycle through each prompt's texts: prompt 0 is right at samples 2 and 5 of 8,
-    # prompt 1 never, prompt 2 at samples 0, 2, 4, 6.
-    answers = [
-        ["\\boxed{5}", "\\boxed{7}", "\\boxed{0}"],
-        ["\\boxed{9}"],
-        ["\\boxed{2}", "\\boxed{3}"],
-    ]
-    engine = FakeEngine(answers)
+ANSWERS = [  # record i's answer is i: prompt 0 is right with its third text, 1 never, 2 first
+    ["\\boxed{5}", "\\boxed{7}", "\\boxed{0}"],
+    ["\\boxed{9}"],
+    ["\\boxed{2}", "\\boxed{3}"],
+]
+
+
+def evaluate_fake(settings, *, seed=0, batch_size=3, split="validation"):
+    engine = FakeEngine(ANSWERS)
     metrics, rows = evaluate_split(
         engine,
         FakeProcessor(),
         _records(3),
-        split="validation",
-        settings=["pass@8_t1.0", "pass@1_t0.6"],
+        split=split,
+        settings=settings,
         max_tokens=8,
-        seed=0,
+        seed=seed,
         step=0,
         instruction="",
-        batch_size=3,
+        batch_size=batch_size,
     )
+    return engine, metrics, rows
+
+
+def test_pass_at_k_is_any_of_k():
+    settings = ["pass@8_t1.0", "pass@1_t0.01"]
+    engine, metrics, rows = evaluate_fake(settings)
+    assert [(first, n) for _, first, n in engine.calls] == [(0, 3), (0, 3)]
+    pass_at_8_step, pass_at_1_step = (step for step, _, _ in engine.calls)
+    assert pass_at_8_step != pass_at_1_step  # the settings draw independently
+    # The rows are the engine's draws, in order, scored against each record's answer.
+    expected = {
+        setting: [engine.drawn(setting, step, i) for i in range(3)]
+        for setting, step in zip(settings, (pass_at_8_step, pass_at_1_step))
+    }
+    for setting in settings:
+        ours = [r["response"] for r in rows if r["setting"] == setting]
+        assert ours == [text for texts in expected[setting] for text in texts]
+    right = ["\\boxed{0}", None, "\\boxed{2}"]
+    any_right = [right[i] in expected["pass@8_t1.0"][i] for i in range(3)]
+    assert any_right == [True, False, True]  # prompt 0's right text is drawn at least once
     assert metrics["eval/validation/pass@8_t1.0"] == 2 / 3
-    # pass@1 uses the first sample only: prompt 0 wrong, prompt 1 wrong, prompt 2 right.
-    assert metrics["eval/validation/pass@1_t0.6"] == 1 / 3
+    # Not every sample of prompts 0 and 2 is right: any-of-8, not all-of-8 nor sample-mean.
+    assert 0 < sum(r["correct"] for r in rows if r["setting"] == "pass@8_t1.0") < 8 + 8
+    # pass@1_t0.01: top-p 0.001 keeps the most likely text only (the first of equal ones):
+    # prompt 0 wrong, prompt 1 wrong, prompt 2 right.
+    assert expected["pass@1_t0.01"] == [["\\boxed{5}"], ["\\boxed{9}"], ["\\boxed{2}"]]
+    assert metrics["eval/validation/pass@1_t0.01"] == 1 / 3
     assert len(rows) == 3 * 8 + 3
-    assert sum(r["correct"] for r in rows if r["setting"] == "pass@8_t1.0") == 2 + 0 + 4
+
+
+def test_samples_follow_the_seed_and_the_global_prompt_index():
+    """The same seed gives the same samples whatever the batch size (each record draws with its
+    global index); another seed or another split gives other samples."""
+    responses = {}
+    for key, kwargs in {
+        "batch 3": {},
+        "batch 2": dict(batch_size=2),
+        "batch 1": dict(batch_size=1),
+        "seed 1": dict(seed=1),
+        "test split": dict(split="test"),
+    }.items():
+        _, _, rows = evaluate_fake(["pass@8_t1.0"], **kwargs)
+        responses[key] = [r["response"] for r in rows]
+    assert responses["batch 3"] == responses["batch 2"] == responses["batch 1"]
+    assert responses["seed 1"] != responses["batch 3"]
+    assert responses["test split"] != responses["batch 3"]
 
 
 def test_progress_bar_counts_every_sample_and_logging_progress_bar_turns_it_off(capsys):
     """One bar per split on stderr over prompts x samples of every setting (3 x (8+1+1)),
     none with `logging.progress_bar=False`; the metrics are the same either way."""
-    # prompt 0 is right at its second sample only, prompt 1 never, prompt 2 always
+    # prompt 0 is right with its second text (among its 8 draws, not as its pass@1_t0.6 draw
+    # nor as pass@1_t0.01's first text), prompt 1 never, prompt 2 always
     answers = [["\\boxed{5}", "\\boxed{0}"], ["\\boxed{9}"], ["\\boxed{2}"]]
     results = {}
     for progress_bar in (True, False):

@@ -10,11 +10,15 @@ import pytest
 from maye_jax.rollout.engine import Completion, Prompt, Sampling
 from maye_jax.rollout.overlap import OverlappedRollouts
 from maye_jax.rollout.rollouts import Rollouts
+from tests.fake_engines import fake_draw
+
+FAKE_LOGITS = [0.0, 1.0, 2.0, 3.0]  # of the 4 tokens the stand-in samples its last token from
 
 
 class RecordingEngine:
-    """A worker engine stand-in: completions name the step and the weights that made them; a
-    sync or a request while one is in flight fails as the real worker's does."""
+    """A worker engine stand-in: completions name the step and the weights that made them, and
+    end with a token drawn as a real engine draws it (seed, step, prompt, temperature); a sync
+    or a request while one is in flight fails as the real worker's does."""
 
     def __init__(self):
         self.version = None
@@ -27,26 +31,26 @@ class RecordingEngine:
         self.version = version
         self.log.append(("sync", version))
 
-    def _completions(self, prompts, step):
-        return [
-            [
-                Completion(
-                    [step, int(p.prompt_token_ids[0])], [-1.0, -1.0], "", "length", self.version
-                )
-            ]
-            for p in prompts
-        ]
+    def _completions(self, prompts, sampling, step, first_index=0):
+        completions = []
+        for index, prompt in enumerate(prompts, start=first_index):
+            token, logprob = fake_draw(
+                FAKE_LOGITS, sampling, step=step, prompt_index=index, sample_index=0
+            )
+            ids = [step, int(prompt.prompt_token_ids[0]), token]
+            completions.append([Completion(ids, [-1.0, -1.0, logprob], "", "length", self.version)])
+        return completions
 
     def generate(self, prompts, sampling, *, step, first_index=0):
         assert not self.in_flight
         self.log.append(("generate", step, self.version))
-        return self._completions(prompts, step)
+        return self._completions(prompts, sampling, step, first_index)
 
     def submit_generate(self, prompts, sampling, *, step):
         assert not self.in_flight
         self.in_flight = True
         self.log.append(("submit", step, self.version))
-        engine, result = self, self._completions(prompts, step)
+        engine, result = self, self._completions(prompts, sampling, step)
 
         class Pending:
             def result(self):
@@ -141,6 +145,26 @@ def test_checkpoint_holds_the_next_steps_finished_completions_and_resume_uses_th
     assert seen == {3: [1, 1], 4: [2, 2]}  # as the uninterrupted run
     assert engine.log == [("sync", 2), ("submit", 4, 2), ("done", 4)]
     assert resumed.state() is None  # nothing ahead after the last step
+
+
+def test_the_step_ahead_is_sampled_with_its_own_sampling():
+    """Step 2's responses, generated while step 1 updates, are drawn with the sampling `ahead`
+    gives (here greedy) at step 2's seeds; step 1's with its own (temperature 1)."""
+    overlap = rollouts_of(RecordingEngine())
+    sampled, greedy = Sampling(temperature=1.0, seed=5), Sampling(temperature=0.0, seed=5)
+    first = overlap.generate(1, prompts_of(1), sampled, ahead=lambda: (prompts_of(2), greedy))
+    overlap.wait()
+    overlap.weights_changed(1)
+    second = overlap.generate(2, prompts_of(2), greedy)
+    for step, completions, sampling in ((1, first, sampled), (2, second, greedy)):
+        expected = [
+            fake_draw(FAKE_LOGITS, sampling, step=step, prompt_index=i, sample_index=0)
+            for i in range(2)
+        ]
+        assert [(row[0].token_ids[-1], row[0].logprobs[-1]) for row in completions] == expected
+    assert [row[0].token_ids[-1] for row in second] == [3, 3]  # greedy: the largest logit
+    # temperature 1 at these seeds drew something else than the mode at least once
+    assert [row[0].token_ids[-1] for row in first] != [3, 3]
 
 
 def test_responses_ahead_for_other_prompts_are_refused():
