@@ -43,6 +43,18 @@ def module_scratch(tmp_path_factory, request):
             shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.fixture(scope="session")
+def warm_model(tmp_path_factory):
+    """(model folder, data files) of the short-SFT-warmed tiny model (tests/golden/warm_model.py),
+    built once per session for the end-to-end tests whose responses must stop, score and
+    learn; removed at the session's end."""
+    from tests.golden import warm_model as warm
+
+    root = tmp_path_factory.mktemp("warm_model")
+    yield warm.build(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
 SUITE_PEAK_GIB = 3  # measured: 2.8 GiB above the start, at its peak
 
 

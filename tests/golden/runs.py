@@ -1,22 +1,32 @@
-"""Golden runs: four tiny end-to-end runs whose metrics.jsonl (and rollouts) were recorded
-before the trainer's redesign, so that "behaviour unchanged" is checked, not assumed.
+"""Golden runs: tiny end-to-end runs whose metrics.jsonl (and rollouts) are recorded, so that
+"behaviour unchanged" is checked, not assumed (tests/test_golden_runs.py; how and when to
+record: tests/golden/README.md).
 
-    python -m tests.golden.runs            # re-records every golden (only on purpose!)
+    python -m tests.golden.runs [NAME ...]     # re-records (only on purpose!)
 
-Each run writes `OUTPUT_DIR/metrics.jsonl`; the test compares every key but `time/*` and
-`memory/*` bit for bit (JSON floats are exact round trips of the float64 values written).
+`NAMES` were recorded before the trainer's redesign from a random tiny model (their responses
+all run to max_tokens, accuracy 0); `WARM_NAMES` start from the session's SFT-warmed tiny model
+(tests/golden/warm_model.py): responses stop at EOS at different lengths or are cut, accuracy
+and evaluation are not 0 and move, and each length penalty is on in one of them. The test
+compares every key but `time/*` and `memory/*`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import subprocess
 import sys
+from datetime import date
 from pathlib import Path
 
 GOLDEN_DIR = Path(__file__).parent
 NAMES = ("rl_reinforce_pp_kl", "rl_grpo", "sft", "warmup_then_rl", "rl_tower")
+WARM_NAMES = ("rl_grpo_eos_penalty", "rl_reinforce_pp_overlong")
+# The run seed of each: one whose sampled tokens all keep the recording rule's margin
+WARM_SEEDS = {"rl_grpo_eos_penalty": 2, "rl_reinforce_pp_overlong": 5}
 NOISE_PREFIXES = ("time/", "memory/")
+RECORD_FILE = "recorded.json"  # the commit and CPU a golden was recorded on
 
 
 def base_config(tmp: Path):
@@ -63,8 +73,64 @@ def golden_config(name: str, tmp: Path):
     return c
 
 
-def run_golden(name: str, tmp: Path) -> Path:
-    """Runs golden `name` in `tmp`; returns its output directory."""
+def warm_config(name: str, tmp: Path, warm) -> object:
+    """The runs from the SFT-warmed model (`warm`: its folder and data files). Sampling at
+    temperature 0.6 and evaluating at 0.6 and 0.01 keep every sampled token's margin above the
+    recording rule's 1e-3 (tests/golden/margins.py); at temperature 1 the 152k-token tail makes
+    draws of tokens whose whole interval is narrower than that."""
+    from maye_jax.config.defaults import default_config
+
+    model_dir, files = warm
+    c = default_config()
+    c.name = "golden"
+    c.seed = WARM_SEEDS[name]
+    c.output_dir = str(tmp / "run")
+    c.model.path = str(model_dir)
+    c.model.dtype = c.model.frozen_dtype = "float32"
+    c.data.train_file = str(files["train"])
+    c.data.validation_file = str(files["validation"])
+    c.data.max_pixels = 4 * 28 * 28
+    c.data.prompt_template = "plain"
+    c.rollout.temperature = 0.6
+    c.rollout.max_tokens = c.eval.max_tokens = 16
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_fraction = 0.0
+    c.eval.splits = ("validation",)
+    c.eval.settings = ("pass@1_t0.6", "pass@1_t0.01")
+    c.checkpoint.every_steps = 100
+    c.checkpoint.export_hf = False
+    c.logging.progress_bar = False
+    if name == "rl_grpo_eos_penalty":  # the original's no-EOS / too-short penalty
+        c.rl.advantage_estimator = "grpo"
+        c.rollout.num_samples = 4
+        c.rl.batch_size, c.rl.ppo_batch_size = 8, 4  # 2 prompts x 4 samples: 2 steps
+        c.rl.micro_batch_size, c.rl.forward_batch_size = 2, 8
+        c.rl.num_epochs = 1
+        c.rl.kl_loss_coeff = 0.01
+        # the longer right answer (18 tokens) is cut at 16: no EOS
+        c.rewards.penalty = True
+        c.rewards.min_response_length = 6  # the short wrong one (6 tokens) is too short
+    elif name == "rl_reinforce_pp_overlong":  # DAPO's soft overlong penalty
+        c.rl.advantage_estimator = "reinforce_pp"
+        c.rl.batch_size, c.rl.ppo_batch_size = 4, 2  # 4 prompts x 1 sample: 1 step per epoch
+        c.rl.micro_batch_size, c.rl.forward_batch_size = 1, 4
+        c.rl.num_epochs = 2
+        c.rl.kl_loss_coeff = 0.01
+        c.rewards.overlong_buffer_len = 6  # 0 up to 10 tokens, then down to -1 at 16
+    else:
+        raise ValueError(name)
+    return c
+
+
+def run_golden(name: str, tmp: Path, warm=None) -> Path:
+    """Runs golden `name` in `tmp` (a `WARM_NAMES` one from `warm`: the warmed model's folder
+    and data files); returns its output directory."""
+    if name in WARM_NAMES:
+        from maye_jax.train import run_rl
+
+        c = warm_config(name, tmp, warm)
+        run_rl(c)
+        return Path(c.output_dir)
     c = golden_config(name, tmp)
     if name == "sft":
         from maye_jax.sft import run_sft
@@ -117,21 +183,62 @@ def recorded_files(output_dir: Path) -> dict[str, Path]:
     return files
 
 
-def record(names=NAMES) -> None:
+def recording_machine() -> dict:
+    """The commit (`-dirty` with uncommitted changes) and CPU model a golden is recorded on."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(GOLDEN_DIR), *args], capture_output=True, text=True
+        ).stdout.strip()
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        "unknown",
+    )
+    dirty = "-dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return dict(commit=git("rev-parse", "HEAD") + dirty, cpu=cpu, date=date.today().isoformat())
+
+
+def record(names=NAMES + WARM_NAMES) -> None:
+    """Runs each golden and writes its files and `recorded.json`. A run from the warmed model
+    is refused when one of its sampled tokens is within 1e-3 of another draw (the README's
+    rule): change the run (e.g. its seed), do not lower the rule."""
     import tempfile
 
-    for name in names:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = run_golden(name, Path(tmp))
-            target = GOLDEN_DIR / name
-            target.mkdir(exist_ok=True)
-            for old in target.glob("*.jsonl"):
-                old.unlink()
-            for label, path in recorded_files(out).items():
-                lines = comparable(path)
-                (target / label).write_text("".join(json.dumps(x) + "\n" for x in lines))
-            print(f"recorded {name}: {sorted(recorded_files(out))}")
+    from tests.golden import warm_model
+    from tests.golden.margins import MIN_MARGIN, sampled_token_margins
+
+    with tempfile.TemporaryDirectory() as tmp:
+        warm = None
+        if any(name in WARM_NAMES for name in names):
+            warm = warm_model.build(Path(tmp) / "warm")
+        for name in names:
+            with tempfile.TemporaryDirectory() as run_tmp:
+                with sampled_token_margins() as margins:
+                    out = run_golden(name, Path(run_tmp), warm)
+                machine = recording_machine()
+                if name in WARM_NAMES:
+                    smallest = min(margins)
+                    if smallest <= MIN_MARGIN:
+                        raise SystemExit(
+                            f"{name}: a sampled token's margin is {smallest:.3g} <= {MIN_MARGIN} "
+                            "(tests/golden/README.md): not recorded; change the run, e.g. its seed"
+                        )
+                    machine.update(min_sampled_token_margin=smallest, sampled_tokens=len(margins))
+                target = GOLDEN_DIR / name
+                target.mkdir(exist_ok=True)
+                for old in target.glob("*.jsonl"):
+                    old.unlink()
+                for label, path in recorded_files(out).items():
+                    lines = comparable(path)
+                    (target / label).write_text("".join(json.dumps(x) + "\n" for x in lines))
+                (target / RECORD_FILE).write_text(json.dumps(machine, indent=2) + "\n")
+                print(f"recorded {name}: {sorted(recorded_files(out))}, {machine}")
 
 
 if __name__ == "__main__":
-    record(sys.argv[1:] or NAMES)
+    record(tuple(sys.argv[1:]) or NAMES + WARM_NAMES)

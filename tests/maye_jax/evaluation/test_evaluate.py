@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from maye_jax.config.defaults import default_config
 from maye_jax.config.settings import load_settings
 from maye_jax.data.records import Record
@@ -183,26 +189,42 @@ def test_progress_bar_counts_every_sample_and_logging_progress_bar_turns_it_off(
     assert shown.out == quiet.out == quiet.err == ""
 
 
-def test_evaluate_cli_on_an_hf_directory(tmp_path):
-    """`python -m maye_jax.evaluate` on a tiny HF model: every setting's key, accuracy in [0, 1],
-    and the responses file (one line per sample)."""
-    import json
-    import os
-    import subprocess
-    import sys
+# The SFT-warmed model (tests/golden/warm_model.py) answers the sum question surely with
+# `3 + 4 = \\boxed{7}`, whatever the record says: right for the record whose answer is 7, wrong
+# for the one whose answer is 8, so every setting's accuracy is exactly 1/2 (any of 8 samples
+# at temperature 1; the near-greedy one).
+SURE_RECORDS = ("validation-sum-7", "validation-sum-8")
+KNOWN = {"eval/validation/pass@8_t1.0": 0.5, "eval/validation/pass@1_t0.01": 0.5}
+SURE_ANSWER = "3 + 4 = \\boxed{7}"
 
-    from maye_jax.data.processor import load_processor
-    from maye_jax.data.synth import generate
-    from maye_jax.tiny import tiny_hf_model
 
-    model_dir = tmp_path / "model"
-    tiny_hf_model("qwen2_vl", vocab_size=151936, seed=0, initializer_range=0.2).save_pretrained(
-        str(model_dir)
+def sure_records_file(warm_model) -> Path:
+    """The two sum records of the warmed model's validation set, beside its images."""
+    _, files = warm_model
+    lines = files["validation"].read_text().splitlines()
+    path = files["validation"].parent / "sure.jsonl"
+    path.write_text(
+        "".join(line + "\n" for line in lines if json.loads(line)["id"] in SURE_RECORDS)
     )
-    load_processor(family="qwen2_vl").save_pretrained(model_dir)
-    data = generate(
-        tmp_path / "data", "text_dominant", num_train=1, num_validation=2, num_test=1, image_size=56
-    )["validation"]
+    return path
+
+
+def assert_known_answers(metrics: dict, rows: list[dict]) -> None:
+    assert metrics == KNOWN
+    greedy = [r for r in rows if r["setting"] == "pass@1_t0.01"]
+    assert [(r["id"], r["response"], r["correct"]) for r in greedy] == [
+        ("validation-sum-7", SURE_ANSWER, True),
+        ("validation-sum-8", SURE_ANSWER, False),
+    ]
+    sampled = [r for r in rows if r["setting"] == "pass@8_t1.0"]
+    assert len(sampled) == 16 and not any(r["correct"] for r in sampled[8:])
+    assert sum(r["response"] == SURE_ANSWER for r in sampled) >= 12  # sure, even at T = 1
+
+
+def test_evaluate_cli_scores_the_known_answers_of_the_warmed_model(warm_model, tmp_path):
+    """`python -m maye_jax.evaluate` with the JAX sampler on an HF folder: its progress, the
+    metrics on stdout and the responses file hold the known answers."""
+    model_dir, _ = warm_model
     out = tmp_path / "responses.jsonl"
     result = subprocess.run(
         [
@@ -210,10 +232,12 @@ def test_evaluate_cli_on_an_hf_directory(tmp_path):
             "-m",
             "maye_jax.evaluate",
             f"--model={model_dir}",
-            f"--data={data}",
+            f"--data={sure_records_file(warm_model)}",
             "--split=validation",
-            "--max_tokens=4",
+            f"--settings={','.join(s.split('/')[-1] for s in KNOWN)}",
+            "--max_tokens=16",
             "--dtype=float32",
+            "--prompt_template=plain",
             f"--output={out}",
         ],
         capture_output=True,
@@ -222,11 +246,44 @@ def test_evaluate_cli_on_an_hf_directory(tmp_path):
         env=dict(os.environ, JAX_PLATFORMS="cpu"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    # progress on stderr (the model's tensors, then 2 prompts x 10 samples), JSON on stdout
+    # progress on stderr (the model's tensors, then 2 prompts x 9 samples), JSON on stdout
     assert "read model: 100%" in result.stderr and "eval validation: 100%" in result.stderr
-    assert "20/20" in result.stderr
+    assert "18/18" in result.stderr
     metrics = json.loads(result.stdout[result.stdout.index("{") :])
-    assert set(metrics) == {f"eval/validation/{s}" for s in SETTINGS}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 2 * (8 + 1 + 1)
+    assert_known_answers(metrics, rows)
+
+
+def test_evaluation_through_the_hf_worker_scores_the_known_answers(warm_model):
+    from maye_jax.config.settings import RolloutSettings
+    from maye_jax.data.processor import load_processor
+    from maye_jax.data.records import read_records
+    from maye_jax.rollout.factory import make_engine
+
+    model_dir, _ = warm_model
+    processor = load_processor(str(model_dir))
+    engine = make_engine(
+        "hf",
+        model=None,
+        config=None,
+        tokenizer=processor.tokenizer,
+        model_dir=str(model_dir),
+        rollout=RolloutSettings(engine="hf"),
+        dtype="float32",
+    )
+    try:
+        metrics, rows = evaluate_split(
+            engine,
+            processor,
+            read_records(sure_records_file(warm_model)),
+            split="validation",
+            settings=[s.split("/")[-1] for s in KNOWN],
+            max_tokens=16,
+            seed=0,
+            step=0,
+            instruction="",
+            progress=False,
+        )
+    finally:
+        engine.close()
+    assert_known_answers(metrics, rows)
