@@ -1,7 +1,8 @@
 """The trainer reproduces the golden runs (tests/golden/runs.py, tests/golden/README.md): every
 line of metrics and rollouts, every key (time and memory aside); token counts, texts and every
 other non-float value equal, floats to float32 rounding (`tests.golden.runs.same_value`: XLA's
-code, hence the last bits, depend on the CPU model).
+code, hence the last bits, depend on the CPU model; the runs from the warmed model compare the
+update's own metrics more loosely, for the reason given there).
 
 The goldens from the SFT-warmed model must also keep pinning what they were made for: responses
 that stop at EOS at different lengths, rewards, accuracy and evaluation that are not 0 and move,
@@ -30,7 +31,7 @@ def assert_reproduced(name: str, out) -> None:
     produced = recorded_files(out)
     assert sorted(produced) == sorted(expected)
     for label, path in produced.items():
-        assert_same_lines(path, expected[label], f"{name}/{label}")
+        assert_same_lines(path, expected[label], f"{name}/{label}", warm=name in WARM_NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
