@@ -230,6 +230,7 @@ def record(names=NAMES + WARM_NAMES) -> None:
     from tests.golden import warm_model
     from tests.golden.margins import MIN_MARGIN, sampled_token_margins
 
+    machine = recording_machine()  # before this recording writes any file
     with tempfile.TemporaryDirectory() as tmp:
         warm = None
         if any(name in WARM_NAMES for name in names):
@@ -238,7 +239,7 @@ def record(names=NAMES + WARM_NAMES) -> None:
             with tempfile.TemporaryDirectory() as run_tmp:
                 with sampled_token_margins() as margins:
                     out = run_golden(name, Path(run_tmp), warm)
-                machine = recording_machine()
+                recorded = dict(machine)
                 if name in WARM_NAMES:
                     smallest = min(margins)
                     if smallest <= MIN_MARGIN:
@@ -246,7 +247,7 @@ def record(names=NAMES + WARM_NAMES) -> None:
                             f"{name}: a sampled token's margin is {smallest:.3g} <= {MIN_MARGIN} "
                             "(tests/golden/README.md): not recorded; change the run, e.g. its seed"
                         )
-                    machine.update(min_sampled_token_margin=smallest, sampled_tokens=len(margins))
+                    recorded.update(min_sampled_token_margin=smallest, sampled_tokens=len(margins))
                 target = GOLDEN_DIR / name
                 target.mkdir(exist_ok=True)
                 for old in target.glob("*.jsonl"):
@@ -254,8 +255,8 @@ def record(names=NAMES + WARM_NAMES) -> None:
                 for label, path in recorded_files(out).items():
                     lines = comparable(path)
                     (target / label).write_text("".join(json.dumps(x) + "\n" for x in lines))
-                (target / RECORD_FILE).write_text(json.dumps(machine, indent=2) + "\n")
-                print(f"recorded {name}: {sorted(recorded_files(out))}, {machine}")
+                (target / RECORD_FILE).write_text(json.dumps(recorded, indent=2) + "\n")
+                print(f"recorded {name}: {sorted(recorded_files(out))}, {recorded}")
 
 
 if __name__ == "__main__":
