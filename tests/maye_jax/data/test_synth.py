@@ -205,7 +205,7 @@ def test_command_line_writes_both_flavours(tmp_path):
     command += ["--num_validation=1", "--num_test=2", "--image_size=48"]
     project_root = Path(__file__).resolve().parents[3]
     completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=60, cwd=project_root
+        command, capture_output=True, text=True, timeout=300, cwd=project_root
     )
     assert completed.returncode == 0, completed.stderr
     for flavour in synth.FLAVOURS:

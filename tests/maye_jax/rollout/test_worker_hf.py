@@ -382,7 +382,7 @@ def test_sigterm_of_trainer_leaves_nothing_in_dev_shm(tmp_path):
         directory, worker_pid = proc.stdout.readline().split()
         assert os.path.isdir(directory)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == -signal.SIGTERM
+        assert proc.wait(timeout=120) == -signal.SIGTERM
     finally:
         proc.kill()
     assert not os.path.exists(directory)
@@ -424,7 +424,7 @@ def test_sigkill_of_trainer_leaves_no_segment_and_no_log_folder(tmp_path, phase)
         directory, worker_pid, log_path = proc.stdout.readline().split()
         assert os.path.isdir(directory) and os.path.isfile(log_path)
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert proc.wait(timeout=120) == -signal.SIGKILL
     finally:
         proc.kill()
     assert wait_for_exit(int(worker_pid)), "the worker outlived the trainer"
