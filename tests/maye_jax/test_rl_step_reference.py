@@ -5,7 +5,8 @@ PPO-clip + k3 KL loss, NumPy for global-norm clipping and AdamW.
 
 The trainer runs its own step 1 (sampling with the JAX sampler, rewards, trajectory, one update
 of the whole batch in 2 micro-batches) from a policy perturbed away from its reference, so the
-KL terms are not zero. `optim.eps` is 1e-3: Adam's first step is about lr x sign(g), and a
+KL terms are not zero. The gradient compared is the one the step applied, read back from
+AdamW's first moment. `optim.eps` is 1e-3: Adam's first step is about lr x sign(g), and a
 larger eps keeps the parameters sensitive to the gradient's size too.
 """
 
@@ -23,7 +24,6 @@ from maye_jax.models.hf_mapping import hf_name_for, iter_hf_tensors, to_hf_layou
 from maye_jax.models.hf_names import normalize_hf_name
 from maye_jax.qwen_ids import IMAGE_PAD_ID
 from maye_jax.train import Trainer
-from maye_jax.training.update import accumulate_gradients
 from tests.maye_jax.test_train import rl_settings, tiny_config
 
 TEMPERATURE = 0.8
@@ -89,18 +89,11 @@ def trainer_step(module_scratch):
     trainer.step_fn = step_and_keep_the_minibatch
     metrics = trainer.policy_update(trajectory, step=1)
     assert seen["minibatches"] == 1
-    # The project's gradient of that update: the function its step differentiates with.
-    gradient_fn = jax.jit(
-        lambda params, frozen, minibatch: accumulate_gradients(
-            params,
-            frozen,
-            minibatch,
-            model_def=policy.model_def,
-            config=trainer.settings.update_config(),
-        )[0]
-    )
-    params = {n: jax.numpy.asarray(v, jax.numpy.float32) for n, v in params_before.items()}
-    gradient = host(gradient_fn(params, policy.frozen, seen["minibatch"]))
+    # The gradient the step applied, from AdamW's first moment after its first update:
+    # mu = (1 - b1) * clip(g) (the chain is clip by global norm, then AdamW).
+    adam = policy.state.opt_state[1][0]
+    assert int(adam.count) == 1
+    gradient = {name: mu / (1 - B1) for name, mu in host(adam.mu).items()}
     return dict(
         groups=groups,
         trajectory=trajectory,
@@ -213,12 +206,12 @@ def reference_step(trainer_step):
         p = np.asarray(trainer_step["start_hf"][name], np.float64)
         after[name] = p - LR * (m_hat / (np.sqrt(v_hat) + EPS) + WEIGHT_DECAY * p)
     return dict(
+        clipped_gradient={n: gradient[n] * scale for n in names},
         logprobs=[lp.detach().numpy() for lp in logprobs],
         ref_logprobs=[lp.numpy() for lp in ref_logprobs],
         advantages=advantages,
         loss=float(loss.detach()),
         kl_loss=float(kl_loss.detach()),
-        gradient={n: gradient[n] for n in names},
         grad_norm=norm,
         params_after=after,
     )
@@ -269,7 +262,7 @@ def test_the_update_loss_and_gradient_equal_the_reference(trainer_step, referenc
     assert metrics["loss/total"] == pytest.approx(reference_step["loss"], rel=1e-5, abs=1e-7)
     assert metrics["grad_norm"] == pytest.approx(reference_step["grad_norm"], rel=1e-5)
     ours = {hf_name_for(n): to_hf_layout(n, g) for n, g in trainer_step["gradient"].items()}
-    theirs = reference_step["gradient"]
+    theirs = reference_step["clipped_gradient"]
     assert ours.keys() == theirs.keys()
     largest = max(np.abs(g).max() for g in theirs.values())
     worst = {n: float(np.abs(ours[n] - theirs[n]).max()) for n in theirs}
