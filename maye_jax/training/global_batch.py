@@ -48,6 +48,15 @@ def _pad_rows(value: np.ndarray, rows: int, fill) -> np.ndarray:
     return out
 
 
+def process_block(local_rows: UpdateBatch, padded_rows: int) -> dict[str, np.ndarray]:
+    """This process's block of every global row array: its rows, then empty rows up to
+    `padded_rows` (JAX puts process p's block at rows [p * padded_rows, (p + 1) * padded_rows))."""
+    return {
+        name: _pad_rows(np.asarray(value), padded_rows, _PAD_VALUES.get(name, 0))
+        for name, value in local_rows.row_fields().items()
+    }
+
+
 @functools.partial(jax.jit, static_argnames=("num_micro", "micro_rows", "mesh"))
 def _select(rows: UpdateBatch, index: jax.Array, *, num_micro: int, micro_rows: int, mesh):
     """Rows `index` of the global batch as `num_micro` micro-batches of `micro_rows` rows (the
@@ -88,8 +97,7 @@ class GlobalMinibatches:
         self.layout = layout
         global_rows = self.padded_rows * num_processes
         fields = {}
-        for name, value in local_rows.row_fields().items():
-            value = _pad_rows(np.asarray(value), self.padded_rows, _PAD_VALUES.get(name, 0))
+        for name, value in process_block(local_rows, self.padded_rows).items():
             shape = (global_rows,) + value.shape[1:]
             sharding = row_sharding(mesh, shape, 0)
             fields[name] = jax.make_array_from_process_local_data(sharding, value, shape)

@@ -1,6 +1,7 @@
 """maye_jax/algorithms.py against straightforward NumPy loops (float64 references)."""
 
 import functools
+import threading
 
 import jax
 import numpy as np
@@ -297,6 +298,72 @@ def test_reinforce_pp_matches_reference(coeff, gamma, whiten, shift_mean):
         scores, mask, logp, logp_ref, coeff, gamma, whiten, shift_mean
     )
     np.testing.assert_allclose(advantages, expected, **TOLERANCE)
+
+
+def across_processes(row_counts, compute):
+    """`compute(rows, global_sum)` run by one thread per simulated process on its own slice
+    of rows (`row_counts` each, in process order), with a `global_sum` that, like the real
+    collective (multihost.global_sum), returns the sum of every process's values to each;
+    returns the processes' results concatenated in process order."""
+    processes = len(row_counts)
+    barrier = threading.Barrier(processes, timeout=60)
+    handed = [None] * processes
+    results = [None] * processes
+    starts = np.cumsum([0, *row_counts])
+
+    def run(p):
+        def global_sum(values):
+            handed[p] = np.asarray(values, np.float64)
+            barrier.wait()  # every process has handed its values
+            total = np.sum(handed, axis=0)
+            barrier.wait()  # every process has read them before the next call
+            return total
+
+        results[p] = np.asarray(compute(slice(starts[p], starts[p + 1]), global_sum))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in range(processes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert all(r is not None for r in results), "a simulated process failed"
+    return np.concatenate(results)
+
+
+@pytest.mark.parametrize(
+    "row_counts, coeff, gamma, shift_mean",
+    [((4, 4), 0.0, 1.0, True), ((3, 5), 0.1, 0.95, True), ((1, 2, 5), 0.1, 1.0, False)],
+)
+def test_whitening_across_processes_equals_whitening_the_concatenated_rows(
+    row_counts, coeff, gamma, shift_mean
+):
+    """Each process whitens its own rows with every process's statistics (`global_sum`): the
+    result is the NumPy reference's whitening over all rows together, whatever the split
+    (uneven row counts, an empty row on one process), and not each process's own whitening."""
+    scores, mask, logp, logp_ref = random_batch(seed=11, batch=sum(row_counts))
+    config = AdvantageConfig(kl_reward_coeff=coeff, gamma=gamma, shift_mean=shift_mean)
+
+    def advantages(rows, global_sum=None):
+        return compute_advantages(
+            "reinforce_pp",
+            scores=scores[rows],
+            response_mask=mask[rows],
+            logprobs=logp[rows],
+            ref_logprobs=logp_ref[rows],
+            config=config,
+            global_sum=global_sum,
+        )
+
+    ours = across_processes(row_counts, advantages)
+    expected = reference_reinforce_pp(scores, mask, logp, logp_ref, coeff, gamma, True, shift_mean)
+    np.testing.assert_allclose(ours, expected, **TOLERANCE)
+    assert np.all(ours[~mask] == 0.0)
+    # each process whitening its rows alone gives other advantages: the test can tell them apart
+    starts = np.cumsum([0, *row_counts])
+    alone = np.concatenate(
+        [np.asarray(advantages(slice(a, b))) for a, b in zip(starts[:-1], starts[1:])]
+    )
+    assert np.abs(alone - expected).max() > 0.1
 
 
 def test_reinforce_pp_needs_logprobs_for_kl_reward():
