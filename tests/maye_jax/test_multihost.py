@@ -2,7 +2,13 @@
 gloo collectives) equals 1 process x 8 devices on the same mesh shape: every metrics row, the
 final HF export, what each process wrote and generated, and a stop seen by one process only.
 
-One reference run per variant per session (module fixtures); tiny one-layer model, 2 steps.
+The HSDP runs start from the session's SFT-warmed tiny model (tests/golden/warm_model.py), so
+responses end at different lengths and their scores differ within a step (checked): the
+advantages are not zero, and Reinforce++ whitens them with both hosts' statistics. Each step
+makes several mini-batches of rows shuffled across the hosts (and, with 3 rows per host on 4
+data devices, global rows with padding holes between the hosts' blocks): a row sent to the
+wrong place changes the numbers. One reference run per variant per session (module
+fixtures), 2 steps each.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 NOISE = ("time/", "memory/")
 FLOAT_NOISE = ("mismatch/",)  # trainer vs sampler logprobs: float noise by nature
 
-CONFIG = f"""
+TINY_CONFIG = f"""
 import sys
 
 sys.path.insert(0, {str(REPO)!r})  # the tests' tiny run, from this checkout
@@ -43,6 +49,39 @@ def get_config():
     c.eval.splits = ("validation",)
     c.eval.settings = ("pass@8_t1.0", "pass@1_t0.01")
     c.eval.batch_size = 1  # so a process's share of the split takes several batches
+    return c
+"""
+
+WARM_CONFIG = """
+from maye_jax.config.defaults import default_config
+
+
+def get_config():
+    c = default_config()
+    c.name = "multihost"
+    c.output_dir = "run"
+    c.model.path = {model!r}
+    c.model.dtype = c.model.frozen_dtype = "float32"
+    c.data.train_file = {train!r}
+    c.data.validation_file = {validation!r}
+    c.data.max_pixels = 4 * 28 * 28
+    c.data.prompt_template = "plain"
+    c.rollout.temperature = 0.6
+    c.rollout.max_tokens = c.eval.max_tokens = 16
+    c.rollout.num_samples = 3
+    c.rl.num_epochs = 1
+    c.rl.batch_size = 6  # 2 prompts x 3 samples: one prompt, 3 rows per host
+    c.rl.ppo_batch_size = 3  # 2 mini-batches per step, each with rows of both hosts
+    c.rl.micro_batch_size = 1
+    c.rl.forward_batch_size = 3
+    c.rl.kl_loss_coeff = 0.01
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_fraction = 0.0
+    c.eval.splits = ("validation",)
+    c.eval.settings = ("pass@1_t0.6", "pass@1_t0.01")
+    c.eval.batch_size = 1  # so a process's share of the split takes several batches
+    c.checkpoint.every_steps = 1
+    c.logging.progress_bar = False
     return c
 """
 
@@ -86,24 +125,34 @@ def start(folder: Path, overrides: dict, *, process_id=None, port=None, devices=
     return subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=log)
 
 
-def run_folder(tmp: Path) -> Path:
+def run_folder(tmp: Path, warm_model=None) -> Path:
+    """`tmp` with the run's config.py: from `warm_model` (its folder and data files), else
+    the tests' tiny random model on synthetic data."""
     tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "config.py").write_text(CONFIG)
+    text = TINY_CONFIG
+    if warm_model is not None:
+        model, files = warm_model
+        text = WARM_CONFIG.format(
+            model=str(model), train=str(files["train"]), validation=str(files["validation"])
+        )
+    (tmp / "config.py").write_text(text)
     return tmp
 
 
-def run_single(tmp: Path, overrides: dict) -> Path:
+def run_single(tmp: Path, warm_model, overrides: dict) -> Path:
     """The reference: the same run in this test process (its 8 devices, one process)."""
     import importlib.util
 
     from maye_jax.train import run_rl
 
-    folder = run_folder(tmp)
+    folder = run_folder(tmp, warm_model)
     spec = importlib.util.spec_from_file_location("multihost_config", folder / "config.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    config.output_dir, config.data.synth_dir = str(folder / "run"), str(folder / "data")
+    config.output_dir = str(folder / "run")
+    if warm_model is None:
+        config.data.synth_dir = str(folder / "data")
     for key, value in overrides.items():
         section, name = key.split(".")
         setattr(config[section], name, value)
@@ -159,20 +208,39 @@ HSDP_REFERENCE = {"sharding.dp": 2, "sharding.fsdp": 4}
 HSDP = {"sharding.fsdp": 4}  # dp unset: one dp row per process
 
 
+def rollout_scores(run: Path) -> dict[int, list[list[float]]]:
+    """Each step's scores, by prompt (from the run's rollouts files)."""
+    by_step = {}
+    for path in sorted((run / "rollouts").glob("*.jsonl")):
+        step = int(path.stem.rsplit("_", 1)[-1])
+        groups: dict[str, list[float]] = {}
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            groups.setdefault(row["prompt_id"], []).append(row["score"])
+        by_step[step] = list(groups.values())
+    return by_step
+
+
 @pytest.fixture(scope="module")
-def hsdp(module_scratch):
-    reference = run_single(module_scratch("hsdp_reference"), HSDP_REFERENCE)
-    folder = run_folder(module_scratch("hsdp_pair"))
+def hsdp(module_scratch, warm_model):
+    reference = run_single(module_scratch("hsdp_reference"), warm_model, HSDP_REFERENCE)
+    folder = run_folder(module_scratch("hsdp_pair"), warm_model)
     return folder, run_pair(folder, HSDP), reference
 
 
 def test_two_processes_equal_one_on_the_same_mesh(hsdp):
-    """HSDP (one dp row per host, FSDP over its 4 devices), Reinforce++ with whitening and the
-    KL loss, evaluation at the start and the end: the metrics, the run record and the final
-    export equal those of 1 process x 8 devices."""
+    """HSDP (one dp row per host, FSDP over its 4 devices), Reinforce++ with whitening across
+    the hosts and the KL loss, 2 mini-batches per step of rows of both hosts, evaluation at the
+    start and the end: the metrics, the run record and the final export equal those of
+    1 process x 8 devices."""
     folder, codes, reference = hsdp
     run = folder / "run"
     assert codes == [0, 0], logs(folder)
+    # not a degenerate run: every step's scores differ (so do the whitened advantages)
+    scores = rollout_scores(reference)
+    assert sorted(scores) == [1, 2]
+    assert all(np.ptp(sum(groups, [])) > 0.5 for groups in scores.values()), scores
+    assert rollout_scores(run) == scores
     assert_same_metrics(run, reference)
     record = json.loads((run / "run.json").read_text())
     assert record["processes"] == 2 and record["local_devices"] == 4
@@ -191,8 +259,8 @@ def test_two_processes_equal_one_on_the_same_mesh(hsdp):
 
 def test_process_one_writes_nothing_and_each_host_generates_its_share(hsdp):
     """Process 1 writes no file of the run (only its part of the collective Orbax writes of
-    the checkpoints and the start model), and each host sampled its own 2 of a step's 4
-    prompts, with their global indices."""
+    the checkpoints and the start model), and each host sampled its own one of a step's 2
+    prompts, with its global index."""
     folder, _, _ = hsdp
     written = {r["path"] for r in audit(folder, 1, "write")}
     assert all(p.startswith(("checkpoints", "start_model")) for p in written), sorted(written)
@@ -203,7 +271,7 @@ def test_process_one_writes_nothing_and_each_host_generates_its_share(hsdp):
     for process in (0, 1):
         rollouts = [r for r in audit(folder, process, "generate") if r["step"] < 1_000_000]
         assert [r["step"] for r in rollouts] == [1, 2]
-        assert all((r["first_index"], r["prompts"]) == (2 * process, 2) for r in rollouts)
+        assert all((r["first_index"], r["prompts"]) == (process, 1) for r in rollouts)
 
 
 def mixed_data(folder: Path) -> dict:
@@ -225,10 +293,12 @@ def mixed_data(folder: Path) -> dict:
 def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_path):
     """Qwen3-VL with its vision tower training, on problems of which about half have no image:
     FSDP over all 8 devices of both hosts (dp=1; every host gathers its copy of the weights to
-    sample), an SFT warm-up first (each host's share of every SFT batch), then GRPO with 2
-    samples per prompt (the groups stay on one host). Micro-batches of one row, so the
-    text-only ones run the tower on padding while the other host's may hold an image: no
-    process waits for another, and the numbers equal one process's."""
+    sample), an SFT warm-up first (one batch of the 8 training records in 10 rows: 5 records on
+    host 0, 3 and 2 empty rows on host 1), then GRPO with 2 samples per prompt (the groups stay
+    on one host) in 2 mini-batches per step. Micro-batches of one row, so the text-only ones
+    run the tower on padding while the other host's may hold an image: no process waits for
+    another, and the numbers equal one process's. (A random model: its scores, hence GRPO's
+    advantages, are all alike; the runs from the warmed model above have them differ.)"""
     overrides = {
         "model.tiny_family": "qwen3_vl",
         "model.train_vit": True,
@@ -238,10 +308,10 @@ def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_pa
         "rl.advantage_estimator": "grpo",
         "rollout.num_samples": 2,
         "rl.batch_size": 8,
-        "rl.ppo_batch_size": 8,
+        "rl.ppo_batch_size": 4,  # 2 mini-batches per step
         "rl.micro_batch_size": 1,
         "sft.warmup_epochs": 1,
-        "sft.batch_size": 4,
+        "sft.batch_size": 10,  # more than the 8 records: one short batch, uneven per host
         "sft.micro_batch_size": 1,
         # the processes' all-reductions sum in another order than one process's: the weights
         # differ in their last bits, which at T = 1 flipped a draw of a near-tie once
@@ -250,7 +320,7 @@ def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_pa
     }
     folder = run_folder(tmp_path / "pair")
     assert run_pair(folder, overrides) == [0, 0], logs(folder)
-    reference = run_single(tmp_path / "single", overrides)
+    reference = run_single(tmp_path / "single", None, overrides)
     assert_same_metrics(folder / "run", reference)
     assert_same_metrics(folder / "run" / "sft_warmup", reference / "sft_warmup")
     from maye_jax.evaluation.report import build_report
@@ -261,12 +331,14 @@ def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_pa
     assert "pass@8_t1.0" in built["markdown"]
 
 
-def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupted(tmp_path):
+def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupted(
+    tmp_path, warm_model
+):
     """The hf worker engine (one torch worker per host, synced from its host's copy); SIGTERM
     to process 1 alone: both stop at the same step with one checkpoint and exit 143, and the
     resumed run's metrics equal the uninterrupted run's."""
     engine = {"rollout.engine": "hf"}
-    folder = run_folder(tmp_path / "pair")
+    folder = run_folder(tmp_path / "pair", warm_model)
     codes = run_pair(folder, HSDP | engine, stop_process=1)
     assert codes == [128 + signal.SIGTERM] * 2, logs(folder)
     run = folder / "run"
@@ -274,4 +346,4 @@ def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupt
     assert steps == [1], steps  # both stopped after step 1, with one checkpoint
     assert max(m["generation_step"] for m in read_metrics(run)) == 1
     assert run_pair(folder, HSDP | engine | {"resume": True}) == [0, 0], logs(folder)
-    assert_same_metrics(run, run_single(tmp_path / "single", HSDP_REFERENCE | engine))
+    assert_same_metrics(run, run_single(tmp_path / "single", warm_model, HSDP_REFERENCE | engine))
