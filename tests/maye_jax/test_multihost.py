@@ -3,8 +3,9 @@ gloo collectives) equals 1 process x 8 devices on the same mesh shape: every met
 final HF export, what each process wrote and generated, and a stop seen by one process only.
 
 The HSDP runs start from the session's SFT-warmed tiny model (tests/golden/warm_model.py), so
-responses end at different lengths and their scores differ within a step (checked): the
-advantages are not zero, and Reinforce++ whitens them with both hosts' statistics. Each step
+responses end at different lengths and their scores differ within a step and between the
+hosts (checked): the advantages are not zero, and Reinforce++ whitens them with both hosts'
+statistics. Each step
 makes several mini-batches of rows shuffled across the hosts (and, with 3 rows per host on 4
 data devices, global rows with padding holes between the hosts' blocks): a row sent to the
 wrong place changes the numbers. One reference run per variant per session (module
@@ -186,7 +187,15 @@ def audit(folder: Path, process: int, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def assert_same_metrics(ours: Path, reference: Path) -> None:
+# The runs from the warmed model: its sure answers (a token's p ~ 1 - 1e-3) have gradients
+# 1 - p, which fp32 holds to ~1e-7 / 1e-3 = 1e-4 of their size, summed in another order by two
+# processes than by one; after Adam the second mini-batch's metrics differ by up to 3.5e-4
+# relative and the weights by 2.2e-5 (measured). A row in the wrong place moves them by 1e-2 or
+# more (the weights by about the learning rate, 3e-3).
+WARM_METRICS_REL, WARM_WEIGHTS_ATOL = 1e-3, 1e-4
+
+
+def assert_same_metrics(ours: Path, reference: Path, rel: float = 1e-4) -> None:
     a, b = read_metrics(ours), read_metrics(reference)
     assert [m["generation_step"] for m in a] == [m["generation_step"] for m in b]
     for line_a, line_b in zip(a, b):
@@ -198,7 +207,7 @@ def assert_same_metrics(ours: Path, reference: Path) -> None:
                 # Two processes reduce over their rows in another order than one: fp32 rounding,
                 # which Adam's division by sqrt(v) magnifies in the weights over the steps.
                 # mismatch/*: trainer vs sampler logprob noise itself, compared absolutely.
-                close = dict(abs=1e-4) if key.startswith(FLOAT_NOISE) else dict(rel=1e-4, abs=1e-6)
+                close = dict(abs=1e-4) if key.startswith(FLOAT_NOISE) else dict(rel=rel, abs=1e-6)
                 assert x == pytest.approx(y, **close), (line_b["generation_step"], key, x, y)
             else:
                 assert x == y, (line_b["generation_step"], key, x, y)
@@ -236,12 +245,16 @@ def test_two_processes_equal_one_on_the_same_mesh(hsdp):
     folder, codes, reference = hsdp
     run = folder / "run"
     assert codes == [0, 0], logs(folder)
-    # not a degenerate run: every step's scores differ (so do the whitened advantages)
+    # not a degenerate run: in a step, the scores differ within a host's prompt and between
+    # the hosts (so do the advantages, and each host whitening alone would give other ones)
     scores = rollout_scores(reference)
-    assert sorted(scores) == [1, 2]
-    assert all(np.ptp(sum(groups, [])) > 0.5 for groups in scores.values()), scores
+    assert sorted(scores) == [1, 2] and all(len(groups) == 2 for groups in scores.values())
+    assert any(
+        np.ptp(sum(groups, [])) > 0.5 and np.ptp(np.mean(groups, axis=1)) > 0.3
+        for groups in scores.values()
+    ), scores
     assert rollout_scores(run) == scores
-    assert_same_metrics(run, reference)
+    assert_same_metrics(run, reference, rel=WARM_METRICS_REL)
     record = json.loads((run / "run.json").read_text())
     assert record["processes"] == 2 and record["local_devices"] == 4
     assert len(record["devices"]) == 8 and record["finished"]
@@ -250,8 +263,10 @@ def test_two_processes_equal_one_on_the_same_mesh(hsdp):
     ours = dict(iter_safetensors(run / "final_hf"))
     theirs = dict(iter_safetensors(reference / "final_hf"))
     assert ours.keys() == theirs.keys()
-    for name in theirs:  # 1e-4: fp32 reductions in another order, magnified by Adam (above)
-        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    for name in theirs:  # fp32 reductions in another order, magnified by Adam (above)
+        np.testing.assert_allclose(
+            ours[name], theirs[name], rtol=1e-4, atol=WARM_WEIGHTS_ATOL, err_msg=name
+        )
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(str(run / "final_hf"))
@@ -346,4 +361,5 @@ def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupt
     assert steps == [1], steps  # both stopped after step 1, with one checkpoint
     assert max(m["generation_step"] for m in read_metrics(run)) == 1
     assert run_pair(folder, HSDP | engine | {"resume": True}) == [0, 0], logs(folder)
-    assert_same_metrics(run, run_single(tmp_path / "single", warm_model, HSDP_REFERENCE | engine))
+    reference = run_single(tmp_path / "single", warm_model, HSDP_REFERENCE | engine)
+    assert_same_metrics(run, reference, rel=WARM_METRICS_REL)
