@@ -174,7 +174,7 @@ def run_pair(folder: Path, overrides: dict, *, stop_process=None):
         while not (metrics.is_file() and metrics.read_text().strip()) and time.time() < deadline:
             time.sleep(0.05)
         processes[stop_process].send_signal(signal.SIGTERM)
-    return [p.wait(timeout=600) for p in processes]
+    return [p.wait(timeout=1800) for p in processes]  # generous: a loaded 2-core machine took 600
 
 
 def logs(folder: Path) -> str:
