@@ -139,3 +139,5 @@ def known_schedules():
 
 
 DTYPES = ("float32", "bfloat16")
+DATA_FORMATS = ("jsonl", "parquet", "arrow")  # maye_jax/data/tables.py
+DATA_LAYOUTS = ("maye", "geo3k_easyr1", "geo3k_verl")  # maye_jax/data/layouts.py

@@ -300,6 +300,10 @@ def section_settings(name: str, **values):
     section = _section(SECTIONS[name], values, name, problems)
     if problems:
         raise ConfigError(problems)
+    if name == "data":
+        from maye_jax.data.layouts import with_layout_defaults
+
+        section = with_layout_defaults(section)
     return section
 
 
@@ -335,6 +339,10 @@ def load_settings(config, *, kind: str, check_files: bool = True) -> Settings:
         sections[name] = _section(cls, given, name, problems)
     if kind == "experiment" and sections["experiment"] is None:
         problems.append("config.experiment: the experiment needs an `experiment` section")
+    if not problems:  # the data's keys, ground truth and template: the layout's unless set
+        from maye_jax.data.layouts import with_layout_defaults
+
+        sections["data"] = with_layout_defaults(sections["data"])
     settings = Settings(**top, **sections, config=config)
     if not problems:
         problems += cross_field_problems(settings, kind)

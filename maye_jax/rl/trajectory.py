@@ -136,7 +136,7 @@ def score_responses(
     return rewards_lib.compute_rewards(
         list(options.reward_names),
         [completion.text for completion in samples],
-        [r.solution for r in row_records],
+        [r.reward_solution for r in row_records],
         answers=[r.answer for r in row_records],
         options={name: dict(values) for name, values in options.reward_options.items()},
         finished_with_eos=(

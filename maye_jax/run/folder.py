@@ -202,9 +202,20 @@ def model_fingerprint(settings) -> dict:
     return {"config": _file_digest(config) if config.is_file() else None, "files": files}
 
 
+def _data_digest(path: Path) -> str:
+    """A data file's digest (jsonl: its images are named in it; parquet: embedded), or a
+    `save_to_disk` folder's: every file's name and content."""
+    if not path.is_dir():
+        return _file_digest(path)
+    digest = hashlib.sha256()
+    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{child.relative_to(path)}\0{_file_digest(child)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def data_fingerprint(data_files: Mapping[str, str]) -> dict:
-    """A digest of each split's jsonl file (images are named in it)."""
-    return {split: _file_digest(Path(path)) for split, path in sorted(data_files.items())}
+    """A digest of each split's data (a jsonl or parquet file, or a `save_to_disk` folder)."""
+    return {split: _data_digest(Path(path)) for split, path in sorted(data_files.items())}
 
 
 def fingerprint(settings, data_files: Mapping[str, str]) -> dict:

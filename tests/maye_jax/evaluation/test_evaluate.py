@@ -15,7 +15,7 @@ from maye_jax.rollout.engine import Completion
 
 
 class FakeProcessor:
-    def encode(self, image, question, instruction):
+    def encode_record(self, record, instruction):
         return {"input_ids": [1, 2, 3], "pixel_values": None, "image_grid_thw": None}
 
 
@@ -43,7 +43,6 @@ def _records(n):
             question="q",
             answer=str(i),
             solution=f"\\boxed{{{i}}}",
-            image_path=None,
             source=f"f:{i}",
             fields={},
         )
