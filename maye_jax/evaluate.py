@@ -42,7 +42,7 @@ def main(argv):
     from maye_jax.config.settings import section_settings
     from maye_jax.data.layouts import resolve_layout
     from maye_jax.data.processor import get_prompt_template, load_processor
-    from maye_jax.data.records import DataError, read_records
+    from maye_jax.data.records import DataError, images_per_prompt, read_records
     from maye_jax.errors import UserError
     from maye_jax.models.configs import ModelConfig
     from maye_jax.rollout.factory import make_engine
@@ -88,6 +88,7 @@ def main(argv):
                 "rollout", engine=FLAGS.engine, worker_python=FLAGS.worker_python
             ),
             dtype=FLAGS.dtype,
+            images_per_prompt=images_per_prompt({"data": records}),
         )
         try:
             metrics, rows = evaluate_split(

@@ -30,7 +30,14 @@ log = logging.getLogger(__name__)
 
 MAYE_LAYOUT = LAYOUTS["maye"]
 
-__all__ = ["DataError", "Record", "check_files", "epoch_order", "read_records"]
+__all__ = [
+    "DataError",
+    "Record",
+    "check_files",
+    "epoch_order",
+    "images_per_prompt",
+    "read_records",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +197,11 @@ def read_records(
     if not records:
         raise DataError(f"{path}:0: no valid records", whole_file=True)
     return records
+
+
+def images_per_prompt(splits: dict[str, Sequence[Record]]) -> int:
+    """The most images one record of the data holds (vLLM's per-prompt image limit)."""
+    return max((len(r.images) for records in splits.values() for r in records), default=0)
 
 
 def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
