@@ -25,6 +25,10 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
     if s.data.min_pixels > s.data.max_pixels:
         bad("data.min_pixels", f"{s.data.min_pixels} > data.max_pixels {s.data.max_pixels}")
     problems += _solution_problems(s, kind)
+    if s.rewards.functions and kind in ("rl", "experiment"):
+        from maye_jax.rl.user_rewards import function_problems
+
+        problems += function_problems(s.rewards.functions)
     if kind in ("rl", "experiment"):
         if rl.batch_size % rollout.num_samples:
             bad(

@@ -108,6 +108,17 @@ def known_kl_estimators():
     return KL_ESTIMATORS
 
 
+def _reward_function_problem(entry) -> str | None:
+    from maye_jax.rl.user_rewards import entry_problem
+
+    return entry_problem(entry) if isinstance(entry, str) else "must be a string"
+
+
+reward_function = Rule(
+    _reward_function_problem, "path/to/file.py:function or module:function, optionally =weight"
+)
+
+
 def known_reward_names():
     from maye_jax.rl.rewards import reward_names
 

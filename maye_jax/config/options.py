@@ -46,6 +46,7 @@ from maye_jax.config.field_rules import (
     one_of,
     positive,
     registry,
+    reward_function,
 )
 
 
@@ -302,6 +303,11 @@ class RewardSettings:
         ("accuracy", "language"),
         each(registry(known_reward_names, "reward")),
         "the rewards summed into a response's score",
+    )
+    functions: tuple[str, ...] = opt(
+        (),
+        each(reward_function),
+        "your reward functions (file.py:fn or module:fn, =weight), added to rewards.names",
     )
     language_char_class: str = opt(
         "cjk", registry(known_char_classes, "character class"), "the language reward's penalty"

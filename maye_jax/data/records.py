@@ -62,6 +62,17 @@ class Record:
         the whole answer field is the ground truth (maye_jax/rl/rewards.py `ground_truth`)."""
         return self.solution if self.ground_truth_rule == "solution_boxed" else ""
 
+    def reward_fields(self) -> dict:
+        """What a users' reward function gets of this record (rl/user_rewards.py): the row
+        without its images, with `id`, `question`, `answer`, `solution` set to its parts."""
+        return dict(
+            self.fields,
+            id=self.id,
+            question=self.question,
+            answer=self.answer,
+            solution=self.solution,
+        )
+
     def image_sizes(self) -> list[ImageSize]:
         """Each image's stored (width, height), from the header read when the data was prepared:
         no pixels are decoded."""
