@@ -115,10 +115,11 @@ def test_score_logprobs_equal_transformers(scored):
         np.testing.assert_allclose(line["response_logprobs"], reference, atol=1e-4, rtol=0)
 
 
-def _transformers_inputs(tokenizer, question: str, images: list, instruction: str):
+def _transformers_inputs(model_dir, tokenizer, question: str, images: list, instruction: str):
     """transformers' inputs of one prompt: its chat template over the text pieces and an image
     item at each `<image>` marker, its PIL image processor on the images as the data set gives
-    them, each image's pad repeated once per merged patch."""
+    them (its settings read from the model folder: the family's patch size and normalisation),
+    each image's pad repeated once per merged patch."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -131,7 +132,7 @@ def _transformers_inputs(tokenizer, question: str, images: list, instruction: st
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
-    processed = Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=12845056)(images=images)
+    processed = Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))(images=images)
     for count in np.prod(processed["image_grid_thw"], axis=1) // 4:
         text = text.replace("<|image_pad|>", "\0" * int(count), 1)
     ids = tokenizer(text.replace("\0", "<|image_pad|>"), add_special_tokens=False)["input_ids"]
@@ -185,7 +186,9 @@ def test_two_image_parquet_logprobs_equal_transformers_end_to_end(scored):
     for (question, _), images, line in zip(rows, blobs, lines):
         assert "images" not in line and line["problem"] == question
         pil = [Image.open(io.BytesIO(b)) for b in images]
-        prompt, pixels, grid = _transformers_inputs(tokenizer, question, pil, MAYE_INSTRUCTION)
+        prompt, pixels, grid = _transformers_inputs(
+            model_dir, tokenizer, question, pil, MAYE_INSTRUCTION
+        )
         response = tokenizer(line["response"], add_special_tokens=False)["input_ids"]
         assert line["response_token_ids"] == response
         ids = torch.tensor([prompt + response])
