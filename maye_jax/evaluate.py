@@ -1,5 +1,6 @@
-"""python -m maye_jax.evaluate --model=DIR --data=F.jsonl [--engine=jax|hf|vllm]: any checkpoint or
-HF model under the scheme's generation settings (maye_jax/evaluation/evaluate.py)."""
+"""python -m maye_jax.evaluate --model=DIR --data=PATH [--engine=jax|hf|vllm] [--layout=...]: any
+checkpoint or HF model under the scheme's generation settings (maye_jax/evaluation/evaluate.py),
+on data of any format (`--format`, `--layout` and the key flags are config.data's)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from absl import flags
 
+from maye_jax.data.data_flags import data_settings_from_flags, define_data_flags
 from maye_jax.evaluation.evaluate import SETTINGS, evaluate_split
 
 FLAGS = flags.FLAGS
@@ -17,7 +19,9 @@ FLAGS = flags.FLAGS
 
 def _define_flags():
     flags.DEFINE_string("model", None, "HF model directory or maye-jax checkpoint.")
-    flags.DEFINE_string("data", None, "MAYE jsonl file to evaluate on.")
+    flags.DEFINE_string(
+        "data", None, "The data to evaluate on: .jsonl, .parquet, save_to_disk folder."
+    )
     flags.DEFINE_string("split", "test", "Name of the split in the metric keys.")
     flags.DEFINE_enum("engine", "jax", ["jax", "hf", "vllm"], "Rollout engine.")
     flags.DEFINE_string("worker_python", None, "Interpreter of the hf/vllm worker.")
@@ -26,7 +30,8 @@ def _define_flags():
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
     flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Compute dtype (jax engine).")
     flags.DEFINE_string("output", "", "Optional jsonl of every response with its correctness.")
-    flags.DEFINE_string("prompt_template", "maye", "Prompt template name.")
+    flags.DEFINE_string("prompt_template", None, "Prompt template name; None: the layout's.")
+    define_data_flags()
     flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
 
 
@@ -35,8 +40,9 @@ def main(argv):
     import jax.numpy as jnp
 
     from maye_jax.config.settings import section_settings
+    from maye_jax.data.layouts import resolve_layout
     from maye_jax.data.processor import get_prompt_template, load_processor
-    from maye_jax.data.records import DataError, read_records
+    from maye_jax.data.records import DataError, images_per_prompt, read_records
     from maye_jax.errors import UserError
     from maye_jax.models.configs import ModelConfig
     from maye_jax.rollout.factory import make_engine
@@ -55,7 +61,8 @@ def main(argv):
         return 1
     scratch = tempfile.TemporaryDirectory(prefix="maye-evaluate-")
     try:
-        records = read_records(FLAGS.data)
+        data = data_settings_from_flags(prompt_template=FLAGS.prompt_template)
+        records = read_records(FLAGS.data, resolve_layout(data), fmt=data.format)
         dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
         from maye_jax.storage.model_folders import (
             export_hf,
@@ -81,6 +88,7 @@ def main(argv):
                 "rollout", engine=FLAGS.engine, worker_python=FLAGS.worker_python
             ),
             dtype=FLAGS.dtype,
+            images_per_prompt=images_per_prompt({"data": records}),
         )
         try:
             metrics, rows = evaluate_split(
@@ -92,7 +100,7 @@ def main(argv):
                 max_tokens=FLAGS.max_tokens,
                 seed=FLAGS.seed,
                 step=0,
-                instruction=get_prompt_template(FLAGS.prompt_template),
+                instruction=get_prompt_template(data.prompt_template),
                 progress=FLAGS.progress,
             )
         finally:

@@ -2,11 +2,12 @@
 
     python -m maye_jax.score --model=DIR --data=FILE.jsonl --output=OUT.jsonl [--dtype=float32]
 
-DIR is an HF model directory or a maye-jax Orbax checkpoint. Each input line is a MAYE record
-(`question`, optional `image` relative to the jsonl) plus a `response` string. Each output line
-is the input object plus `response_token_ids` and `response_logprobs` (one float per response
-token) under the MAYE prompt of SPEC §1. The response is tokenized alone, with no special
-tokens added and nothing appended.
+DIR is an HF model directory or a maye-jax Orbax checkpoint. Each input record (any format and
+layout of config.data: `--format`, `--layout`, the key flags) holds a question, its images and
+a `response` string. Each output line is the input row (without embedded image bytes) plus
+`response_token_ids` and `response_logprobs` (one float per response token) under the prompt
+of SPEC §1 (`--prompt_template`, default the layout's). The response is tokenized alone, with
+no special tokens added and nothing appended.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from pathlib import Path
 
 from absl import flags
 
+from maye_jax.data.data_flags import data_settings_from_flags, define_data_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "HF model directory or maye-jax checkpoint.", required=True)
-flags.DEFINE_string("data", None, "Input jsonl (MAYE records with a `response`).", required=True)
+flags.DEFINE_string("data", None, "Input records with a `response` (any format).", required=True)
 flags.DEFINE_string("output", None, "Output jsonl.", required=True)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_integer("batch_size", 8, "Records per forward pass.")
 flags.DEFINE_float("temperature", 1.0, "Logprobs are log_softmax(logits / temperature).")
 flags.DEFINE_integer("chunk_size", 512, "Sequence chunk of the logprob computation.")
 flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
+flags.DEFINE_string("prompt_template", None, "Prompt template name; None: the layout's.")
+define_data_flags()
 
 
 def score_records(
@@ -39,9 +44,13 @@ def score_records(
     temperature=1.0,
     chunk_size=512,
     progress: bool = False,
+    instruction: str | None = None,
 ):
-    """Yields (record, token_ids, logprobs) in input order; `progress`: a bar over the
-    records on stderr, with ETA."""
+    """Yields (record, token_ids, logprobs) in input order, each prompt under `instruction`
+    (None: MAYE's); `progress`: a bar over the records on stderr, with ETA."""
+    from maye_jax.data.processor import MAYE_INSTRUCTION
+
+    instruction = MAYE_INSTRUCTION if instruction is None else instruction
     from tqdm import tqdm
 
     bar = tqdm(
@@ -58,11 +67,14 @@ def score_records(
                 batch_size=batch_size,
                 temperature=temperature,
                 chunk_size=chunk_size,
+                instruction=instruction,
             )
             bar.update(len(chunk))
 
 
-def _score_chunk(model, processor, config, chunk, *, batch_size, temperature, chunk_size):
+def _score_chunk(
+    model, processor, config, chunk, *, batch_size, temperature, chunk_size, instruction
+):
     """(record, token_ids, logprobs) of each record of one forward pass."""
     import jax
     import numpy as np
@@ -70,7 +82,7 @@ def _score_chunk(model, processor, config, chunk, *, batch_size, temperature, ch
     from maye_jax.data.sequences import make_sequence_batch, score_batch
 
     tokenizer = processor.tokenizer
-    prompts = [processor.encode(r.load_image(), r.question) for r in chunk]
+    prompts = [processor.encode_record(r, instruction) for r in chunk]
     responses = [
         tokenizer(r.fields["response"], add_special_tokens=False)["input_ids"] for r in chunk
     ]
@@ -95,11 +107,18 @@ def _score_chunk(model, processor, config, chunk, *, batch_size, temperature, ch
         yield record, list(ids), logprobs[row, : len(ids)].tolist()
 
 
+def _json_value(value):
+    """A value JSON has no type for (a date, bytes of a column other than the images): its
+    text, so every input field passes through."""
+    return value.hex() if isinstance(value, bytes) else str(value)
+
+
 def main(argv):
     del argv
     import jax.numpy as jnp
 
-    from maye_jax.data.processor import load_processor
+    from maye_jax.data.layouts import resolve_layout
+    from maye_jax.data.processor import get_prompt_template, load_processor
     from maye_jax.data.records import DataError, read_records
     from maye_jax.models.configs import ModelConfig
     from maye_jax.storage.model_folders import load_model
@@ -114,7 +133,8 @@ def main(argv):
         print(f"score: error: --output: folder {output_folder} does not exist", file=sys.stderr)
         return 1
     try:
-        records = read_records(FLAGS.data, required=("question", "response"))
+        data = data_settings_from_flags(prompt_template=FLAGS.prompt_template)
+        records = read_records(FLAGS.data, resolve_layout(data), fmt=data.format, kind="score")
         model, hf_config = load_model(FLAGS.model, dtype=dtype, progress=FLAGS.progress)
         config = ModelConfig.from_hf(hf_config)
         processor = load_processor(FLAGS.model, family=config.family)
@@ -129,9 +149,10 @@ def main(argv):
                 temperature=FLAGS.temperature,
                 chunk_size=FLAGS.chunk_size,
                 progress=FLAGS.progress,
+                instruction=get_prompt_template(data.prompt_template),
             ):
                 line = dict(record.fields, response_token_ids=ids, response_logprobs=logprobs)
-                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+                out.write(json.dumps(line, ensure_ascii=False, default=_json_value) + "\n")
                 count += 1
     except (DataError, FileNotFoundError, ValueError) as error:
         print(f"score: error: {error}", file=sys.stderr)

@@ -101,9 +101,7 @@ class SFTRunner:
         rows = self.batch_size // processes
         if processes > 1:
             records = records[multihost.process_index() * rows :][:rows]
-        encoded = [
-            self.processor.encode(r.load_image(), r.question, self.instruction) for r in records
-        ]
+        encoded = [self.processor.encode_record(r, self.instruction) for r in records]
         min_prompt_len = 1
         if processes > 1:
             longest = max((len(np.asarray(e["input_ids"]).reshape(-1)) for e in encoded), default=1)

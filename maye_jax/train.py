@@ -27,6 +27,7 @@ import numpy as np
 
 from maye_jax.config.settings import Settings, load_settings
 from maye_jax.data.processor import get_prompt_template
+from maye_jax.data.records import images_per_prompt
 from maye_jax.evaluation.evaluate import RunEvaluation
 from maye_jax.rl.advantages import compute_advantages
 from maye_jax.rl.data_flow import TrainPrompts, step_sampling
@@ -86,7 +87,11 @@ class Trainer:
         self.prompts = TrainPrompts(self.data["train"], self.processor, instruction, s)
         startup.save_start_model(self.output_dir, self.policy)
         self.rollouts = make_rollouts(  # rl.async_rollouts: overlapped with the update
-            s, self.policy, self.processor.tokenizer, model_dir=self.hf_model_dir
+            s,
+            self.policy,
+            self.processor.tokenizer,
+            model_dir=self.hf_model_dir,
+            images_per_prompt=images_per_prompt(self.data),
         )
         responses = self.output_dir / "eval_responses"  # with eval.save_responses
         self.evaluation = RunEvaluation(

@@ -24,6 +24,11 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
         bad("model.path", "set model.path (an HF directory or checkpoint) or model.tiny_family")
     if s.data.min_pixels > s.data.max_pixels:
         bad("data.min_pixels", f"{s.data.min_pixels} > data.max_pixels {s.data.max_pixels}")
+    problems += _solution_problems(s, kind)
+    if s.rewards.functions and kind in ("rl", "experiment"):
+        from maye_jax.rl.user_rewards import function_problems
+
+        problems += function_problems(s.rewards.functions)
     if kind in ("rl", "experiment"):
         if rl.batch_size % rollout.num_samples:
             bad(
@@ -97,6 +102,26 @@ def cross_field_problems(s: Settings, kind: str) -> list[str]:
     problems += _keep_best_problems(s)
     if s.resume and s.overwrite:
         bad("overwrite", "cannot be combined with resume=True (resume keeps the run's outputs)")
+    return problems
+
+
+def _solution_problems(s: Settings, kind: str) -> list[str]:
+    """A data set without golden solutions (the geo3k layouts) cannot be compared by its
+    solution's box, nor trained on by SFT."""
+    d = s.data
+    if d.solution_key is not None:
+        return []
+    problems = []
+    if d.ground_truth == "solution_boxed":
+        problems.append(
+            f"config.data.ground_truth: solution_boxed needs solutions, and layout {d.layout} has "
+            "none; set data.ground_truth=answer or data.solution_key"
+        )
+    if kind in ("sft", "experiment") or (kind == "rl" and s.sft.warmup_epochs):
+        problems.append(
+            f"config.data.solution_key: SFT trains on golden solutions and layout {d.layout} has "
+            "none; set data.solution_key to a column of solutions"
+        )
     return problems
 
 
@@ -190,7 +215,8 @@ def _model_problems(path: Path) -> list[str]:
 
 
 def data_file(settings: Settings, split: str) -> str | None:
-    """The configured jsonl file of `split` (resolved against data.root), or None."""
+    """The configured data file (or save_to_disk folder) of `split`, resolved against
+    data.root, or None."""
 
     name = getattr(settings.data, f"{split}_file")
     if not name:
@@ -224,6 +250,6 @@ def file_problems(s: Settings, kind: str) -> list[str]:
         path = data_file(s, split)
         if path is None:
             problems.append(f"config.data.{split}_file: unset: {why}")
-        elif not Path(path).is_file():
-            problems.append(f"config.data.{split}_file: {path}: no such file")
+        elif not Path(path).exists():
+            problems.append(f"config.data.{split}_file: {path}: no such file or folder")
     return problems

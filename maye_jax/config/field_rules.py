@@ -108,6 +108,17 @@ def known_kl_estimators():
     return KL_ESTIMATORS
 
 
+def _reward_function_problem(entry) -> str | None:
+    from maye_jax.rl.user_rewards import entry_problem
+
+    return entry_problem(entry) if isinstance(entry, str) else "must be a string"
+
+
+reward_function = Rule(
+    _reward_function_problem, "path/to/file.py:function or module:function, optionally =weight"
+)
+
+
 def known_reward_names():
     from maye_jax.rl.rewards import reward_names
 
@@ -139,3 +150,5 @@ def known_schedules():
 
 
 DTYPES = ("float32", "bfloat16")
+DATA_FORMATS = ("jsonl", "parquet", "arrow")  # maye_jax/data/tables.py
+DATA_LAYOUTS = ("maye", "geo3k_easyr1", "geo3k_verl")  # maye_jax/data/layouts.py

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from maye_jax.config.field_rules import (
+    DATA_FORMATS,
+    DATA_LAYOUTS,
     DTYPES,
     Rule,
     cpu_list,
@@ -44,6 +46,7 @@ from maye_jax.config.field_rules import (
     one_of,
     positive,
     registry,
+    reward_function,
 )
 
 
@@ -98,12 +101,32 @@ class ModelSettings:
 @dataclasses.dataclass(frozen=True)
 class DataSettings:
     root: str | None = opt(None, "relative data files resolve against this folder")
-    train_file: str | None = opt(None, "the training split (MAYE jsonl)")
-    validation_file: str | None = opt(None, "the validation split (MAYE jsonl)")
-    test_file: str | None = opt(None, "the test split (MAYE jsonl)")
+    train_file: str | None = opt(
+        None, "the training split: .jsonl, .parquet or save_to_disk folder"
+    )
+    validation_file: str | None = opt(None, "the validation split (as train_file)")
+    test_file: str | None = opt(None, "the test split (as train_file)")
+    format: str | None = opt(
+        None, one_of(*DATA_FORMATS), "jsonl, parquet or arrow (save_to_disk); None: from each path"
+    )
+    layout: str = opt(
+        "maye", one_of(*DATA_LAYOUTS), "where a row's question, answer, images... are (presets)"
+    )
+    question_key: str | None = opt(None, "the question's column (a.b: nested); None: the layout's")
+    answer_key: str | None = opt(None, "the answer's column; None: the layout's")
+    solution_key: str | None = opt(None, "the golden solution's column; None: the layout's")
+    images_key: str | None = opt(None, "the images' column (paths or bytes); None: the layout's")
+    id_key: str | None = opt(None, "the record id's column; None: the layout's")
+    ground_truth: str | None = opt(
+        None,
+        one_of("solution_boxed", "answer"),
+        "accuracy compares with the solution's last \\boxed{} or the answer; None: layout's",
+    )
     on_error: str = opt("fail", one_of("fail", "skip"), "a bad record stops the run, or is skipped")
-    prompt_template: str = opt(
-        "maye", registry(known_prompt_templates, "prompt template"), "the instruction template"
+    prompt_template: str | None = opt(
+        None,
+        registry(known_prompt_templates, "prompt template"),
+        "the instruction template; None: the layout's (maye; plain for geo3k_verl)",
     )
     min_pixels: int = opt(4 * 28 * 28, positive, "an image is resized to at least this many pixels")
     max_pixels: int = opt(16384 * 28 * 28, positive, "... and to at most this many")
@@ -280,6 +303,11 @@ class RewardSettings:
         ("accuracy", "language"),
         each(registry(known_reward_names, "reward")),
         "the rewards summed into a response's score",
+    )
+    functions: tuple[str, ...] = opt(
+        (),
+        each(reward_function),
+        "your reward functions (file.py:fn or module:fn, =weight), added to rewards.names",
     )
     language_char_class: str = opt(
         "cjk", registry(known_char_classes, "character class"), "the language reward's penalty"

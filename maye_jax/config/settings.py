@@ -159,15 +159,21 @@ class Settings(RunOptions):
 
     def trajectory_config(self):
         from maye_jax.rl.trajectory import TrajectoryConfig
+        from maye_jax.rl.user_rewards import register_functions
 
         r = self.rewards
+        weights = register_functions(r.functions)  # built-in rewards: weight 1.0
         options = {
             "accuracy": {"timeout_s": r.timeout_s, "num_workers": r.num_workers},
             "language": {"char_class": r.language_char_class},
         }
+        for name in weights:
+            options[name] = {"timeout_s": r.timeout_s, "num_workers": r.num_workers}
+        names = r.names + tuple(name for name in weights if name not in r.names)
         return TrajectoryConfig(
-            reward_names=r.names,
-            reward_options={k: v for k, v in options.items() if k in r.names},
+            reward_names=names,
+            reward_options={k: v for k, v in options.items() if k in names},
+            reward_weights=weights,
             penalty=(
                 {"min_response_length": r.min_response_length, "reward_penalty": r.reward_penalty}
                 if r.penalty
@@ -300,6 +306,10 @@ def section_settings(name: str, **values):
     section = _section(SECTIONS[name], values, name, problems)
     if problems:
         raise ConfigError(problems)
+    if name == "data":
+        from maye_jax.data.layouts import with_layout_defaults
+
+        section = with_layout_defaults(section)
     return section
 
 
@@ -335,6 +345,10 @@ def load_settings(config, *, kind: str, check_files: bool = True) -> Settings:
         sections[name] = _section(cls, given, name, problems)
     if kind == "experiment" and sections["experiment"] is None:
         problems.append("config.experiment: the experiment needs an `experiment` section")
+    if not problems:  # the data's keys, ground truth and template: the layout's unless set
+        from maye_jax.data.layouts import with_layout_defaults
+
+        sections["data"] = with_layout_defaults(sections["data"])
     settings = Settings(**top, **sections, config=config)
     if not problems:
         problems += cross_field_problems(settings, kind)

@@ -1,20 +1,34 @@
-"""python -m maye_jax.data check FILE.jsonl [FILE.jsonl ...]: validates MAYE jsonl files, printing
-every problem as `file:line: ...`; exit status 1 if any."""
+"""python -m maye_jax.data check PATH [PATH ...] [--layout=... --format=... --question_key=...]:
+validates data files of any format (MAYE jsonl, parquet, a `save_to_disk` folder) under a
+layout, decoding every image; prints every problem as `where: ...` (`file:line`, `file:row N`),
+exit status 1 if any."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from maye_jax.data.records import check_files
+from maye_jax.data.data_flags import data_settings_from_flags, define_data_flags
+
+USAGE = (
+    "usage: python -m maye_jax.data check PATH [PATH ...] [--layout=maye|geo3k_easyr1|geo3k_verl]"
+)
 
 
 def main(argv: Sequence[str]) -> int:
-    if len(argv) < 2 or argv[0] != "check":
-        print("usage: python -m maye_jax.data check FILE.jsonl [FILE.jsonl ...]", file=sys.stderr)
+    from maye_jax.data.layouts import resolve_layout
+    from maye_jax.data.records import check_files
+
+    args = list(argv[1:])
+    if len(args) < 2 or args[0] != "check":
+        print(USAGE, file=sys.stderr)
         return 2
-    return check_files(argv[1:])
+    data = data_settings_from_flags()
+    return check_files(args[1:], resolve_layout(data), fmt=data.format)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from maye_jax.run.cli import run_cli
+
+    define_data_flags()
+    run_cli("data", main)

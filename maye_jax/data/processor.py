@@ -1,4 +1,4 @@
-"""(image, question) -> Qwen-VL model inputs, on the host in NumPy/PIL.
+"""(images, question) -> Qwen-VL model inputs, on the host in NumPy/PIL.
 
 Reproduces what transformers' Qwen2-VL processor gives (tokenizer + `Qwen2VLImageProcessorPil`,
 checked bit for bit in tests) without depending on transformers' image code, so the trainer here and
@@ -22,12 +22,15 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from maye_jax.data.images import to_rgb
+from maye_jax.data.layouts import IMAGE_MARKER
 from maye_jax.data.tokenizer import ENDOFTEXT_ID, IMAGE_PAD_ID, load_tokenizer
 
 # SPEC §1: appended to every question; the literal `<image>` marker stays in the question text.
@@ -78,21 +81,52 @@ def get_prompt_template(name: str) -> str:
 
 
 def build_messages(
-    question: str, has_image: bool, instruction: str = MAYE_INSTRUCTION
+    question: str,
+    num_images: int,
+    instruction: str = MAYE_INSTRUCTION,
+    *,
+    images_first: bool = True,
+    system: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One user turn: the image item first (if any), then the question plus the instruction."""
-    content: list[dict[str, Any]] = [{"type": "image"}] if has_image else []
-    content.append({"type": "text", "text": question + instruction})
-    return [{"role": "user", "content": content}]
+    """One user turn (after `system`'s turn, if given) holding the question plus the instruction
+    and `num_images` image items: before the text (`images_first`: MAYE's single-image layout,
+    the literal `<image>` marker stays in the text), or each at its `<image>` marker of the text,
+    which then leaves the text (EasyR1's and verl's layout; empty text pieces are dropped)."""
+    text = question + instruction
+    if images_first:
+        content: list[dict[str, Any]] = [{"type": "image"}] * num_images
+        content.append({"type": "text", "text": text})
+    else:
+        pieces = text.split(IMAGE_MARKER)
+        if len(pieces) != num_images + 1:
+            raise ValueError(
+                f"the question has {len(pieces) - 1} {IMAGE_MARKER} markers for {num_images} images"
+            )
+        content = []
+        for index, piece in enumerate(pieces):
+            if index:
+                content.append({"type": "image"})
+            if piece:
+                content.append({"type": "text", "text": piece})
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    return messages + [{"role": "user", "content": content}]
 
 
 def render_prompt(
-    tokenizer: Any, question: str, has_image: bool, instruction: str = MAYE_INSTRUCTION
+    tokenizer: Any,
+    question: str,
+    num_images: int,
+    instruction: str = MAYE_INSTRUCTION,
+    *,
+    images_first: bool = True,
+    system: str | None = None,
 ) -> str:
-    """The prompt text: chat template with its default system turn and the generation prompt."""
-    return tokenizer.apply_chat_template(
-        build_messages(question, has_image, instruction), tokenize=False, add_generation_prompt=True
+    """The prompt text: chat template (with its default system turn unless `system` is given)
+    and the generation prompt; each image is `<|vision_start|><|image_pad|><|vision_end|>`."""
+    messages = build_messages(
+        question, num_images, instruction, images_first=images_first, system=system
     )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def smart_resize(
@@ -125,16 +159,6 @@ def smart_resize(
         resized_height = math.ceil(height * beta / factor) * factor
         resized_width = math.ceil(width * beta / factor) * factor
     return resized_height, resized_width
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, compositing any transparency onto white (what transformers and vLLM do)."""
-    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 @dataclasses.dataclass
@@ -187,18 +211,38 @@ class VLProcessor:
         return int(np.prod(grid_thw)) // self.merge_size**2
 
     def encode(
-        self, image: Image.Image | None, question: str, instruction: str = MAYE_INSTRUCTION
+        self,
+        images: Image.Image | Sequence[Image.Image] | None,
+        question: str,
+        instruction: str = MAYE_INSTRUCTION,
+        *,
+        images_first: bool = True,
+        system: str | None = None,
     ) -> dict[str, np.ndarray | None]:
-        """One prompt: input_ids int32 [L], attention_mask int32 [L], pixel_values float32
-        [P, 1176] | None, image_grid_thw int32 [1, 3] | None."""
-        prompt = render_prompt(self.tokenizer, question, image is not None, instruction)
+        """One prompt of `images` (one, a list in prompt order, or None) and `question` (placed
+        as `build_messages` says): input_ids int32 [L], attention_mask int32 [L], pixel_values
+        float32 [P, 1176] (every image's patches, in order) | None, image_grid_thw int32 [N, 3]
+        | None."""
+        if images is None:
+            images = []
+        elif isinstance(images, Image.Image):
+            images = [images]
+        prompt = render_prompt(
+            self.tokenizer,
+            question,
+            len(images),
+            instruction,
+            images_first=images_first,
+            system=system,
+        )
         prompt_ids = np.asarray(
             self.tokenizer(prompt, add_special_tokens=False)["input_ids"], dtype=np.int32
         )
         pixel_values = image_grid_thw = None
-        if image is not None:
-            pixel_values, grid_thw = self.preprocess_image(image)
-            image_grid_thw = grid_thw[None]
+        if images:
+            processed = [self.preprocess_image(image) for image in images]
+            pixel_values = np.concatenate([pixels for pixels, _ in processed])
+            image_grid_thw = np.stack([grid for _, grid in processed])
         input_ids = self._expand_image_pads(prompt_ids, image_grid_thw)
         return {
             "input_ids": input_ids,
@@ -206,6 +250,17 @@ class VLProcessor:
             "pixel_values": pixel_values,
             "image_grid_thw": image_grid_thw,
         }
+
+    def encode_record(self, record, instruction: str = MAYE_INSTRUCTION) -> dict:
+        """`encode` of a record (maye_jax/data/records.py): its images decoded now, placed as
+        the record's layout says, its chat's system turn if it has one."""
+        return self.encode(
+            record.load_images(),
+            record.question,
+            instruction,
+            images_first=record.images_first,
+            system=record.system,
+        )
 
     def _expand_image_pads(self, ids: np.ndarray, grid_thw: np.ndarray | None) -> np.ndarray:
         """Repeat the i-th `<|image_pad|>` once per merged patch of image i (as HF does in text)."""
@@ -223,12 +278,13 @@ class VLProcessor:
 
     def encode_batch(
         self,
-        examples: list[tuple[Image.Image | None, str]],
+        examples: list[tuple[Image.Image | Sequence[Image.Image] | None, str]],
         pad_to_multiple: int | None = None,
     ) -> dict[str, np.ndarray | None]:
-        """Left-padded batch: input_ids / attention_mask int32 [B, L] (pad id <|endoftext|>,
-        mask 0), pixel_values float32 [sum P, 1176] in example order, image_grid_thw int32
-        [num_images, 3]; both None when no example has an image.
+        """Left-padded batch of (images, question) examples (`encode`'s MAYE placement):
+        input_ids / attention_mask int32 [B, L] (pad id <|endoftext|>, mask 0), pixel_values
+        float32 [sum P, 1176] in example order, image_grid_thw int32 [num_images, 3]; both None
+        when no example has an image.
 
         Left padding keeps every prompt's last token in the last column, where generation starts.
         """

@@ -43,7 +43,7 @@ def sampling_for(setting: str, *, max_tokens: int, seed: int, stop_token_ids) ->
 def encode_prompts(
     processor, records: Sequence[Record], instruction: str
 ) -> tuple[list[dict], list[Prompt]]:
-    encoded = [processor.encode(r.load_image(), r.question, instruction) for r in records]
+    encoded = [processor.encode_record(r, instruction) for r in records]
     prompts = [Prompt.of(e) for e in encoded]
     return encoded, prompts
 
@@ -156,7 +156,7 @@ def _generate_and_score(
     _, prompts = encode_prompts(processor, records, instruction)
     completions = engine.generate(prompts, sampling, step=step, first_index=first_index)
     texts = [c.text for samples in completions for c in samples]
-    solutions = [r.solution for r, samples in zip(records, completions) for _ in samples]
+    solutions = [r.reward_solution for r, samples in zip(records, completions) for _ in samples]
     answers = [r.answer for r, samples in zip(records, completions) for _ in samples]
     scores = accuracy_rewards(
         texts, solutions, answers, timeout_s=reward_timeout_s, num_workers=reward_workers

@@ -7,7 +7,8 @@ The epoch order and the place the next step reads from are the data cursor's
 (maye_jax/data/cursor.py, saved in every checkpoint: `state`, `restore`); several processes
 each take their contiguous share of a step's prompts (all samples of a prompt stay on one host,
 so GRPO/RLOO groups stay local). The model inputs are the processor's encoding of the record's
-image and question under the run's instruction. Host-side; imports no JAX.
+images and question under the run's instruction (the pixels decoded here, when a step needs
+them). Host-side; imports no JAX.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class TrainPrompts:
         return self.cursor.epoch
 
     def encode(self, record: Record) -> dict:
-        return self.processor.encode(record.load_image(), record.question, self.instruction)
+        return self.processor.encode_record(record, self.instruction)
 
     def take(self, count: int) -> tuple[list[Record], list[dict]]:
         """The next `count` records of the epoch order (fewer if the epoch has fewer left; this

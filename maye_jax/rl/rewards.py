@@ -187,11 +187,18 @@ RewardFn = Callable[..., list[float]]
 _REWARDS: dict[str, RewardFn] = {}
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Registers ``fn(responses, solutions, *, answers, **options) -> list[float]`` as ``name``."""
+def register_reward(name: str, *, replace: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Registers ``fn(responses, solutions, *, answers, **options) -> list[float]`` as ``name``
+    (a users' function from `rewards.functions` is registered as one: rl/user_rewards.py; it
+    takes the rows' ``records`` too and may return several named components). ``replace``: a
+    users' function of that name registered again (another run in this process named another
+    file)."""
 
     def decorator(fn: RewardFn) -> RewardFn:
-        if name in _REWARDS or name in ("total", "overlong"):  # "overlong": compute_rewards
+        if (name in _REWARDS and not replace) or name in (
+            "total",
+            "overlong",
+        ):  # "overlong": compute_rewards
             raise ValueError(f"rewards.register_reward: name {name!r} is taken")
         _REWARDS[name] = fn
         return fn
@@ -231,8 +238,11 @@ def compute_rewards(
     min_response_length: int = 0,
     reward_penalty: float = -0.1,
     overlong: dict | None = None,
+    records: Sequence[dict] | None = None,
+    weights: dict[str, float] | None = None,
 ) -> dict[str, list[float]]:
-    """Each enabled reward per response, plus ``total`` (their sum).
+    """Each enabled reward per response (a users' function's components under their own names),
+    plus ``total``: their sum, each times its reward's weight (``weights``; 1.0 unless given).
 
     ``options[name]`` holds keyword options of reward ``name`` (e.g. ``{"accuracy":
     {"timeout_s": 5.0}, "language": {"char_class": "cjk"}}``). With ``finished_with_eos`` given,
@@ -240,14 +250,19 @@ def compute_rewards(
     (``{"max_tokens", "buffer_len", "penalty_factor"}`` of ``penalties.overlong_penalty``) adds
     the ``overlong`` component to the total, after the length penalty (maye_jax/rl/penalties.py).
     """
-    options = options or {}
-    rewards = {
-        name: get_reward(name)(responses, solutions, answers=answers, **options.get(name, {}))
-        for name in names
-    }
-    total = [float(sum(values)) for values in zip(*rewards.values(), strict=True)]
-    if not rewards:
-        total = [0.0] * len(responses)
+    options, weights = options or {}, weights or {}
+    rewards: dict[str, list[float]] = {}
+    total = [0.0] * len(responses)
+    for name in names:
+        fn = get_reward(name)
+        kwargs = dict(options.get(name, {}))
+        if getattr(fn, "needs_records", False):  # a users' function (rl/user_rewards.py)
+            kwargs["records"] = records
+        values = fn(responses, solutions, answers=answers, **kwargs)
+        weight = float(weights.get(name, 1.0))
+        for key, component in (values if isinstance(values, dict) else {name: values}).items():
+            rewards[key] = component
+            total = [t + weight * v for t, v in zip(total, component, strict=True)]
     if (finished_with_eos is not None or overlong is not None) and response_lengths is None:
         raise ValueError("rewards.compute_rewards: length penalties need response_lengths")
     if finished_with_eos is not None:

@@ -35,7 +35,8 @@ from maye_jax.rollout.engine import Completion
 class TrajectoryConfig:
     """Options of step 3 (`Settings.trajectory_config()` builds it from the run's config).
 
-    reward_names / reward_options: the enabled rewards and each one's keyword options;
+    reward_names / reward_options / reward_weights: the enabled rewards, each one's keyword
+    options, and the weights of users' functions in the total (the others: 1.0);
     penalty: None (off) or {min_response_length, reward_penalty} of the original's no-EOS /
     too-short penalty; overlong: None (off) or {max_tokens, buffer_len, penalty_factor} of
     DAPO's additive overlong penalty (maye_jax/rl/penalties.py); temperature: of the sampling
@@ -49,6 +50,7 @@ class TrajectoryConfig:
 
     reward_names: tuple[str, ...] = ("accuracy", "language")
     reward_options: Mapping[str, Mapping] = dataclasses.field(default_factory=dict)
+    reward_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
     penalty: Mapping[str, float] | None = None
     overlong: Mapping[str, float] | None = None
     temperature: float = 1.0
@@ -136,7 +138,7 @@ def score_responses(
     return rewards_lib.compute_rewards(
         list(options.reward_names),
         [completion.text for completion in samples],
-        [r.solution for r in row_records],
+        [r.reward_solution for r in row_records],
         answers=[r.answer for r in row_records],
         options={name: dict(values) for name, values in options.reward_options.items()},
         finished_with_eos=(
@@ -145,6 +147,8 @@ def score_responses(
         response_lengths=[len(completion.token_ids) for completion in samples],
         **(options.penalty or {}),
         overlong=None if options.overlong is None else dict(options.overlong),
+        records=[r.reward_fields() for r in row_records],
+        weights=dict(options.reward_weights),
     )
 
 

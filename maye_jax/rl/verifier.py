@@ -1,4 +1,5 @@
-"""Killable math-verify workers: the answer checks behind the accuracy reward (rl/rewards.py).
+"""Killable workers: the answer checks behind the accuracy reward (rl/rewards.py) and the users'
+reward functions (rl/user_rewards.py).
 
 Every comparison runs in a worker subprocess; a comparison that exceeds its time limit gets its
 worker killed (SIGKILL, so C-level sympy work stops too), the worker is replaced, and the
@@ -6,7 +7,8 @@ response scores 0. math-verify's own ``signal.alarm`` timeouts are disabled.
 
 The workers are plain ``python -c`` subprocesses speaking JSON lines over pipes rather than
 multiprocessing children, so they never re-import the trainer's ``__main__`` module (and JAX).
-This module imports no JAX.
+They get the trainer's ``sys.path``, so a reward function named ``module:function`` imports
+there as it does in the trainer. This module imports no JAX.
 """
 
 from __future__ import annotations
@@ -65,9 +67,31 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def _run_task(task: dict, functions: dict) -> dict:
+    """One task's result: `{"score"}` of a math-verify comparison (a parse or compare failure
+    is a wrong answer), or `{"value"}` of a user's reward function on one response (the
+    function's result for it, checked by the parent), `{"error"}` when the function raised."""
+    if "function" not in task:
+        try:
+            return {"score": _compare_answers(task["predicted"], task["gold"])}
+        except Exception:
+            return {"score": 0.0}
+    from maye_jax.rl.user_rewards import import_function
+
+    try:
+        spec = task["function"]
+        if spec not in functions:
+            functions[spec] = import_function(spec)
+        return {"value": functions[spec]([task["response"]], [task["record"]])[0]}
+    except Exception as error:  # scored 0 by the parent, with a warning naming it
+        return {"error": f"{type(error).__name__}: {error}"[:300]}
+
+
 def _serve_verifier(parent_pid: int) -> None:
-    """Worker main loop: one JSON task per stdin line, one JSON score per stdout line."""
+    """Worker main loop: one JSON task per stdin line, one JSON result per stdout line."""
     _die_with_parent(parent_pid)
+    paths = json.loads(os.environ.get("MAYE_TRAINER_SYS_PATH", "[]"))
+    sys.path[:0] = [path for path in paths if path not in sys.path]  # the trainer's first
     output = os.fdopen(os.dup(1), "w")  # the protocol channel; stray prints go to stderr
     os.dup2(2, 1)
     sys.stdout = sys.stderr
@@ -75,13 +99,9 @@ def _serve_verifier(parent_pid: int) -> None:
     _compare_answers("1", "1")  # import and warm up before announcing readiness
     output.write('{"ready": true}\n')
     output.flush()
+    functions: dict = {}  # a user's reward functions, imported once per worker
     for line in sys.stdin.buffer:
-        task = json.loads(line)
-        try:
-            score = _compare_answers(task["predicted"], task["gold"])
-        except Exception:  # a parse/compare failure is a wrong answer, not a crash
-            score = 0.0
-        output.write(json.dumps({"score": score}) + "\n")
+        output.write(json.dumps(_run_task(json.loads(line), functions), default=repr) + "\n")
         output.flush()
 
 
@@ -125,6 +145,7 @@ _spawner_lock = threading.Lock()
 def _start_worker_process() -> subprocess.Popen:
     global _spawner
     env = env_with_checkout(os.environ)  # a worker imports this checkout even uninstalled
+    env["MAYE_TRAINER_SYS_PATH"] = json.dumps([os.path.abspath(p or ".") for p in sys.path])
     code = f"from maye_jax.rl.verifier import _serve_verifier as serve; serve({os.getpid()})"
     with _spawner_lock:
         if _spawner is None or _spawner.owner_pid != os.getpid():
@@ -147,8 +168,8 @@ class _Worker:
     def fileno(self) -> int:
         return self.process.stdout.fileno()
 
-    def send(self, task_index: int, predicted: str, gold: str, timeout_s: float) -> None:
-        message = json.dumps({"predicted": predicted, "gold": gold}) + "\n"  # ASCII-escaped
+    def send(self, task_index: int, task: dict, timeout_s: float) -> None:
+        message = json.dumps(task, default=str) + "\n"  # ASCII-escaped
         self.process.stdin.write(message.encode("ascii"))
         self.process.stdin.flush()
         self.task_index = task_index
@@ -191,24 +212,36 @@ class VerifierPool:
 
     def verify(self, pairs: Sequence[tuple[str, str]], timeout_s: float = 5.0) -> list[float]:
         """Scores ``(predicted, gold)`` answer pairs; a pair over ``timeout_s`` seconds scores 0."""
+        results = self.run(
+            [{"predicted": predicted, "gold": gold} for predicted, gold in pairs],
+            timeout_s,
+            lambda index: f"response {index} (answer {pairs[index][0][:80]!r})",
+        )
+        return [0.0 if result is None else float(result["score"]) for result in results]
+
+    def run(
+        self, tasks: Sequence[dict], timeout_s: float, describe=lambda index: f"task {index}"
+    ) -> list[dict | None]:
+        """Each task's result message (`_run_task`), or None where its worker ran past
+        ``timeout_s`` seconds or died on it (warned, naming ``describe(index)``)."""
         with self._lock:
             while len(self._workers) < self.num_workers:
                 self._workers.append(_Worker())
-            scores = [0.0] * len(pairs)
-            pending = deque(range(len(pairs)))
+            results: list[dict | None] = [None] * len(tasks)
+            pending = deque(range(len(tasks)))
             while pending or any(worker.task_index is not None for worker in self._workers):
                 for worker in self._workers:
                     if pending and worker.ready and worker.task_index is None:
                         index = pending.popleft()
                         try:
-                            worker.send(index, *pairs[index], timeout_s)
+                            worker.send(index, tasks[index], timeout_s)
                         except (BrokenPipeError, OSError):
                             pending.appendleft(index)  # the worker died while idle; retry elsewhere
                             self._replace(worker)
-                self._wait_and_collect(pairs, scores)
-            return scores
+                self._wait_and_collect(describe, results)
+            return results
 
-    def _wait_and_collect(self, pairs: Sequence[tuple[str, str]], scores: list[float]) -> None:
+    def _wait_and_collect(self, describe, results: list[dict | None]) -> None:
         """Waits for results until the nearest deadline; kills and replaces workers past it."""
         now = time.monotonic()
         deadlines = [w.deadline for w in self._workers if w.task_index is not None]
@@ -224,9 +257,9 @@ class VerifierPool:
                     )
                 if worker.task_index is not None:
                     logger.warning(
-                        "Verifier worker %d died on response %d; scoring it 0 and replacing it",
+                        "Verifier worker %d died on %s; scoring it 0 and replacing it",
                         worker.process.pid,
-                        worker.task_index,
+                        describe(worker.task_index),
                     )
                 self._replace(worker)
                 continue
@@ -234,16 +267,14 @@ class VerifierPool:
                 if message.get("ready"):
                     worker.ready = True
                 elif worker.task_index is not None:
-                    scores[worker.task_index] = float(message["score"])
+                    results[worker.task_index] = message
                     worker.task_index = None
         now = time.monotonic()
         for worker in list(self._workers):
             if worker.task_index is not None and now >= worker.deadline:
-                predicted = pairs[worker.task_index][0]
                 logger.warning(
-                    "Verifier timed out on response %d (answer %.80r); scoring it 0, restarting worker",
-                    worker.task_index,
-                    predicted,
+                    "Verifier timed out on %s; scoring it 0, restarting worker",
+                    describe(worker.task_index),
                 )
                 self._replace(worker)
             elif not worker.ready and now - worker.started_at > self.startup_timeout_s:

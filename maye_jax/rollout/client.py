@@ -131,6 +131,7 @@ class WorkerEngine:
         frozen_params: Iterable[str] = (),
         max_batch_rows: int = 64,
         max_num_batched_tokens: int | None = None,
+        images_per_prompt: int = 1,
         cpus: str | None = None,
         log_lines: int = 40,
     ):
@@ -172,6 +173,11 @@ class WorkerEngine:
             ):
                 if value is not None:
                     engine_args.setdefault(name, value)
+            # vLLM refuses a prompt with more images than this limit (and sizes its profiling
+            # run by it): the most images one record of the run's data holds
+            engine_args.setdefault(
+                "limit_mm_per_prompt", {"image": max(1, images_per_prompt), "video": 0}
+            )
             child_env = vllm_worker_env(child_env, python or sys.executable, cpus)
         self._sock, child_sock = socket.socketpair()
         command = [

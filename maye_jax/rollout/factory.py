@@ -32,11 +32,13 @@ def make_engine(
     model_dir: str | None = None,
     dtype: str = "float32",
     frozen_params=None,
+    images_per_prompt: int = 1,
 ):
     """kind: "jax" (default, in-process) | "hf" | "vllm" (a worker process owning the engine,
     fed weights through shared memory; it loads `model_dir` first). `rollout`: the run's checked
     `RolloutSettings`; `frozen_params`: the Flax names of the tensors that never change, sent to
-    a worker with the first sync only (None: the vision tower)."""
+    a worker with the first sync only (None: the vision tower); `images_per_prompt`: the most
+    images one prompt of the data holds (vLLM's per-prompt limit)."""
     if kind == "jax":
         from maye_jax.rollout.jax_sampler import JaxSampler
 
@@ -89,16 +91,26 @@ def make_engine(
             frozen_params=frozen_params or (),
             max_batch_rows=rollout.worker_batch_rows,
             max_num_batched_tokens=rollout.max_num_batched_tokens,
+            images_per_prompt=images_per_prompt,
             cpus=rollout.worker_cpus,
         )
     raise ValueError(f"unknown rollout engine {kind!r}; known: jax, hf, vllm")
 
 
-def make_rollouts(settings, policy, tokenizer, *, engine: str | None = None, model_dir=None):
+def make_rollouts(
+    settings,
+    policy,
+    tokenizer,
+    *,
+    engine: str | None = None,
+    model_dir=None,
+    images_per_prompt: int = 1,
+):
     """A run's rollouts of `policy` (training.policy.Policy; the current weights of every
     process's own copy, `Policy.local_model`): on the configured engine, or `engine` (e.g. SFT
     evaluates with the in-process sampler); overlapped with the update when
-    `rl.async_rollouts` is on. `model_dir`: the HF folder a worker engine starts from."""
+    `rl.async_rollouts` is on. `model_dir`: the HF folder a worker engine starts from;
+    `images_per_prompt`: the most images one record of the run's data holds."""
     from maye_jax.rollout.overlap import OverlappedRollouts
     from maye_jax.rollout.rollouts import Rollouts
 
@@ -112,6 +124,7 @@ def make_rollouts(settings, policy, tokenizer, *, engine: str | None = None, mod
         model_dir=None if model_dir is None else str(model_dir),
         dtype=settings.model.dtype,
         frozen_params=set(policy.frozen),
+        images_per_prompt=images_per_prompt,
     )
     overlapped = settings.rl.async_rollouts and engine is None
     return (OverlappedRollouts if overlapped else Rollouts)(built, weights=policy.local_model)

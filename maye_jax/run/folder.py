@@ -202,32 +202,53 @@ def model_fingerprint(settings) -> dict:
     return {"config": _file_digest(config) if config.is_file() else None, "files": files}
 
 
+def _data_digest(path: Path) -> str:
+    """A data file's digest (jsonl: its images are named in it; parquet: embedded), or a
+    `save_to_disk` folder's: every file's name and content."""
+    if not path.is_dir():
+        return _file_digest(path)
+    digest = hashlib.sha256()
+    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{child.relative_to(path)}\0{_file_digest(child)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
 def data_fingerprint(data_files: Mapping[str, str]) -> dict:
-    """A digest of each split's jsonl file (images are named in it)."""
-    return {split: _file_digest(Path(path)) for split, path in sorted(data_files.items())}
+    """A digest of each split's data (a jsonl or parquet file, or a `save_to_disk` folder)."""
+    return {split: _data_digest(Path(path)) for split, path in sorted(data_files.items())}
 
 
 def fingerprint(settings, data_files: Mapping[str, str]) -> dict:
-    return {"start_model": model_fingerprint(settings), "data": data_fingerprint(data_files)}
+    """The start model, the data and (when the run has any) the users' reward functions'
+    sources."""
+    found = {"start_model": model_fingerprint(settings), "data": data_fingerprint(data_files)}
+    functions = getattr(getattr(settings, "rewards", None), "functions", ())
+    if functions:
+        from maye_jax.rl.user_rewards import source_digests
+
+        found["reward_functions"] = source_digests(functions)
+    return found
 
 
 def check_fingerprint(settings, data_files: Mapping[str, str]) -> dict:
-    """The run's fingerprint; on resume, refuses a start model or data that changed since the
-    run began (compared with its run.json)."""
+    """The run's fingerprint; on resume, refuses a start model, data or reward function that
+    changed since the run began (compared with its run.json)."""
     current = fingerprint(settings, data_files)
     run_json = Path(settings.output_dir).absolute() / "run.json"
     if settings.resume and run_json.is_file():
         recorded = json.loads(run_json.read_text()).get("fingerprint")
         if recorded is not None:
             changed = [
-                part for part in ("start_model", "data") if recorded.get(part) != current[part]
+                part
+                for part in ("start_model", "data", "reward_functions")
+                if recorded.get(part) != current.get(part)
             ]
             if changed:
                 raise RunFolderError(
                     f"config.resume: the {' and the '.join(changed)} of the run in "
                     f"{run_json.parent} changed since it started "
                     f"(was {', '.join(str(recorded.get(p)) for p in changed)}; now "
-                    f"{', '.join(str(current[p]) for p in changed)}); restore them, or start a "
+                    f"{', '.join(str(current.get(p)) for p in changed)}); restore them, or start a "
                     "new run"
                 )
     return current

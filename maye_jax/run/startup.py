@@ -20,6 +20,7 @@ from pathlib import Path
 import jax
 
 from maye_jax.config.settings import Settings
+from maye_jax.data.layouts import resolve_layout
 from maye_jax.data.records import Record, read_records
 from maye_jax.errors import UserError
 from maye_jax.run import lock, multihost
@@ -90,7 +91,7 @@ def load_run_data(settings: Settings) -> tuple[dict[str, list[Record]], dict]:
 
 
 def data_files(settings: Settings) -> dict[str, str]:
-    """The jsonl file of every configured split, writing the synthetic dataset first when
+    """The data file of every configured split, writing the synthetic dataset first when
     asked (deterministic: the same files every time)."""
     from maye_jax.config.cross_checks import data_file
 
@@ -124,8 +125,10 @@ def prepare_data(
     files = data_files(settings) if files is None else files
     if "train" not in files:
         raise ValueError("config.data.train_file (or config.data.synth_dir) is required")
+    layout = resolve_layout(settings.data)
     return {
-        split: read_records(path, on_error=settings.data.on_error) for split, path in files.items()
+        split: read_records(path, layout, fmt=settings.data.format, on_error=settings.data.on_error)
+        for split, path in files.items()
     }
 
 

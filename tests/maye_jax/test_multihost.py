@@ -297,7 +297,7 @@ def mixed_data(folder: Path) -> dict:
     paths = generate(
         folder, "text_dominant", num_train=8, num_validation=4, num_test=2, text_only_fraction=0.5
     )
-    images = [r.image_path is not None for r in read_records(paths["train"])]
+    images = [bool(r.images) for r in read_records(paths["train"])]
     assert 0 < sum(images) < len(images)
     return {
         "data.train_file": str(paths["train"]),

@@ -115,3 +115,98 @@ def test_score_logprobs_equal_transformers(scored):
         # 1e-4: torch's and XLA's fp32 kernels sum in different orders through the layers and
         # the 152k-entry log_softmax; a wrong position or token moves a logprob by far more.
         np.testing.assert_allclose(line["response_logprobs"], reference, atol=1e-4, rtol=0)
+
+
+def _transformers_inputs(model_dir, tokenizer, question: str, images: list, instruction: str):
+    """transformers' inputs of one prompt: its chat template over the text pieces and an image
+    item at each `<image>` marker, its PIL image processor on the images as the data set gives
+    them (its settings read from the model folder: the family's patch size and normalisation),
+    each image's pad repeated once per merged patch."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    pieces = (question + instruction).split("<image>")
+    content = [{"type": "text", "text": pieces[0]}]
+    for piece in pieces[1:]:
+        content += [{"type": "image"}, {"type": "text", "text": piece}]
+    content = [item for item in content if item.get("text", "image")]
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    processed = Qwen2VLImageProcessorPil.from_pretrained(str(model_dir))(images=images)
+    for count in np.prod(processed["image_grid_thw"], axis=1) // 4:
+        text = text.replace("<|image_pad|>", "\0" * int(count), 1)
+    ids = tokenizer(text.replace("\0", "<|image_pad|>"), add_special_tokens=False)["input_ids"]
+    return ids, processed["pixel_values"], processed["image_grid_thw"]
+
+
+def test_two_image_parquet_logprobs_equal_transformers_end_to_end(scored):
+    """A geo3k_easyr1 parquet (embedded PNG, RGBA PNG and CMYK JPEG bytes; two images at two
+    markers) through the score CLI equals transformers' processor and model on the same rows."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from maye_jax.data.processor import MAYE_INSTRUCTION
+    from tests.byod_data import image_bytes
+
+    hf, model_dir, root, _, _ = scored
+    rows = [
+        (
+            "Compare <image> with <image>. Which is larger?",
+            [(2, (56, 84), "PNG", "RGB"), (3, (60, 40), "PNG", "RGBA")],
+        ),
+        ("<image>What is the area?", [(1, (84, 56), "JPEG", "CMYK")]),
+    ]
+    blobs = [[image_bytes(*spec) for spec in specs] for _, specs in rows]
+    data = root / "two_images.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "problem": [question for question, _ in rows],
+                "answer": ["2", "12"],
+                "images": [[{"bytes": b, "path": None} for b in row] for row in blobs],
+                "response": [RESPONSES[0], "So the area is $84$, \\boxed{84}."],
+            }
+        ),
+        data,
+    )
+    out = root / "two_images_out.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "maye_jax.score", f"--model={model_dir}", f"--data={data}"]
+        + [f"--output={out}", "--layout=geo3k_easyr1", "--noprogress"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    tokenizer = load_processor(str(model_dir)).tokenizer
+    for (question, _), images, line in zip(rows, blobs, lines):
+        assert "images" not in line and line["problem"] == question
+        pil = [Image.open(io.BytesIO(b)) for b in images]
+        prompt, pixels, grid = _transformers_inputs(
+            model_dir, tokenizer, question, pil, MAYE_INSTRUCTION
+        )
+        response = tokenizer(line["response"], add_special_tokens=False)["input_ids"]
+        assert line["response_token_ids"] == response
+        ids = torch.tensor([prompt + response])
+        with torch.no_grad():
+            logits = (
+                hf(
+                    input_ids=ids,
+                    pixel_values=torch.tensor(pixels),
+                    image_grid_thw=torch.tensor(grid),
+                    mm_token_type_ids=(ids == 151655).long()
+                    * (torch.arange(ids.shape[1]) < len(prompt)),
+                )
+                .logits[0]
+                .double()
+            )
+        logp = torch.log_softmax(logits, -1)[len(prompt) - 1 : -1]
+        reference = logp.gather(-1, ids[0, len(prompt) :, None])[:, 0].numpy()
+        assert len(grid) == len(images) and np.abs(reference).max() > 0.1
+        np.testing.assert_allclose(line["response_logprobs"], reference, atol=1e-4, rtol=0)

@@ -45,7 +45,7 @@ def test_first_step_loss_is_the_response_nll(setup):
     runner = SFTRunner(settings, fresh_policy(), processor, data, num_epochs=1)
     records = data["train"][:4]
     minibatch = runner.minibatch(records, 1)
-    encoded = [processor.encode(r.load_image(), r.question) for r in records]
+    encoded = [processor.encode_record(r) for r in records]
     targets = sft_targets(processor.tokenizer, records)
     assert all(t[-1] == 151645 for t in targets)  # the solution, then <|im_end|>
     batch = make_sequence_batch(

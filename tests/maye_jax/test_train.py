@@ -218,7 +218,7 @@ def _first_prompt_batch(trainer):
     from maye_jax.data.sequences import make_sequence_batch
 
     record = trainer.data["train"][0]
-    encoded = trainer.processor.encode(record.load_image(), record.question)
+    encoded = trainer.processor.encode_record(record)
     tokenizer = trainer.processor.tokenizer
     response = tokenizer("The answer is \\boxed{12}.", add_special_tokens=False)["input_ids"]
     return make_sequence_batch([encoded], [response], trainer.policy.model_config)
@@ -236,15 +236,26 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
     """The same loop on a tiny Qwen3-VL (`model.tiny_family="qwen3_vl"`) with the torch-side
     worker: the trainer's logprobs of the worker's samples agree with the worker's own, at
     step 2 too, after an update synced to it through shared memory (a worker that kept the
-    old weights would be off by the update's change, checked to be far larger)."""
+    old weights would be off by the update's change, checked to be far larger). The data: a
+    geo3k_easyr1 parquet file (tests/byod_data.py) whose records hold one image, two images
+    (vLLM's per-prompt limit follows) or none, with a reward function from a file."""
+    from tests.byod_data import write_sets
+
     if engine == "vllm":
         require_vllm_python()
+    reward_file = tmp_path / "my_rewards.py"
+    reward_file.write_text(
+        "def short(responses, records):\n    return [-len(r) / 100 for r in responses]\n"
+    )
     config = tiny_config(tmp_path)
     config.model.tiny_family = "qwen3_vl"
+    config.data.synth_dir = None
+    config.data.train_file = str(write_sets(tmp_path / "byod")["easyr1_parquet"])
+    config.data.layout = "geo3k_easyr1"
+    config.rewards.functions = (f"{reward_file}:short",)
     config.rollout.engine = engine
     config.rl.num_epochs = 1
-    config.rl.batch_size = 8  # 4 prompts x 2 samples per step; 8 records: 2 steps
-    config.data.synth_num_train = 8
+    config.rl.batch_size = config.rl.ppo_batch_size = 4  # 2 prompts x 2 samples; 4 records: 2 steps
     config.eval.enabled = False
     trainer = Trainer(rl_settings(config))
     before = trainer.policy.model()
@@ -255,7 +266,7 @@ def test_two_generation_steps_with_a_worker_engine(engine, tmp_path):
     lines = read_metrics(tmp_path / "run")
     assert [m["generation_step"] for m in lines] == [1, 2]
     for line in lines:
-        assert not [k for k in REQUIRED_KEYS if k not in line]
+        assert not [k for k in (*REQUIRED_KEYS, "train/reward/short") if k not in line]
         assert line["mismatch/logprob_abs_max"] < MISMATCH_BOUND, line["mismatch/logprob_abs_max"]
     assert np.abs(new_logprobs - old_logprobs).max() > 1e-2  # what a stale worker would miss
 

@@ -46,7 +46,7 @@ def hf_reference(processor, image, question):
     """What the HF processor gives: the PIL image processor with the same bounds (and patch size
     and normalisation), then the tokenizer on the prompt whose `<|image_pad|>` was repeated
     once per merged patch."""
-    prompt = render_prompt(processor.tokenizer, question, has_image=image is not None)
+    prompt = render_prompt(processor.tokenizer, question, int(image is not None))
     if image is None:
         return {"input_ids": processor.tokenizer(prompt)["input_ids"]}
     image_processor = Qwen2VLImageProcessorPil(
@@ -69,7 +69,7 @@ def hf_reference(processor, image, question):
 def test_instruction_and_messages():
     assert MAYE_INSTRUCTION.startswith("\nSolve the above mathematics problem, write out")
     assert MAYE_INSTRUCTION.endswith("Please display the final answer in the format \\boxed{}.")
-    assert build_messages("Q <image>", has_image=True) == [
+    assert build_messages("Q <image>", 1) == [
         {
             "role": "user",
             "content": [
@@ -78,7 +78,7 @@ def test_instruction_and_messages():
             ],
         }
     ]
-    assert build_messages("Q", has_image=False)[0]["content"] == [
+    assert build_messages("Q", 0)[0]["content"] == [
         {"type": "text", "text": "Q" + MAYE_INSTRUCTION}
     ]
 
@@ -89,13 +89,13 @@ def test_render_prompt_golden(processor):
         "question, and use the same LaTeX format as the question in the solution process. Please "
         "display the final answer in the format \\boxed{}."
     )
-    assert render_prompt(processor.tokenizer, QUESTION, has_image=True) == (
+    assert render_prompt(processor.tokenizer, QUESTION, 1) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_start|><|image_pad|><|vision_end|><image>In the figure, find $x$."
         + instruction
         + "<|im_end|>\n<|im_start|>assistant\n"
     )
-    assert render_prompt(processor.tokenizer, "What is 2+2?", has_image=False) == (
+    assert render_prompt(processor.tokenizer, "What is 2+2?", 0) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "What is 2+2?" + instruction + "<|im_end|>\n<|im_start|>assistant\n"
     )

@@ -1,4 +1,5 @@
-"""MAYE jsonl validation: every problem reported as file:line, skip mode keeps the rest."""
+"""MAYE jsonl validation: every problem reported as file:line, skip mode keeps the rest; images
+are read by their headers only until a batch decodes them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 import pytest
 from PIL import Image
 
+from maye_jax.data import images
 from maye_jax.data.records import DataError, epoch_order, read_records
 
 
@@ -38,10 +40,14 @@ def test_fail_mode_names_file_and_line(dataset):
 
 
 def test_skip_mode_keeps_valid_records(dataset, caplog):
+    decoded = images.decode_count()
     records = read_records(dataset, on_error="skip")
     assert [r.id for r in records] == ["1", "7"]
-    assert records[0].load_image().size == (30, 20)
-    assert records[1].image_path is None and records[1].load_image() is None
+    assert records[0].image_sizes() == [(30, 20)] and records[0].images[0].format == "PNG"
+    assert images.decode_count() == decoded  # preparing read headers only
+    assert [image.size for image in records[0].load_images()] == [(30, 20)]
+    assert images.decode_count() == decoded + 1
+    assert records[1].images == () and records[1].load_images() == []
     assert "skipped 5 invalid record(s), kept 2" in caplog.text
 
 
@@ -55,8 +61,11 @@ def test_check_cli_prints_every_problem(dataset):
     assert result.returncode == 1
     out = result.stdout
     assert f"{dataset}:2: invalid JSON" in out
-    assert f"{dataset}:3: image 'missing.png' not found" in out
-    assert f"{dataset}:4: image 'broken.png' does not decode" in out
+    assert (
+        f"{dataset}:3: image 'missing.png': image file {dataset.parent}/missing.png not found"
+        in out
+    )
+    assert f"{dataset}:4: image 'broken.png': not an image (cannot identify image file" in out
     assert f"{dataset}:5: missing required field 'answer'" in out
     assert f"{dataset}:8: expected a JSON object" in out
     assert len(out.strip().splitlines()) == 5

@@ -22,7 +22,7 @@ from tests.fake_engines import fake_draw
 
 
 class FakeProcessor:
-    def encode(self, image, question, instruction):
+    def encode_record(self, record, instruction):
         return {"input_ids": [1, 2, 3], "pixel_values": None, "image_grid_thw": None}
 
 
@@ -70,7 +70,6 @@ def _records(n):
             question="q",
             answer=str(i),
             solution=f"\\boxed{{{i}}}",
-            image_path=None,
             source=f"f:{i}",
             fields={},
         )

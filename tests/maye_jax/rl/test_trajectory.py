@@ -21,7 +21,6 @@ def record(index: int, answer: str) -> Record:
         question="q <image>",
         answer=answer,
         solution=f"so \\boxed{{{answer}}}",
-        image_path=None,
         source=f"test:{index}",
         fields={},
     )

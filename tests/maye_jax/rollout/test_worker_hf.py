@@ -77,14 +77,20 @@ def make_model_dir(root, family: str = "qwen2_vl", seed: int = 3):
 
 
 def make_prompts(model_dir, family: str = "qwen2_vl") -> tuple[list[dict], list[Prompt]]:
-    """Two image prompts (56x84 and 84x56) and one text-only prompt."""
+    """A one-image prompt (56x84), a two-image prompt (84x56 and 56x56, each at its `<image>`
+    marker: M-RoPE positions over two images) and a text-only prompt."""
     processor = load_processor(model_dir, family=family)
     rng = np.random.default_rng(0)
-    encoded = []
-    for height, width in ((56, 84), (84, 56)):
-        image = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
-        encoded.append(processor.encode(image, "<image>What is the area of the rectangle?"))
-    encoded.append(processor.encode(None, "What is 3 + 4?"))
+    images = [
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+        for height, width in ((56, 84), (84, 56), (56, 56))
+    ]
+    encoded = [
+        processor.encode(images[0], "<image>What is the area of the rectangle?"),
+        processor.encode(images[1:], "Is <image> larger than <image>?", images_first=False),
+        processor.encode(None, "What is 3 + 4?"),
+    ]
+    assert len(encoded[1]["image_grid_thw"]) == 2
     prompts = [Prompt(e["input_ids"], e["pixel_values"], e["image_grid_thw"]) for e in encoded]
     return encoded, prompts
 

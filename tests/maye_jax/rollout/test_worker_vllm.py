@@ -55,6 +55,7 @@ def setup(module_scratch):
         python=VLLM_PYTHON,
         env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"},
         engine_args=ENGINE_ARGS,
+        images_per_prompt=2,  # make_prompts' second prompt holds two images
         timeout_s=300,
     )
     try:

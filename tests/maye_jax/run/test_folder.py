@@ -98,6 +98,33 @@ def test_resume_refuses_changed_data(tmp_path):
         check_fingerprint(settings_of(config), files)
 
 
+def test_resume_refuses_a_changed_parquet_file_or_save_to_disk_folder(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    config = tiny_config(tmp_path)
+    parquet, folder = tmp_path / "train.parquet", tmp_path / "train_arrow"
+    folder.mkdir()
+    pq.write_table(pa.table({"problem": ["q"], "answer": ["1"]}), parquet)
+    (folder / "state.json").write_text("{}")
+    (folder / "data-00000-of-00001.arrow").write_bytes(b"rows")
+    for path, change in (
+        (parquet, lambda: pq.write_table(pa.table({"problem": ["q2"], "answer": ["1"]}), parquet)),
+        (folder, lambda: (folder / "data-00000-of-00001.arrow").write_bytes(b"rows2")),
+    ):
+        files = {"train": str(path)}
+        config.resume = False
+        fingerprint = check_fingerprint(settings_of(config), files)
+        (tmp_path / "run").mkdir(exist_ok=True)
+        record = {"config": config.to_dict(), "fingerprint": fingerprint}
+        (tmp_path / "run" / "run.json").write_text(json.dumps(record, default=str))
+        config.resume = True
+        assert check_fingerprint(settings_of(config), files) == fingerprint
+        change()
+        with pytest.raises(RunFolderError, match="the data of the run .* changed"):
+            check_fingerprint(settings_of(config), files)
+
+
 def test_a_bad_config_is_refused_before_any_work(tmp_path, monkeypatch):
     """The model loader, the mesh and the data generator raise if reached: the config error
     comes first, and the output folder is not even created."""
