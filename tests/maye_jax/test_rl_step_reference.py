@@ -4,8 +4,10 @@ Reinforce++ advantages (KL reward, discounted returns, whitening), torch autogra
 PPO-clip + k3 KL loss, NumPy for global-norm clipping and AdamW.
 
 The trainer runs its own step 1 (sampling with the JAX sampler, rewards, trajectory, one update
-of the whole batch in 2 micro-batches) from a policy perturbed away from its reference, so the
-KL terms are not zero. The gradient compared is the one the step applied, read back from
+of the whole batch in 4 micro-batches of one row) from a policy perturbed away from its
+reference, so the KL terms are not zero. The vision tower and merger train, and one of the
+step's two prompts has no image: its micro-batches run the tower on padding only, and the
+gradient summed over the step (tower included) must still be transformers'. The gradient compared is the one the step applied, read back from
 AdamW's first moment. `optim.eps` is 1e-3: Adam's first step is about lr x sign(g), and a
 larger eps keeps the parameters sensitive to the gradient's size too.
 """
@@ -36,11 +38,25 @@ WHITEN_EPS = 1e-8
 
 
 def step_config(tmp_path):
+    from maye_jax.data.synth import generate
+
     c = tiny_config(tmp_path)
+    # half of the problems without an image; the seed below makes step 1 draw one of each kind
+    paths = generate(
+        tmp_path / "mixed",
+        "text_dominant",
+        num_train=8,
+        num_validation=2,
+        num_test=2,
+        text_only_fraction=0.5,
+    )
+    c.data.synth_dir = None
+    c.data.train_file, c.data.validation_file = str(paths["train"]), str(paths["validation"])
+    c.model.train_vit = c.model.train_connector = True
     c.rollout.temperature = TEMPERATURE
     c.rl.num_epochs = 1
     c.rl.batch_size = c.rl.ppo_batch_size = c.rl.forward_batch_size = 4  # one update per step
-    c.rl.micro_batch_size = 2  # accumulated over 2 micro-batches
+    c.rl.micro_batch_size = 1  # accumulated over 4 micro-batches, 2 of them text-only
     c.rl.advantage_estimator = "reinforce_pp"
     c.rl.gamma = GAMMA
     c.rl.kl_reward_coeff, c.rl.kl_estimator = KL_REWARD_COEFF, "k1"
@@ -77,6 +93,8 @@ def trainer_step(module_scratch):
 
     trainer.run_harness = types.SimpleNamespace(section=lambda name: contextlib.nullcontext())
     groups = trainer.sample_groups(trainer.prompts_per_step, step=1)
+    with_image = [prompt["pixel_values"] is not None for prompt in groups.encoded]
+    assert sorted(with_image) == [False, True], with_image  # a text-only prompt and an image
     trajectory = trainer.make_trajectory(groups)
     seen = {}
     step_fn = trainer.step_fn
@@ -193,7 +211,7 @@ def reference_step(trainer_step):
     loss.backward()
     gradient = {normalize_hf_name(n): p.grad.numpy() for n, p in policy.named_parameters()}
 
-    # The trainable tensors (the tower is frozen): clip by global norm, then AdamW's first step
+    # The trainable tensors (the tower and merger train here): clip by global norm, then AdamW's first step
     # from zero moments (bias-corrected), decoupled weight decay.
     names = [hf_name_for(n) for n in trainer_step["params_before"]]
     norm = np.sqrt(sum(np.sum(gradient[n] ** 2) for n in names))
@@ -264,6 +282,8 @@ def test_the_update_loss_and_gradient_equal_the_reference(trainer_step, referenc
     ours = {hf_name_for(n): to_hf_layout(n, g) for n, g in trainer_step["gradient"].items()}
     theirs = reference_step["clipped_gradient"]
     assert ours.keys() == theirs.keys()
+    tower = [n for n in theirs if "visual." in n]
+    assert tower and all(np.abs(theirs[n]).max() > 0 for n in tower)
     largest = max(np.abs(g).max() for g in theirs.values())
     worst = {n: float(np.abs(ours[n] - theirs[n]).max()) for n in theirs}
     name = max(worst, key=worst.get)
