@@ -102,6 +102,11 @@ class DataSettings:
     validation_file: str | None = opt(None, "the validation split (MAYE jsonl)")
     test_file: str | None = opt(None, "the test split (MAYE jsonl)")
     on_error: str = opt("fail", one_of("fail", "skip"), "a bad record stops the run, or is skipped")
+    max_prompt_tokens: int | None = opt(
+        None,
+        positive,
+        "the longest prompt in tokens, images counted; None: the context minus rollout.max_tokens",
+    )
     prompt_template: str = opt(
         "maye", registry(known_prompt_templates, "prompt template"), "the instruction template"
     )

@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
+from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS, SETTING_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,6 @@ CORRECT_COLOR = "tab:green"
 WRONG_COLOR = "tab:red"
 
 Series = Mapping[int, float]  # {epoch or generation step: value}
-
-SETTING_LABELS = {
-    "pass@8_t1.0": "pass@8 T=1.0",
-    "pass@1_t0.6": "pass@1 T=0.6",
-    "pass@1_t0.01": "pass@1 T=0.01",
-}
 
 Curve = tuple[str, str, str]  # (metrics key, legend label, color)
 Panel = tuple[str, str, tuple[Curve, ...]]  # (title, y label, curves)
