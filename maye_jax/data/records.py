@@ -148,6 +148,9 @@ def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def check_files(paths: Sequence[str], required: Sequence[str] = RL_FIELDS) -> int:
+    """Prints every problem of every file as `file:line: ...` (stdout) and each file's count of
+    valid records (stderr); returns the number of problems. A file without a valid record (an
+    empty one too) is a problem: a run refuses it."""
     problems = 0
     for path in paths:
         count = 0
@@ -157,5 +160,8 @@ def check_files(paths: Sequence[str], required: Sequence[str] = RL_FIELDS) -> in
                 problems += 1
             else:
                 count += 1
+        if count == 0:
+            print(f"{path}:0: no valid records")
+            problems += 1
         print(f"{path}: {count} valid record(s)", file=sys.stderr)
-    return 1 if problems else 0
+    return problems
