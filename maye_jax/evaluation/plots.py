@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import Formatter, MaxNLocator
 
-from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS, SETTING_LABELS
+from maye_jax.evaluation.reflection_curves import per_step_ratio, words_found
+from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, SETTING_LABELS
+from maye_jax.evaluation.ticks import ScaledTickLabels, integer_x_axis
 
 log = logging.getLogger(__name__)
 
@@ -71,97 +72,8 @@ def per_epoch(lines: Sequence[Mapping], key: str) -> dict[int, float]:
     return {int(line["epoch"]): float(line[key]) for line in lines if line.get(key) is not None}
 
 
-def ratio_is_defined(line: Mapping, name: str) -> bool:
-    """Whether reflection ratio `name` of a metrics line had a response to count: the scheme
-    logs 0.0 where its denominator is 0 (SPEC §6), which a curve must not show as a value.
-    With r = reflection_ratio, c = correct_ratio_in_reflection_texts and n =
-    correct_ratio_in_no_reflection_texts (each 0 where undefined): no reflection text iff
-    r == 0, no text without one iff r == 1, no correct answer iff c == n == 0, no incorrect
-    one iff each of c, n is 1 or undefined."""
-    value = lambda key: line.get(f"reflection/{key}")  # noqa: E731
-    r, c, n = (
-        value(k)
-        for k in (
-            "reflection_ratio",
-            "correct_ratio_in_reflection_texts",
-            "correct_ratio_in_no_reflection_texts",
-        )
-    )
-    if None in (r, c, n):
-        return True  # an older line: nothing to tell by
-    undefined = {
-        "correct_ratio_in_reflection_texts": r == 0,
-        "correct_ratio_in_no_reflection_texts": r == 1,
-        "reflection_ratio_in_correct_answers": c == 0 and n == 0,
-        "reflection_ratio_in_incorrect_answers": (c == 1 or r == 0) and (n == 1 or r == 1),
-    }
-    return not undefined.get(name, False)
-
-
-def per_step_ratio(lines: Sequence[Mapping], name: str) -> dict[int, float]:
-    """`per_step` of `reflection/<name>`, nan at the steps where it is undefined (a gap in its
-    curve, not a 0)."""
-    return {
-        step: value if ratio_is_defined(line, name) else float("nan")
-        for line in lines
-        if (value := line.get(f"reflection/{name}")) is not None
-        for step in (int(line["generation_step"]),)
-    }
-
-
-def words_found(group) -> list[str]:
-    """The reflection words some response of the group's runs contains (a count > 0)."""
-    return [
-        word
-        for word in REFLECTION_WORDS
-        if any(
-            (line.get(f"reflection/count/{word}") or 0) > 0
-            for run in group.runs
-            for line in run.lines
-        )
-    ]
-
-
 def seeds_text(count: int) -> str:
     return f"{count} seed" if count == 1 else f"{count} seeds"
-
-
-class ScaledTickLabels(Formatter):
-    """Tick labels as plain numbers, each with its own power of ten (`1.5e-8`) when the axis
-    needs one, instead of matplotlib's one `1e-8` above the axis, where it overlaps the
-    panel's title; never an offset (values read as logged)."""
-
-    exponent, decimals = 0, 0
-
-    def set_locs(self, locs) -> None:
-        super().set_locs(locs)
-        finite = [abs(v) for v in locs if np.isfinite(v)]
-        largest = max(finite, default=0.0)
-        exponent = int(np.floor(np.log10(largest))) if largest else 0
-        self.exponent = exponent if not -3 <= exponent <= 4 else 0
-        scaled = [v / 10.0**self.exponent for v in locs if np.isfinite(v)]
-        # the fewest decimals that write every tick exactly (ticks are round numbers)
-        self.decimals = next(
-            (d for d in range(7) if all(abs(round(v, d) - v) < 1e-9 for v in scaled)), 6
-        )
-
-    def __call__(self, x, pos=None) -> str:
-        text = f"{x / 10.0**self.exponent:.{self.decimals}f}"
-        return f"{text}e{self.exponent}" if self.exponent and x != 0 else text
-
-
-def _integer_x_axis(ax, x: np.ndarray) -> None:
-    """Integer x ticks (epochs, steps); an axis with a single x value shows it alone, not
-    matplotlib's fractional ticks around it."""
-    seen = getattr(ax, "maye_x_values", set()) | {int(v) for v in x}
-    ax.maye_x_values = seen
-    if len(seen) == 1:
-        (only,) = seen
-        ax.set_xlim(only - 1, only + 1)
-        ax.set_xticks([only])
-    else:
-        ax.set_xlim(auto=True)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def per_step(lines: Sequence[Mapping], key: str) -> dict[int, float]:
@@ -231,7 +143,7 @@ def _draw_band(
     cut = len(group.interrupted) if count_interrupted else 0
     label = f"{label} {group.name} ({seeds_text(len(group.runs))}"
     label += f", {cut} interrupted)" if cut else ")"
-    _integer_x_axis(ax, x)
+    integer_x_axis(ax, x)
     ax.yaxis.set_major_formatter(ScaledTickLabels())
     ax.plot(x, mean, color=color, marker="o" if len(x) < 30 else None, markersize=3, label=label)
     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)

@@ -48,13 +48,9 @@ from maye_jax.evaluation.plots import (
     length_reflection_correlations,
     per_epoch,
     plot_comparison,
-    words_found,
 )
-from maye_jax.evaluation.scheme import (
-    REFLECTION_WORDS,
-    mean_std_over_seeds,
-    summarize_over_epochs,
-)
+from maye_jax.evaluation.reflection_curves import format_reflection_words
+from maye_jax.evaluation.scheme import mean_std_over_seeds, summarize_over_epochs
 from maye_jax.run.metrics import read_metrics
 
 log = logging.getLogger(__name__)
@@ -429,28 +425,6 @@ def format_reflection_correlation(cell: Mapping | None) -> str:
     return (
         "Reflection ratio against mean response length across generation steps (Pearson r per "
         f"seed, mean ± std over seeds): {text}."
-    )
-
-
-def format_reflection_words(group: Group) -> str | None:
-    """One line for the reflection words no response of the RL group contains (their count is
-    0 at every step, so they get no panel in reflection_counts.png); None when every word
-    occurs or no count was logged."""
-    logged = {key for run in group.runs for line in run.lines for key in line}
-    if not any(key.startswith("reflection/count/") for key in logged):
-        return None
-    found = words_found(group)
-    missing = [word for word in REFLECTION_WORDS if word not in found]
-    if not missing:
-        return None
-    if not found:
-        return (
-            f"Reflection words: none of the {len(REFLECTION_WORDS)} occurs in any RL response "
-            "(every count is 0 at every step; no reflection_counts plot)."
-        )
-    return (
-        f"Reflection words that occur in no RL response (count 0 at every step, no panel): "
-        f"{', '.join(missing)}."
     )
 
 

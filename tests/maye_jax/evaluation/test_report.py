@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from maye_jax.evaluation import plots, report
+from maye_jax.evaluation import plots, reflection_curves, report
 from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -746,7 +746,7 @@ def test_which_reflection_ratios_are_defined():
         return sorted(
             name
             for name in REFLECTION_RATIO_NAMES
-            if not plots.ratio_is_defined(line(r, c, n), name)
+            if not reflection_curves.ratio_is_defined(line(r, c, n), name)
         )
 
     assert undefined(0.5, 0.5, 0.5) == []
