@@ -16,7 +16,6 @@ and renamed when complete: a folder under the output name is always whole, and o
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -26,33 +25,39 @@ from maye_jax.errors import UserError
 from maye_jax.qwen_ids import NUM_BPE_TOKENS
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "input", None, "HF model directory or maye-jax Orbax checkpoint.", required=True
-)
-flags.DEFINE_string("output", None, "Output directory.", required=True)
-flags.DEFINE_enum(
-    "param_dtype",
-    "float32",
-    ["float32", "bfloat16"],
-    "dtype of the Flax parameters written (HF -> Orbax).",
-)
-flags.DEFINE_enum(
-    "hf_dtype",
-    "auto",
-    ["auto", "float32", "bfloat16", "float16"],
-    "dtype of exported safetensors (Orbax -> HF); auto = the parameters' dtype.",
-)
-flags.DEFINE_bool(
-    "overwrite", False, "Replace an existing non-empty --output folder (else it is refused)."
-)
-flags.DEFINE_integer("fsdp", 0, "Shard parameters over this many devices while converting (0: no).")
-flags.DEFINE_string(
-    "tokenizer_dir",
-    None,
-    "Where tokenizer/processor files come from on export (default: the input "
-    "directory; if it has none, the offline Qwen tokenizer is written).",
-)
-flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
+
+
+def _define_flags() -> None:
+    """CLI flags, defined only when run as a script so importing this module defines none."""
+    flags.DEFINE_string(
+        "input", None, "HF model directory or maye-jax Orbax checkpoint.", required=True
+    )
+    flags.DEFINE_string("output", None, "Output directory.", required=True)
+    flags.DEFINE_enum(
+        "param_dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "dtype of the Flax parameters written (HF -> Orbax).",
+    )
+    flags.DEFINE_enum(
+        "hf_dtype",
+        "auto",
+        ["auto", "float32", "bfloat16", "float16"],
+        "dtype of exported safetensors (Orbax -> HF); auto = the parameters' dtype.",
+    )
+    flags.DEFINE_bool(
+        "overwrite", False, "Replace an existing non-empty --output folder (else it is refused)."
+    )
+    flags.DEFINE_integer(
+        "fsdp", 0, "Shard parameters over this many devices while converting (0: no)."
+    )
+    flags.DEFINE_string(
+        "tokenizer_dir",
+        None,
+        "Where tokenizer/processor files come from on export (default: the input "
+        "directory; if it has none, the offline Qwen tokenizer is written).",
+    )
+    flags.DEFINE_bool("progress", True, "Progress bars on stderr (--noprogress: none).")
 
 
 def main(argv):
@@ -67,28 +72,20 @@ def main(argv):
     started = time.time()
     source = FLAGS.input
     target = Path(FLAGS.output)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        if not FLAGS.overwrite:
-            print(
-                f"convert: error: --output: {target} is not empty (a model written over another "
-                "keeps the other's files); choose an empty folder or pass --overwrite to replace it",
-                file=sys.stderr,
-            )
-            return 1
-        if not target.is_dir():
-            target.unlink()
-        # a folder is replaced by the new output only once that is complete (atomic_folder)
+    _check_arguments(source, target)
+    if target.exists() and not target.is_dir():  # --overwrite (checked)
+        target.unlink()  # a folder is replaced only once the new output is complete
     param_dtype = jnp.bfloat16 if FLAGS.param_dtype == "bfloat16" else jnp.float32
     place, shardings = None, None
     if FLAGS.fsdp:
+        import jax
+
         from maye_jax.sharding.mesh import make_mesh
         from maye_jax.sharding.rules import param_sharding_fn
 
         mesh = make_mesh(fsdp=FLAGS.fsdp)
         sharding_of = param_sharding_fn(mesh)
         shardings = sharding_of
-        import jax
-
         place = lambda name, value: jax.device_put(  # noqa: E731
             np.asarray(value, dtype=param_dtype), sharding_of(name, value.shape)
         )
@@ -115,21 +112,53 @@ def main(argv):
                 )
                 _ensure_tokenizer(folder, hf_config)
             out = Path(FLAGS.output).absolute()
-        elif checkpoint.is_hf_directory(source):
+        else:  # an HF directory (checked above)
             model, hf_config = checkpoint.load_model(
                 source, param_dtype=param_dtype, place=place, progress=FLAGS.progress
             )
             out = checkpoint.save_orbax(FLAGS.output, model, hf_config, source_dir=source)
-        else:
-            raise FileNotFoundError(
-                f"{source}: not an HF model directory (config.json + *.safetensors) nor a "
-                "maye-jax checkpoint (maye_jax.json)"
-            )
-    except (UserError, FileNotFoundError, ValueError) as error:
-        print(f"convert: error: {error}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(str(error)) from None
     print(f"convert: wrote {out} in {time.time() - started:.1f} s")
     return 0
+
+
+def _check_arguments(source: str, target: Path) -> None:
+    """Every mistake in the arguments, before any work: an input that is no model, a device
+    count JAX does not have, an output that is not empty (without --overwrite) or cannot be
+    written."""
+    from maye_jax.storage import model_folders
+    from maye_jax.storage.atomic import cannot_write
+    from maye_jax.storage.run_models import is_train_checkpoint
+
+    if not (
+        model_folders.is_orbax_checkpoint(source)
+        or is_train_checkpoint(source)
+        or model_folders.is_hf_directory(source)
+    ):
+        raise UserError(
+            f"--input: {source}: not an HF model directory (config.json + *.safetensors) nor a "
+            "maye-jax checkpoint (maye_jax.json + params/, or a run's checkpoints/<step>)"
+        )
+    if FLAGS.fsdp < 0:
+        raise UserError(f"--fsdp={FLAGS.fsdp}: must be >= 0 (0: not sharded)")
+    if FLAGS.fsdp:
+        import jax
+
+        if FLAGS.fsdp > len(jax.devices()):
+            raise UserError(
+                f"--fsdp={FLAGS.fsdp}: JAX sees {len(jax.devices())} device(s) here "
+                f"({jax.default_backend()}); on a CPU, XLA_FLAGS="
+                f"--xla_force_host_platform_device_count={FLAGS.fsdp} gives it that many"
+            )
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not FLAGS.overwrite:
+        raise UserError(
+            f"--output: {target} is not empty (a model written over another keeps the other's "
+            "files); choose an empty folder or pass --overwrite to replace it"
+        )
+    problem = cannot_write(target)
+    if problem:
+        raise UserError(f"--output: {target}: {problem}")
 
 
 def _ensure_tokenizer(out_dir, hf_config) -> None:
@@ -148,4 +177,5 @@ def _ensure_tokenizer(out_dir, hf_config) -> None:
 if __name__ == "__main__":
     from maye_jax.run.cli import run_cli
 
+    _define_flags()
     run_cli("convert", main)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ from maye_jax.rollout.factory import make_rollouts
 from maye_jax.run import multihost, startup
 from maye_jax.run.harness import RunHarness
 from maye_jax.run.metrics import summarize_run
+from maye_jax.storage.run_inputs import RunInputs
 from maye_jax.training.batch import TowerImages, UpdateBatch, build_minibatches
 from maye_jax.training.policy import (
     Policy,
@@ -201,20 +201,24 @@ class SFTRunner:
         return self.policy
 
 
-def start_for_sft(settings: Settings, data=None):
+def start_for_sft(settings: Settings, data=None, processor=None):
     """(data, policy without reference, processor) of a run that begins with SFT: the SFT
-    baseline, or the RL demo's warm-up. The optimizer is rebuilt by the SFT runner."""
-    data = startup.load_run_data(settings)[0] if data is None else data
+    baseline, or the RL demo's warm-up; `data` and the `processor` that read it are read here
+    when not given. The optimizer is rebuilt by the SFT runner."""
+    if data is None:
+        data, _, processor = startup.load_run_data(settings, kind="sft")
     mesh = startup.build_mesh(settings)
     source = startup.materialize_start_model(settings)
     optimizer, _ = optimizer_for(settings, 1)
     policy = build_policy(settings, mesh, source, optimizer, with_reference=False)
-    processor = startup.load_run_processor(settings, source, policy.model_config.family)
+    if processor is None:
+        processor = startup.load_run_processor(settings, source, policy.model_config.family)
     return data, policy, processor
 
 
-def warm_up(settings: Settings, data):
-    """The SFT warm-up before RL (`sft.warmup_epochs`) on `data`: (warmed policy, processor).
+def warm_up(settings: Settings, data, processor):
+    """The SFT warm-up before RL (`sft.warmup_epochs`) on `data` (read by `processor`): the
+    warmed policy.
 
     It teaches a (possibly random) model the answer format, so it trains the whole LLM,
     embeddings included, whatever RL freezes. Its metrics and checkpoints go to
@@ -222,7 +226,7 @@ def warm_up(settings: Settings, data):
     run continues it."""
     s = settings
     warm = dataclasses.replace(s, model=dataclasses.replace(s.model, train_embeddings=True))
-    _, policy, processor = start_for_sft(warm, data)
+    _, policy, processor = start_for_sft(warm, data, processor)
     runner = SFTRunner(warm, policy, processor, data, num_epochs=s.sft.warmup_epochs)
     folder = Path(s.output_dir).absolute() / "sft_warmup"
     log.info(
@@ -238,7 +242,7 @@ def warm_up(settings: Settings, data):
     with harness as run:
         policy = runner.run(run, evaluate_at_start=False, evaluate_every_epoch=False)
     log.info("SFT warm-up: %d epochs in %.0f s", s.sft.warmup_epochs, time.perf_counter() - started)
-    return policy, processor
+    return policy
 
 
 def run_sft(config) -> dict:
@@ -248,15 +252,22 @@ def run_sft(config) -> dict:
     (`resume` continues from the latest), the final policy exported to HF. Returns the summary
     of its evaluations (metrics.summarize_run); raises RunStopped when a signal stopped it."""
     s = config if isinstance(config, Settings) else load_settings(config, kind="sft")
-    with startup.run_prologue(s) as (data, fingerprint):
-        _, policy, processor = start_for_sft(s, data)
+    with startup.run_prologue(s, kind="sft") as (data, fingerprint, processor):
+        _, policy, processor = start_for_sft(s, data, processor)
         runner = SFTRunner(
             s, policy, processor, data, num_epochs=s.sft_epochs, evaluate=s.eval.enabled
         )
 
         def export(out_dir: Path) -> None:
-            """The runner's current weights as an HF folder (the final and the best's)."""
-            export_policy(runner.policy, out_dir, progress=s.logging.progress_bar)
+            """The runner's current weights as an HF folder (the final and the best's); their
+            evaluation draws with the epoch of the harness's last step."""
+            epoch = -(-harness.last_step // runner.steps_per_epoch)
+            export_policy(
+                runner.policy,
+                out_dir,
+                progress=s.logging.progress_bar,
+                run_inputs=RunInputs.of_run(s, eval_step=epoch),
+            )
 
         harness = RunHarness(
             s.output_dir,
@@ -280,7 +291,11 @@ def main(argv) -> int:
     del argv
     from absl import flags
 
-    print(json.dumps(run_sft(flags.FLAGS.config), indent=2))
+    from maye_jax.run.summary import print_summary
+
+    settings = load_settings(flags.FLAGS.config, kind="sft")
+    run_sft(settings)
+    print_summary(settings.output_dir)
     return 0
 
 

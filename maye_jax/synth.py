@@ -7,6 +7,7 @@ from absl import flags
 
 from maye_jax.data.synth import FLAVOURS, SOLUTION_STYLES, generate
 from maye_jax.errors import UserError
+from maye_jax.storage.atomic import cannot_write
 
 
 def _define_flags() -> None:
@@ -31,6 +32,9 @@ def main(argv: list[str]) -> int:
         raise UserError("--out=DIR is required")
     if options.num_train < 1:  # a data set without training records cannot be meant
         raise UserError(f"--num_train={options.num_train}: must be >= 1")
+    problem = cannot_write(options.out)
+    if problem:
+        raise UserError(f"--out: {options.out}: {problem}")
     flavours = FLAVOURS if options.flavour == "both" else (options.flavour,)
     for flavour in flavours:
         try:

@@ -38,7 +38,8 @@ from maye_jax.rollout.engine import Prompt, Sampling
 from maye_jax.rollout.factory import make_rollouts
 from maye_jax.run import multihost, startup
 from maye_jax.run.harness import RunHarness
-from maye_jax.run.metrics import print_summary, summarize_run
+from maye_jax.run.metrics import summarize_run
+from maye_jax.storage.run_inputs import RunInputs
 from maye_jax.storage.train_checkpoints import has_start_model
 from maye_jax.training.batch import TowerImages, build_minibatches
 from maye_jax.training.policy import export_policy, host_local_model, optimizer_for
@@ -49,7 +50,8 @@ log = logging.getLogger("maye_jax")
 
 class Trainer:
     """Holds the run's state; `run()` is the loop. Built from the run's typed settings; `data`
-    (and its `fingerprint`) are read here when not given (`startup.load_run_data`)."""
+    (its `fingerprint` and the `processor` that read it) are read here when not given
+    (`startup.load_run_data`)."""
 
     def __init__(
         self, settings: Settings, *, policy=None, data=None, processor=None, fingerprint=None
@@ -58,7 +60,7 @@ class Trainer:
         self.output_dir = Path(s.output_dir).absolute()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if data is None:
-            data, fingerprint = startup.load_run_data(s)
+            data, fingerprint, processor = startup.load_run_data(s, kind="rl")
         self.data, self.fingerprint = data, fingerprint
         startup.check_rl_data(s, data)
         self.prompts_per_step = s.rl.batch_size // s.rollout.num_samples
@@ -85,7 +87,7 @@ class Trainer:
         )
         instruction = get_prompt_template(s.data.prompt_template)
         self.prompts = TrainPrompts(self.data["train"], self.processor, instruction, s)
-        startup.save_start_model(self.output_dir, self.policy)
+        startup.save_start_model(s, self.policy)
         self.rollouts = make_rollouts(  # rl.async_rollouts: overlapped with the update
             s,
             self.policy,
@@ -302,7 +304,14 @@ class Trainer:
         return start, meta
 
     def export_hf(self, out_dir: Path) -> None:
-        export_policy(self.policy, out_dir, progress=self.settings.logging.progress_bar)
+        """The current weights (after step `run_harness.last_step`, the step their evaluation
+        draws with) as an HF folder: the final export, the best evaluation's."""
+        export_policy(
+            self.policy,
+            out_dir,
+            progress=self.settings.logging.progress_bar,
+            run_inputs=RunInputs.of_run(self.settings, eval_step=self.run_harness.last_step),
+        )
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, *, stop_after_step: int | None = None) -> dict:
@@ -357,16 +366,16 @@ class Trainer:
         return summarize_run(self.output_dir)
 
 
-def build_trainer(settings: Settings, data, fingerprint) -> Trainer:
-    """The RL trainer of `data`; with `sft.warmup_epochs` the policy is first warmed up by SFT
-    (the demo), unless the run resumes from its saved start model."""
+def build_trainer(settings: Settings, data, fingerprint, processor) -> Trainer:
+    """The RL trainer of `data` (read by `processor`); with `sft.warmup_epochs` the policy is
+    first warmed up by SFT (the demo), unless the run resumes from its saved start model."""
     s = settings
     if not s.sft.warmup_epochs or (s.resume and has_start_model(Path(s.output_dir).absolute())):
-        return Trainer(s, data=data, fingerprint=fingerprint)
+        return Trainer(s, data=data, fingerprint=fingerprint, processor=processor)
     from maye_jax.sft import warm_up
 
     startup.check_rl_data(s, data)  # before the warm-up's work
-    policy, processor = warm_up(s, data)
+    policy = warm_up(s, data, processor)
     return Trainer(s, policy=policy, data=data, processor=processor, fingerprint=fingerprint)
 
 
@@ -376,8 +385,8 @@ def run_rl(config) -> dict:
     returns the summary of its evaluations (`metrics.summarize_run`). Raises RunStopped when a
     signal stopped it."""
     settings = config if isinstance(config, Settings) else load_settings(config, kind="rl")
-    with startup.run_prologue(settings) as (data, fingerprint):
-        return build_trainer(settings, data, fingerprint).run()
+    with startup.run_prologue(settings, kind="rl") as (data, fingerprint, processor):
+        return build_trainer(settings, data, fingerprint, processor).run()
 
 
 def _progress(metrics: dict) -> dict:
@@ -391,9 +400,11 @@ def main(argv) -> int:
     del argv
     from absl import flags
 
+    from maye_jax.run.summary import print_summary
+
     settings = load_settings(flags.FLAGS.config, kind="rl")
-    summary = run_rl(settings)
-    print_summary(summary, settings.output_dir)
+    run_rl(settings)
+    print_summary(settings.output_dir)
     return 0
 
 

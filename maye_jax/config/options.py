@@ -123,6 +123,11 @@ class DataSettings:
         "accuracy compares with the solution's last \\boxed{} or the answer; None: layout's",
     )
     on_error: str = opt("fail", one_of("fail", "skip"), "a bad record stops the run, or is skipped")
+    max_prompt_tokens: int | None = opt(
+        None,
+        positive,
+        "the longest prompt in tokens, images counted; None: the context minus rollout.max_tokens",
+    )
     prompt_template: str | None = opt(
         None,
         registry(known_prompt_templates, "prompt template"),

@@ -206,6 +206,15 @@ class VLProcessor:
         pixel_values = np.ascontiguousarray(frames).reshape(grid_h * grid_w, self.patch_dim)
         return pixel_values, np.array([1, grid_h, grid_w], dtype=np.int32)
 
+    def image_tokens_of_size(self, width: int, height: int) -> int:
+        """How many `<|image_pad|>` tokens an image of `width` x `height` pixels occupies (its
+        resized grid over merge_size**2), known without decoding its pixels."""
+        factor = self.patch_size * self.merge_size
+        resized_height, resized_width = smart_resize(
+            height, width, factor, self.min_pixels, self.max_pixels
+        )
+        return (resized_height // factor) * (resized_width // factor)
+
     def num_image_tokens(self, grid_thw: np.ndarray) -> int:
         """How many `<|image_pad|>` tokens one image occupies: t * h * w / merge_size**2."""
         return int(np.prod(grid_thw)) // self.merge_size**2

@@ -224,8 +224,9 @@ def epoch_order(num_records: int, seed: int, epoch: int) -> np.ndarray:
 def check_files(
     paths: Sequence[str], layout: DataLayout = MAYE_LAYOUT, *, fmt: str | None = None
 ) -> int:
-    """`data check`: prints every problem of every file (each image decoded in full), and a
-    count per file on stderr; 1 if there was any problem, else 0."""
+    """`data check`: prints every problem of every file as `where: ...` (each image decoded in
+    full) on stdout and each file's count of valid records on stderr; returns the number of
+    problems. A file without any record is a problem: a run refuses it."""
     problems = 0
     for path in paths:
         count, before = 0, problems
@@ -241,7 +242,7 @@ def check_files(
             print(f"{path}:0: no records")
             problems += 1
         print(f"{path}: {count} valid record(s)", file=sys.stderr)
-    return 1 if problems else 0
+    return problems
 
 
 def _decode_problem(record: Record) -> Record | DataError:

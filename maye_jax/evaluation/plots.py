@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
-from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
+from maye_jax.evaluation.reflection_curves import per_step_ratio, words_found
+from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, SETTING_LABELS
+from maye_jax.evaluation.ticks import ScaledTickLabels, integer_x_axis
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +29,6 @@ CORRECT_COLOR = "tab:green"
 WRONG_COLOR = "tab:red"
 
 Series = Mapping[int, float]  # {epoch or generation step: value}
-
-SETTING_LABELS = {
-    "pass@8_t1.0": "pass@8 T=1.0",
-    "pass@1_t0.6": "pass@1 T=0.6",
-    "pass@1_t0.01": "pass@1 T=0.01",
-}
 
 Curve = tuple[str, str, str]  # (metrics key, legend label, color)
 Panel = tuple[str, str, tuple[Curve, ...]]  # (title, y label, curves)
@@ -75,6 +70,10 @@ TRAINING_PANELS: tuple[Panel, ...] = (
 def per_epoch(lines: Sequence[Mapping], key: str) -> dict[int, float]:
     """{epoch: value} of the metrics lines carrying `key` (the last line of an epoch wins)."""
     return {int(line["epoch"]): float(line[key]) for line in lines if line.get(key) is not None}
+
+
+def seeds_text(count: int) -> str:
+    return f"{count} seed" if count == 1 else f"{count} seeds"
 
 
 def per_step(lines: Sequence[Mapping], key: str) -> dict[int, float]:
@@ -142,9 +141,10 @@ def _draw_band(
         return False
     mean, std = scale * mean, scale * std
     cut = len(group.interrupted) if count_interrupted else 0
-    label = f"{label} {group.name} ({len(group.runs)} seeds"
+    label = f"{label} {group.name} ({seeds_text(len(group.runs))}"
     label += f", {cut} interrupted)" if cut else ")"
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    integer_x_axis(ax, x)
+    ax.yaxis.set_major_formatter(ScaledTickLabels())
     ax.plot(x, mean, color=color, marker="o" if len(x) < 30 else None, markersize=3, label=label)
     ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.25, linewidth=0)
     return True
@@ -180,7 +180,9 @@ def _save(fig: Figure, path: Path, title: str) -> Path:
 
 
 def _group_title(group, what: str = "") -> str:
-    title = f"{group.kind.upper()} {group.name}{what}: mean ± std over {len(group.runs)} seed(s)"
+    title = (
+        f"{group.kind.upper()} {group.name}{what}: mean ± std over {seeds_text(len(group.runs))}"
+    )
     note = group.interruption_note()
     return f"{title}\n{note}" if note else title
 
@@ -232,7 +234,6 @@ def _training_figure(group) -> Figure | None:
         ax.set_xlabel("generation step", fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
-        ax.ticklabel_format(axis="y", useOffset=False)  # values as logged, not "+1.19e1"
         ax.grid(alpha=0.3)
         if len(curves) > 1:
             ax.legend(fontsize=6)
@@ -258,15 +259,26 @@ def _warmup_figure(group) -> Figure | None:
     return fig
 
 
+def _series(key: str) -> Callable:
+    """A run's {generation step: value} of metrics `key`; a reflection ratio's undefined steps
+    are nan."""
+    name = key.removeprefix("reflection/")
+    if name in REFLECTION_RATIO_NAMES:
+        return lambda run: per_step_ratio(run.lines, name)
+    return lambda run: per_step(run.lines, key)
+
+
 def _step_panels(group, keys: Sequence[str], titles: Sequence[str], ylabel: str, num_columns):
     """One panel per metric key of an RL group, against generation steps; None if all empty."""
+    if not keys:
+        return None
     fig, axes = _grid(len(keys), num_columns)
     drawn = False
     for ax, key, title in zip(axes, keys, titles, strict=True):
         drawn |= _draw_band(
             ax,
             group,
-            lambda run, key=key: per_step(run.lines, key),
+            _series(key),
             color=RL_COLOR,
             label="RL",
             scale=1.0,
@@ -358,7 +370,7 @@ def _reflection_and_length_figure(group) -> Figure | None:
         drawn |= _draw_band(
             ax,
             group,
-            lambda run, key=key: per_step(run.lines, key),
+            _series(key),
             color=color,
             label=label,
             scale=1.0,
@@ -429,12 +441,13 @@ def plot_comparison(
         fig = _reflection_and_length_figure(rl)
         if fig is not None:
             written.append(_save(fig, folder / "reflection_and_length.png", _group_title(rl)))
+        found = words_found(rl)  # a word no response has is one line of the report instead
         fig = _step_panels(
             rl,
-            [f"reflection/count/{word}" for word in REFLECTION_WORDS],
-            [f"'{word}'" for word in REFLECTION_WORDS],
+            [f"reflection/count/{word}" for word in found],
+            [f"'{word}'" for word in found],
             "count",
-            num_columns=5,
+            num_columns=min(5, max(len(found), 1)),
         )
         if fig is not None:
             written.append(_save(fig, folder / "reflection_counts.png", _group_title(rl)))

@@ -49,6 +49,7 @@ from maye_jax.evaluation.plots import (
     per_epoch,
     plot_comparison,
 )
+from maye_jax.evaluation.reflection_curves import format_reflection_words
 from maye_jax.evaluation.scheme import mean_std_over_seeds, summarize_over_epochs
 from maye_jax.run.metrics import read_metrics
 
@@ -479,6 +480,8 @@ def build_report(
         correlation = reflection_correlation(comparison)
         if comparison.rl is not None:
             markdown += [format_reflection_correlation(correlation), ""]
+            words = format_reflection_words(comparison.rl)
+            markdown += [words, ""] if words else []
         if written:
             links = ", ".join(f"[{p.stem}]({p.relative_to(out_dir).as_posix()})" for p in written)
             markdown += [f"Plots: {links}", ""]

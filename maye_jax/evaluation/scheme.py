@@ -28,6 +28,13 @@ REFLECTION_WORDS: tuple[str, ...] = (
     "yet",
 )
 
+# How tables, plots and summaries name the three generation settings (SPEC §6).
+SETTING_LABELS = {
+    "pass@8_t1.0": "pass@8 T=1.0",
+    "pass@1_t0.6": "pass@1 T=0.6",
+    "pass@1_t0.01": "pass@1 T=0.01",
+}
+
 REFLECTION_RATIO_NAMES: tuple[str, ...] = (
     "reflection_ratio",
     "reflection_ratio_in_correct_answers",

@@ -28,7 +28,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from maye_jax.errors import UserError
+from maye_jax.errors import RunStopped, UserError
 
 LOCK_NAME = ".maye.lock"
 
@@ -47,11 +47,22 @@ def hold_output_folder(folder, *, process_id: int | None = None) -> Iterator[Non
         yield
         return
     folder = Path(folder).absolute()
+    made = _missing_parts(folder) + ([] if (folder / LOCK_NAME).exists() else [folder / LOCK_NAME])
     acquire(folder)
+    refused = False
     try:
         yield
+    except RunStopped:
+        raise
+    except UserError:
+        refused = True
+        raise
     finally:
         release(folder)
+        if refused and not holds(folder):
+            # A refusal (bad data, a folder holding another run, ...) leaves nothing behind:
+            # the lock file and the folders made for it go, unless something else is in them.
+            _remove_if_only_made(made)
 
 
 def acquire(folder: Path) -> None:
@@ -61,8 +72,14 @@ def acquire(folder: Path) -> None:
             return
         if folder.exists() and not folder.is_dir():
             raise UserError(f"config.output_dir: {folder} is a file, not a folder")
-        folder.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            descriptor = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:  # a read-only file system, a file in the way, no permission
+            raise UserError(
+                f"config.output_dir: {folder}: cannot write there ({error.strerror}: "
+                f"{error.filename})"
+            ) from None
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -88,6 +105,22 @@ def release(folder: Path) -> None:
         if entry[1] == 0:
             del _held[folder]
             os.close(entry[0])  # releases the flock
+
+
+def _missing_parts(folder: Path) -> list[Path]:
+    """`folder` and its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_if_only_made(made: list[Path]) -> None:
+    """Removes the lock file, then each folder of `made` (deepest first) that is empty."""
+    for path in sorted(made, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            path.unlink() if path.name == LOCK_NAME else path.rmdir()
 
 
 def holds(folder) -> bool:

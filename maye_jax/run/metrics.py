@@ -268,17 +268,3 @@ def write_rollouts(output_dir, generation_step: int, rows: Sequence[Mapping]) ->
         for row in rows
     )
     return atomic_write_text(folder / f"step_{generation_step}.jsonl", text)
-
-
-def print_summary(summary: dict, output_dir) -> None:
-    """The summary, and one line per validation setting: first, best and last accuracy."""
-    print(json.dumps(summary, indent=2))
-    evaluated_at_start = any(line["epoch"] == 0 for line in read_metrics(output_dir))
-    first = "start of RL" if evaluated_at_start else "first evaluation"
-    for key in sorted(k for k in summary if k.startswith("eval/validation/")):
-        row = summary[key]
-        print(
-            f"{key}: {first} {100 * row['first']:.1f}%, best during RL {100 * row['best']:.1f}%, "
-            f"last {100 * row['last']:.1f}%"
-        )
-    print(f"metrics: {Path(output_dir).absolute() / 'metrics.jsonl'}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,31 +27,10 @@ from maye_jax.run.folder import check_fingerprint, prepare_run_folder
 from maye_jax.sharding.mesh import initialize_distributed, make_mesh
 from maye_jax.storage.atomic import atomic_folder
 from maye_jax.storage.model_folders import is_hf_directory
+from maye_jax.storage.run_inputs import RunInputs
 from maye_jax.storage.train_checkpoints import has_start_model, start_model_dir
 
 log = logging.getLogger("maye_jax")
-
-
-def setup_cli_logging() -> None:
-    """maye_jax's INFO lines with timestamps on stderr; everything else (absl, Orbax, JAX) from
-    WARNING up.
-
-    Under absl's app.run the root logger already has absl's handler (so `basicConfig` does
-    nothing) at absl's verbosity (WARNING hides INFO): maye_jax gets a handler of its own."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    for noisy in ("orbax", "jax", "etils"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    ours = logging.getLogger("maye_jax")
-    if not any(getattr(h, "_maye_cli", False) for h in ours.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s maye_jax %(levelname)s %(message)s"))
-        handler._maye_cli = True  # one handler however often this runs
-        ours.addHandler(handler)
-    ours.setLevel(logging.INFO)
-    ours.propagate = False
 
 
 @contextlib.contextmanager
@@ -67,27 +45,34 @@ def hold_run_folder(settings: Settings, folder=None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def run_prologue(settings: Settings) -> Iterator[tuple[dict[str, list[Record]], dict]]:
+def run_prologue(
+    settings: Settings, *, kind: str
+) -> Iterator[tuple[dict[str, list[Record]], dict, object]]:
     """Every run's start (RL, SFT, each run of the experiment), before any model work: the
     distributed start and the folder's lock (`hold_run_folder`, to the block's end), the folder
-    checked (and, with overwrite, cleared: `prepare_run_folder`), then the data and its
-    fingerprint (`load_run_data`)."""
+    checked (and, with overwrite, cleared: `prepare_run_folder`), then the data, its
+    fingerprint and the processor that read it (`load_run_data`)."""
     with hold_run_folder(settings):
         prepare_run_folder(settings)
-        yield load_run_data(settings)
+        yield load_run_data(settings, kind=kind)
 
 
-def load_run_data(settings: Settings) -> tuple[dict[str, list[Record]], dict]:
-    """(the records of every configured split, the fingerprint of the start model and data):
-    the synthetic set is written first when asked, and a resumed run's start model and data are
-    checked against its run.json."""
+def load_run_data(settings: Settings, *, kind: str) -> tuple[dict[str, list[Record]], dict, object]:
+    """(the records of every configured split, the fingerprint of the start model and data,
+    the run's processor): the synthetic set is written first when asked, a resumed run's start
+    model and data are checked against its run.json, and every prompt against the context
+    (run/context.py; `kind`: rl | sft)."""
+    from maye_jax.run.context import check_run_prompts
+
     files = data_files(settings)
     fingerprint = check_fingerprint(settings, files)
-    data = prepare_data(settings, files)
+    data, processor = check_run_prompts(
+        settings, prepare_data(settings, files), kind=kind, files=files
+    )
     log.info(
         "data: %s", ", ".join(f"{split} {len(records)} records" for split, records in data.items())
     )
-    return data, fingerprint
+    return data, fingerprint, processor
 
 
 def data_files(settings: Settings) -> dict[str, str]:
@@ -193,6 +178,7 @@ def materialize_start_model(settings: Settings) -> Path:
         with atomic_folder(path, alone=True) as folder:  # process 0 writes it by itself
             hf.save_pretrained(str(folder))
             load_processor(family=m.tiny_family).save_pretrained(folder)
+            RunInputs.of_run(settings, eval_step=0).write(folder)
     multihost.barrier("initial model written")
     return path
 
@@ -227,14 +213,19 @@ def load_run_processor(settings: Settings, model_dir, family: str):
     )
 
 
-def save_start_model(output_dir, policy) -> Path:
+def save_start_model(settings: Settings, policy) -> Path:
     """Writes the RL start point (the reference model) so a resumed run can reload it."""
     from maye_jax.storage import model_folders
 
+    output_dir = Path(settings.output_dir).absolute()
     path = start_model_dir(output_dir)
     if not has_start_model(output_dir):
         model_folders.save_orbax(
-            path, policy.model(), policy.hf_config, source_dir=policy.source_dir
+            path,
+            policy.model(),
+            policy.hf_config,
+            source_dir=policy.source_dir,
+            run_inputs=RunInputs.of_run(settings, eval_step=0),  # RL's epoch 0
         )
     return path
 

@@ -8,6 +8,8 @@
 - `atomic_write_text(path, text)`: a file rewritten in full (run.json, a rollouts or
   eval-responses file, a metrics file cut back on resume) goes through a temporary file and a
   rename, so a kill leaves the old content or the new, never a mix or nothing.
+- `cannot_write(path)`: why a file or folder to be written at `path` cannot be, asked by a
+  tool before its work (a read-only file system, a file in the way).
 - `append_line(handle, text)`: one whole line per `write` on an O_APPEND file, flushed to the
   disk; a kill or a full disk can leave at most a torn last line, which readers drop
   (maye_jax/run/metrics.py).
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,24 @@ from maye_jax.run import multihost
 
 PARTIAL_SUFFIX = ".partial"
 REPLACED_SUFFIX = ".replaced"
+
+
+def cannot_write(path: str | os.PathLike) -> str | None:
+    """Why nothing can be written at `path` (a file or folder, which need not exist yet), or
+    None: its nearest existing folder must take a new file, probed with a temporary file that
+    is removed at once (so a read-only file system or a full permission check answers, not
+    the permission bits, which root ignores)."""
+    folder = Path(path).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"cannot write in {folder} ({error.strerror})"
+    return None
 
 
 def partial_path(path: str | os.PathLike) -> Path:

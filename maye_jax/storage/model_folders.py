@@ -237,16 +237,21 @@ def _fill_state_from_str_dict(state, tree):
     state.update(nnx.from_flat_state(flat))
 
 
-def save_orbax(path: str | os.PathLike, model: nnx.Module, hf_config, source_dir=None) -> Path:
+def save_orbax(
+    path: str | os.PathLike, model: nnx.Module, hf_config, source_dir=None, run_inputs=None
+) -> Path:
     """Writes params/ (Orbax), config.json, maye_jax.json and the source's tokenizer files into
-    `path`, which appears only once complete."""
+    `path`, which appears only once complete; with `run_inputs` (storage/run_inputs.py), what
+    the run that wrote it used to read its inputs."""
     path = Path(path).absolute()
     with atomic_folder(path) as folder:
-        write_orbax_folder(folder, model, hf_config, source_dir=source_dir)
+        write_orbax_folder(folder, model, hf_config, source_dir=source_dir, run_inputs=run_inputs)
     return path
 
 
-def write_orbax_folder(path: Path, model: nnx.Module, hf_config, source_dir=None) -> Path:
+def write_orbax_folder(
+    path: Path, model: nnx.Module, hf_config, source_dir=None, run_inputs=None
+) -> Path:
     """`save_orbax` into an existing folder (no rename)."""
     import orbax.checkpoint as ocp
 
@@ -266,6 +271,8 @@ def write_orbax_folder(path: Path, model: nnx.Module, hf_config, source_dir=None
     (path / "maye_jax.json").write_text(json.dumps(meta, indent=2) + "\n")
     if source_dir is not None:
         copy_tokenizer_files(source_dir, path)
+    if run_inputs is not None:
+        run_inputs.write(path)
     return path
 
 
@@ -288,12 +295,14 @@ def export_hf(
     tokenizer_source=None,
     progress: bool = False,
     alone: bool = True,
+    run_inputs=None,
 ) -> Path:
     """Writes an HF model directory (safetensors shards + index + config + tokenizer files)
     that transformers and vLLM load as is; `out_dir` appears only once complete. Shards are
     written as they fill, so host memory stays within one shard. `progress`: a bar over the
     tensors on stderr, with ETA. Written by this process alone (several processes: process 0,
-    from its own copy of the weights, `Policy.local_model`)."""
+    from its own copy of the weights, `Policy.local_model`). `run_inputs`
+    (storage/run_inputs.py): what the run that wrote it used to read its inputs."""
     out_dir = Path(out_dir).absolute()
     with atomic_folder(out_dir, alone=alone) as folder:
         write_hf_folder(
@@ -303,6 +312,7 @@ def export_hf(
             dtype=dtype,
             tokenizer_source=tokenizer_source,
             progress=progress,
+            run_inputs=run_inputs,
         )
     return out_dir
 
@@ -315,6 +325,7 @@ def write_hf_folder(
     dtype=None,
     tokenizer_source=None,
     progress: bool = False,
+    run_inputs=None,
 ) -> Path:
     """`export_hf` into an existing folder (no rename)."""
     from safetensors.torch import save_file
@@ -360,6 +371,8 @@ def write_hf_folder(
     _config_for_export(hf_config).save_pretrained(str(out_dir))
     if tokenizer_source is not None:
         copy_tokenizer_files(tokenizer_source, out_dir)
+    if run_inputs is not None:
+        run_inputs.write(out_dir)
     return out_dir
 
 

@@ -76,15 +76,21 @@ class Policy:
         )
 
 
-def export_policy(policy: Policy, out_dir: Path, *, progress: bool) -> None:
-    """The policy's current weights as an HF folder (the final export, the best evaluation's):
-    every process calls it (several: each takes part in gathering a copy), process 0 writes."""
+def export_policy(policy: Policy, out_dir: Path, *, progress: bool, run_inputs) -> None:
+    """The policy's current weights as an HF folder (the final export, the best evaluation's)
+    with what the run used to read its inputs (`run_inputs`, storage/run_inputs.py): every
+    process calls it (several: each takes part in gathering a copy), process 0 writes."""
     from maye_jax.storage.model_folders import export_hf
 
     model = policy.local_model()
     if multihost.is_leader():
         export_hf(
-            model, policy.hf_config, out_dir, tokenizer_source=policy.source_dir, progress=progress
+            model,
+            policy.hf_config,
+            out_dir,
+            tokenizer_source=policy.source_dir,
+            progress=progress,
+            run_inputs=run_inputs,
         )
     multihost.barrier(f"exported {Path(out_dir).name}")
 

@@ -19,7 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
-from maye_jax.run import startup
+from maye_jax.run.cli import setup_cli_logging
 from maye_jax.storage import train_checkpoints
 from maye_jax.train import run_rl
 from tests.maye_jax.test_faults import fault_config
@@ -54,7 +54,7 @@ def inject(fault: str) -> None:
 
 
 def main(root: str, fault: str) -> None:
-    startup.setup_cli_logging()
+    setup_cli_logging()
     inject(fault)
     config = fault_config(Path(root))
     config.resume = True

@@ -76,7 +76,9 @@ def rl_settings(config, check_files=True):
 @pytest.fixture(scope="module")
 def uninterrupted(module_scratch):
     tmp = module_scratch("full")
-    Trainer(rl_settings(tiny_config(tmp))).run()
+    config = tiny_config(tmp)
+    config.eval.save_responses = True  # what `evaluate` on final_hf/ must reproduce
+    Trainer(rl_settings(config)).run()
     return tmp / "run"
 
 
@@ -367,19 +369,23 @@ def test_validation_accuracy_rises_with_rl(tmp_path):
     assert accuracy["best"] >= accuracy["first"] + 0.15, accuracy
 
 
-def test_a_train_checkpoint_evaluates_and_converts_as_a_model(uninterrupted, tmp_path):
+def test_a_train_checkpoint_and_final_hf_evaluate_as_the_run_did(uninterrupted, tmp_path):
     """`RUN/checkpoints/N` holds only the trained tensors: loaded as a model it is the run's
     start model with those tensors (the frozen tower from the start model), so it gives the
-    final export's weights; `convert` writes it as an HF folder and `evaluate` runs on it."""
+    final export's weights; `convert` writes it as an HF folder. Both carry what the run read
+    its inputs and evaluated with, and `evaluate` on `final_hf/` with no option but the data
+    reproduces the run's last in-run evaluation number for number (the same JAX engine)."""
     import subprocess
     import sys
 
     from maye_jax.models.hf_mapping import iter_hf_tensors
     from maye_jax.storage.model_folders import iter_safetensors, load_model
+    from maye_jax.storage.run_inputs import model_defaults
 
     checkpoint = uninterrupted / "checkpoints" / "2"
+    final = uninterrupted / "final_hf"
     model, _ = load_model(checkpoint)
-    exported = dict(iter_safetensors(uninterrupted / "final_hf"))
+    exported = dict(iter_safetensors(final))
     ours = dict(iter_hf_tensors(model))
     assert ours.keys() == exported.keys()
     for name, value in ours.items():
@@ -394,21 +400,45 @@ def test_a_train_checkpoint_evaluates_and_converts_as_a_model(uninterrupted, tmp
     assert converted.returncode == 0, converted.stderr[-2000:]
     assert dict(iter_safetensors(out)).keys() == exported.keys()
     assert (out / "tokenizer_config.json").is_file()
+
+    run_inputs = {
+        "prompt_template": "maye",
+        "seed": 0,
+        "eval_step": 2,
+        "dtype": "float32",
+        "eval_max_tokens": 4,
+        "min_pixels": 3136,
+        "max_pixels": 3136,
+    }
+    assert model_defaults(checkpoint) == run_inputs  # from its run's run.json
+    assert model_defaults(final) == {
+        k: v for k, v in run_inputs.items() if not k.endswith("_pixels")
+    }
+    preprocessor = json.loads((final / "preprocessor_config.json").read_text())
+    assert preprocessor["size"] == {"shortest_edge": 3136, "longest_edge": 3136}
     validation = next((uninterrupted.parent / "data").rglob("*_validation.jsonl"))
     evaluated = subprocess.run(
         [
             sys.executable,
             "-m",
             "maye_jax.evaluate",
-            f"--model={checkpoint}",
+            f"--model={final}",
             f"--data={validation}",
-            "--settings=pass@1_t0.01",
-            "--max_tokens=4",
-            "--dtype=float32",
+            "--split=validation",
+            f"--output={tmp_path / 'responses.jsonl'}",
+            "--noprogress",
         ],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
-    assert "eval/test/pass@1_t0.01" in evaluated.stdout
+    metrics = json.loads(evaluated.stdout[evaluated.stdout.index("{") :])
+    last = read_metrics(uninterrupted)[-1]
+    assert last["generation_step"] == 2
+    in_run = {k: v for k, v in last.items() if k.startswith("eval/validation/")}
+    assert len(in_run) == 3 and metrics == in_run
+    responses = [json.loads(line) for line in (tmp_path / "responses.jsonl").open()]
+    in_run_responses = uninterrupted / "eval_responses" / "epoch_2_validation.jsonl"
+    assert len(responses) == 2 * (8 + 1 + 1)
+    assert responses == [json.loads(line) for line in in_run_responses.open()]  # in order

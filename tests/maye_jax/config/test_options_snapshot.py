@@ -1,6 +1,6 @@
 """Every option as it stands: its key, default value and types, against a recorded snapshot.
 
-The contract of the configuration is its keys: `default_config()` (145 keys, the path every
+The contract of the configuration is its keys: `default_config()` (146 keys, the path every
 `configs/*.py` builds on, also as `maye_jax.defaults`), the experiment's section
 (`default_experiment()`, 4 keys), the `--config.*` flags ml_collections derives from their
 types, and the typed settings a run reads. `options_snapshot.json` records, per key (in ml_collections' sorted order):
@@ -88,7 +88,7 @@ def current() -> list[list]:
 def test_every_option_matches_the_snapshot():
     recorded = json.loads(SNAPSHOT.read_text())
     found = current()
-    assert len(found) == len(recorded) == 149
+    assert len(found) == len(recorded) == 150
     assert [e[0] for e in found] == [e[0] for e in recorded]  # the same keys
     differing = [(ours, theirs) for ours, theirs in zip(found, recorded) if ours != theirs]
     assert not differing, differing
@@ -119,7 +119,7 @@ def test_every_default_has_its_declared_type_and_every_option_a_meaning():
     from maye_jax.config.options import all_options, option_lines
 
     options = all_options()
-    assert len(options) == 149
+    assert len(options) == 150
     for option in options:
         assert option.meaning and "\n" not in option.meaning, option.key
         if option.default is None:
@@ -129,7 +129,7 @@ def test_every_default_has_its_declared_type_and_every_option_a_meaning():
             assert isinstance(option.default, kind), option.key
             assert not (kind is int and isinstance(option.default, bool)), option.key
     lines = option_lines()
-    assert len(lines) == 149
+    assert len(lines) == 150
     batch = next(line for line in lines if line.startswith("rl.batch_size "))
     assert batch.split()[:4] == ["rl.batch_size", "int", "896", ">"]
     assert batch.endswith("responses per generation step (global)")

@@ -208,6 +208,23 @@ def sure_records_file(warm_model) -> Path:
     return path
 
 
+def sure_records_folder(warm_model, folder: Path) -> Path:
+    """The same two records as a `datasets` save_to_disk folder with their PNG bytes embedded
+    (the MAYE layout's columns; no image file beside it)."""
+    import datasets
+
+    source = sure_records_file(warm_model)
+    records = [json.loads(line) for line in source.read_text().splitlines()]
+    for record in records:
+        record["image"] = {"bytes": (source.parent / record["image"]).read_bytes(), "path": None}
+    features = datasets.Features(
+        {key: datasets.Value("string") for key in records[0] if key != "image"}
+        | {"image": datasets.Image()}
+    )
+    datasets.Dataset.from_list(records, features=features).save_to_disk(str(folder))
+    return folder
+
+
 def assert_known_answers(metrics: dict, rows: list[dict]) -> None:
     assert metrics == KNOWN
     greedy = [r for r in rows if r["setting"] == "pass@1_t0.01"]
@@ -221,8 +238,10 @@ def assert_known_answers(metrics: dict, rows: list[dict]) -> None:
 
 
 def test_evaluate_cli_scores_the_known_answers_of_the_warmed_model(warm_model, tmp_path):
-    """`python -m maye_jax.evaluate` with the JAX sampler on an HF folder: its progress, the
-    metrics on stdout and the responses file hold the known answers."""
+    """`python -m maye_jax.evaluate` with the JAX sampler on an HF folder, reading a `datasets`
+    save_to_disk folder with embedded images (the format is inferred from the path): its
+    progress, the metrics on stdout and the responses file hold the known answers (the same
+    records as jsonl give them through the hf worker below)."""
     model_dir, _ = warm_model
     out = tmp_path / "responses.jsonl"
     result = subprocess.run(
@@ -231,7 +250,7 @@ def test_evaluate_cli_scores_the_known_answers_of_the_warmed_model(warm_model, t
             "-m",
             "maye_jax.evaluate",
             f"--model={model_dir}",
-            f"--data={sure_records_file(warm_model)}",
+            f"--data={sure_records_folder(warm_model, tmp_path / 'sure_arrow')}",
             "--split=validation",
             f"--settings={','.join(s.split('/')[-1] for s in KNOWN)}",
             "--max_tokens=16",

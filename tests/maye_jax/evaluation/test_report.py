@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from maye_jax.evaluation import plots, report
+from maye_jax.evaluation import plots, reflection_curves, report
 from maye_jax.evaluation.scheme import REFLECTION_RATIO_NAMES, REFLECTION_WORDS
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -692,3 +692,69 @@ def test_run_json_with_a_bad_finished_field_is_an_error_naming_the_file(tmp_path
     (run_dir / "run.json").write_text(json.dumps(dict(record, finished="yes")))
     with pytest.raises(report.ReportError, match=r"r/run.json: field 'finished' is 'yes'"):
         report.build_report([tmp_path / "runs"], tmp_path / "report", plots=False)
+
+
+def test_one_seed_one_step_tiny_values_undefined_ratios_and_unused_words(tmp_path):
+    """What a short run shows: "1 seed", the one step as the only x tick, tiny values with
+    their power of ten on each tick label (none above the axis, where it overlapped the
+    title), a ratio without a response to count as a gap (not 0), and reflection words no
+    response has as one line of the report instead of 15 empty panels."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    line = {"generation_step": 1, "epoch": 1, "loss/policy": 1.5e-8, "train/accuracy": 0.5}
+    line.update({f"reflection/{name}": 0.0 for name in REFLECTION_RATIO_NAMES})
+    line["reflection/correct_ratio_in_no_reflection_texts"] = 0.5  # no reflection text at all
+    line["reflection/reflection_ratio_in_correct_answers"] = 0.0  # defined: 0 of the correct
+    line.update({f"reflection/count/{word}": 0.0 for word in REFLECTION_WORDS})
+    run_dir = write_run(tmp_path / "runs" / "tiny", name="tiny", seed=0, kind="rl", lines=[line])
+    (group,) = report.group_runs([report.load_run(run_dir)])
+
+    fig = plots._training_figure(group)
+    FigureCanvasAgg(fig).draw()
+    (ax,) = [ax for ax in fig.axes if ax.get_title() == "policy loss"]
+    assert list(ax.get_xticks()) == [1]
+    assert ax.yaxis.get_offset_text().get_text() == ""
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert "1.5e-8" in labels or any(label.endswith("e-8") for label in labels), labels
+    assert ax.lines[0].get_label() == "RL tiny (1 seed)"
+
+    ratios = {
+        key.removeprefix("reflection/"): plots._series(key)(group.runs[0])[1]
+        for key in (f"reflection/{name}" for name in REFLECTION_RATIO_NAMES)
+    }
+    assert math.isnan(ratios["correct_ratio_in_reflection_texts"])  # no reflection text
+    assert ratios["reflection_ratio"] == ratios["reflection_ratio_in_correct_answers"] == 0.0
+    assert ratios["reflection_ratio_in_incorrect_answers"] == 0.0
+    assert ratios["correct_ratio_in_no_reflection_texts"] == 0.5
+
+    result = report.build_report([run_dir], tmp_path / "report")
+    assert "none of the 15 occurs in any RL response" in result["markdown"]
+    plotted = result["summary"]["comparisons"][0]["plots"]
+    assert "tiny/reflection_ratios.png" in plotted or any("reflection_ratios" in p for p in plotted)
+    assert not any("reflection_counts" in p for p in plotted)
+
+
+def test_which_reflection_ratios_are_defined():
+    def line(r, c, n):
+        return {
+            "reflection/reflection_ratio": r,
+            "reflection/correct_ratio_in_reflection_texts": c,
+            "reflection/correct_ratio_in_no_reflection_texts": n,
+        }
+
+    def undefined(r, c, n):
+        return sorted(
+            name
+            for name in REFLECTION_RATIO_NAMES
+            if not reflection_curves.ratio_is_defined(line(r, c, n), name)
+        )
+
+    assert undefined(0.5, 0.5, 0.5) == []
+    assert undefined(0.0, 0.0, 0.25) == ["correct_ratio_in_reflection_texts"]
+    assert undefined(1.0, 0.75, 0.0) == ["correct_ratio_in_no_reflection_texts"]
+    assert undefined(0.5, 0.0, 0.0) == ["reflection_ratio_in_correct_answers"]  # none correct
+    assert undefined(0.5, 1.0, 1.0) == ["reflection_ratio_in_incorrect_answers"]  # all correct
+    assert undefined(0.0, 0.0, 1.0) == [
+        "correct_ratio_in_reflection_texts",
+        "reflection_ratio_in_incorrect_answers",
+    ]
