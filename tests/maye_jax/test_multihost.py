@@ -343,7 +343,7 @@ def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_pa
     built = build_report([folder / "run"], tmp_path / "report", plots=False)
     (comparison,) = built["summary"]["comparisons"]
     assert comparison["comparison_key"].endswith("| tiny-qwen3_vl")
-    assert "pass@8_t1.0" in built["markdown"]
+    assert "| validation | pass@8 T=1.0 |" in built["markdown"]  # the evaluation's row
 
 
 def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupted(
