@@ -110,13 +110,23 @@ def of_train_checkpoint(checkpoint: str | os.PathLike) -> dict[str, Any]:
     found = {
         "min_pixels": data.get("min_pixels"),
         "max_pixels": data.get("max_pixels"),
-        "prompt_template": data.get("prompt_template"),
+        "prompt_template": _prompt_template(data),
         "seed": record.get("seed"),
         "eval_step": eval_step,
         "dtype": model.get("dtype"),
         "eval_max_tokens": evaluation.get("max_tokens"),
     }
     return {key: value for key, value in found.items() if value is not None}
+
+
+def _prompt_template(data: dict) -> str | None:
+    """The template a run's config.data used: its own, else its layout's (the option's None)."""
+    from maye_jax.data.layouts import LAYOUTS
+
+    if data.get("prompt_template") is not None:
+        return data["prompt_template"]
+    layout = LAYOUTS.get(data.get("layout", "maye"))
+    return layout.prompt_template if layout is not None else None
 
 
 def model_defaults(model_path: str | os.PathLike) -> dict[str, Any]:
