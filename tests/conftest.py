@@ -16,9 +16,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-_CACHE_DIR = os.environ.get(
-    "MAYE_JAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "maye_jax", "jax_cache")
-)
+# One compilation cache per test session (shared with the runs it starts in subprocesses),
+# removed at its end; MAYE_JAX_CACHE_DIR names a lasting one. JAX writes a cache entry in place,
+# not atomically: a process killed while writing one leaves a truncated entry, and whoever
+# reads it next crashes in the executable's deserialisation (a segfault), so a default cache
+# that outlived a killed run would break every later session.
+_OWN_CACHE = "MAYE_JAX_CACHE_DIR" not in os.environ
+_CACHE_DIR = os.environ.get("MAYE_JAX_CACHE_DIR") or tempfile.mkdtemp(prefix="maye-jax-cache-")
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -80,3 +84,8 @@ def pytest_sessionstart(session):
             f"{SUITE_PEAK_GIB} GiB (tests writing checkpoints will fail with a full disk)",
             yellow=True,
         )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _OWN_CACHE:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)

@@ -57,10 +57,9 @@ def results(tmp_path_factory):
     """Runs every benchmark once (in parallel); name -> (exit code, output, JSON or None)."""
     out = tmp_path_factory.mktemp("gpu_benchmarks")
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(ROOT))
-    env.setdefault(
-        "JAX_COMPILATION_CACHE_DIR",
-        os.path.join(os.path.expanduser("~"), ".cache", "maye_jax", "jax_cache"),
-    )
+    import jax
+
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir or "")
     env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
     procs = {}
     for name, (script, *args) in RUNS.items():
