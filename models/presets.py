@@ -18,6 +18,21 @@ _QWEN2_TEXT_7B = dict(
 )
 
 
+def _qwen2_vision(out_hidden_size: int) -> dict:
+    """Qwen2-VL's vision tower (the same at every size); `out_hidden_size`: the LLM's width."""
+    return dict(
+        depth=32,
+        embed_dim=1280,
+        hidden_size=out_hidden_size,
+        mlp_ratio=4,
+        num_heads=16,
+        hidden_act="quick_gelu",
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+
+
 def _qwen2_5_vision(out_hidden_size: int) -> dict:
     """The Qwen2.5-VL vision tower (the same at 3B and 7B but for the merger's output width)."""
     return dict(
@@ -101,33 +116,13 @@ PRESETS: dict[str, dict] = {
                 "mrope_section": [16, 24, 24],
             },
         ),
-        vision=dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=1536,
-            mlp_ratio=4,
-            num_heads=16,
-            hidden_act="quick_gelu",
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+        vision=_qwen2_vision(out_hidden_size=1536),
     ),
     "qwen2_vl_7b": dict(
         family="qwen2_vl",
         tie_word_embeddings=False,
         text=_QWEN2_TEXT_7B,
-        vision=dict(
-            depth=32,
-            embed_dim=1280,
-            hidden_size=3584,
-            mlp_ratio=4,
-            num_heads=16,
-            hidden_act="quick_gelu",
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+        vision=_qwen2_vision(out_hidden_size=3584),
     ),
     "qwen2_5_vl_7b": dict(
         family="qwen2_5_vl",
