@@ -16,13 +16,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# One compilation cache per test session (shared with the runs it starts in subprocesses),
-# removed at its end; MAYE_JAX_CACHE_DIR names a lasting one. JAX writes a cache entry in place,
-# not atomically: a process killed while writing one leaves a truncated entry, and whoever
-# reads it next crashes in the executable's deserialisation (a segfault), so a default cache
-# that outlived a killed run would break every later session.
+from tests.jax_cache_site import atomic_jax_cache  # noqa: E402
+
+# One compilation cache per test session, removed at its end; MAYE_JAX_CACHE_DIR names a
+# lasting one. Its entries are written atomically (tests/jax_cache_site/atomic_jax_cache.py:
+# JAX's own in-place write leaves a truncated entry when a process is killed mid-write, and
+# reading one segfaults). The processes a test starts get folders of their own below it
+# (`subprocess_cache_dir`): an executable compiled for 2 processes x 4 devices has the same
+# cache key as one for 1 process x 8 devices, and must never be loaded by the other.
 _OWN_CACHE = "MAYE_JAX_CACHE_DIR" not in os.environ
 _CACHE_DIR = os.environ.get("MAYE_JAX_CACHE_DIR") or tempfile.mkdtemp(prefix="maye-jax-cache-")
+atomic_jax_cache.install()
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.jax_cache_site import atomic_jax_cache
+
 ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "benchmarks"
 MISSING_ON_GPU = ("ml_collections", "math_verify", "dashscope")
@@ -56,13 +58,11 @@ RUNS = {
 def results(tmp_path_factory):
     """Runs every benchmark once (in parallel); name -> (exit code, output, JSON or None)."""
     out = tmp_path_factory.mktemp("gpu_benchmarks")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(ROOT))
-    import jax
-
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", jax.config.jax_compilation_cache_dir or "")
-    env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    base = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="", PYTHONPATH=str(ROOT))
     procs = {}
     for name, (script, *args) in RUNS.items():
+        # side by side: a compilation cache folder each, never one written by another
+        env = atomic_jax_cache.subprocess_environment(base, f"gpu-benchmark-{name}")
         if name == "update":
             args = [*args, f"--profile={out / 'profile'}"]
         procs[name] = subprocess.Popen(

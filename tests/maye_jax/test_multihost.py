@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from maye_jax.run.metrics import read_metrics
+from tests.jax_cache_site import atomic_jax_cache
 
 REPO = Path(__file__).resolve().parents[2]
 NOISE = ("time/", "memory/")
@@ -97,15 +98,15 @@ def free_port() -> int:
 
 
 def environment(devices: int, folder: Path, name: str) -> dict:
-    import jax
-
-    env = dict(os.environ)
+    # the pairs of every test compile the same programs: a cache folder per process of a pair
+    # (and one for the single-process runs), shared by the module's tests
+    cache = f"multihost-process{name}" if name else "multihost-single"
+    env = atomic_jax_cache.subprocess_environment(os.environ, cache, site=False)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"  # never inherited
     env["JAX_PLATFORMS"] = "cpu"
-    # the test session's compilation cache: the pairs of every test compile the same programs
-    env["JAX_COMPILATION_CACHE_DIR"] = jax.config.jax_compilation_cache_dir or ""
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    env["PYTHONPATH"] = os.pathsep.join([str(AUDIT), env.get("PYTHONPATH", "")])
+    # the audit's sitecustomize installs the atomic cache writes (from atomic_jax_cache.SITE)
+    paths = [str(AUDIT), atomic_jax_cache.SITE, env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     env["MAYE_AUDIT_ROOT"] = str(folder / "run")
     env["MAYE_AUDIT_LOG"] = str(folder / f"audit{name}.jsonl")
     return env

@@ -12,6 +12,10 @@ import json
 import os
 import sys
 
+import atomic_jax_cache  # tests/jax_cache_site, on PYTHONPATH too
+
+atomic_jax_cache.install_on_import()  # the only sitecustomize Python loads: this one
+
 _ROOT = os.environ.get("MAYE_AUDIT_ROOT")
 _LOG = os.environ.get("MAYE_AUDIT_LOG")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
