@@ -1,8 +1,7 @@
-"""Test-session setup: 8 fake CPU devices, a persistent JAX compilation cache, and scratch
-folders for module-scoped runs that do not outlive their module.
+"""Test-session setup: 8 fake CPU devices, a persistent JAX compilation cache for the processes
+the tests start, and scratch folders for module-scoped runs that do not outlive their module.
 
-The device count and the cache must be configured before JAX is first imported, which is why
-they live here.
+The device count must be configured before JAX is first imported, which is why it lives here.
 """
 
 import os
@@ -13,22 +12,17 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.jax_cache_site import atomic_jax_cache  # noqa: E402
-
-# One compilation cache per test session, removed at its end; MAYE_JAX_CACHE_DIR names a
-# lasting one. Its entries are written atomically (tests/jax_cache_site/atomic_jax_cache.py:
-# JAX's own in-place write leaves a truncated entry when a process is killed mid-write, and
-# reading one segfaults). The processes a test starts get folders of their own below it
-# (`subprocess_cache_dir`): an executable compiled for 2 processes x 4 devices has the same
-# cache key as one for 1 process x 8 devices, and must never be loaded by the other.
+# A compilation cache for the processes the tests start (multi-host pairs, benchmarks), one per
+# session, removed at its end (MAYE_JAX_CACHE_DIR names a lasting one): each kind of process
+# gets a folder of its own below it, and writes its entries atomically
+# (tests/jax_cache_site/atomic_jax_cache.py). This process itself has none: a long session that
+# read back its own entries segfaulted in the executable's deserialisation, reproducibly at the
+# same test, while a fresh process loaded the very same entries without fault.
 _OWN_CACHE = "MAYE_JAX_CACHE_DIR" not in os.environ
 _CACHE_DIR = os.environ.get("MAYE_JAX_CACHE_DIR") or tempfile.mkdtemp(prefix="maye-jax-cache-")
-atomic_jax_cache.install()
-jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+os.environ["MAYE_TEST_SUBPROCESS_JAX_CACHE"] = _CACHE_DIR
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,14 @@
-"""The session's JAX compilation cache writes whole entries or none (tests/jax_cache_site)."""
+"""The test processes' JAX compilation cache writes whole entries or none (tests/jax_cache_site)."""
 
 import os
 
 from jax._src import lru_cache
 
+from tests.jax_cache_site import atomic_jax_cache
+
 
 def test_cache_entries_are_renamed_into_place_whole(tmp_path):
+    atomic_jax_cache.install()  # as the sitecustomize does in the processes the tests start
     cache = lru_cache.LRUCache(str(tmp_path), max_size=-1)
     renames = []
     real_replace = os.replace

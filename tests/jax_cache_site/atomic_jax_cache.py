@@ -92,9 +92,7 @@ def subprocess_environment(env: dict, name: str, *, site: bool = True) -> dict:
     `name` of its own (one writer at a time per folder, and executables compiled for another
     process layout never read), written atomically through this folder's sitecustomize.py
     (`site=False` where the process has a sitecustomize of its own that installs it)."""
-    import jax
-
-    session_cache = jax.config.jax_compilation_cache_dir
+    session_cache = os.environ.get("MAYE_TEST_SUBPROCESS_JAX_CACHE")  # tests/conftest.py
     env = dict(env)
     if session_cache:
         env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(session_cache, name)
