@@ -33,6 +33,7 @@ from flax import nnx
 from maye_jax.models.configs import ModelConfig
 from maye_jax.models.hf_mapping import flax_param_paths, iter_hf_tensors, load_hf_tensors
 from maye_jax.models.qwen_vl import build_model
+from maye_jax.run import multihost
 from maye_jax.storage.atomic import atomic_folder
 
 FORMAT_NAME = "maye-jax-params"
@@ -258,8 +259,12 @@ def write_orbax_folder(
     path = Path(path).absolute()
     pure = _pure_dict_with_str_keys(nnx.state(model, nnx.Param).to_pure_dict())
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / "params", pure, force=True)
+    checkpointer.save(path / "params", pure, force=True)  # collective: every process
     checkpointer.wait_until_finished()
+    if not multihost.is_leader():
+        # the rest is process 0's alone: a second writer of the same small files races it
+        # (a reader of preprocessor_config.json saw it empty while the other rewrote it)
+        return path
     hf_config.save_pretrained(str(path))
     leaves = jax.tree_util.tree_leaves(pure)
     meta = dict(
