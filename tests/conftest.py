@@ -1,7 +1,9 @@
-"""Test-session setup: 8 fake CPU devices, a persistent JAX compilation cache for the processes
-the tests start, and scratch folders for module-scoped runs that do not outlive their module.
+"""Test-session setup: 8 fake CPU devices, a persistent JAX compilation cache, compiled programs
+released when they would exhaust the process's memory mappings, and scratch folders for
+module-scoped runs that do not outlive their module.
 
-The device count must be configured before JAX is first imported, which is why it lives here.
+The device count and the cache must be configured before JAX is first imported, which is why
+they live here.
 """
 
 import os
@@ -12,17 +14,22 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# A compilation cache for the processes the tests start (multi-host pairs, benchmarks), one per
-# session, removed at its end (MAYE_JAX_CACHE_DIR names a lasting one): each kind of process
-# gets a folder of its own below it, and writes its entries atomically
-# (tests/jax_cache_site/atomic_jax_cache.py). This process itself has none: a long session that
-# read back its own entries segfaulted in the executable's deserialisation, reproducibly at the
-# same test, while a fresh process loaded the very same entries without fault.
+from tests.jax_cache_site import atomic_jax_cache  # noqa: E402
+
+# One compilation cache per test session, removed at its end (MAYE_JAX_CACHE_DIR names a
+# lasting one), its entries written atomically (tests/jax_cache_site/atomic_jax_cache.py: JAX's
+# own in-place write leaves a truncated entry when a process is killed mid-write). The
+# processes the tests start get folders of their own below it (`subprocess_environment`): an
+# executable compiled for 2 processes x 4 devices has the same key as one for 1 x 8.
 _OWN_CACHE = "MAYE_JAX_CACHE_DIR" not in os.environ
 _CACHE_DIR = os.environ.get("MAYE_JAX_CACHE_DIR") or tempfile.mkdtemp(prefix="maye-jax-cache-")
 os.environ["MAYE_TEST_SUBPROCESS_JAX_CACHE"] = _CACHE_DIR
+atomic_jax_cache.install()
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +94,27 @@ def pytest_sessionstart(session):
 def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+def _mapped_regions() -> int:
+    try:
+        with open("/proc/self/maps") as maps:
+            return sum(1 for _ in maps)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    """Drops JAX's compiled programs after a test once this process holds over 20,000 memory
+    mappings. Each program XLA:CPU compiles or loads from the cache maps its code in regions of
+    its own (5 end-to-end runs left 11,800 mappings); kept for the whole session they reached
+    the kernel's limit (vm.max_map_count, 65,530), and the next compilation aborted, or the
+    next cache read segfaulted. Dropped, the next test that needs one compiles it again (or
+    reads it from the cache)."""
+    yield
+    if _mapped_regions() > 20_000:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
