@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from maye_jax.config.defaults import default_config
 from maye_jax.config.settings import load_settings
 from maye_jax.data.records import Record
@@ -19,6 +21,7 @@ from maye_jax.evaluation.evaluate import (
 )
 from maye_jax.rollout.engine import Completion
 from tests.fake_engines import fake_draw
+from tests.vllm_env import require_vllm_python
 
 
 class FakeProcessor:
@@ -237,11 +240,14 @@ def assert_known_answers(metrics: dict, rows: list[dict]) -> None:
     assert sum(r["response"] == SURE_ANSWER for r in sampled) >= 12  # sure, even at T = 1
 
 
-def test_evaluate_cli_scores_the_known_answers_of_the_warmed_model(warm_model, tmp_path):
-    """`python -m maye_jax.evaluate` with the JAX sampler on an HF folder, reading a `datasets`
-    save_to_disk folder with embedded images (the format is inferred from the path): its
-    progress, the metrics on stdout and the responses file hold the known answers (the same
-    records as jsonl give them through the hf worker below)."""
+def test_evaluate_cli_through_vllm_scores_the_known_answers_of_the_warmed_model(
+    warm_model, tmp_path
+):
+    """`python -m maye_jax.evaluate --engine=vllm` (the vLLM worker) on an HF folder, reading a
+    `datasets` save_to_disk folder with embedded images (the format is inferred from the path):
+    its progress, the metrics on stdout and the responses file hold the known answers (the
+    same records as jsonl give them through the JAX sampler and the hf worker below)."""
+    require_vllm_python()
     model_dir, _ = warm_model
     out = tmp_path / "responses.jsonl"
     result = subprocess.run(
@@ -252,6 +258,7 @@ def test_evaluate_cli_scores_the_known_answers_of_the_warmed_model(warm_model, t
             f"--model={model_dir}",
             f"--data={sure_records_folder(warm_model, tmp_path / 'sure_arrow')}",
             "--split=validation",
+            "--engine=vllm",
             f"--settings={','.join(s.split('/')[-1] for s in KNOWN)}",
             "--max_tokens=16",
             "--dtype=float32",
@@ -260,8 +267,8 @@ def test_evaluate_cli_scores_the_known_answers_of_the_warmed_model(warm_model, t
         ],
         capture_output=True,
         text=True,
-        timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=900,  # generous: the vLLM worker's start took 30-60 s on 2 cores
+        env=dict(os.environ, JAX_PLATFORMS="cpu", VLLM_LOGGING_LEVEL="WARNING"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # progress on stderr (the model's tensors, then 2 prompts x 9 samples), JSON on stdout
@@ -272,21 +279,26 @@ def test_evaluate_cli_scores_the_known_answers_of_the_warmed_model(warm_model, t
     assert_known_answers(metrics, rows)
 
 
-def test_evaluation_through_the_hf_worker_scores_the_known_answers(warm_model):
+@pytest.mark.parametrize("kind", ["jax", "hf"])
+def test_evaluation_in_process_scores_the_known_answers(kind, warm_model):
+    """The same records through the in-process JAX sampler and the hf worker."""
     from maye_jax.config.settings import RolloutSettings
     from maye_jax.data.processor import load_processor
     from maye_jax.data.records import read_records
+    from maye_jax.models.configs import ModelConfig
     from maye_jax.rollout.factory import make_engine
+    from maye_jax.storage.model_folders import load_model
 
     model_dir, _ = warm_model
     processor = load_processor(str(model_dir))
+    model, hf_config = load_model(model_dir) if kind == "jax" else (None, None)
     engine = make_engine(
-        "hf",
-        model=None,
-        config=None,
+        kind,
+        model=model,
+        config=None if hf_config is None else ModelConfig.from_hf(hf_config),
         tokenizer=processor.tokenizer,
         model_dir=str(model_dir),
-        rollout=RolloutSettings(engine="hf"),
+        rollout=RolloutSettings(engine=kind),
         dtype="float32",
     )
     try:
