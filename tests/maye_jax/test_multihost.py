@@ -8,8 +8,9 @@ hosts (checked): the advantages are not zero, and Reinforce++ whitens them with 
 statistics. Each step
 makes several mini-batches of rows shuffled across the hosts (and, with 3 rows per host on 4
 data devices, global rows with padding holes between the hosts' blocks): a row sent to the
-wrong place changes the numbers. One reference run per variant per session (module
-fixtures), 2 steps each.
+wrong place changes the numbers. The HSDP pair samples with the hf worker (one per host) and
+is stopped during step 1 by a SIGTERM to one process, then resumed; the FSDP pair samples with
+the JAX sampler. Each pair has one single-process reference, 2 steps each.
 """
 
 from __future__ import annotations
@@ -233,19 +234,42 @@ def rollout_scores(run: Path) -> dict[int, list[list[float]]]:
     return by_step
 
 
+ENGINE = {"rollout.engine": "hf"}  # one torch worker per host, synced from its host's copy
+
+
 @pytest.fixture(scope="module")
 def hsdp(module_scratch, warm_model):
-    reference = run_single(module_scratch("hsdp_reference"), warm_model, HSDP_REFERENCE)
+    """The HSDP pair, stopped by a SIGTERM to process 1 alone during step 1 and resumed, and
+    its reference: the same run uninterrupted in one process. Returns (pair folder, what the
+    stopped pair left: exit codes, checkpoint steps and metric steps; the resumed pair's exit
+    codes, the reference's run folder)."""
+    reference = run_single(module_scratch("hsdp_reference"), warm_model, HSDP_REFERENCE | ENGINE)
     folder = run_folder(module_scratch("hsdp_pair"), warm_model)
-    return folder, run_pair(folder, HSDP), reference
+    run = folder / "run"
+    stopped = dict(codes=run_pair(folder, HSDP | ENGINE, stop_process=1))
+    if (run / "checkpoints").is_dir():
+        checkpoints = (run / "checkpoints").iterdir()
+        stopped["checkpoints"] = sorted(int(p.name) for p in checkpoints if p.name.isdigit())
+    stopped["metric_steps"] = [m["generation_step"] for m in read_metrics(run)]
+    resumed = run_pair(folder, HSDP | ENGINE | {"resume": True})
+    return folder, stopped, resumed, reference
 
 
-def test_two_processes_equal_one_on_the_same_mesh(hsdp):
-    """HSDP (one dp row per host, FSDP over its 4 devices), Reinforce++ with whitening across
-    the hosts and the KL loss, 2 mini-batches per step of rows of both hosts, evaluation at the
-    start and the end: the metrics, the run record and the final export equal those of
-    1 process x 8 devices."""
-    folder, codes, reference = hsdp
+def test_a_stop_seen_by_one_process_stops_both_at_the_same_step(hsdp):
+    """SIGTERM to process 1 alone: both stop after the same step, with one checkpoint, and exit
+    143."""
+    folder, stopped, _, _ = hsdp
+    assert stopped["codes"] == [128 + signal.SIGTERM] * 2, logs(folder)
+    assert stopped["checkpoints"] == [1], stopped  # both stopped after step 1
+    assert stopped["metric_steps"] == [0, 1], stopped  # the start evaluation's line, step 1
+
+
+def test_two_processes_resumed_equal_one_uninterrupted_on_the_same_mesh(hsdp):
+    """HSDP (one dp row per host, FSDP over its 4 devices), the hf worker engine, Reinforce++
+    with whitening across the hosts and the KL loss, 2 mini-batches per step of rows of both
+    hosts, evaluation at the start and the end, stopped after step 1 and resumed: the metrics,
+    the run record and the final export equal those of 1 process x 8 devices uninterrupted."""
+    folder, _, codes, reference = hsdp
     run = folder / "run"
     assert codes == [0, 0], logs(folder)
     # not a degenerate run: in a step, the scores differ within a host's prompt and between
@@ -279,8 +303,8 @@ def test_process_one_writes_nothing_and_each_host_generates_its_share(hsdp):
     """Process 1 writes no file of the run (only its part of the collective Orbax writes of
     the checkpoints and the start model's parameters: not the start model's other files,
     which it once rewrote while process 0 did), and each host sampled its own one of a step's
-    2 prompts, with its global index."""
-    folder, _, _ = hsdp
+    2 prompts, with its global index (step 1 before the stop, step 2 after the resume)."""
+    folder, _, _, _ = hsdp
     written = {r["path"] for r in audit(folder, 1, "write")}
     collective = ("checkpoints", "start_model.partial/params")
     assert all(p.startswith(collective) or p == "start_model.partial" for p in written), sorted(
@@ -338,6 +362,8 @@ def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_pa
         # the processes' all-reductions sum in another order than one process's: the weights
         # differ in their last bits, which at T = 1 flipped a draw of a near-tie once
         "rollout.temperature": 0.6,
+        # evaluation across the hosts is checked on the HSDP runs above
+        "eval.enabled": False,
         **mixed_data(tmp_path / "mixed"),
     }
     folder = run_folder(tmp_path / "pair")
@@ -350,23 +376,3 @@ def test_fsdp_across_processes_with_grpo_and_a_warm_up_equals_one_process(tmp_pa
     built = build_report([folder / "run"], tmp_path / "report", plots=False)
     (comparison,) = built["summary"]["comparisons"]
     assert comparison["comparison_key"].endswith("| tiny-qwen3_vl")
-    assert "| validation | pass@8 T=1.0 |" in built["markdown"]  # the evaluation's row
-
-
-def test_a_stop_seen_by_one_process_stops_both_and_resume_equals_the_uninterrupted(
-    tmp_path, warm_model
-):
-    """The hf worker engine (one torch worker per host, synced from its host's copy); SIGTERM
-    to process 1 alone: both stop at the same step with one checkpoint and exit 143, and the
-    resumed run's metrics equal the uninterrupted run's."""
-    engine = {"rollout.engine": "hf"}
-    folder = run_folder(tmp_path / "pair", warm_model)
-    codes = run_pair(folder, HSDP | engine, stop_process=1)
-    assert codes == [128 + signal.SIGTERM] * 2, logs(folder)
-    run = folder / "run"
-    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [1], steps  # both stopped after step 1, with one checkpoint
-    assert max(m["generation_step"] for m in read_metrics(run)) == 1
-    assert run_pair(folder, HSDP | engine | {"resume": True}) == [0, 0], logs(folder)
-    reference = run_single(tmp_path / "single", warm_model, HSDP_REFERENCE | engine)
-    assert_same_metrics(run, reference, rel=WARM_METRICS_REL)
