@@ -247,9 +247,8 @@ def hsdp(module_scratch, warm_model):
     folder = run_folder(module_scratch("hsdp_pair"), warm_model)
     run = folder / "run"
     stopped = dict(codes=run_pair(folder, HSDP | ENGINE, stop_process=1))
-    if (run / "checkpoints").is_dir():
-        checkpoints = (run / "checkpoints").iterdir()
-        stopped["checkpoints"] = sorted(int(p.name) for p in checkpoints if p.name.isdigit())
+    checkpoints = (run / "checkpoints").iterdir() if (run / "checkpoints").is_dir() else ()
+    stopped["checkpoints"] = sorted(int(p.name) for p in checkpoints if p.name.isdigit())
     stopped["metric_steps"] = [m["generation_step"] for m in read_metrics(run)]
     resumed = run_pair(folder, HSDP | ENGINE | {"resume": True})
     return folder, stopped, resumed, reference
